@@ -1,0 +1,331 @@
+"""Arcae configuration: ``config.toml`` parsed once at start-up into frozen, typed objects.
+
+This module imports only the standard library and pydantic, so the bot (which must never
+import torch) can use it. Nothing reads configuration globals: ``load_config`` returns an
+``ArcaeConfig`` that callers pass into constructors. Secrets never live in the file; they are
+read from the environment into ``Secrets`` (``SecretStr`` values never print).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+CONFIG_ENV = "ARCAE_CONFIG"
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message says what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Size = tuple[int, int]
+
+
+def _parse_size(value: Any) -> Any:
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            return (int(parts[0]), int(parts[1]))
+        raise ValueError(f"expected a size like '1024x1024', got {value!r}")
+    return value
+
+
+class DiscordConfig(_Section):
+    """The Discord front-end. The bot token comes from the environment variable named here."""
+
+    token_env: str = "ARCAE_DISCORD_TOKEN"
+    guild_ids: list[int] = []
+    admin_role_ids: list[int] = []
+    admin_user_ids: list[int] = []
+    allowed_channel_ids: list[int] = []
+    allowed_role_ids: list[int] = []
+    add_character_triggers: bool = True
+    progress_edit_interval_s: float = Field(2.0, ge=1.0, le=30.0)
+    # For a REST proxy (e.g. a rate-limit-sharing proxy in front of discord.com); empty = Discord.
+    api_base: str = ""
+    # For a gateway proxy; empty = the URL Discord announces.
+    gateway_url: str = ""
+
+
+class EngineConfig(_Section):
+    """The GPU engine process, and how the bot reaches it."""
+
+    mode: Literal["local", "remote", "redis"] = "local"
+    host: str = "127.0.0.1"
+    port: int = Field(7861, ge=0, le=65535)
+    secret_env: str = "ARCAE_ENGINE_SECRET"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    queue_limit: int = Field(64, ge=1, le=10_000)
+    max_batch_jobs: int = Field(1, ge=1, le=8)
+    rate_outputs: bool = True
+    previews: bool = True
+    restart_backoff_s: list[float] = [1.0, 2.0, 5.0, 10.0, 30.0]
+    startup_timeout_s: float = Field(600.0, gt=0)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password_env: str = "ARCAE_REDIS_PASSWORD"
+    worker_name: str = ""
+    lease_ttl_s: float = Field(30.0, ge=2.0, le=3600.0)
+    max_attempts: int = Field(3, ge=1, le=20)
+    accepts_training: bool = True
+
+
+class ModelConfig(_Section):
+    """The base model: a hub repository id, a local diffusers folder or a single .safetensors file."""
+
+    source: str = "cagliostrolab/animagine-xl-3.1"
+    revision: str = ""
+    vae: str = ""
+    name: str = ""
+    hub_token_env: str = "HF_TOKEN"
+    cache_dir: str = ""
+
+
+class AdaptersConfig(_Section):
+    """LoRA adapters: where they live and which one is LCM-LoRA."""
+
+    dir: Path = Path("data/adapters")
+    lcm_adapter: str = "lcm-lora-sdxl"
+    max_active: int = Field(8, ge=1, le=32)
+    default_weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class GenerationConfig(_Section):
+    """Defaults a user's explicit values override, and the limits they must stay within."""
+
+    quality_tags: str = "masterpiece, best quality, very aesthetic, absurdres"
+    add_quality_tags: bool = True
+    negative_prompt: str = (
+        "lowres, (bad), text, error, fewer, extra, missing, worst quality, jpeg artifacts, "
+        "low quality, watermark, unfinished, displeasing, oldest, early, chromatic aberration, "
+        "signature, extra digits, artistic error, username, scan, [abstract]"
+    )
+    steps: int = Field(28, ge=1, le=150)
+    cfg: float = Field(6.0, ge=0.0, le=30.0)
+    sampler: str = "Euler a"
+    size: Size = (832, 1216)
+    fast_steps: int = Field(6, ge=1, le=16)
+    fast_cfg: float = Field(1.0, ge=0.0, le=3.0)
+    fast_lcm_weight: float = Field(1.0, ge=0.0, le=2.0)
+    variation_strength: float = Field(0.5, gt=0.0, le=1.0)
+    upscale_factor: float = Field(1.5, ge=1.0, le=4.0)
+    upscale_strength: float = Field(0.35, gt=0.0, le=1.0)
+    min_steps: int = Field(1, ge=1)
+    max_steps: int = Field(60, ge=1, le=500)
+    min_cfg: float = Field(0.0, ge=0.0)
+    max_cfg: float = Field(20.0, ge=0.0, le=50.0)
+    min_side: int = Field(512, ge=8)
+    max_side: int = Field(2048, ge=8)
+    max_pixels: int = Field(2048 * 2048, ge=64)
+    max_count: int = Field(4, ge=1, le=8)
+    max_prompt_chars: int = Field(2000, ge=1, le=20_000)
+
+    _size_from_text = field_validator("size", mode="before")(_parse_size)
+
+
+class TaggerConfig(_Section):
+    """WD tagger v3 (onnxruntime): captions for training and ratings for content rules."""
+
+    model: str = "SmilingWolf/wd-swinv2-tagger-v3"
+    revision: str = ""
+    general_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    character_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    mcut: bool = False
+    batch_size: int = Field(8, ge=1, le=256)
+    style_max_tags: int = Field(8, ge=0, le=200)
+    character_max_tags: int = Field(40, ge=0, le=500)
+    character_tag_weight: float = Field(1.2, ge=0.1, le=3.0)
+    blacklist: list[str] = []
+    always_drop: list[str] = []
+
+
+class IntakeConfig(_Section):
+    """Limits for uploaded training images and archives."""
+
+    max_files: int = Field(200, ge=1, le=100_000)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    min_side: int = Field(256, ge=1)
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    max_uncompressed_bytes: int = Field(1024 * 1024 * 1024, ge=1)
+    max_compression_ratio: float = Field(100.0, ge=1.0)
+
+
+class TrainingConfig(_Section):
+    """LoRA training defaults (suited to ~50 images at 1024 on a 24 GB card) and scheduling."""
+
+    exclusive: bool = False
+    steps: int = Field(1600, ge=1, le=1_000_000)
+    rank: int = Field(16, ge=1, le=512)
+    alpha: float = Field(8.0, gt=0)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    resolution: int = Field(1024, ge=64, le=4096)
+    batch_size: int = Field(1, ge=1, le=64)
+    grad_accum: int = Field(1, ge=1, le=256)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw8bit"
+    lr_scheduler: str = "cosine"
+    warmup: int = Field(0, ge=0)
+    min_snr_gamma: float = Field(5.0, ge=0.0)
+    noise_offset: float = Field(0.0357, ge=0.0, le=1.0)
+    save_every: int = Field(200, ge=1)
+    max_concurrent_runs: int = Field(1, ge=1, le=8)
+
+
+class StorageConfig(_Section):
+    """Where Arcae keeps its database and files. Relative paths are relative to the config file."""
+
+    data_dir: Path = Path("data")
+    database: Path = Path("data/arcae.sqlite3")
+    outputs_dir: Path = Path("data/outputs")
+    datasets_dir: Path = Path("data/datasets")
+    runs_dir: Path = Path("data/runs")
+    logs_dir: Path = Path("data/logs")
+
+
+class GalleryConfig(_Section):
+    """The gallery channel where finished images are posted."""
+
+    channel_id: int = 0
+    post: Literal["all", "shared", "off"] = "shared"
+    star_emoji: str = "⭐"
+    top_count: int = Field(10, ge=1, le=25)
+
+
+class LimitsConfig(_Section):
+    """Per-user and global limits the bot enforces (admins are exempt)."""
+
+    max_queued_per_user: int = Field(3, ge=1, le=1000)
+    cooldown_s: float = Field(5.0, ge=0.0, le=3600.0)
+    global_max_queued: int = Field(50, ge=1, le=100_000)
+
+
+class ContentConfig(_Section):
+    """Rules applied in channels that are not age-restricted."""
+
+    blocked_tags: list[str] = ["nsfw", "nude", "nudity", "explicit", "sex", "naked", "nipples", "pussy", "penis"]
+    safety_negative: str = "nsfw, nude, explicit, sexual, nipples"
+    sfw_action: Literal["spoiler", "withhold"] = "withhold"
+    flagged_ratings: list[Literal["general", "sensitive", "questionable", "explicit"]] = ["questionable", "explicit"]
+
+
+class ArcaeConfig(_Section):
+    """The whole configuration. Build it with ``load_config``."""
+
+    discord: DiscordConfig = DiscordConfig()
+    engine: EngineConfig = EngineConfig()
+    model: ModelConfig = ModelConfig()
+    adapters: AdaptersConfig = AdaptersConfig()
+    generation: GenerationConfig = GenerationConfig()
+    tagger: TaggerConfig = TaggerConfig()
+    intake: IntakeConfig = IntakeConfig()
+    training: TrainingConfig = TrainingConfig()
+    storage: StorageConfig = StorageConfig()
+    gallery: GalleryConfig = GalleryConfig()
+    limits: LimitsConfig = LimitsConfig()
+    content: ContentConfig = ContentConfig()
+    # Directory of the config file; relative paths resolve against it. Not a TOML key.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def path(self, p: Path | str) -> Path:
+        """Resolve a configured path against the config file's directory."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+
+class Secrets(BaseModel):
+    """Secrets from the environment. ``SecretStr`` keeps them out of reprs and logs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    discord_token: SecretStr | None = None
+    engine_secret: SecretStr | None = None
+    hub_token: SecretStr | None = None
+    redis_password: SecretStr | None = None
+
+    @classmethod
+    def from_env(cls, config: ArcaeConfig, environ: dict[str, str] | None = None) -> "Secrets":
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> SecretStr | None:
+            value = env.get(name, "").strip() if name else ""
+            return SecretStr(value) if value else None
+
+        return cls(
+            discord_token=get(config.discord.token_env),
+            engine_secret=get(config.engine.secret_env),
+            hub_token=get(config.model.hub_token_env),
+            redis_password=get(config.engine.redis_password_env),
+        )
+
+
+def _describe_error(err: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(x) for x in err.get("loc", ())]
+    key = ".".join(loc) if loc else "(top level)"
+    section, _, name = key.partition(".")
+    shown = f"[{section}] {name}" if name else key
+    value = err.get("input")
+    if err.get("type") == "extra_forbidden":
+        allowed = _allowed_keys(model, loc[:-1])
+        return f"unknown key {shown!s}; allowed keys here: {', '.join(allowed)}"
+    msg = err.get("msg", "invalid value")
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        msg = f"{msg}"
+    return f"{shown} = {value!r}: {msg}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            break
+        current = field.annotation
+    fields = getattr(current, "model_fields", {})
+    return [n for n, f in fields.items() if not f.exclude]
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path = Path("."), source: str = "config") -> ArcaeConfig:
+    """Validate a parsed TOML mapping; raise ``ConfigError`` naming each bad key, value and rule."""
+    if "base_dir" in data:
+        raise ConfigError(f"{source}: 'base_dir' is not a configuration key")
+    try:
+        return ArcaeConfig.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        lines = [_describe_error(e, ArcaeConfig) for e in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def resolve_config_path(cli_value: str | os.PathLike[str] | None = None) -> Path:
+    """The config file path: ``--config`` wins, then ``$ARCAE_CONFIG``, then ./config.toml."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get(CONFIG_ENV, "").strip()
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> ArcaeConfig:
+    """Read and validate the config file (see ``resolve_config_path``)."""
+    p = resolve_config_path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file not found: {p} (pass --config FILE or set {CONFIG_ENV}; "
+            "the repository's config.toml is a complete example)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=p.resolve().parent, source=str(p))
