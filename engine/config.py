@@ -77,6 +77,7 @@ class EngineConfig(_Section):
     lease_ttl_s: float = Field(30.0, ge=2.0, le=3600.0)
     max_attempts: int = Field(3, ge=1, le=20)
     accepts_training: bool = True
+    worker_capacity: int = Field(2, ge=1, le=2)
 
 
 class ModelConfig(_Section):

@@ -84,6 +84,7 @@ class Hello(_Msg):
     """First message on a connection: version handshake and shared secret."""
 
     type: Literal["hello"] = "hello"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     version: int = PROTOCOL_VERSION
     secret: str = ""
     client: str = ""
@@ -91,6 +92,7 @@ class Hello(_Msg):
 
 class GenerateRequest(_Msg):
     type: Literal["generate"] = "generate"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     owner: str = Field(min_length=1, max_length=64)
     priority: Priority = "interactive"
@@ -102,6 +104,7 @@ class Img2ImgRequest(_Msg):
     """A variation (same prompt, new seed) or an upscale (hires fix) of an existing image."""
 
     type: Literal["img2img"] = "img2img"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     owner: str = Field(min_length=1, max_length=64)
     priority: Priority = "interactive"
@@ -115,25 +118,30 @@ class Img2ImgRequest(_Msg):
 
 class CancelRequest(_Msg):
     type: Literal["cancel"] = "cancel"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     job_id: str = Field(pattern=JOB_ID_PATTERN)
 
 
 class ListAdaptersRequest(_Msg):
     type: Literal["list_adapters"] = "list_adapters"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
 
 
 class ReloadAdaptersRequest(_Msg):
     type: Literal["reload_adapters"] = "reload_adapters"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
 
 
 class StatusRequest(_Msg):
     type: Literal["status"] = "status"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
 
 
 class TrainRequest(_Msg):
     """Start (or resume) a LoRA training run on the engine's GPU worker."""
 
     type: Literal["train"] = "train"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     owner: str = Field(min_length=1, max_length=64)
     attempt: int = Field(1, ge=1, le=100)
@@ -166,12 +174,14 @@ class _JobEvent(_Msg):
 
 class HelloOk(_Msg):
     type: Literal["hello_ok"] = "hello_ok"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     version: int = PROTOCOL_VERSION
     engine: str = ""
 
 
 class Queued(_JobEvent):
     type: Literal["queued"] = "queued"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     position: int = Field(ge=0)
 
 
@@ -235,11 +245,13 @@ class AdapterInfo(_Msg):
 
 class AdapterList(_Msg):
     type: Literal["adapters"] = "adapters"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     adapters: list[AdapterInfo]
 
 
 class EngineStatus(_Msg):
     type: Literal["status"] = "status"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     model: str
     device: str
     dtype: str = ""
@@ -256,6 +268,7 @@ class Ack(_Msg):
     """Reply to a request that has no other answer (cancel, reload)."""
 
     type: Literal["ack"] = "ack"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     request: str
     detail: str = ""
 
@@ -278,6 +291,7 @@ ErrorCode = Literal[
 
 class ErrorResponse(_Msg):
     type: Literal["error"] = "error"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     code: ErrorCode
     message: str
     job_id: str | None = None

@@ -1,0 +1,207 @@
+"""Starting jobs, and what each result button does.
+
+``start_job`` is the one path every new job takes (/imagine, Reroll, Variations, Upscale,
+Remix): acknowledge first (Discord allows 3 s), then check limits, persist, submit.
+Button handlers load the job from the database, so they work on messages older than the
+bot's current process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Awaitable, Callable, cast
+
+import discord
+
+from bot.db import Job
+from bot.errors import InvalidOption, JobNotFound, NotAllowed, Refused, UserFacingError
+from bot.jobs import new_job_id
+from bot.policy import (channel_is_nsfw, check_access, check_content, check_limits, check_ranges, content_rules,
+                        is_admin, with_safety_negative)
+from bot.replies import reply, report_error
+from bot.views import RemixModal
+from engine import protocol
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+
+def bot_of(interaction: discord.Interaction) -> "ArcaeBot":
+    return cast("ArcaeBot", interaction.client)
+
+
+async def start_job(interaction: discord.Interaction, *, params: protocol.GenerationParams, kind: str = "txt2img",
+                    source_image: str | None = None, parent_job_id: str | None = None) -> Job:
+    """Defer, check limits, persist (pending), submit. Refusals after the defer are ephemeral follow-ups."""
+    bot = bot_of(interaction)
+    message_id = None
+    if not interaction.response.is_done():
+        response = await interaction.response.defer(thinking=True)
+        message_id = getattr(response, "message_id", None)
+    admin = is_admin(interaction.user, interaction.guild, bot.config)
+    try:
+        await check_limits(bot.db, interaction.user.id, admin, bot.config)
+    except Refused:
+        try:  # the "thinking…" placeholder would otherwise stay forever
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            pass
+        raise
+    if message_id is None:
+        message_id = (await interaction.original_response()).id
+    job_id = new_job_id()
+    await bot.db.insert_job(
+        job_id=job_id, user_id=interaction.user.id, guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id or 0, kind=kind, params=params,
+        nsfw_channel=channel_is_nsfw(interaction.channel), source_image=source_image, parent_job_id=parent_job_id,
+        interaction_id=interaction.id, interaction_token=interaction.token, application_id=interaction.application_id,
+        attachment_limit=interaction.filesize_limit, message_id=message_id)
+    job = await bot.db.get_job(job_id)
+    assert job is not None
+    log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
+    await bot.jobs.submit(job)
+    return job
+
+
+async def load_job(bot: "ArcaeBot", job_id: str) -> Job:
+    job = await bot.db.get_job(job_id)
+    if job is None:
+        raise JobNotFound(f"Job `{job_id}` is not known (it may have been made by another Arcae instance).")
+    return job
+
+
+def require_owner_or_admin(interaction: discord.Interaction, job: Job, what: str) -> None:
+    bot = bot_of(interaction)
+    if interaction.user.id != job.user_id and not is_admin(interaction.user, interaction.guild, bot.config):
+        raise NotAllowed(f"Only the person who made this image, or an admin, can {what}.")
+
+
+def params_for_channel(interaction: discord.Interaction, params: protocol.GenerationParams) -> protocol.GenerationParams:
+    """Re-apply the content rules of the channel a derived job is started in."""
+    bot = bot_of(interaction)
+    nsfw = channel_is_nsfw(interaction.channel)
+    check_content(params.prompt, nsfw, bot.config)
+    rules = content_rules(nsfw, bot.config)
+    negative = params.negative_prompt
+    if rules.safety_negative and rules.safety_negative not in (negative or ""):
+        negative = with_safety_negative(negative, rules, bot.config)
+    return params.model_copy(update={"negative_prompt": negative})
+
+
+async def _reroll(interaction: discord.Interaction, job: Job) -> None:
+    check_access(interaction, bot_of(interaction).config)
+    params = params_for_channel(interaction, job.params.model_copy(update={"seed": None}))
+    await start_job(interaction, params=params, kind="txt2img", parent_job_id=job.job_id)
+
+
+async def _img2img(interaction: discord.Interaction, job: Job, mode: str) -> None:
+    bot = bot_of(interaction)
+    check_access(interaction, bot.config)
+    images = await bot.db.images(job.job_id)
+    if job.status != "completed" or not images:
+        raise Refused("This job has no finished image to start from yet.")
+    seed = None if mode == "variation" else (job.resolved.seed if job.resolved else images[0].seed)
+    params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1}))
+    await start_job(interaction, params=params, kind=mode, source_image=images[0].path, parent_job_id=job.job_id)
+
+
+async def _share(interaction: discord.Interaction, job: Job) -> None:
+    bot = bot_of(interaction)
+    require_owner_or_admin(interaction, job, "share it")
+    if not bot.config.gallery.channel_id or bot.config.gallery.post == "off":
+        raise Refused("No gallery channel is configured on this server.")
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    message_id = await bot.jobs.post_to_gallery(job.job_id)
+    if message_id is None:
+        raise Refused("Nothing to share: the image is withheld from the gallery channel by its content rules.")
+    await reply(interaction, f"Shared to <#{bot.config.gallery.channel_id}>.")
+
+
+async def _delete(interaction: discord.Interaction, job: Job) -> None:
+    require_owner_or_admin(interaction, job, "delete it")
+    await interaction.response.send_message("Deleted.", ephemeral=True)
+    if interaction.message is not None:
+        await interaction.message.delete()
+    await _audit_if_other(interaction, job, "delete_result")
+
+
+async def _cancel(interaction: discord.Interaction, job: Job) -> None:
+    require_owner_or_admin(interaction, job, "cancel it")
+    if not await bot_of(interaction).jobs.cancel(job.job_id):
+        raise Refused(f"Job `{job.job_id}` has already finished.")
+    await interaction.response.send_message(f"Canceling job `{job.job_id}`…", ephemeral=True)
+    await _audit_if_other(interaction, job, "cancel_job")
+
+
+async def _remix(interaction: discord.Interaction, job: Job) -> None:
+    r, p = job.resolved, job.params
+    await interaction.response.send_modal(RemixModal(
+        job.job_id, prompt=p.prompt, negative=p.negative_prompt or "", seed=str(r.seed) if r else "",
+        steps=str(r.steps if r else p.steps or ""), cfg=f"{r.cfg:g}" if r else (f"{p.cfg:g}" if p.cfg else "")))
+
+
+async def _gallery_delete(interaction: discord.Interaction, job: Job) -> None:
+    require_owner_or_admin(interaction, job, "remove it from the gallery")
+    await interaction.response.send_message("Removed from the gallery.", ephemeral=True)
+    if interaction.message is not None:
+        await interaction.message.delete()
+    await bot_of(interaction).db.set_gallery_message(job.job_id, None, None)
+    await _audit_if_other(interaction, job, "remove_gallery_post")
+
+
+async def _audit_if_other(interaction: discord.Interaction, job: Job, action: str) -> None:
+    if interaction.user.id != job.user_id:
+        await bot_of(interaction).db.audit(user_id=interaction.user.id, guild_id=interaction.guild_id,
+                                           action=action, target=job.job_id, detail={"owner": job.user_id})
+
+
+_BUTTONS: dict[str, Callable[[discord.Interaction, Job], Awaitable[None]]] = {
+    "reroll": _reroll,
+    "var": lambda i, j: _img2img(i, j, "variation"),
+    "up": lambda i, j: _img2img(i, j, "upscale"),
+    "share": _share,
+    "del": _delete,
+    "cancel": _cancel,
+    "remix": _remix,
+    "gdel": _gallery_delete,
+}
+
+
+async def handle_button(interaction: discord.Interaction, action: str, job_id: str) -> None:
+    """Every persistent button lands here (see ``bot.views.JobButton``)."""
+    try:
+        job = await load_job(bot_of(interaction), job_id)
+        await _BUTTONS[action](interaction, job)
+    except Exception as exc:
+        await report_error(interaction, exc, job_id=job_id)
+
+
+def _parse_number(text: str, name: str, kind: type) -> int | float | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise InvalidOption(f"{name} must be a {'whole ' if kind is int else ''}number (got {text!r}).") from None
+
+
+async def handle_remix_submit(interaction: discord.Interaction, job_id: str, values: dict[str, str]) -> None:
+    """A submitted Remix modal: the edited parameters start a new job here."""
+    bot = bot_of(interaction)
+    try:
+        job = await load_job(bot, job_id)
+        seed = _parse_number(values["seed"], "seed", int)
+        steps = _parse_number(values["steps"], "steps", int)
+        cfg = _parse_number(values["cfg"], "cfg", float)
+        prompt = values["prompt"].strip()
+        check_ranges(bot.config, prompt=prompt, steps=cast(int | None, steps), cfg=cfg, count=1,
+                     seed=cast(int | None, seed), weights={})
+        check_access(interaction, bot.config)
+        params = job.params.model_copy(update={"prompt": prompt, "negative_prompt": values["negative"] or None,
+                                               "seed": seed, "steps": steps, "cfg": cfg, "count": 1})
+        await start_job(interaction, params=params_for_channel(interaction, params), parent_job_id=job_id)
+    except UserFacingError as exc:
+        await report_error(interaction, exc, job_id=job_id)

@@ -1,0 +1,151 @@
+"""The bot: one ``Bot`` subclass that builds the services and loads the cogs, one command tree.
+
+Services are built once in ``setup_hook`` and handed to the cogs through the bot:
+``db`` (SQLite), ``jobs`` (JobManager), ``catalog`` (adapters), and the engine connection
+(a local child engine, a remote engine, or the Redis dispatcher, by ``[engine] mode``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.catalog import AdapterCatalog
+from bot.db import Database
+from bot.errors import StartupError
+from bot.jobs import JobManager
+from bot.replies import report_error
+from bot.views import JobButton
+from engine.config import ArcaeConfig, Secrets
+
+log = logging.getLogger(__name__)
+
+COGS = (
+    "bot.cogs.imagine",
+    "bot.cogs.jobs",
+    "bot.cogs.settings",
+    "bot.cogs.adapters",
+    "bot.cogs.gallery",
+    "bot.cogs.admin",
+)
+READY_LOG_LINE = "Arcae bot ready"
+
+
+class ArcaeTree(app_commands.CommandTree):
+    """The one place command errors are handled: user-facing ones become ephemeral replies."""
+
+    async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        await report_error(interaction, error)
+
+
+class ArcaeBot(commands.Bot):
+    """Arcae's Discord client. No privileged intents: slash commands, buttons and reactions only."""
+
+    def __init__(self, config: ArcaeConfig, secrets: Secrets, config_path: Path) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = False
+        super().__init__(command_prefix=commands.when_mentioned, intents=intents, tree_cls=ArcaeTree,
+                         help_command=None)
+        self.config = config
+        self.secrets = secrets
+        self.config_path = config_path
+        self.db: Database = None  # type: ignore[assignment]  # opened in setup_hook
+        self.jobs: JobManager = None  # type: ignore[assignment]
+        self.catalog: AdapterCatalog = None  # type: ignore[assignment]
+        self.supervisor: Any = None
+        self._engine_task: asyncio.Task[None] | None = None
+        self._resumed = False
+
+    async def setup_hook(self) -> None:
+        self.db = await Database.open(self.config.path(self.config.storage.database))
+        self.jobs = JobManager(self)
+        self.catalog = AdapterCatalog(self)
+        await self.catalog.load()
+        # Persistent buttons: any "arcae:<action>:<job>" custom id, on messages of any age.
+        self.add_dynamic_items(JobButton)
+        for cog in COGS:
+            await self.load_extension(cog)
+        await self._sync_commands()
+        await self._connect_engine()
+
+    async def _sync_commands(self) -> None:
+        guild_ids = self.config.discord.guild_ids
+        if not guild_ids:
+            synced = await self.tree.sync()
+            log.info("synced %d commands globally (Discord may take up to an hour to show them)", len(synced))
+            return
+        for guild_id in guild_ids:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d commands to guild %s", len(synced), guild_id)
+
+    async def _connect_engine(self) -> None:
+        from bot.engine_link import EngineLink, EngineRejected, EngineSupervisor, engine_url
+
+        mode = self.config.engine.mode
+        if mode == "redis":
+            from bot.dispatcher import Dispatcher
+
+            link: Any = Dispatcher(self.config, self.secrets, on_event=self.jobs.on_event,
+                                   on_connect=self._on_engine_connect)
+            self.jobs.engine = link
+            self._engine_task = asyncio.create_task(self._start_quietly(link.start()))
+        elif mode == "remote":
+            link = EngineLink(engine_url(self.config), self.secrets.engine_secret, self.jobs.on_event,
+                              self._on_engine_connect)
+            self.jobs.engine = link
+            try:
+                await link.start()
+            except EngineRejected as exc:
+                raise StartupError(f"the engine at {engine_url(self.config)} refused the bot: {exc.message} "
+                                   f"(check that {self.config.engine.secret_env} is the same for both)") from None
+        else:
+            self.supervisor = EngineSupervisor(self.config_path, self.config, self.secrets)
+            link = EngineLink(lambda: self.supervisor.url, self.supervisor.secret, self.jobs.on_event,
+                              self._on_engine_connect)
+            self.jobs.engine = link
+            # Loading the model takes minutes on a cold disk; Discord must not wait for it.
+            self._engine_task = asyncio.create_task(self._start_quietly(self._start_local(link)))
+
+    async def _start_local(self, link: Any) -> None:
+        await self.supervisor.start()
+        await link.start()
+
+    async def _start_quietly(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("the engine did not start; jobs stay queued until it does")
+
+    async def _on_engine_connect(self) -> None:
+        log.info("engine connected; resubmitting unfinished jobs")
+        await self.catalog.refresh()
+        await self.jobs.resubmit_unfinished()
+
+    async def on_ready(self) -> None:
+        log.info("%s as %s in %d guild(s)", READY_LOG_LINE, self.user, len(self.guilds))
+        if not self._resumed:
+            self._resumed = True
+            # Results recorded before a crash or restart but never shown.
+            asyncio.create_task(self.jobs.deliver_pending_results())
+
+    async def close(self) -> None:
+        if self.jobs is not None and self.jobs.engine is not None:
+            try:
+                await self.jobs.engine.close()
+            except Exception:
+                log.exception("closing the engine connection failed")
+        if self._engine_task is not None:
+            self._engine_task.cancel()
+        if self.supervisor is not None:
+            await self.supervisor.close()
+        await super().close()
+        if self.db is not None:
+            await self.db.close()

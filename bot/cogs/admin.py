@@ -1,0 +1,65 @@
+"""Admin commands: engine status and the audit log.
+
+Hidden from members by default permissions, and checked server-side with
+``require_admin`` because a server owner can re-grant commands to anyone.
+Training commands (/train, /adapter) arrive as their own cog and follow this pattern.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import embeds
+from bot.policy import require_admin
+from bot.replies import reply
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+
+class Admin(commands.Cog):
+    """Engine status and audit log, for admins."""
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+
+    @app_commands.command(name="status", description="Engine status, queue and loaded adapters (admins)")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    async def status(self, interaction: discord.Interaction) -> None:
+        require_admin(interaction, self.bot.config)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        embed = discord.Embed(title="Arcae status", colour=embeds.COLOR)
+        embed.add_field(name="Jobs waiting or running", value=str(await self.bot.db.count_active()))
+        engine = self.bot.jobs.engine
+        try:
+            status = await engine.status() if engine is not None else None
+        except Exception as exc:
+            status = None
+            embed.add_field(name="Engine", value=embeds.truncate(f"unavailable: {exc}", 1024), inline=False)
+        if status is not None:
+            embed.add_field(name="Engine", value=f"{status.model} on {status.device} {status.dtype}".strip())
+            embed.add_field(name="Engine queue", value=str(status.queue_length))
+            embed.add_field(name="Running", value=f"`{status.running_job}`" if status.running_job else "idle")
+            embed.add_field(name="Loaded adapters", inline=False,
+                            value=embeds.truncate(", ".join(status.loaded_adapters) or "none", 1024))
+        await reply(interaction, "", embed=embed)
+
+    @app_commands.command(name="audit", description="Recent admin actions (admins)")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    async def audit(self, interaction: discord.Interaction) -> None:
+        require_admin(interaction, self.bot.config)
+        rows = await self.bot.db.audit_entries(20)
+        lines = [f"<t:{int(r['at'])}:R> <@{r['user_id']}> {r['action']} `{r['target']}` "
+                 f"{embeds.truncate(json.dumps(json.loads(r['detail_json'])), 200)}" for r in rows]
+        await reply(interaction, embeds.truncate("\n".join(lines) or "No admin actions recorded.", 2000))
+
+
+async def setup(bot: "ArcaeBot") -> None:
+    await bot.add_cog(Admin(bot))

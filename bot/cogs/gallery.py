@@ -1,0 +1,59 @@
+"""The gallery channel: star reactions counted, /gallery top."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import embeds
+from bot.replies import reply
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+
+class Gallery(commands.Cog):
+    """Stars on gallery posts, and the most starred."""
+
+    gallery = app_commands.Group(name="gallery", description="The gallery channel", guild_only=True)
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        config = self.bot.config.gallery
+        if payload.channel_id != config.channel_id or str(payload.emoji) != config.star_emoji:
+            return
+        if self.bot.user is not None and payload.user_id == self.bot.user.id:
+            return
+        stars = await self.bot.db.add_star(payload.message_id, payload.user_id)
+        if stars is not None:
+            log.info("gallery post %s has %d star(s)", payload.message_id, stars)
+
+    @gallery.command(name="top", description="The most starred gallery posts")
+    async def top(self, interaction: discord.Interaction) -> None:
+        rows = await self.bot.db.top_gallery(self.bot.config.gallery.top_count)
+        if not rows:
+            await reply(interaction, "The gallery is empty so far.")
+            return
+        lines = []
+        for rank, row in enumerate(rows, 1):
+            prompt = json.loads(row["params_json"]).get("prompt", "")
+            link = f"https://discord.com/channels/{row['guild_id']}/{row['gallery_channel_id']}/{row['gallery_message_id']}"
+            lines.append(f"**{rank}.** {self.bot.config.gallery.star_emoji} {row['stars']} · <@{row['user_id']}> · "
+                         f"[{embeds.truncate(prompt, 60)}]({link})")
+        embed = discord.Embed(title="Gallery: most starred", colour=embeds.COLOR,
+                              description=embeds.truncate("\n".join(lines), embeds.DESCRIPTION_LIMIT))
+        await reply(interaction, "", embed=embed)
+
+
+async def setup(bot: "ArcaeBot") -> None:
+    await bot.add_cog(Gallery(bot))

@@ -1,0 +1,152 @@
+"""/imagine: the options, their autocomplete, validation, and the start of a job."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import discord
+import pydantic
+from discord import app_commands
+from discord.ext import commands
+
+from bot.actions import start_job
+from bot.catalog import AdapterCatalog
+from bot.errors import InvalidOption
+from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access, check_content, check_ranges,
+                        content_rules, with_safety_negative)
+from engine import protocol
+from engine.config import ArcaeConfig
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+ASPECT_CHOICES = [app_commands.Choice(name=f"{label} ({w}×{h} on SDXL)", value=label)
+                  for label, (w, h) in SDXL_PRESETS.items()]
+MAX_CHOICES = 25
+
+
+def split_names(text: str | None) -> list[str]:
+    """'a, b ,c' -> ['a', 'b', 'c'] (empty items dropped, order kept, duplicates removed)."""
+    seen: list[str] = []
+    for part in (text or "").split(","):
+        name = part.strip()
+        if name and name not in seen:
+            seen.append(name)
+    return seen
+
+
+def list_autocomplete(current: str, names: list[str]) -> list[app_commands.Choice[str]]:
+    """Complete the last item of a comma-separated list, keeping the items before it."""
+    head, _, last = current.rpartition(",")
+    chosen = split_names(head)
+    prefix = ", ".join(chosen) + (", " if chosen else "")
+    needle = last.strip().lower()
+    matches = [n for n in names if n not in chosen and needle in n.lower()]
+    matches.sort(key=lambda n: (not n.lower().startswith(needle), n.lower()))
+    choices = []
+    for name in matches[:MAX_CHOICES]:
+        value = prefix + name
+        if len(value) <= 100:
+            choices.append(app_commands.Choice(name=value, value=value))
+    return choices
+
+
+def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, names: list[str], kind: str,
+                     weight: float | None) -> list[protocol.AdapterWeight]:
+    """Check names against the known adapters (when known) and attach the weight."""
+    known = catalog.names((kind, "other"))
+    if known or catalog.all():
+        unknown = [n for n in names if catalog.get(n) is None]
+        if unknown:
+            shown = ", ".join(known[:15]) or "none installed"
+            raise InvalidOption(f"Unknown {kind} adapter(s): {', '.join(unknown)}. Known {kind} adapters: {shown}"
+                                f"{' …' if len(known) > 15 else ''} (see /adapters).")
+    try:
+        return [protocol.AdapterWeight(name=n, weight=weight) for n in names]
+    except pydantic.ValidationError:
+        raise InvalidOption("Adapter names are letters, digits, '.', '_' and '-' (see /adapters).") from None
+
+
+def add_triggers(prompt: str, adapters: list[protocol.AdapterWeight], catalog: AdapterCatalog) -> str:
+    """Append the chosen characters' trigger words the prompt does not already contain."""
+    lowered = prompt.lower()
+    extra = []
+    for a in adapters:
+        info = catalog.get(a.name)
+        for trigger in info.triggers if info else []:
+            if trigger.lower() not in lowered and trigger not in extra:
+                extra.append(trigger)
+    return ", ".join([prompt, *extra]) if extra else prompt
+
+
+class Imagine(commands.Cog):
+    """The /imagine command."""
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+
+    @app_commands.command(name="imagine", description="Generate anime images from a prompt")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        prompt="What to draw (danbooru-style tags work best)",
+        negative="What to avoid (replaces the default negative prompt)",
+        style="Style adapter(s), comma-separated",
+        style_weight="Weight of the style adapter(s), -4 to 4 (default: the adapter's own)",
+        character="Character adapter(s), comma-separated; their trigger words are added",
+        character_weight="Weight of the character adapter(s), -4 to 4",
+        fast="Fast mode (LCM): a few steps, a little less detail",
+        steps="Sampling steps",
+        cfg="Prompt adherence (CFG scale)",
+        seed="Seed for reproducible results (empty = random)",
+        aspect="Aspect ratio",
+        count="How many images (1-4)",
+    )
+    @app_commands.choices(aspect=ASPECT_CHOICES)
+    async def imagine(self, interaction: discord.Interaction, prompt: str, negative: Optional[str] = None,
+                      style: Optional[str] = None, style_weight: Optional[float] = None,
+                      character: Optional[str] = None, character_weight: Optional[float] = None,
+                      fast: Optional[bool] = None, steps: Optional[int] = None, cfg: Optional[float] = None,
+                      seed: Optional[int] = None, aspect: Optional[str] = None, count: int = 1) -> None:
+        config = self.bot.config
+        settings = await self.bot.db.settings(interaction.user.id)
+        check_access(interaction, config)
+        check_ranges(config, prompt=prompt, steps=steps, cfg=cfg, count=count, seed=seed,
+                     weights={"style_weight": style_weight, "character_weight": character_weight})
+        catalog = self.bot.catalog
+        styles = resolve_adapters(catalog, config, split_names(style or settings.style), "style", style_weight)
+        characters = resolve_adapters(catalog, config, split_names(character), "character", character_weight)
+        adapters = styles + characters
+        if len(adapters) > config.adapters.max_active:
+            raise InvalidOption(f"At most {config.adapters.max_active} adapters per image (you chose {len(adapters)}).")
+        if config.discord.add_character_triggers:
+            prompt = add_triggers(prompt, characters, catalog)
+        nsfw = channel_is_nsfw(interaction.channel)
+        check_content(prompt, nsfw, config)
+        rules = content_rules(nsfw, config)
+        width = height = None
+        chosen_aspect = aspect or settings.aspect
+        if chosen_aspect:
+            width, height = aspect_size(chosen_aspect, config)
+        try:
+            params = protocol.GenerationParams(
+                prompt=prompt, negative_prompt=with_safety_negative(negative or settings.negative, rules, config),
+                seed=seed, steps=steps, cfg=cfg, width=width, height=height, count=count, adapters=adapters,
+                fast=settings.fast if fast is None and settings.fast is not None else bool(fast))
+        except pydantic.ValidationError as exc:
+            raise InvalidOption(f"Not started: {exc.errors()[0].get('msg', 'invalid value')}.") from None
+        await start_job(interaction, params=params)
+
+    @imagine.autocomplete("style")
+    async def style_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        self.bot.catalog.refresh_soon()
+        return list_autocomplete(current, self.bot.catalog.names(("style",)))
+
+    @imagine.autocomplete("character")
+    async def character_autocomplete(self, interaction: discord.Interaction,
+                                     current: str) -> list[app_commands.Choice[str]]:
+        self.bot.catalog.refresh_soon()
+        return list_autocomplete(current, self.bot.catalog.names(("character",)))
+
+
+async def setup(bot: "ArcaeBot") -> None:
+    await bot.add_cog(Imagine(bot))

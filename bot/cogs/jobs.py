@@ -1,0 +1,76 @@
+"""/queue, /cancel and /info: where a user's jobs stand, stopping one, and full parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import embeds
+from bot.actions import load_job, require_owner_or_admin
+from bot.errors import JobNotFound, Refused
+from bot.replies import reply
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+
+class Jobs(commands.Cog):
+    """Commands about jobs."""
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+
+    @app_commands.command(name="queue", description="Your jobs and their place in the queue")
+    @app_commands.guild_only()
+    async def queue(self, interaction: discord.Interaction) -> None:
+        mine = await self.bot.db.user_jobs(interaction.user.id)
+        total = await self.bot.db.count_active()
+        lines = []
+        for job in mine:
+            lines.append(f"`{job.job_id}` · {self.bot.jobs.describe_state(job)} · "
+                         f"{embeds.truncate(job.params.prompt, 60)}")
+        head = f"**{total}** job(s) waiting or running in all."
+        body = "\n".join(lines) if lines else "You have no jobs waiting or running."
+        await reply(interaction, f"{head}\n{body}")
+
+    @app_commands.command(name="cancel", description="Cancel your job (admins: any job)")
+    @app_commands.guild_only()
+    @app_commands.describe(job_id="The job to cancel (default: your latest waiting or running job)")
+    async def cancel(self, interaction: discord.Interaction, job_id: Optional[str] = None) -> None:
+        if job_id is None:
+            mine = await self.bot.db.user_jobs(interaction.user.id)
+            if not mine:
+                raise Refused("You have no job waiting or running.")
+            job = mine[-1]
+        else:
+            job = await load_job(self.bot, job_id.strip())
+        require_owner_or_admin(interaction, job, "cancel it")
+        if not await self.bot.jobs.cancel(job.job_id):
+            raise Refused(f"Job `{job.job_id}` has already finished ({job.status}).")
+        if interaction.user.id != job.user_id:
+            await self.bot.db.audit(user_id=interaction.user.id, guild_id=interaction.guild_id, action="cancel_job",
+                                    target=job.job_id, detail={"owner": job.user_id})
+        await reply(interaction, f"Canceling job `{job.job_id}`…")
+
+    @app_commands.command(name="info", description="The full parameters of a job (by job id or seed)")
+    @app_commands.guild_only()
+    @app_commands.describe(query="A job id, or a seed")
+    async def info(self, interaction: discord.Interaction, query: str) -> None:
+        query = query.strip()
+        job = await self.bot.db.get_job(query)
+        if job is None and query.isdigit():
+            found = await self.bot.db.jobs_by_seed(int(query), limit=1)
+            job = found[0] if found else None
+        if job is None:
+            raise JobNotFound(f"No job with id or seed `{embeds.truncate(query, 80)}`.")
+        embed = embeds.params_embed(job, title=f"Job {job.job_id} · {job.status}")
+        if job.error:
+            embed.add_field(name="Error", value=embeds.truncate(job.error, embeds.FIELD_LIMIT), inline=False)
+        await reply(interaction, "", embed=embed)
+
+
+async def setup(bot: "ArcaeBot") -> None:
+    await bot.add_cog(Jobs(bot))

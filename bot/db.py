@@ -1,0 +1,346 @@
+"""The bot's memory: one SQLite file (WAL) through aiosqlite, with numbered migrations.
+
+Migrations are the files ``bot/migrations/NNNN_name.sql``; the ones not yet applied run
+in one transaction, so a failed migration leaves the database as it was. Jobs are the
+durable record of every request: a completed result is written here before it is
+delivered, so a crash between the two delivers it on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiosqlite
+
+from engine import protocol
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+ACTIVE = ("pending", "running")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of ``jobs``."""
+
+    job_id: str
+    user_id: int
+    guild_id: int | None
+    channel_id: int
+    kind: str
+    status: str
+    params: protocol.GenerationParams
+    source_image: str | None
+    parent_job_id: str | None
+    resolved: protocol.ResolvedParams | None
+    nsfw_channel: bool
+    attempt: int
+    last_seq: int
+    error: str | None
+    interaction_id: int | None
+    interaction_token: str | None
+    application_id: int | None
+    attachment_limit: int | None
+    message_id: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    delivered_at: float | None
+    elapsed_s: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        data = dict(row)
+        data["params"] = protocol.GenerationParams.model_validate_json(data.pop("params_json"))
+        resolved = data.pop("resolved_json")
+        data["resolved"] = protocol.ResolvedParams.model_validate_json(resolved) if resolved else None
+        data["nsfw_channel"] = bool(data["nsfw_channel"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Image:
+    """One row of ``images``."""
+
+    job_id: str
+    idx: int
+    path: str
+    seed: int
+    width: int
+    height: int
+    sha256: str
+    rating: str | None
+    gallery_channel_id: int | None
+    gallery_message_id: int | None
+    stars: int
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """Per-user defaults for /imagine; None means the configured default."""
+
+    fast: bool | None = None
+    aspect: str | None = None
+    negative: str | None = None
+    style: str | None = None
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements (sqlite3.complete_statement knows about quotes)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(l.strip().startswith("--") or not l.strip() for l in current.splitlines()):
+        raise ValueError("migration ends with an incomplete statement")
+    return statements
+
+
+class Database:
+    """Async access to the bot's SQLite file. Build with ``await Database.open(path)``."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path) -> "Database":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN ourselves, so a migration is one transaction.
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await conn.execute("PRAGMA busy_timeout=5000")
+        db = cls(conn)
+        await db.migrate()
+        return db
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply the migrations not yet applied, all in one transaction; return their numbers."""
+        await self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at REAL NOT NULL)")
+        async with self._conn.execute("SELECT version FROM schema_migrations") as cur:
+            done = {row[0] for row in await cur.fetchall()}
+        pending = []
+        for file in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            version = int(file.name.split("_", 1)[0])
+            if version not in done:
+                pending.append((version, file))
+        if not pending:
+            return []
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            for version, file in pending:
+                for statement in _split_sql(file.read_text(encoding="utf-8")):
+                    await self._conn.execute(statement)
+                await self._conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                                         (version, file.name, time.time()))
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._conn.execute("ROLLBACK")
+            raise
+        return [v for v, _ in pending]
+
+    async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._conn.execute(sql, tuple(args)) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._conn.execute(sql, tuple(args)) as cur:
+            return list(await cur.fetchall())
+
+    async def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
+        cur = await self._conn.execute(sql, tuple(args))
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ jobs
+
+    async def insert_job(self, *, job_id: str, user_id: int, guild_id: int | None, channel_id: int, kind: str,
+                         params: protocol.GenerationParams, nsfw_channel: bool, source_image: str | None = None,
+                         parent_job_id: str | None = None, interaction_id: int | None = None,
+                         interaction_token: str | None = None, application_id: int | None = None,
+                         attachment_limit: int | None = None, message_id: int | None = None) -> None:
+        await self._write(
+            "INSERT INTO jobs (job_id, user_id, guild_id, channel_id, kind, status, params_json, source_image,"
+            " parent_job_id, nsfw_channel, interaction_id, interaction_token, application_id, attachment_limit,"
+            " message_id, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, user_id, guild_id, channel_id, kind, params.model_dump_json(), source_image, parent_job_id,
+             int(nsfw_channel), interaction_id, interaction_token, application_id, attachment_limit, message_id,
+             time.time()))
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return Job.from_row(row) if row else None
+
+    async def jobs_with_status(self, *statuses: str) -> list[Job]:
+        marks = ",".join("?" * len(statuses))
+        rows = await self._all(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at", statuses)
+        return [Job.from_row(r) for r in rows]
+
+    async def user_jobs(self, user_id: int, statuses: tuple[str, ...] = ACTIVE) -> list[Job]:
+        marks = ",".join("?" * len(statuses))
+        rows = await self._all(f"SELECT * FROM jobs WHERE user_id = ? AND status IN ({marks}) ORDER BY created_at",
+                               (user_id, *statuses))
+        return [Job.from_row(r) for r in rows]
+
+    async def count_active(self, user_id: int | None = None) -> int:
+        if user_id is None:
+            row = await self._one("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running')")
+        else:
+            row = await self._one("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running') AND user_id = ?",
+                                  (user_id,))
+        return int(row[0]) if row else 0
+
+    async def last_job_time(self, user_id: int) -> float | None:
+        row = await self._one("SELECT MAX(created_at) FROM jobs WHERE user_id = ?", (user_id,))
+        return row[0] if row else None
+
+    async def latest_job(self, user_id: int) -> Job | None:
+        row = await self._one("SELECT * FROM jobs WHERE user_id = ? ORDER BY created_at DESC LIMIT 1", (user_id,))
+        return Job.from_row(row) if row else None
+
+    async def mark_running(self, job_id: str, attempt: int, seq: int) -> None:
+        await self._write("UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), last_seq = ?"
+                          " WHERE job_id = ? AND attempt = ? AND status IN ('pending', 'running')",
+                          (time.time(), seq, job_id, attempt))
+
+    async def set_attempt(self, job_id: str, attempt: int) -> None:
+        """A new attempt starts from scratch: pending, sequence reset."""
+        await self._write("UPDATE jobs SET attempt = ?, status = 'pending', last_seq = -1 WHERE job_id = ?",
+                          (attempt, job_id))
+
+    async def finish(self, job_id: str, status: str, *, error: str | None = None) -> bool:
+        """Mark a job failed or canceled; False when it had already finished."""
+        n = await self._write("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE job_id = ?"
+                              " AND status IN ('pending', 'running')", (status, error, time.time(), job_id))
+        return n > 0
+
+    async def record_completion(self, job_id: str, completed: protocol.Completed) -> bool:
+        """Store a result (status + images) in one transaction; False when it was already stored."""
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = await self._one("SELECT status, created_at FROM jobs WHERE job_id = ?", (job_id,))
+            if row is None or row["status"] == "completed":
+                await self._conn.execute("ROLLBACK")
+                return False
+            now = time.time()
+            resolved = completed.params.model_dump_json() if completed.params else None
+            await self._write("UPDATE jobs SET status = 'completed', resolved_json = ?, finished_at = ?,"
+                              " elapsed_s = ?, error = NULL, last_seq = ? WHERE job_id = ?",
+                              (resolved, now, now - row["created_at"], completed.seq, job_id))
+            for idx, img in enumerate(completed.images):
+                await self._write("INSERT OR REPLACE INTO images (job_id, idx, path, seed, width, height, sha256, rating)"
+                                  " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (job_id, idx, img.path, img.seed, img.width, img.height, img.sha256, img.rating))
+            await self._conn.execute("COMMIT")
+            return True
+        except BaseException:
+            await self._conn.execute("ROLLBACK")
+            raise
+
+    async def undelivered(self) -> list[Job]:
+        """Finished jobs whose result or failure was not yet shown to the user."""
+        rows = await self._all("SELECT * FROM jobs WHERE status IN ('completed', 'failed') AND delivered_at IS NULL"
+                               " ORDER BY finished_at")
+        return [Job.from_row(r) for r in rows]
+
+    async def mark_delivered(self, job_id: str, message_id: int | None) -> None:
+        await self._write("UPDATE jobs SET delivered_at = ?, message_id = COALESCE(?, message_id) WHERE job_id = ?",
+                          (time.time(), message_id, job_id))
+
+    async def set_message(self, job_id: str, message_id: int) -> None:
+        await self._write("UPDATE jobs SET message_id = ? WHERE job_id = ?", (message_id, job_id))
+
+    # ------------------------------------------------------------------ images and gallery
+
+    async def images(self, job_id: str) -> list[Image]:
+        rows = await self._all("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,))
+        return [Image(**dict(r)) for r in rows]
+
+    async def jobs_by_seed(self, seed: int, limit: int = 5) -> list[Job]:
+        rows = await self._all("SELECT DISTINCT jobs.* FROM jobs JOIN images USING (job_id) WHERE images.seed = ?"
+                               " ORDER BY jobs.created_at DESC LIMIT ?", (seed, limit))
+        return [Job.from_row(r) for r in rows]
+
+    async def set_gallery_message(self, job_id: str, channel_id: int | None, message_id: int | None) -> None:
+        await self._write("UPDATE images SET gallery_channel_id = ?, gallery_message_id = ? WHERE job_id = ?",
+                          (channel_id, message_id, job_id))
+
+    async def job_for_gallery_message(self, message_id: int) -> str | None:
+        row = await self._one("SELECT job_id FROM images WHERE gallery_message_id = ? LIMIT 1", (message_id,))
+        return row[0] if row else None
+
+    async def add_star(self, message_id: int, user_id: int) -> int | None:
+        """Count one star per user on a gallery post; return the post's stars (None: not a post)."""
+        if await self.job_for_gallery_message(message_id) is None:
+            return None
+        await self._write("INSERT OR IGNORE INTO stars VALUES (?, ?)", (message_id, user_id))
+        row = await self._one("SELECT COUNT(*) FROM stars WHERE gallery_message_id = ?", (message_id,))
+        stars = int(row[0]) if row else 0
+        await self._write("UPDATE images SET stars = ? WHERE gallery_message_id = ?", (stars, message_id))
+        return stars
+
+    async def top_gallery(self, limit: int) -> list[sqlite3.Row]:
+        return await self._all(
+            "SELECT images.job_id, images.gallery_channel_id, images.gallery_message_id, MAX(images.stars) AS stars,"
+            " jobs.user_id, jobs.params_json, jobs.guild_id FROM images JOIN jobs USING (job_id)"
+            " WHERE images.gallery_message_id IS NOT NULL GROUP BY images.gallery_message_id"
+            " ORDER BY stars DESC, jobs.created_at DESC LIMIT ?", (limit,))
+
+    # ------------------------------------------------------------------ settings, adapters, audit
+
+    async def settings(self, user_id: int) -> UserSettings:
+        row = await self._one("SELECT fast, aspect, negative, style FROM users WHERE user_id = ?", (user_id,))
+        if row is None:
+            return UserSettings()
+        fast = None if row["fast"] is None else bool(row["fast"])
+        return UserSettings(fast=fast, aspect=row["aspect"], negative=row["negative"], style=row["style"])
+
+    async def save_settings(self, user_id: int, settings: UserSettings) -> None:
+        fast = None if settings.fast is None else int(settings.fast)
+        await self._write(
+            "INSERT INTO users (user_id, fast, aspect, negative, style, updated_at) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET fast = excluded.fast, aspect = excluded.aspect,"
+            " negative = excluded.negative, style = excluded.style, updated_at = excluded.updated_at",
+            (user_id, fast, settings.aspect, settings.negative, settings.style, time.time()))
+
+    async def save_adapters(self, adapters: list[protocol.AdapterInfo]) -> None:
+        now = time.time()
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            await self._write("DELETE FROM adapters")
+            for a in adapters:
+                await self._write("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  (a.name, a.kind, json.dumps(a.triggers), a.default_weight, a.description,
+                                   a.sha256, now))
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            await self._conn.execute("ROLLBACK")
+            raise
+
+    async def load_adapters(self) -> list[protocol.AdapterInfo]:
+        rows = await self._all("SELECT * FROM adapters ORDER BY kind, name")
+        return [protocol.AdapterInfo(name=r["name"], kind=r["kind"], triggers=json.loads(r["triggers_json"]),
+                                     default_weight=r["default_weight"], description=r["description"],
+                                     sha256=r["sha256"]) for r in rows]
+
+    async def audit(self, *, user_id: int, guild_id: int | None, action: str, target: str = "",
+                    detail: dict[str, Any] | None = None) -> None:
+        """Record an admin action (who, what, on what)."""
+        await self._write("INSERT INTO audit_log (at, user_id, guild_id, action, target, detail_json)"
+                          " VALUES (?, ?, ?, ?, ?, ?)",
+                          (time.time(), user_id, guild_id, action, target, json.dumps(detail or {})))
+
+    async def audit_entries(self, limit: int = 50) -> list[sqlite3.Row]:
+        return await self._all("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))

@@ -1,0 +1,207 @@
+"""Putting a job in front of its user: status edits, the final images, the gallery post.
+
+While the interaction token lives (15 minutes) the job's own message is edited through
+the interaction webhook; afterwards, or when Discord says the token is dead (50027), the
+result goes to the channel as a new message that mentions the user. Files never exceed
+the upload limit: a batch is split over several messages and a single file that is too
+large is re-encoded as JPEG (the PNG with its parameters stays on disk; /info has them).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import discord
+from PIL import Image as PILImage
+
+from bot import embeds
+from bot.db import Image, Job
+from bot.policy import ContentRules, channel_is_nsfw, content_rules
+from bot.views import gallery_view, result_view
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+TOKEN_LIFETIME_S = 15 * 60 - 30  # leave a margin: Discord kills the token at 15 minutes
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+MAX_FILES_PER_MESSAGE = 10
+DEAD_TOKEN_CODES = {50027, 10015, 10062}
+
+
+def token_dead(exc: discord.HTTPException) -> bool:
+    """Discord's answer for an interaction token that expired or never existed."""
+    return exc.code in DEAD_TOKEN_CODES or exc.status == 401
+
+
+@dataclass
+class Prepared:
+    """One image ready for upload."""
+
+    filename: str
+    data: bytes
+    spoiler: bool
+    reencoded: bool = False
+
+    def file(self) -> discord.File:
+        return discord.File(io.BytesIO(self.data), filename=self.filename, spoiler=self.spoiler)
+
+
+def fit_to_limit(data: bytes, limit: int) -> bytes:
+    """A JPEG of the image no larger than ``limit`` bytes (lower quality, then smaller)."""
+    image = PILImage.open(io.BytesIO(data)).convert("RGB")
+    quality = 90
+    while True:
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=quality, optimize=True)
+        if out.tell() <= limit or (image.width <= 64 and quality <= 40):
+            return out.getvalue()
+        if quality > 60:
+            quality -= 15
+        else:
+            image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)))
+
+
+def batches(files: list[Prepared], limit: int) -> list[list[Prepared]]:
+    """Group files into messages: at most 10 files and ``limit`` bytes each."""
+    groups: list[list[Prepared]] = [[]]
+    size = 0
+    for f in files:
+        if groups[-1] and (size + len(f.data) > limit or len(groups[-1]) >= MAX_FILES_PER_MESSAGE):
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += len(f.data)
+    return groups
+
+
+class Delivery:
+    """Status edits and result messages for jobs, with the channel as the fallback."""
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+        self.config = bot.config
+
+    def webhook_for(self, job: Job) -> discord.Webhook | None:
+        """The interaction webhook of the job, while its token is still alive."""
+        if not (job.interaction_token and job.application_id):
+            return None
+        if time.time() > job.created_at + TOKEN_LIFETIME_S:
+            return None
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
+
+    def channel(self, job: Job) -> discord.abc.Messageable:
+        return self.bot.get_channel(job.channel_id) or self.bot.get_partial_messageable(
+            job.channel_id, guild_id=job.guild_id)
+
+    async def edit_status(self, job: Job, content: str, view: discord.ui.View | None) -> bool:
+        """Edit the job's own message; False when the token or message is gone."""
+        webhook = self.webhook_for(job)
+        if webhook is None or job.message_id is None:
+            return False
+        try:
+            await webhook.edit_message(job.message_id, content=content, view=view)
+            return True
+        except discord.HTTPException as exc:
+            if token_dead(exc) or exc.status == 404:
+                return False
+            raise
+
+    def image_path(self, image: Image) -> Path:
+        p = Path(image.path)
+        return p if p.is_absolute() else self.config.path(self.config.storage.outputs_dir) / p
+
+    def prepare(self, job: Job, images: list[Image], rules: ContentRules, limit: int) -> tuple[list[Prepared], list[str]]:
+        """Files to upload, and notes for the user (withheld, missing, re-encoded)."""
+        files, notes = [], []
+        withheld = [img for img in images if rules.withheld(img.rating)]
+        if withheld:
+            ratings = ", ".join(sorted({img.rating or "?" for img in withheld}))
+            notes.append(f"🔞 {len(withheld)} image(s) withheld: rated {ratings}, and this channel is not "
+                         "age-restricted. Run it in an age-restricted channel to see it.")
+        for img in images:
+            if img in withheld:
+                continue
+            try:
+                data = self.image_path(img).read_bytes()
+            except OSError:
+                notes.append(f"⚠️ Image {img.idx + 1} is missing on the server (seed {img.seed}).")
+                continue
+            name = f"arcae_{job.job_id}_{img.idx + 1}.png"
+            prepared = Prepared(name, data, spoiler=rules.spoilered(img.rating))
+            if len(data) > limit:
+                prepared = Prepared(name[:-4] + ".jpg", fit_to_limit(data, limit), prepared.spoiler, True)
+            files.append(prepared)
+        if any(f.reencoded for f in files):
+            notes.append(f"ℹ️ Some images were re-encoded as JPEG to fit the upload limit; the PNG with its "
+                         f"parameters is kept on the server (`/info {job.job_id}`).")
+        return files, notes
+
+    def _result_view(self, job: Job) -> discord.ui.View:
+        g = self.config.gallery
+        share = g.channel_id != 0 and g.post == "shared"
+        return result_view(job.job_id, share=share, upscale=job.kind != "upscale")
+
+    async def deliver_result(self, job: Job, images: list[Image]) -> int | None:
+        """Show a finished job; return the id of the message that carries its buttons."""
+        rules = content_rules(job.nsfw_channel, self.config)
+        limit = job.attachment_limit or DEFAULT_UPLOAD_LIMIT
+        files, notes = self.prepare(job, images, rules, limit)
+        groups = batches(files, limit)
+        embed = embeds.params_embed(job, title="Done")
+        note = "\n".join(notes)
+        webhook = self.webhook_for(job)
+        if webhook is not None and job.message_id is not None:
+            try:
+                await webhook.edit_message(job.message_id, content=embeds.truncate(note, 2000) or None, embed=embed,
+                                           attachments=[f.file() for f in groups[0]], view=self._result_view(job))
+                for group in groups[1:]:
+                    await webhook.send(files=[f.file() for f in group], wait=True)
+                return job.message_id
+            except discord.HTTPException as exc:
+                if not (token_dead(exc) or exc.status == 404):
+                    raise
+                log.info("job %s: interaction token expired; delivering to the channel", job.job_id)
+        return await self._deliver_to_channel(job, groups, embed, note)
+
+    async def _deliver_to_channel(self, job: Job, groups: list[list[Prepared]], embed: discord.Embed,
+                                  note: str) -> int:
+        channel = self.channel(job)
+        mention = discord.AllowedMentions(users=True, roles=False, everyone=False)
+        content = embeds.truncate(f"<@{job.user_id}> your job `{job.job_id}` is done.\n{note}".strip(), 2000)
+        first = await channel.send(content=content, embed=embed, files=[f.file() for f in groups[0]],
+                                   view=self._result_view(job), allowed_mentions=mention)
+        for group in groups[1:]:
+            await channel.send(files=[f.file() for f in group])
+        return first.id
+
+    async def deliver_failure(self, job: Job, text: str) -> int | None:
+        """Tell the user a job failed or was canceled, on its message or in the channel."""
+        if await self.edit_status(job, embeds.truncate(text, 2000), None):
+            return job.message_id
+        msg = await self.channel(job).send(
+            content=embeds.truncate(f"<@{job.user_id}> {text}", 2000),
+            allowed_mentions=discord.AllowedMentions(users=True, roles=False, everyone=False))
+        return msg.id
+
+    async def post_gallery(self, job: Job, images: list[Image], author: str) -> int | None:
+        """Post a finished job to the gallery channel; None when nothing may be shown there."""
+        channel_id = self.config.gallery.channel_id
+        if not channel_id:
+            return None
+        gallery = self.bot.get_channel(channel_id)
+        rules = content_rules(channel_is_nsfw(gallery), self.config)
+        target = gallery or self.bot.get_partial_messageable(channel_id)
+        files, _ = self.prepare(job, [i for i in images if not rules.withheld(i.rating)], rules, DEFAULT_UPLOAD_LIMIT)
+        if not files:
+            return None
+        embed = embeds.params_embed(job, title="Gallery", author=author)
+        msg = await target.send(embed=embed, files=[f.file() for f in files[:MAX_FILES_PER_MESSAGE]],
+                                view=gallery_view(job.job_id))
+        return msg.id

@@ -1,0 +1,558 @@
+"""Scale-out: the bot's one dispatcher in front of engine workers that meet in Redis Streams.
+
+Same interface as ``bot.engine_link.EngineLink`` (start, close, submit, cancel, list_adapters,
+status, reload_adapters, on_event / on_connect callbacks), plus ``workers()`` for /status.
+
+Policy lives here and only here: jobs wait in a ``FairScheduler`` (round-robin between users,
+interactive before batch, bounded) and go to a worker only when it has a free slot (1-2 jobs
+each), preferring one that already holds the job's adapters (``bot.dispatch_policy``). The
+bot's SQLite stays the source of truth: jobs still queued here are resubmitted by the bot from
+its database after a restart (``on_connect``); jobs already on a worker are found again in
+Redis (``P:inflight``). Delivery is at-least-once; events are applied idempotently by
+(job_id, attempt, seq) and events from an older attempt are dropped. A worker that stops
+renewing its lease loses its jobs: they are reclaimed with XAUTOCLAIM and dispatched again
+with attempt + 1; after ``engine.max_attempts`` attempts a job goes to the dead-letter stream
+and the bot gets a ``Failed`` event that says what happened. Layout: ``engine.redis_keys``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.exceptions
+
+from bot.dispatch_policy import NoWorkerCanRun, WorkerSlot, choose_worker
+from engine import protocol
+from engine.config import ArcaeConfig, Secrets
+from engine.errors import QueueFull
+from engine.redis_keys import (
+    CONTROL_MAXLEN,
+    DONE_TTL_S,
+    EVENTS_GROUP,
+    JOBS_GROUP,
+    RedisKeys,
+    WorkerInfo,
+    cancel_tasks,
+    check_redis_url,
+    ensure_group,
+    make_client,
+)
+from engine.scheduler import FairScheduler, ScheduledJob
+
+try:  # the websocket client's errors, so the bot catches one set of exceptions
+    from bot.engine_link import EngineRejected, EngineUnavailable
+except ImportError:  # pragma: no cover - engine_link not built in this checkout
+
+    class EngineUnavailable(Exception):  # type: ignore[no-redef]
+        """The engine (here: Redis) cannot be reached."""
+
+    class EngineRejected(Exception):  # type: ignore[no-redef]
+        """The engine refused a request; ``code`` is a protocol ErrorCode."""
+
+        def __init__(self, code: str, message: str) -> None:
+            super().__init__(message)
+            self.code = code
+            self.message = message
+
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[Any], Awaitable[None]]
+ConnectCallback = Callable[[], Awaitable[None]]
+JobRequest = protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.TrainRequest
+BLOCK_MS = 1000
+
+
+@dataclass
+class _Dispatched:
+    """A job that is on a worker (mirrored in ``P:job:J`` and ``P:inflight``)."""
+
+    request: Any
+    worker: str
+    attempt: int
+    last_seq: int = 0
+    canceled: bool = False
+    reasons: str = ""
+
+
+class WorkerStatus(WorkerInfo):
+    """A worker as /status shows it: what it advertises plus the jobs dispatched to it."""
+
+    alive: bool = True
+    assigned: list[str] = []
+
+
+class Dispatcher:
+    """Submit jobs to Redis-connected workers; deliver their events to ``on_event``."""
+
+    def __init__(
+        self,
+        config: ArcaeConfig,
+        secrets: Secrets | None = None,
+        *,
+        on_event: EventCallback,
+        on_connect: ConnectCallback | None = None,
+        url: str | None = None,
+        keys: RedisKeys | None = None,
+        consumer: str = "dispatcher",
+        affinity_wait_s: float = 2.0,
+        tick_s: float = 0.2,
+    ) -> None:
+        self.config = config
+        self.url = url or config.engine.redis_url
+        password = secrets.redis_password.get_secret_value() if secrets and secrets.redis_password else None
+        self.where = check_redis_url(self.url, password, config.engine.redis_password_env)
+        self._password = password
+        self.keys = keys or RedisKeys()
+        self.on_event = on_event
+        self.on_connect = on_connect
+        self.consumer = consumer
+        self.affinity_wait_s = affinity_wait_s
+        self.tick_s = tick_s
+        self.lease_ms = int(config.engine.lease_ttl_s * 1000)
+        self.max_attempts = config.engine.max_attempts
+        self.client: Any = None
+        self._queue = FairScheduler(config.engine.queue_limit)
+        self._inflight: dict[str, _Dispatched] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._adapters: dict[str, list[protocol.AdapterInfo]] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._known_workers: list[str] = []
+        self._refresh_due = False
+        self._closing = False
+        self._last_reap = 0.0
+        self.connected = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, pick up jobs still on workers, call ``on_connect``, start the loops."""
+        self._closing = False
+        self.client = make_client(self.url, self._password, block_ms=BLOCK_MS)
+        try:
+            await self.client.ping()
+            await ensure_group(self.client, self.keys.events, EVENTS_GROUP)
+            await self._load_inflight()
+            await self._refresh_workers()
+        except Exception as exc:
+            await self.client.aclose()
+            raise EngineUnavailable(f"cannot reach Redis at {self.where}: {exc}") from None
+        self.connected = True
+        log.info("dispatcher connected to %s: %d worker(s), %d job(s) in flight",
+                 self.where, len(self._workers), len(self._inflight))
+        if self.on_connect is not None:
+            await self.on_connect()
+        self._tasks = [
+            asyncio.create_task(self._event_loop(), name="dispatcher-events"),
+            asyncio.create_task(self._tick_loop(), name="dispatcher-tick"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the loops; jobs on workers keep running and are found again by the next start."""
+        self._closing = True
+        await cancel_tasks(self._tasks)
+        self._tasks = []
+        if self.client is not None:
+            await self.client.aclose()
+        self.connected = False
+
+    # ------------------------------------------------------------------ the EngineLink interface
+
+    async def submit(self, request: JobRequest) -> protocol.Queued:
+        """Queue a job; resubmitting a job that is queued or on a worker changes nothing."""
+        job_id = request.job_id
+        if job_id in self._inflight:
+            d = self._inflight[job_id]
+            return protocol.Queued(job_id=job_id, attempt=d.attempt, position=0)
+        queued = self._queue.get(job_id)
+        if queued is None:
+            priority = getattr(request, "priority", "batch")
+            job = ScheduledJob(job_id=job_id, owner=request.owner, priority=priority, payload=_Pending(request, time.monotonic()))
+            try:
+                self._queue.push(job)
+            except QueueFull as exc:
+                raise EngineRejected("queue_full", exc.message) from None
+            self._wake.set()
+        position = self._queue.position(job_id) or 0
+        return protocol.Queued(job_id=job_id, attempt=request.attempt, position=position)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job at once, or a running one on whichever worker holds it."""
+        job = self._queue.remove(job_id)
+        if job is not None:
+            await self._emit(protocol.Canceled(job_id=job_id, attempt=job.payload.request.attempt))
+            return True
+        d = self._inflight.get(job_id)
+        if d is None or d.canceled:
+            return False
+        d.canceled = True
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.cancel(job_id), "1", ex=DONE_TTL_S)
+            pipe.hset(self.keys.job(job_id), "canceled", "1")
+            pipe.xadd(self.keys.control(d.worker), {"request": protocol.encode(protocol.CancelRequest(job_id=job_id))},
+                      maxlen=CONTROL_MAXLEN)
+            await pipe.execute()
+        return True
+
+    async def list_adapters(self) -> list[protocol.AdapterInfo]:
+        """Every adapter some live worker can load (first worker's description wins)."""
+        await self._refresh_workers()
+        seen: dict[str, protocol.AdapterInfo] = {}
+        for name in sorted(self._adapters):
+            for info in self._adapters[name]:
+                seen.setdefault(info.name, info)
+        return [seen[n] for n in sorted(seen)]
+
+    async def status(self) -> protocol.EngineStatus:
+        """One summary over all workers (``workers()`` has the detail)."""
+        workers = list(self._workers.values())
+        loaded = sorted({a for w in workers for a in w.loaded_adapters})
+        devices = ", ".join(f"{w.name}: {w.gpu or w.device or '?'}" for w in workers) or "no workers online"
+        return protocol.EngineStatus(
+            model=next((w.model for w in workers if w.model), ""),
+            device=devices,
+            queue_length=len(self._queue),
+            running_job=next(iter(self._inflight), None),
+            loaded_adapters=loaded,
+            worker=f"{len(workers)} worker(s) via Redis",
+        )
+
+    async def workers(self) -> list[WorkerStatus]:
+        """Live workers (and dead ones still holding jobs) for the admin /status command."""
+        await self._refresh_workers()
+        rows: dict[str, WorkerStatus] = {}
+        for name, info in self._workers.items():
+            rows[name] = WorkerStatus(**info.model_dump(), alive=True)
+        for job_id, d in self._inflight.items():
+            row = rows.setdefault(d.worker, WorkerStatus(name=d.worker, alive=False))
+            row.assigned.append(job_id)
+        return [rows[n] for n in sorted(rows)]
+
+    async def reload_adapters(self) -> protocol.Ack:
+        """Ask every live worker to rescan its adapters between jobs."""
+        request = protocol.encode(protocol.ReloadAdaptersRequest())
+        for name in self._workers:
+            await self.client.xadd(self.keys.control(name), {"request": request}, maxlen=CONTROL_MAXLEN)
+        return protocol.Ack(request="reload_adapters", detail=f"sent to {len(self._workers)} worker(s)")
+
+    def queue_snapshot(self) -> list[dict[str, Any]]:
+        """Queued jobs in run order (job_id, owner, priority, position)."""
+        return self._queue.snapshot()
+
+    async def dead_letters(self, count: int = 50) -> list[dict[str, str]]:
+        """The newest dead-lettered jobs: job_id, attempts, reason."""
+        entries = await self.client.xrevrange(self.keys.deadletter, count=count)
+        return [dict(fields) for _id, fields in entries]
+
+    # ------------------------------------------------------------------ loops
+
+    async def _tick_loop(self) -> None:
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                now = time.monotonic()
+                if now - self._last_reap >= min(1.0, self.lease_ms / 4000):
+                    self._last_reap = now
+                    await self._refresh_workers()
+                    await self._reap()
+                elif self._refresh_due:
+                    await self._refresh_workers()
+                self._refresh_due = False
+                await self._dispatch_ready()
+                self.connected = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected = False
+                log.warning("dispatch round failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _event_loop(self) -> None:
+        # First what an earlier run of this consumer read but never acknowledged.
+        pending = "0"
+        while not self._closing:
+            try:
+                reply = await self.client.xreadgroup(
+                    EVENTS_GROUP, self.consumer, {self.keys.events: pending}, count=100,
+                    block=None if pending == "0" else BLOCK_MS,
+                )
+                entries = [e for _s, es in reply or [] for e in es]
+                if pending == "0" and not entries:
+                    pending = ">"
+                    continue
+                for entry_id, fields in entries:
+                    if self._closing:  # left pending: the next start reads them first
+                        return
+                    await self._apply_entry(entry_id, fields)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected = False
+                log.warning("reading events failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ events in
+
+    async def _apply_entry(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            event = protocol.decode_event(fields.get("event", ""))
+        except protocol.ProtocolError as exc:
+            log.warning("dropping malformed event %s: %s", entry_id, exc.message)
+            event = None
+        if event is not None:
+            await self._apply(event, fields.get("worker", "?"))
+        async with self.client.pipeline(transaction=True) as pipe:
+            d = self._inflight.get(getattr(event, "job_id", ""))
+            if d is not None:
+                pipe.hset(self.keys.job(d.request.job_id), "last_seq", d.last_seq)
+            pipe.xack(self.keys.events, EVENTS_GROUP, entry_id)
+            pipe.xdel(self.keys.events, entry_id)
+            await pipe.execute()
+
+    async def _apply(self, event: Any, worker: str) -> None:
+        """Apply one worker event exactly once per (job_id, attempt, seq)."""
+        d = self._inflight.get(getattr(event, "job_id", ""))
+        if d is None or event.attempt != d.attempt or event.seq <= d.last_seq:
+            log.debug("ignoring %s of job %s attempt %s seq %s from %s (stale or duplicate)",
+                      event.type, getattr(event, "job_id", "?"), getattr(event, "attempt", "?"),
+                      getattr(event, "seq", "?"), worker)
+            return
+        d.last_seq = event.seq
+        if isinstance(event, protocol.Failed) and event.retryable and not d.canceled:
+            await self._retry(d, f"worker {worker}: {event.message}")
+            return
+        if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
+            self._refresh_due = True  # the worker's record now shows what it has loaded
+            await self._finish(d)
+        await self._emit(event)
+
+    async def _emit(self, event: Any) -> None:
+        try:
+            await self.on_event(event)
+        except Exception:  # the bot's handler failed: log it, keep delivering others
+            log.exception("on_event failed for %s of job %s", event.type, getattr(event, "job_id", "?"))
+
+    async def _finish(self, d: _Dispatched) -> None:
+        job_id = d.request.job_id
+        self._inflight.pop(job_id, None)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.srem(self.keys.inflight, job_id)
+            pipe.hset(self.keys.job(job_id), "state", "done")
+            pipe.expire(self.keys.job(job_id), DONE_TTL_S)
+            await pipe.execute()
+        self._wake.set()
+
+    async def _retry(self, d: _Dispatched, reason: str) -> None:
+        """Dispatch again with attempt + 1, or dead-letter after ``max_attempts``."""
+        job_id = d.request.job_id
+        reasons = (d.reasons + "; " if d.reasons else "") + f"attempt {d.attempt}: {reason}"
+        await self._finish(d)
+        if d.canceled:
+            await self._emit(protocol.Canceled(job_id=job_id, attempt=d.attempt, seq=d.last_seq + 1))
+            return
+        if d.attempt >= self.max_attempts:
+            message = (f"This job failed {d.attempt} times on the image workers and will not be retried "
+                       f"({reasons}).")
+            await self.client.xadd(self.keys.deadletter, {"job_id": job_id, "attempts": str(d.attempt), "reason": reasons})
+            log.error("job %s dead-lettered: %s", job_id, reasons)
+            await self._emit(protocol.Failed(job_id=job_id, attempt=d.attempt, seq=d.last_seq + 1,
+                                             error="engine_error", message=message, retryable=False))
+            return
+        log.warning("job %s: %s; dispatching attempt %d", job_id, reason, d.attempt + 1)
+        request = d.request.model_copy(update={"attempt": d.attempt + 1})
+        job = ScheduledJob(job_id=job_id, owner=request.owner, priority=getattr(request, "priority", "batch"),
+                           payload=_Pending(request, time.monotonic(), d.worker, reasons))
+        try:
+            self._queue.push(job)
+        except QueueFull:  # a retry is never refused: the job already waited its turn
+            self._queue.limit += 1
+            self._queue.push(job)
+            self._queue.limit -= 1
+        await self._emit(protocol.Queued(job_id=job_id, attempt=request.attempt, position=self._queue.position(job_id) or 0))
+
+    # ------------------------------------------------------------------ jobs out
+
+    async def _dispatch_ready(self) -> None:
+        """Send queued jobs, in fair order, to workers with a free slot."""
+        if not len(self._queue):
+            return
+        slots = self._slots()
+        if not any(s.free > 0 for s in slots):
+            return
+        now = time.monotonic()
+        for job in self._queue.order():
+            pending: _Pending = job.payload
+            try:
+                slot = choose_worker(pending.request, slots, waited_s=now - pending.since,
+                                     affinity_wait_s=self.affinity_wait_s,
+                                     lcm_adapter=self.config.adapters.lcm_adapter, avoid=pending.avoid)
+            except NoWorkerCanRun as exc:
+                self._queue.remove(job.job_id)
+                await self._emit(protocol.Failed(job_id=job.job_id, attempt=pending.request.attempt,
+                                                 error="unknown_adapter", message=str(exc)))
+                continue
+            if slot is None:
+                continue
+            # pop() (not remove) when it is the head, so the owner's turn is recorded.
+            head = self._queue.order()[0]
+            taken = self._queue.pop() if head.job_id == job.job_id else self._queue.remove(job.job_id)
+            assert taken is not None
+            await self._send(pending, slot.name)
+            slot.assigned += 1
+            if not any(s.free > 0 for s in slots):
+                return
+
+    def _slots(self) -> list[WorkerSlot]:
+        assigned: dict[str, int] = {}
+        for d in self._inflight.values():
+            assigned[d.worker] = assigned.get(d.worker, 0) + 1
+        return [
+            WorkerSlot(
+                name=name,
+                capacity=info.capacity,
+                assigned=assigned.get(name, 0),
+                accepts_training=info.accepts_training,
+                loaded=frozenset(info.loaded_adapters),
+                available=frozenset(a.name for a in self._adapters.get(name, [])),
+            )
+            for name, info in self._workers.items()
+        ]
+
+    async def _send(self, pending: "_Pending", worker: str) -> None:
+        request = pending.request
+        job_id = request.job_id
+        d = _Dispatched(request=request, worker=worker, attempt=request.attempt, reasons=pending.reasons)
+        self._inflight[job_id] = d
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.job(job_id))
+            pipe.hset(self.keys.job(job_id), mapping={
+                "request": protocol.encode(request), "worker": worker, "attempt": request.attempt,
+                "last_seq": 0, "state": "dispatched", "reasons": pending.reasons,
+            })
+            pipe.sadd(self.keys.inflight, job_id)
+            pipe.xadd(self.keys.jobs(worker), {"request": protocol.encode(request)})
+            await pipe.execute()
+        log.info("job %s attempt %d -> %s", job_id, request.attempt, worker)
+
+    # ------------------------------------------------------------------ workers, leases, reclaim
+
+    async def _refresh_workers(self) -> None:
+        names = sorted(await self.client.smembers(self.keys.workers))
+        if not names:
+            self._workers, self._adapters = {}, {}
+            return
+        values = await self.client.mget([self.keys.worker(n) for n in names] +
+                                        [self.keys.worker_adapters(n) for n in names])
+        workers: dict[str, WorkerInfo] = {}
+        adapters: dict[str, list[protocol.AdapterInfo]] = {}
+        for i, name in enumerate(names):
+            info, adapter_json = values[i], values[len(names) + i]
+            if not info:
+                continue
+            try:
+                workers[name] = WorkerInfo.model_validate_json(info)
+                adapters[name] = [protocol.AdapterInfo.model_validate(a) for a in json.loads(adapter_json or "[]")]
+            except ValueError as exc:
+                log.warning("ignoring worker %s with an unreadable record: %s", name, exc)
+        self._workers, self._adapters = workers, adapters
+        self._known_workers = names
+
+    async def _reap(self) -> None:
+        """Reclaim job entries whose lease expired (or whose worker is gone) and retry them."""
+        for name in self._known_workers:
+            alive = name in self._workers
+            stream = self.keys.jobs(name)
+            # A live worker refreshes its entries every ttl/3; a gone one refreshes nothing.
+            min_idle = self.lease_ms if alive else 0
+            start = "0-0"
+            while True:
+                try:
+                    reply = await self.client.xautoclaim(stream, JOBS_GROUP, self.consumer, min_idle,
+                                                         start_id=start, count=100)
+                except redis.exceptions.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    if not alive:  # registered but never created its stream: forget it
+                        await self.client.srem(self.keys.workers, name)
+                    break
+                next_start, claimed = reply[0], reply[1]
+                for entry_id, fields in claimed:
+                    await self._reclaim(name, entry_id, fields or {}, started=True)
+                if not next_start or next_start == "0-0":
+                    break
+                start = next_start
+            if not alive:
+                await self._take_undelivered(name)
+
+    async def _take_undelivered(self, name: str) -> None:
+        """Entries a gone worker never read: take them back (same attempt), forget the worker."""
+        stream = self.keys.jobs(name)
+        if not await self.client.exists(stream):
+            await self.client.srem(self.keys.workers, name)
+            return
+        reply = await self.client.xreadgroup(JOBS_GROUP, self.consumer, {stream: ">"}, count=100)
+        for _s, entries in reply or []:
+            for entry_id, fields in entries:
+                await self._reclaim(name, entry_id, fields or {}, started=False)
+        if not await self.client.xlen(stream) and not (await self.client.xpending(stream, JOBS_GROUP))["pending"]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(stream, self.keys.control(name))
+                pipe.srem(self.keys.workers, name)
+                await pipe.execute()
+
+    async def _reclaim(self, worker: str, entry_id: str, fields: dict[str, str], *, started: bool) -> None:
+        stream = self.keys.jobs(worker)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, JOBS_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+        try:
+            request = protocol.decode_request(fields.get("request", ""))
+        except protocol.ProtocolError:
+            return
+        d = self._inflight.get(request.job_id)
+        if d is None or d.attempt != request.attempt or d.worker != worker:
+            return  # finished meanwhile, or an entry of an older attempt
+        if not started:
+            await self._finish(d)
+            self._queue.push(ScheduledJob(job_id=request.job_id, owner=request.owner,
+                                          priority=getattr(request, "priority", "batch"),
+                                          payload=_Pending(request, time.monotonic(), worker, d.reasons)))
+            return
+        log.warning("worker %s lost the lease of job %s attempt %d", worker, request.job_id, d.attempt)
+        await self._retry(d, f"worker {worker} stopped responding (lease expired)")
+
+    async def _load_inflight(self) -> None:
+        """Rebuild the jobs-on-workers table after a restart of the bot."""
+        for job_id in await self.client.smembers(self.keys.inflight):
+            h = await self.client.hgetall(self.keys.job(job_id))
+            try:
+                request = protocol.decode_request(h["request"])
+                self._inflight[job_id] = _Dispatched(
+                    request=request, worker=h["worker"], attempt=int(h["attempt"]),
+                    last_seq=int(h.get("last_seq", 0)), canceled=h.get("canceled") == "1",
+                    reasons=h.get("reasons", ""))
+            except (KeyError, ValueError, protocol.ProtocolError) as exc:
+                log.warning("dropping unreadable in-flight record of job %s: %s", job_id, exc)
+                await self.client.srem(self.keys.inflight, job_id)
+
+
+@dataclass
+class _Pending:
+    """A job waiting in the dispatcher's queue."""
+
+    request: Any
+    since: float
+    avoid: str | None = None
+    reasons: str = ""

@@ -1,0 +1,85 @@
+"""Embeds and status lines users see: results, progress, job parameters.
+
+Discord's limits (embed description 4096, field value 1024, 6000 characters in all)
+are respected by truncating long text with an ellipsis, never by failing.
+"""
+
+from __future__ import annotations
+
+import discord
+
+from bot.db import Job
+from engine import protocol
+
+DESCRIPTION_LIMIT = 4096
+FIELD_LIMIT = 1024
+EMBED_TOTAL_LIMIT = 6000
+CONTENT_LIMIT = 2000
+COLOR = discord.Colour(0x7C5CFF)
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def adapters_text(adapters: list[protocol.AdapterWeight]) -> str:
+    if not adapters:
+        return "none"
+    return ", ".join(f"{a.name}:{a.weight:g}" if a.weight is not None else a.name for a in adapters)
+
+
+def _mode(job: Job, resolved: protocol.ResolvedParams | None) -> str:
+    mode = resolved.mode if resolved else job.kind
+    fast = resolved.fast if resolved else job.params.fast
+    return f"{mode}{' · fast (LCM)' if fast else ''}"
+
+
+def params_embed(job: Job, *, title: str | None = None, author: str | None = None) -> discord.Embed:
+    """The full parameters of a job: what ran when it finished, else what was asked."""
+    r = job.resolved
+    p = job.params
+    prompt = r.prompt if r else p.prompt
+    # Keep the whole embed under 6000 characters: the prompt gets what the other fields leave.
+    embed = discord.Embed(title=title or "Arcae", colour=COLOR,
+                          description=truncate(prompt, min(DESCRIPTION_LIMIT, 3000)))
+    negative = r.negative_prompt if r else (p.negative_prompt or "(default)")
+    embed.add_field(name="Negative", value=truncate(negative or "(none)", FIELD_LIMIT), inline=False)
+    seed = str(r.seed) if r else (str(p.seed) if p.seed is not None else "random")
+    size = f"{r.width}×{r.height}" if r else (f"{p.width}×{p.height}" if p.width and p.height else "default")
+    embed.add_field(name="Seed", value=seed)
+    embed.add_field(name="Size", value=size)
+    embed.add_field(name="Steps", value=str(r.steps if r else (p.steps or "default")))
+    embed.add_field(name="CFG", value=f"{r.cfg:g}" if r else (f"{p.cfg:g}" if p.cfg is not None else "default"))
+    embed.add_field(name="Sampler", value=(r.sampler if r else p.sampler) or "default")
+    embed.add_field(name="Mode", value=_mode(job, r))
+    embed.add_field(name="Adapters", value=truncate(adapters_text(r.adapters if r else p.adapters), FIELD_LIMIT),
+                    inline=False)
+    if job.elapsed_s is not None:
+        embed.add_field(name="Time", value=f"{job.elapsed_s:.1f} s")
+    embed.add_field(name="Job", value=f"`{job.job_id}`")
+    if author:
+        embed.set_author(name=truncate(author, 256))
+    return embed
+
+
+def progress_bar(step: int, total: int, width: int = 12) -> str:
+    filled = 0 if total <= 0 else min(width, round(width * step / total))
+    return "▰" * filled + "▱" * (width - filled)
+
+
+def status_line(job_id: str, state: str, *, position: int | None = None, step: int | None = None,
+                total: int | None = None, note: str = "") -> str:
+    """The one-line status shown while a job waits or runs."""
+    if state == "queued":
+        where = "next" if position == 0 else (f"position {position + 1}" if position is not None else "waiting")
+        text = f"⏳ Queued ({where}) · `{job_id}`"
+    elif state == "unavailable":
+        text = f"⏳ Queued: the engine is restarting; your job starts when it is back · `{job_id}`"
+    elif state == "running" and step is not None and total:
+        text = f"🎨 Generating… step {step}/{total} {progress_bar(step, total)} · `{job_id}`"
+    elif state == "running":
+        text = f"🎨 Generating… · `{job_id}`"
+    else:
+        text = f"{state} · `{job_id}`"
+    return truncate(text + (f"\n{note}" if note else ""), CONTENT_LIMIT)

@@ -1,0 +1,498 @@
+"""The bot's side of the engine: ``EngineLink`` (the client) and ``EngineSupervisor`` (the child).
+
+Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.protocol`` and
+``engine.config``.
+
+- ``EngineLink`` keeps one websocket to the engine, reconnects in the background with backoff,
+  and calls ``on_connect`` after every successful handshake (the bot resubmits its unfinished
+  jobs there). Requests carry a ``rid`` that the engine echoes, so calls await their reply while
+  job events stream to ``on_event`` on the same socket. Every way of not reaching the engine
+  surfaces as one ``EngineUnavailable``; a typed refusal as ``EngineRejected(code, message)``.
+- ``EngineSupervisor`` runs ``python -m engine serve`` as a child with a fresh random secret in
+  its environment (never on its command line), waits for its ready line, forwards its stderr
+  to the log, restarts it with backoff when it dies, and stops it with SIGTERM (then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import os
+import secrets as secrets_module
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydantic import SecretStr
+
+from engine import protocol
+from engine.config import ArcaeConfig, Secrets
+
+log = logging.getLogger(__name__)
+engine_log = logging.getLogger("arcae.engine")
+
+READY_PREFIX = "ARCAE_ENGINE_READY"
+HANDSHAKE_TIMEOUT_S = 10.0
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+MAX_EVENT_BYTES = 16 << 20
+STABLE_RUN_S = 60.0  # a child that ran this long restarts from the shortest backoff again
+
+
+class EngineLinkError(Exception):
+    """Base of the errors the bot sees from the engine link."""
+
+
+class EngineUnavailable(EngineLinkError):
+    """The engine cannot be reached now (starting, restarting, connection lost, no answer)."""
+
+
+class EngineRejected(EngineLinkError):
+    """The engine refused a request; ``code`` is a protocol ``ErrorCode``, ``message`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def engine_url(config: ArcaeConfig) -> str:
+    """The websocket URL of a remote engine (``[engine] mode = "remote"``)."""
+    host = config.engine.host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"ws://{host}:{config.engine.port}/ws"
+
+
+EventCallback = Callable[[Any], Awaitable[None]]
+ConnectCallback = Callable[[], Awaitable[None]]
+
+
+class EngineLink:
+    """A reconnecting websocket client of the engine (see the module docstring).
+
+    ``url`` may be a callable returning the current URL (e.g. ``lambda: supervisor.url``), so
+    that a restarted engine on another port is found.
+    """
+
+    def __init__(
+        self,
+        url: str | Callable[[], str],
+        secret: str | SecretStr | None,
+        on_event: EventCallback | None = None,
+        on_connect: ConnectCallback | None = None,
+        *,
+        client_name: str = "arcae-bot",
+        request_timeout_s: float = 30.0,
+        reload_timeout_s: float = 600.0,
+        backoff_s: Sequence[float] = RECONNECT_BACKOFF_S,
+    ) -> None:
+        self._url = url if callable(url) else (lambda: url)
+        self._secret = secret.get_secret_value() if isinstance(secret, SecretStr) else (secret or "")
+        self._on_event = on_event
+        self._on_connect = on_connect
+        self._client_name = client_name
+        self._request_timeout_s = request_timeout_s
+        self._reload_timeout_s = reload_timeout_s
+        self._backoff_s = tuple(backoff_s) or (1.0,)
+        self._rids = itertools.count(1)
+        self._pending: dict[str, asyncio.Future] = {}
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        self._runner: asyncio.Task | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._connected = asyncio.Event()
+        self._first_attempt = asyncio.Event()
+        self._closing = False
+        self.rejected: EngineRejected | None = None  # set when the engine refused the handshake
+        self.connections = 0  # successful handshakes so far
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+        """Start connecting; wait (up to ``timeout``) for the first attempt's outcome.
+
+        Raises ``EngineRejected`` if the engine refused the handshake (wrong secret or protocol
+        version: retrying would not help). Otherwise the link keeps reconnecting in the
+        background; check ``connected`` or ``wait_connected()``.
+        """
+        if self._runner is None:
+            self._session = aiohttp.ClientSession()
+            self._dispatcher = asyncio.create_task(self._dispatch_events())
+            self._runner = asyncio.create_task(self._run())
+        try:
+            await asyncio.wait_for(self._first_attempt.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        if self.rejected is not None:
+            raise self.rejected
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until connected; False after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting; pending calls get ``EngineUnavailable``."""
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        for task in (self._runner, self._dispatcher, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._runner, self._dispatcher, *self._tasks):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._fail_pending("the engine link was closed")
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ requests
+
+    async def submit(self, request: Any) -> protocol.Queued:
+        """Queue a generate/img2img/train request; resubmitting a job id the engine holds is idempotent."""
+        reply = await self._request(request)
+        if not isinstance(reply, protocol.Queued):
+            raise EngineUnavailable(f"unexpected reply {reply.type!r} to {request.type}")
+        return reply
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job; False if the engine does not hold it."""
+        try:
+            await self._request(protocol.CancelRequest(job_id=job_id))
+        except EngineRejected as exc:
+            if exc.code == "not_found":
+                return False
+            raise
+        return True
+
+    async def list_adapters(self) -> list[protocol.AdapterInfo]:
+        reply = await self._request(protocol.ListAdaptersRequest())
+        return list(reply.adapters)
+
+    async def status(self) -> protocol.EngineStatus:
+        return await self._request(protocol.StatusRequest())
+
+    async def reload_adapters(self) -> dict[str, Any]:
+        """Rescan the engine's adapters (between jobs); return {"added", "removed", "changed"}."""
+        reply = await self._request(protocol.ReloadAdaptersRequest(), timeout=self._reload_timeout_s)
+        try:
+            return json.loads(reply.detail) if reply.detail else {}
+        except ValueError:
+            return {"detail": reply.detail}
+
+    async def _request(self, message: Any, timeout: float | None = None) -> Any:
+        ws = self._ws
+        if ws is None or ws.closed or not self.connected:
+            raise EngineUnavailable("the engine is not connected (starting or restarting); try again shortly")
+        rid = f"r{next(self._rids)}"
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            try:
+                await ws.send_str(protocol.encode(message.model_copy(update={"rid": rid})))
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                raise EngineUnavailable(f"lost the connection to the engine ({type(exc).__name__})") from None
+            limit = self._request_timeout_s if timeout is None else timeout
+            try:
+                reply = await asyncio.wait_for(future, limit)
+            except asyncio.TimeoutError:
+                raise EngineUnavailable(f"the engine did not answer {message.type} within {limit:.0f} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        if isinstance(reply, protocol.ErrorResponse):
+            raise EngineRejected(reply.code, reply.message)
+        return reply
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(reason))
+
+    # ------------------------------------------------------------------ connection loop
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                await self._connect_and_read()
+                failures = 0
+            except EngineRejected as exc:
+                log.error("the engine refused this bot: %s", exc.message)
+                self.rejected = exc
+                self._first_attempt.set()
+                return
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, EngineUnavailable) as exc:
+                if failures == 0:
+                    log.warning("engine not reachable (%s); retrying in the background", _describe(exc))
+            finally:
+                self._ws = None
+                self._connected.clear()
+                self._fail_pending("lost the connection to the engine")
+            self._first_attempt.set()
+            if self._closing:
+                return
+            await asyncio.sleep(self._backoff_s[min(failures, len(self._backoff_s) - 1)])
+            failures += 1
+
+    async def _connect_and_read(self) -> None:
+        assert self._session is not None
+        ws = await self._session.ws_connect(self._url(), heartbeat=20.0, max_msg_size=MAX_EVENT_BYTES)
+        try:
+            hello = protocol.Hello(secret=self._secret, client=self._client_name, rid="hello")
+            await ws.send_str(protocol.encode(hello))
+            msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise EngineUnavailable("the engine closed the connection during the handshake")
+            reply = protocol.decode_event(msg.data)
+            if isinstance(reply, protocol.ErrorResponse):
+                raise EngineRejected(reply.code, reply.message)
+            if not isinstance(reply, protocol.HelloOk):
+                raise EngineUnavailable(f"unexpected handshake reply {reply.type!r}")
+            self._ws = ws
+            self.connections += 1
+            self._connected.set()
+            self._first_attempt.set()
+            log.info("connected to %s", reply.engine or "the engine")
+            if self._on_connect is not None:
+                self._spawn(self._call_on_connect())
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self._route(msg.data)
+                elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
+                    break
+            if not self._closing:
+                log.warning("lost the connection to the engine")
+        except protocol.ProtocolError as exc:
+            raise EngineUnavailable(f"bad handshake reply: {exc.message}") from None
+        finally:
+            await ws.close()
+
+    def _route(self, text: str) -> None:
+        try:
+            message = protocol.decode_event(text)
+        except protocol.ProtocolError as exc:
+            log.warning("ignored a message from the engine: %s", exc.message)
+            return
+        rid = getattr(message, "rid", None)
+        if rid is not None:
+            future = self._pending.get(rid)
+            if future is not None and not future.done():
+                future.set_result(message)
+            return  # a reply nobody waits for any more (timed out)
+        self._events.put_nowait(message)
+
+    async def _dispatch_events(self) -> None:
+        """Deliver events to ``on_event`` one at a time, in arrival order."""
+        while True:
+            event = await self._events.get()
+            if self._on_event is None:
+                continue
+            try:
+                await self._on_event(event)
+            except Exception:
+                log.exception("on_event failed for %s", type(event).__name__)
+
+    async def _call_on_connect(self) -> None:
+        try:
+            await self._on_connect()  # type: ignore[misc]
+        except EngineLinkError as exc:
+            log.warning("on_connect stopped: %s", exc)
+        except Exception:
+            log.exception("on_connect failed")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class EngineSupervisor:
+    """Runs the local engine as a child process and keeps it running (see the module docstring)."""
+
+    def __init__(
+        self,
+        config_path: str | os.PathLike[str],
+        config: ArcaeConfig,
+        secrets: Secrets | None = None,
+        *,
+        python: str = sys.executable,
+        grace_s: float = 15.0,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.config = config
+        # A fresh secret per supervisor: only this bot and its child know it.
+        self.secret = secrets_module.token_urlsafe(32)
+        self._python = python
+        self._grace_s = grace_s
+        self._extra_env = dict(extra_env or {})
+        self._proc: asyncio.subprocess.Process | None = None
+        self._monitor: asyncio.Task | None = None
+        self._io_tasks: set[asyncio.Task] = set()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._closing = False
+        self._port = 0
+        self.url = ""
+        self.restarts = 0
+        self.last_exit: int | None = None  # the previous child's exit status
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    async def start(self) -> str:
+        """Start the engine and wait for its ready line; return its URL (``EngineUnavailable`` if it fails)."""
+        self.url = await self._spawn(self._port)
+        self._monitor = asyncio.create_task(self._watch())
+        return self.url
+
+    async def close(self) -> int | None:
+        """Stop the engine: SIGTERM, then SIGKILL after the grace period; return its exit status."""
+        self._closing = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except (asyncio.CancelledError, Exception):
+                pass
+        status = await self._stop_child()
+        for task in list(self._io_tasks):
+            try:
+                await asyncio.wait_for(task, 2)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                task.cancel()
+        return status
+
+    async def _stop_child(self) -> int | None:
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self._grace_s)
+            except asyncio.TimeoutError:
+                log.warning("the engine did not stop within %.0f s of SIGTERM; killing it", self._grace_s)
+                proc.kill()
+                await proc.wait()
+        self.last_exit = proc.returncode
+        return proc.returncode
+
+    async def _spawn(self, port: int) -> str:
+        env = {**os.environ, **self._extra_env, self.config.engine.secret_env: self.secret, "PYTHONUNBUFFERED": "1"}
+        cmd = [self._python, "-m", "engine", "serve", "--config", str(self.config_path)]
+        cmd += ["--host", self.config.engine.host, "--port", str(port)]
+        self._stderr_tail.clear()
+        proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        self._proc = proc
+        self._start_io(self._forward_stderr(proc))
+        timeout = self.config.engine.startup_timeout_s
+        try:
+            url = await asyncio.wait_for(self._read_ready_line(proc), timeout)
+        except asyncio.TimeoutError:
+            await self._stop_child()
+            raise EngineUnavailable(f"the engine was not ready within {timeout:.0f} s ([engine] startup_timeout_s)") from None
+        if url is None:
+            status = await proc.wait()
+            await asyncio.sleep(0.1)  # let the stderr forwarder catch the last lines
+            tail = " | ".join(self._stderr_tail) or "no output"
+            raise EngineUnavailable(f"the engine exited during start-up (status {status}): {tail[-600:]}")
+        self._start_io(self._drain_stdout(proc))
+        self._port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        log.info("engine started (pid %d) at %s", proc.pid, url)
+        return url
+
+    async def _watch(self) -> None:
+        """Restart the child with backoff whenever it exits without being asked to."""
+        backoff = self.config.engine.restart_backoff_s or [1.0]
+        failures = 0
+        while not self._closing:
+            assert self._proc is not None
+            started = time.monotonic()
+            status = await self._proc.wait()
+            self.last_exit = status
+            if self._closing:
+                return
+            if time.monotonic() - started >= STABLE_RUN_S:
+                failures = 0
+            while not self._closing:
+                delay = backoff[min(failures, len(backoff) - 1)]
+                log.warning("the engine exited unexpectedly (status %s); restarting in %.1f s", status, delay)
+                await asyncio.sleep(delay)
+                failures += 1
+                try:
+                    self.url = await self._spawn(self._port)
+                    self.restarts += 1
+                    break
+                except (EngineUnavailable, OSError) as exc:
+                    log.error("engine restart failed: %s", exc)
+                    self._port = 0  # the old port may be taken: let the next start pick a free one
+
+    async def _read_ready_line(self, proc: asyncio.subprocess.Process) -> str | None:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                return None
+            text = line.decode("utf-8", "replace").strip()
+            if text.startswith(READY_PREFIX + " "):
+                return text[len(READY_PREFIX) + 1 :].strip()
+            engine_log.info("%s", text)
+
+    async def _forward_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            self._stderr_tail.append(text)
+            engine_log.info("%s", text)
+
+    async def _drain_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            engine_log.info("%s", line.decode("utf-8", "replace").rstrip())
+
+    def _start_io(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._io_tasks.add(task)
+        task.add_done_callback(self._io_tasks.discard)
+
+
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when the bot dies, so no orphan engine holds the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the engine then outlives a killed bot
+        pass

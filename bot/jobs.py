@@ -1,0 +1,312 @@
+"""The life of a job on the bot's side: persist, submit, follow engine events, deliver.
+
+The database is the durable record; the engine (or the Redis dispatcher, same interface)
+does the work. Engine events are applied idempotently by (job_id, attempt, seq): a
+duplicate or an event from an older attempt changes nothing. Status edits are coalesced
+so a job's message is edited at most once per ``progress_edit_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot import embeds
+from bot.db import Job
+from bot.delivery import Delivery
+from bot.views import progress_view
+from engine import protocol
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+# A job whose engine died under it twice is not tried a third time.
+MAX_ATTEMPTS = 2
+
+
+def _engine_errors() -> tuple[type[Exception], type[Exception]]:
+    from bot.engine_link import EngineRejected, EngineUnavailable
+
+    return EngineUnavailable, EngineRejected
+
+
+def new_job_id() -> str:
+    """Short, sortable, unguessable enough to put in a button's custom id."""
+    return f"{int(time.time()):x}{secrets.token_hex(3)}"
+
+
+@dataclass
+class LiveJob:
+    """In-memory view of a job while it waits or runs (what its message should show)."""
+
+    attempt: int
+    last_seq: int = -1
+    state: str = "queued"
+    position: int | None = None
+    step: int | None = None
+    total: int | None = None
+    shown: str = ""
+    last_edit: float = 0.0
+    final: bool = False
+    task: asyncio.Task[None] | None = None
+    edit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class JobManager:
+    """Submits jobs, applies engine events, drives status edits and delivery."""
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+        self.config = bot.config
+        self.db = bot.db
+        self.delivery = Delivery(bot)
+        self.engine: Any = None  # EngineLink or Dispatcher, set by the bot at start
+        self._live: dict[str, LiveJob] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ submitting
+
+    def _spawn(self, coro: Any) -> None:
+        async def logged() -> None:
+            try:
+                await coro
+            except Exception:
+                # The job stays undelivered in the database; the next start retries it.
+                log.exception("background job work failed")
+
+        task = asyncio.create_task(logged())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _request(self, job: Job) -> Any:
+        owner = str(job.user_id)
+        if job.kind == "txt2img":
+            return protocol.GenerateRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, params=job.params)
+        return protocol.Img2ImgRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, mode=job.kind,
+                                       source=Path(job.source_image or "").name, params=job.params)
+
+    def _live_for(self, job: Job) -> LiveJob:
+        live = self._live.get(job.job_id)
+        if live is None or live.attempt < job.attempt:
+            live = LiveJob(attempt=job.attempt, last_seq=job.last_seq)
+            self._live[job.job_id] = live
+        return live
+
+    async def submit(self, job: Job) -> None:
+        """Hand a persisted job to the engine; an unavailable engine leaves it pending for later."""
+        unavailable, rejected = _engine_errors()
+        live = self._live_for(job)
+        if self.engine is None:
+            live.state = "unavailable"
+            self._schedule(job.job_id)
+            return
+        try:
+            queued = await self.engine.submit(self._request(job))
+        except unavailable:
+            log.info("job %s stays pending: engine unavailable", job.job_id)
+            live.state = "unavailable"
+            self._schedule(job.job_id)
+            return
+        except rejected as exc:
+            await self._fail(job.job_id, f"❌ Not started: {exc.message}", error=f"{exc.code}: {exc.message}")
+            return
+        if live.state in ("queued", "unavailable"):
+            live.state = "queued"
+            live.position = getattr(queued, "position", None)
+            self._schedule(job.job_id)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Ask the engine to stop a job; a job the engine does not hold is canceled here."""
+        unavailable, _ = _engine_errors()
+        job = await self.db.get_job(job_id)
+        if job is None or job.status not in ("pending", "running"):
+            return False
+        held = False
+        if self.engine is not None:
+            try:
+                held = await self.engine.cancel(job_id)
+            except unavailable:
+                held = False
+        if not held:
+            await self._canceled(job_id)
+        return True
+
+    async def resubmit_unfinished(self) -> None:
+        """On (re)connect: pending jobs again, running ones as a new attempt (at most ``MAX_ATTEMPTS``)."""
+        for job in await self.db.jobs_with_status("pending", "running"):
+            if job.status == "running":
+                if job.attempt >= MAX_ATTEMPTS:
+                    await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: the engine stopped twice while "
+                                     "making it. Please try again.", error="engine stopped during the job twice")
+                    continue
+                await self.db.set_attempt(job.job_id, job.attempt + 1)
+                job = await self.db.get_job(job.job_id) or job
+            await self.submit(job)
+
+    async def deliver_pending_results(self) -> None:
+        """On start: results recorded but never shown (a crash or a Discord outage in between)."""
+        for job in await self.db.undelivered():
+            try:
+                if job.status == "completed":
+                    await self._deliver(job.job_id)
+                else:
+                    await self._deliver_failure(job.job_id, f"❌ Job `{job.job_id}` failed: {job.error}")
+            except Exception:
+                log.exception("delivery of job %s failed again; will retry on next start", job.job_id)
+
+    def describe_state(self, job: Job) -> str:
+        """Where a waiting or running job stands, for /queue."""
+        live = self._live.get(job.job_id)
+        if live is None:
+            return job.status
+        if live.state == "running" and live.step is not None and live.total:
+            return f"running, step {live.step}/{live.total}"
+        if live.state == "queued" and live.position is not None:
+            return "next" if live.position == 0 else f"queued, position {live.position + 1}"
+        if live.state == "unavailable":
+            return "waiting for the engine to restart"
+        return live.state
+
+    # ------------------------------------------------------------------ engine events
+
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    async def on_event(self, event: Any) -> None:
+        """EngineLink's callback: apply one event idempotently."""
+        if not isinstance(event, protocol.JOB_EVENT_TYPES):
+            return
+        try:
+            async with self._lock(event.job_id):
+                await self._apply(event)
+        except Exception:
+            log.exception("applying %s for job %s failed", type(event).__name__, event.job_id)
+
+    async def _apply(self, event: Any) -> None:
+        job = await self.db.get_job(event.job_id)
+        if job is None or job.status not in ("pending", "running"):
+            return  # not ours (a training run), or already final: a duplicate
+        completed = isinstance(event, protocol.Completed)
+        # An older attempt's result is still a correct result; its other events are stale.
+        if event.attempt < job.attempt and not completed:
+            return
+        live = self._live_for(job)
+        if event.attempt == live.attempt and event.seq <= live.last_seq and not completed:
+            return
+        live.last_seq = max(live.last_seq, event.seq)
+        if isinstance(event, protocol.Queued):
+            if live.state in ("queued", "unavailable"):
+                live.state, live.position = "queued", event.position
+                self._schedule(job.job_id)
+        elif isinstance(event, protocol.Started):
+            await self.db.mark_running(job.job_id, job.attempt, event.seq)
+            live.state = "running"
+            self._schedule(job.job_id)
+        elif isinstance(event, protocol.Progress):
+            live.state, live.step, live.total = "running", event.step, event.total
+            self._schedule(job.job_id)
+        elif completed:
+            if await self.db.record_completion(job.job_id, event):
+                self._spawn(self._deliver(job.job_id))
+        elif isinstance(event, protocol.Failed):
+            await self._on_failed(job, event)
+        elif isinstance(event, protocol.Canceled):
+            await self._canceled(job.job_id)
+
+    async def _on_failed(self, job: Job, event: protocol.Failed) -> None:
+        if event.retryable and job.attempt < MAX_ATTEMPTS:
+            await self.db.set_attempt(job.job_id, job.attempt + 1)
+            retry = await self.db.get_job(job.job_id)
+            if retry is not None:
+                self._spawn(self.submit(retry))
+            return
+        await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: {event.message}",
+                         error=f"{event.error}: {event.message}")
+
+    async def _fail(self, job_id: str, text: str, *, error: str) -> None:
+        if await self.db.finish(job_id, "failed", error=error):
+            self._spawn(self._deliver_failure(job_id, text))
+
+    async def _canceled(self, job_id: str) -> None:
+        if await self.db.finish(job_id, "canceled"):
+            self._spawn(self._deliver_failure(job_id, f"✖️ Job `{job_id}` was canceled."))
+
+    # ------------------------------------------------------------------ showing
+
+    def _schedule(self, job_id: str) -> None:
+        live = self._live.get(job_id)
+        if live is None or live.final:
+            return
+        if live.task is None or live.task.done():
+            live.task = asyncio.create_task(self._flush(job_id, live))
+
+    async def _flush(self, job_id: str, live: LiveJob) -> None:
+        """Edit the job's message with its latest status, no more often than the configured pace."""
+        interval = self.config.discord.progress_edit_interval_s
+        while not live.final:
+            wait = live.last_edit + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            async with live.edit_lock:
+                text = embeds.status_line(job_id, live.state, position=live.position, step=live.step,
+                                          total=live.total)
+                if live.final or text == live.shown:
+                    return
+                job = await self.db.get_job(job_id)
+                if job is None:
+                    return
+                try:
+                    await self.delivery.edit_status(job, text, progress_view(job_id))
+                except Exception:
+                    log.exception("status edit for job %s failed", job_id)
+                live.shown, live.last_edit = text, time.monotonic()
+
+    async def _finalize_live(self, job_id: str) -> None:
+        live = self._live.pop(job_id, None)
+        if live is not None:
+            async with live.edit_lock:
+                live.final = True
+
+    async def _deliver(self, job_id: str) -> None:
+        await self._finalize_live(job_id)
+        job = await self.db.get_job(job_id)
+        if job is None or job.delivered_at is not None:
+            return
+        images = await self.db.images(job_id)
+        message_id = await self.delivery.deliver_result(job, images)
+        await self.db.mark_delivered(job_id, message_id)
+        log.info("job %s delivered (%d image(s))", job_id, len(images))
+        if self.config.gallery.post == "all" and self.config.gallery.channel_id:
+            await self.post_to_gallery(job_id)
+
+    async def _deliver_failure(self, job_id: str, text: str) -> None:
+        await self._finalize_live(job_id)
+        job = await self.db.get_job(job_id)
+        if job is None or job.delivered_at is not None:
+            return
+        message_id = await self.delivery.deliver_failure(job, text)
+        await self.db.mark_delivered(job_id, message_id)
+
+    async def post_to_gallery(self, job_id: str) -> int | None:
+        """Post a finished job to the gallery once; return the post's message id."""
+        job = await self.db.get_job(job_id)
+        if job is None or job.status != "completed":
+            return None
+        images = await self.db.images(job_id)
+        existing = next((i.gallery_message_id for i in images if i.gallery_message_id), None)
+        if existing:
+            return existing
+        user = self.bot.get_user(job.user_id)
+        author = user.display_name if user else f"user {job.user_id}"
+        message_id = await self.delivery.post_gallery(job, images, author)
+        if message_id is not None:
+            await self.db.set_gallery_message(job_id, self.config.gallery.channel_id, message_id)
+        return message_id

@@ -1,0 +1,180 @@
+"""Who may do what: the admin gate, generation limits, channel content rules, option checks.
+
+Everything here is pure or reads the database; nothing talks to Discord, so the rules can
+be checked (and tested) without a gateway. Every refusal is a ``Refused``/``InvalidOption``
+whose message tells the user why and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import discord
+
+from bot.db import Database
+from bot.errors import InvalidOption, NotAllowed, Refused
+from engine import protocol
+from engine.config import ArcaeConfig
+
+# SDXL's trained buckets (width x height) by aspect label.
+SDXL_PRESETS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "4:5": (896, 1152),
+    "2:3": (832, 1216),
+    "9:16": (768, 1344),
+    "5:4": (1152, 896),
+    "3:2": (1216, 832),
+    "16:9": (1344, 768),
+}
+
+
+def aspect_size(aspect: str, config: ArcaeConfig) -> tuple[int, int]:
+    """The size for an aspect label: SDXL's preset at full size, else scaled to the default size's area."""
+    if aspect not in SDXL_PRESETS:
+        raise InvalidOption(f"aspect must be one of {', '.join(SDXL_PRESETS)}")
+    w, h = SDXL_PRESETS[aspect]
+    dw, dh = config.generation.size
+    if dw * dh >= 768 * 768:
+        return w, h
+    # Small configured models (tests, previews): same ratio, the default area, multiples of 8.
+    scale = math.sqrt(dw * dh / (w * h))
+    return max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8)
+
+
+def is_admin(user: discord.abc.User, guild: discord.Guild | None, config: ArcaeConfig) -> bool:
+    """Configured admin users and roles, and the guild owner. Checked server-side on every admin action."""
+    if user.id in config.discord.admin_user_ids:
+        return True
+    if guild is not None and guild.owner_id == user.id:
+        return True
+    roles = getattr(user, "roles", None) or []
+    return any(role.id in config.discord.admin_role_ids for role in roles)
+
+
+def require_admin(interaction: discord.Interaction, config: ArcaeConfig) -> None:
+    """Raise ``NotAllowed`` unless the interaction's user is an Arcae admin."""
+    if not is_admin(interaction.user, interaction.guild, config):
+        raise NotAllowed("This command is for Arcae admins only (configured admin roles or users, "
+                         "or the server owner).")
+
+
+def channel_is_nsfw(channel: object) -> bool:
+    """Age-restricted channel (threads inherit from their parent)."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+def check_access(interaction: discord.Interaction, config: ArcaeConfig) -> None:
+    """Allowed channels and roles for generating (admins exempt)."""
+    if is_admin(interaction.user, interaction.guild, config):
+        return
+    allowed_channels = config.discord.allowed_channel_ids
+    channel_id = interaction.channel_id or 0
+    parent_id = getattr(interaction.channel, "parent_id", None)
+    if allowed_channels and channel_id not in allowed_channels and parent_id not in allowed_channels:
+        where = ", ".join(f"<#{c}>" for c in allowed_channels)
+        raise Refused(f"Image generation is not enabled in this channel. Try {where}.")
+    allowed_roles = config.discord.allowed_role_ids
+    if allowed_roles:
+        roles = {r.id for r in getattr(interaction.user, "roles", [])}
+        if not roles.intersection(allowed_roles):
+            names = ", ".join(f"<@&{r}>" for r in allowed_roles)
+            raise Refused(f"You need one of these roles to generate images: {names}.")
+
+
+async def check_limits(db: Database, user_id: int, admin: bool, config: ArcaeConfig) -> None:
+    """Per-user queue and cooldown, global queue. Admins are exempt."""
+    if admin:
+        return
+    limits = config.limits
+    mine = await db.count_active(user_id)
+    if mine >= limits.max_queued_per_user:
+        raise Refused(f"You already have {mine} job(s) waiting or running; the limit is "
+                      f"{limits.max_queued_per_user}. Wait for one to finish (see /queue) or /cancel one.")
+    last = await db.last_job_time(user_id)
+    if last is not None and limits.cooldown_s > 0:
+        wait = last + limits.cooldown_s - time.time()
+        if wait > 0:
+            raise Refused(f"Cooldown: you can start a new job in {math.ceil(wait)} s "
+                          f"(one every {limits.cooldown_s:g} s).")
+    total = await db.count_active()
+    if total >= limits.global_max_queued:
+        raise Refused(f"The queue is full ({total} jobs, limit {limits.global_max_queued}). "
+                      "Please try again in a few minutes.")
+
+
+def _tag_pattern(tag: str) -> re.Pattern[str]:
+    return re.compile(r"(?<![a-z0-9])" + re.escape(tag.lower()).replace(r"\ ", r"[\s_]+") + r"(?![a-z0-9])")
+
+
+def blocked_tags_in(prompt: str, config: ArcaeConfig) -> list[str]:
+    """Configured blocked tags the prompt contains (whole words, '_' same as space)."""
+    text = prompt.lower()
+    return [t for t in config.content.blocked_tags if _tag_pattern(t).search(text)]
+
+
+@dataclass(frozen=True)
+class ContentRules:
+    """What applies to one request's channel."""
+
+    sfw: bool
+    safety_negative: str
+    flagged: tuple[str, ...]
+    action: str
+
+    def withheld(self, rating: str | None) -> bool:
+        return self.sfw and rating in self.flagged and self.action == "withhold"
+
+    def spoilered(self, rating: str | None) -> bool:
+        return self.sfw and rating in self.flagged and self.action == "spoiler"
+
+
+def content_rules(nsfw_channel: bool, config: ArcaeConfig) -> ContentRules:
+    c = config.content
+    return ContentRules(sfw=not nsfw_channel, safety_negative=c.safety_negative if not nsfw_channel else "",
+                        flagged=tuple(c.flagged_ratings), action=c.sfw_action)
+
+
+def check_content(prompt: str, nsfw_channel: bool, config: ArcaeConfig) -> None:
+    """In a channel that is not age-restricted, refuse prompts with blocked tags."""
+    if nsfw_channel:
+        return
+    found = blocked_tags_in(prompt, config)
+    if found:
+        raise Refused(f"This channel is not age-restricted, so these tags are not allowed here: "
+                      f"{', '.join(found)}. Remove them, or use an age-restricted channel.")
+
+
+def with_safety_negative(negative: str | None, rules: ContentRules, config: ArcaeConfig) -> str | None:
+    """Append the configured safety negative prompt in SFW channels (to the default negative if none given)."""
+    if not rules.safety_negative:
+        return negative
+    base = config.generation.negative_prompt if negative is None else negative
+    return f"{base}, {rules.safety_negative}" if base.strip() else rules.safety_negative
+
+
+def check_ranges(config: ArcaeConfig, *, prompt: str, steps: int | None, cfg: float | None, count: int,
+                 seed: int | None, weights: dict[str, float | None]) -> None:
+    """Options outside the configured limits get a message saying what is allowed."""
+    g = config.generation
+    problems = []
+    if not prompt.strip():
+        problems.append("prompt must not be empty")
+    if len(prompt) > g.max_prompt_chars:
+        problems.append(f"prompt must be at most {g.max_prompt_chars} characters (it has {len(prompt)})")
+    if steps is not None and not g.min_steps <= steps <= g.max_steps:
+        problems.append(f"steps must be between {g.min_steps} and {g.max_steps} (got {steps})")
+    if cfg is not None and not g.min_cfg <= cfg <= g.max_cfg:
+        problems.append(f"cfg must be between {g.min_cfg:g} and {g.max_cfg:g} (got {cfg:g})")
+    if not 1 <= count <= g.max_count:
+        problems.append(f"count must be between 1 and {g.max_count} (got {count})")
+    if seed is not None and not 0 <= seed <= protocol.MAX_SEED:
+        problems.append(f"seed must be between 0 and {protocol.MAX_SEED} (got {seed})")
+    for name, w in weights.items():
+        if w is not None and not -4.0 <= w <= 4.0:
+            problems.append(f"{name} must be between -4 and 4 (got {w:g})")
+    if problems:
+        raise InvalidOption("Not started: " + "; ".join(problems) + ".")

@@ -1,0 +1,40 @@
+"""Telling the user: ephemeral replies that work whether or not the interaction was answered."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+
+from bot.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+
+async def reply(interaction: discord.Interaction, content: str, *, ephemeral: bool = True,
+                embed: discord.Embed | None = None) -> None:
+    """Answer the interaction, or follow up when it was already answered (deferred)."""
+    kwargs = {"content": content[:2000], "ephemeral": ephemeral}
+    if embed is not None:
+        kwargs["embed"] = embed
+    if interaction.response.is_done():
+        await interaction.followup.send(**kwargs)
+    else:
+        await interaction.response.send_message(**kwargs)
+
+
+async def report_error(interaction: discord.Interaction, error: BaseException, *, job_id: str | None = None) -> None:
+    """User-facing errors become an ephemeral message; anything else is logged with its traceback."""
+    original = getattr(error, "original", None) or error
+    if isinstance(original, UserFacingError):
+        text = original.message
+    else:
+        log.error("unexpected error in interaction %s (job %s)", interaction.id, job_id or "-",
+                  exc_info=(type(original), original, original.__traceback__))
+        text = "Something went wrong on our side; it has been logged."
+        if job_id:
+            text += f" Job `{job_id}`."
+    try:
+        await reply(interaction, text)
+    except discord.HTTPException:
+        log.warning("could not tell user %s about an error (interaction expired?)", interaction.user.id)

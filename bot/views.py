@@ -1,0 +1,108 @@
+"""Buttons that keep working after a restart.
+
+Each button is a ``DynamicItem`` whose custom id carries the action and the job id
+(``arcae:<action>:<job_id>``); the bot registers the class once at start
+(``add_dynamic_items``), so a press on a week-old message still reaches the handler,
+which reads the job from the database. Views are built with ``timeout=None``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import discord
+
+log = logging.getLogger(__name__)
+
+ACTIONS: dict[str, tuple[str, discord.ButtonStyle, str]] = {
+    # action: (label, style, emoji)
+    "reroll": ("Reroll", discord.ButtonStyle.secondary, "🎲"),
+    "var": ("Variations", discord.ButtonStyle.secondary, "🔀"),
+    "up": ("Upscale", discord.ButtonStyle.secondary, "🔍"),
+    "share": ("Share to gallery", discord.ButtonStyle.primary, "🖼️"),
+    "del": ("Delete", discord.ButtonStyle.danger, "🗑️"),
+    "cancel": ("Cancel", discord.ButtonStyle.danger, "✖️"),
+    "remix": ("Remix", discord.ButtonStyle.primary, "🎨"),
+    "gdel": ("Remove", discord.ButtonStyle.danger, "🗑️"),
+}
+
+
+class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
+                template=r"arcae:(?P<action>[a-z]+):(?P<job_id>[A-Za-z0-9_\-]{1,64})"):
+    """One action on one job; the handler lives in ``bot.actions``."""
+
+    def __init__(self, action: str, job_id: str) -> None:
+        label, style, emoji = ACTIONS[action]
+        super().__init__(discord.ui.Button(label=label, style=style, emoji=emoji,
+                                           custom_id=f"arcae:{action}:{job_id}"))
+        self.action = action
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+                             match: Any) -> "JobButton":
+        action = match["action"]
+        if action not in ACTIONS:
+            raise ValueError(f"unknown button action {action!r}")
+        return cls(action, match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        from bot.actions import handle_button  # the handlers need the bot's services
+
+        await handle_button(interaction, self.action, self.job_id)
+
+
+def _view(job_id: str, actions: list[str]) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for action in actions:
+        view.add_item(JobButton(action, job_id))
+    return view
+
+
+def progress_view(job_id: str) -> discord.ui.View:
+    """While a job waits or runs: Cancel."""
+    return _view(job_id, ["cancel"])
+
+
+def result_view(job_id: str, *, share: bool, upscale: bool = True) -> discord.ui.View:
+    """Under every result: Reroll, Variations, Upscale, Share (when sharing is manual), Delete."""
+    actions = ["reroll", "var"] + (["up"] if upscale else []) + (["share"] if share else []) + ["del"]
+    return _view(job_id, actions)
+
+
+def gallery_view(job_id: str) -> discord.ui.View:
+    """Under a gallery post: Remix (a modal pre-filled with the parameters) and Remove."""
+    return _view(job_id, ["remix", "gdel"])
+
+
+class RemixModal(discord.ui.Modal):
+    """Pre-filled parameters of a gallery image; submitting starts a new job."""
+
+    def __init__(self, job_id: str, *, prompt: str, negative: str, seed: str, steps: str, cfg: str) -> None:
+        super().__init__(title="Remix", custom_id=f"arcae-remix:{job_id}", timeout=15 * 60)
+        self.job_id = job_id
+        self.prompt = discord.ui.TextInput(label="Prompt", style=discord.TextStyle.paragraph, default=prompt[:4000],
+                                           max_length=4000, custom_id="prompt")
+        self.negative = discord.ui.TextInput(label="Negative prompt", style=discord.TextStyle.paragraph,
+                                             default=negative[:4000], required=False, max_length=4000,
+                                             custom_id="negative")
+        self.seed = discord.ui.TextInput(label="Seed (empty = random)", default=seed, required=False,
+                                         max_length=12, custom_id="seed")
+        self.steps = discord.ui.TextInput(label="Steps", default=steps, required=False, max_length=4,
+                                          custom_id="steps")
+        self.cfg = discord.ui.TextInput(label="CFG", default=cfg, required=False, max_length=6, custom_id="cfg")
+        for item in (self.prompt, self.negative, self.seed, self.steps, self.cfg):
+            self.add_item(item)
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        from bot.actions import handle_remix_submit
+
+        await handle_remix_submit(interaction, self.job_id, {
+            "prompt": self.prompt.value, "negative": self.negative.value, "seed": self.seed.value,
+            "steps": self.steps.value, "cfg": self.cfg.value})
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        from bot.replies import report_error
+
+        await report_error(interaction, error, job_id=self.job_id)

@@ -1,0 +1,249 @@
+"""PNG metadata: the AUTOMATIC1111 ``parameters`` text and Arcae's own request JSON.
+
+The ``parameters`` chunk is written exactly the way A1111's ``create_infotext`` writes it, so
+A1111 ("PNG Info"), Civitai and prompt readers show a generated image's settings::
+
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 28, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6, Seed: 1, Size: 832x1216, ...
+
+Values containing ``,`` ``:`` or a newline are JSON-quoted (A1111's ``quote``); ``parse_infotext``
+reads the text back with A1111's ``parse_generation_parameters`` rules. The ``arcae`` chunk holds
+the full resolved request as JSON so that Arcae can re-run an image exactly (variations, upscale).
+
+Hashes follow A1111: the model hash is the first 10 hex digits of the checkpoint's sha256; a
+LoRA's is the first 12 hex digits of the kohya/"addnet" hash (sha256 of the safetensors file
+after its JSON header, so metadata edits do not change it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+INFOTEXT_KEY = "parameters"
+REQUEST_KEY = "arcae"
+
+# A1111's infotext_utils: one "Key: value" pair of the parameters line.
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def arcae_version() -> str:
+    """"arcae-<version>" as written into the infotext's ``Version`` field."""
+    try:
+        from importlib.metadata import version
+
+        return f"arcae-{version('arcae')}"
+    except Exception:  # not installed (running from a source tree)
+        return "arcae-0.1.0"
+
+
+def format_number(value: float | int) -> str:
+    """A1111-style numbers: ``6.0`` is written ``6``, ``6.5`` stays ``6.5``."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def quote(value: Any) -> str:
+    """A1111's ``quote``: JSON-quote a value that contains ``,`` ``:`` or a newline."""
+    text = format_number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    """A1111's ``unquote``: undo ``quote`` on a value that is a JSON string."""
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except Exception:
+        return text
+
+
+def lora_prompt_tags(adapters: list[tuple[str, float]]) -> str:
+    """A1111 prompt tags for a LoRA mix (``<lora:name:0.8>``), so A1111 re-runs the same mix."""
+    return " ".join(f"<lora:{name}:{format_number(float(weight))}>" for name, weight in adapters)
+
+
+def build_infotext(prompt: str, negative_prompt: str, fields: Mapping[str, Any]) -> str:
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``.
+
+    ``fields`` keeps its order (pass A1111's: Steps, Sampler, Schedule type, CFG scale, Seed,
+    Size, Model hash, Model, Denoising strength, Lora hashes, ..., Version); None values are
+    left out, as A1111 does.
+    """
+    params_line = ", ".join(
+        key if key == value else f"{key}: {quote(value)}" for key, value in fields.items() if value is not None
+    )
+    negative_text = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative_text}\n{params_line}".strip()
+
+
+def generation_fields(
+    *,
+    steps: int,
+    sampler: str,
+    schedule_type: str,
+    cfg: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_hash: str | None,
+    model_name: str | None,
+    lora_hashes: Mapping[str, str] | None = None,
+    denoising_strength: float | None = None,
+    hires_upscale: float | None = None,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """The parameters line's fields in A1111's order (``create_infotext``)."""
+    return {
+        "Steps": steps,
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
+        "CFG scale": float(cfg),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash or None,
+        "Model": model_name or None,
+        "Denoising strength": denoising_strength,
+        "Hires upscale": hires_upscale,
+        "Lora hashes": ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) if lora_hashes else None,
+        "Version": version or arcae_version(),
+    }
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Parse an A1111 ``parameters`` text (A1111's ``parse_generation_parameters`` rules).
+
+    Returns ``Prompt``, ``Negative prompt`` and every ``Key: value`` of the last line, quoted
+    values unquoted; a ``WxH`` value also gives ``Key-1`` and ``Key-2`` (``Size-1``/``Size-2``)
+    as in A1111, and is kept under its own key as well.
+    """
+    result: dict[str, str] = {}
+    prompt = ""
+    negative_prompt = ""
+    done_with_prompt = False
+    *lines, lastline = text.strip().split("\n")
+    if len(_RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    result["Prompt"] = prompt
+    result["Negative prompt"] = negative_prompt
+    for key, value in _RE_PARAM.findall(lastline):
+        value = value.strip()
+        if value[:1] == '"' and value[-1:] == '"':
+            value = unquote(value)
+        size = _RE_IMAGESIZE.match(value)
+        if size is not None:
+            result[f"{key}-1"] = size.group(1)
+            result[f"{key}-2"] = size.group(2)
+        result[key] = value
+    return result
+
+
+def parse_lora_hashes(value: str) -> dict[str, str]:
+    """``"a: 0123456789ab, b: ..."`` (the unquoted ``Lora hashes`` value) as a dict."""
+    hashes: dict[str, str] = {}
+    for part in value.split(","):
+        name, sep, digest = part.strip().rpartition(":")
+        if sep:
+            hashes[name.strip()] = digest.strip()
+    return hashes
+
+
+def addnet_hash(path: str | os.PathLike[str]) -> str:
+    """kohya-ss/A1111 "addnet" hash of a LoRA file: sha256 of the data after the safetensors header.
+
+    A1111 shows the first 12 hex digits as the LoRA's short hash in ``Lora hashes``.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header_len)
+        for chunk in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_png_atomic(
+    path: str | os.PathLike[str],
+    image: Any,
+    infotext: str,
+    request_json: Mapping[str, Any] | str,
+) -> str:
+    """Write ``image`` as a PNG with both metadata chunks, atomically; return the file's sha256.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsynced, then
+    renamed over ``path``: a reader sees either no file or the whole file, never half of one.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    info = PngInfo()
+    info.add_text(INFOTEXT_KEY, infotext)  # tEXt, or iTXt when not latin-1 (as A1111 does)
+    request_text = request_json if isinstance(request_json, str) else json.dumps(request_json, ensure_ascii=False)
+    info.add_itxt(REQUEST_KEY, request_text, zip=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself is durable only once the directory entry is on disk (POSIX).
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_png_metadata(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """The ``parameters`` text and the decoded ``arcae`` request JSON of a PNG (None when absent)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        texts = dict(getattr(image, "text", {}) or {})
+    request = texts.get(REQUEST_KEY)
+    try:
+        decoded = json.loads(request) if request else None
+    except json.JSONDecodeError:
+        decoded = None
+    return texts.get(INFOTEXT_KEY), decoded if isinstance(decoded, dict) else None

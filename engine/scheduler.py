@@ -1,0 +1,152 @@
+"""FairScheduler: the one place that orders the engine's generation work.
+
+Rules, in order:
+
+1. Priority: every ``interactive`` job runs before any ``batch`` job.
+2. Within a priority, round-robin between owners: the next job comes from the owner who was
+   served least recently (an owner never served goes first, ties by arrival). A user with ten
+   queued jobs therefore gets every other turn at most when someone else is waiting, and a
+   user who arrives later is not stuck behind all of them.
+3. Within one owner, first in, first out.
+4. Bounded: ``push`` beyond ``limit`` raises ``errors.QueueFull`` instead of growing.
+
+Pure Python and NOT thread-safe: the owner (``engine.worker.GpuWorker``) guards every call
+with its own lock, so that a submit, the worker's pop and a cancel never interleave.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from engine.errors import QueueFull
+
+PRIORITIES = ("interactive", "batch")
+# Owners remembered for fairness after their queue emptied; older ones are forgotten (they
+# then count as never served, which only ever favours them).
+_MAX_REMEMBERED_OWNERS = 4096
+
+
+@dataclass(eq=False)
+class ScheduledJob:
+    """A queued unit of work; ``payload`` is whatever the worker needs to run it."""
+
+    job_id: str
+    owner: str
+    priority: str = "interactive"
+    payload: Any = None
+    arrival: int = field(default=0, compare=False)
+
+
+class FairScheduler:
+    """A bounded, priority-then-round-robin job queue (see the module docstring)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        # priority -> owner -> that owner's jobs in arrival order
+        self._queues: dict[str, dict[str, deque[ScheduledJob]]] = {p: {} for p in PRIORITIES}
+        self._by_id: dict[str, ScheduledJob] = {}
+        self._last_served: OrderedDict[str, int] = OrderedDict()
+        self._ticks = itertools.count(1)
+        self._arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._by_id
+
+    def push(self, job: ScheduledJob) -> int:
+        """Queue ``job``; return its position (0 = runs next). Raises ``QueueFull``, ``ValueError``."""
+        if job.priority not in self._queues:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}")
+        if job.job_id in self._by_id:
+            raise ValueError(f"job {job.job_id} is already queued")
+        if len(self._by_id) >= self.limit:
+            raise QueueFull(f"queue full ({len(self._by_id)} jobs); try again later")
+        job.arrival = next(self._arrivals)
+        self._queues[job.priority].setdefault(job.owner, deque()).append(job)
+        self._by_id[job.job_id] = job
+        return self.position(job.job_id)  # type: ignore[return-value]
+
+    def pop(self) -> ScheduledJob | None:
+        """Take the job that runs next, or None when the queue is empty."""
+        job = self._peek(self._queues, self._last_served)
+        if job is None:
+            return None
+        self._take(self._queues, job)
+        del self._by_id[job.job_id]
+        self._last_served[job.owner] = next(self._ticks)
+        self._last_served.move_to_end(job.owner)
+        while len(self._last_served) > _MAX_REMEMBERED_OWNERS:
+            self._last_served.popitem(last=False)
+        return job
+
+    def remove(self, job_id: str) -> ScheduledJob | None:
+        """Remove a queued job (a cancel); return it, or None if it is not queued."""
+        job = self._by_id.pop(job_id, None)
+        if job is not None:
+            self._take(self._queues, job)
+        return job
+
+    def get(self, job_id: str) -> ScheduledJob | None:
+        return self._by_id.get(job_id)
+
+    def order(self) -> list[ScheduledJob]:
+        """All queued jobs in the order they would run if nothing else arrived."""
+        return list(self._simulate())
+
+    def position(self, job_id: str) -> int | None:
+        """How many queued jobs run before ``job_id`` (0 = next); None if it is not queued."""
+        if job_id not in self._by_id:
+            return None
+        for index, job in enumerate(self._simulate()):
+            if job.job_id == job_id:
+                return index
+        return None  # pragma: no cover - every queued job appears in the simulation
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Queued jobs in run order, as plain dicts for a status display."""
+        return [
+            {"job_id": j.job_id, "owner": j.owner, "priority": j.priority, "position": i}
+            for i, j in enumerate(self._simulate())
+        ]
+
+    # ------------------------------------------------------------------ internals
+
+    def _simulate(self) -> Iterator[ScheduledJob]:
+        queues = {p: {o: deque(q) for o, q in owners.items()} for p, owners in self._queues.items()}
+        last_served = dict(self._last_served)
+        tick = 0
+        while True:
+            job = self._peek(queues, last_served)
+            if job is None:
+                return
+            self._take(queues, job)
+            tick += 1
+            # Simulated ticks sort after every real one, in order.
+            last_served[job.owner] = 1 << 62 | tick
+            yield job
+
+    @staticmethod
+    def _peek(
+        queues: dict[str, dict[str, deque[ScheduledJob]]], last_served: dict[str, int]
+    ) -> ScheduledJob | None:
+        for priority in PRIORITIES:
+            owners = queues[priority]
+            if owners:
+                heads = (q[0] for q in owners.values())
+                return min(heads, key=lambda j: (last_served.get(j.owner, 0), j.arrival))
+        return None
+
+    @staticmethod
+    def _take(queues: dict[str, dict[str, deque[ScheduledJob]]], job: ScheduledJob) -> None:
+        owners = queues[job.priority]
+        q = owners[job.owner]
+        q.remove(job)
+        if not q:
+            del owners[job.owner]

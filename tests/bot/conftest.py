@@ -1,0 +1,129 @@
+"""Bot test fixtures: the Discord double, the real engine on the tiny model, the bot as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest_asyncio
+
+from tests.bot.discord_double import DiscordDouble
+from tests.conftest import PYTHON, REPO, write_config
+
+READY_LINE = "Arcae bot ready"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "") -> str:
+    """The [discord]/[gallery]/[limits] sections pointing the bot at the double and the engine."""
+    return f"""
+[discord]
+guild_ids = [{double.guild_id}]
+admin_role_ids = [{double.admin_role}]
+progress_edit_interval_s = 1.0
+api_base = "{double.api_base}"
+gateway_url = "{double.gateway_url}"
+
+[gallery]
+channel_id = {double.gallery_channel["id"]}
+post = "shared"
+
+[limits]
+max_queued_per_user = 3
+cooldown_s = 0.0
+global_max_queued = 20
+{extra}"""
+
+
+def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int) -> Path:
+    """One config file shared by the engine and the bot (remote mode on a fixed loopback port)."""
+    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port))
+    text = path.read_text(encoding="utf-8").replace(
+        "[engine]\ndevice = \"cpu\"\nport = 0\n",
+        f"[engine]\ndevice = \"cpu\"\nmode = \"remote\"\nhost = \"127.0.0.1\"\nport = {engine_port}\n"
+        "rate_outputs = false\n")
+    assert f"port = {engine_port}" in text, "tests/conftest.py's [engine] section changed"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class Process:
+    """A child process (`python -m engine serve` or `python -m bot`) with its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    async def start(self, ready: str, timeout: float = 60.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                PYTHON, *self.args, cwd=REPO, env=self.env, stdout=log, stderr=asyncio.subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        start_len = len(self.log())
+        while ready not in self.log()[start_len:]:
+            if self.proc.returncode is not None:
+                raise AssertionError(f"{self.args} exited {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.args} not ready after {timeout} s:\n{self.log()[-4000:]}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> int | None:
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), 15)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            return await self.proc.wait()
+
+
+class Stack:
+    """The double, the engine process and the bot process of one test module."""
+
+    def __init__(self, double: DiscordDouble, config: Path, env: dict[str, str], tmp: Path) -> None:
+        self.double = double
+        self.config = config
+        self.env = env
+        self.tmp = tmp
+        self.engine = Process(["-m", "engine", "serve", "--config", str(config)], env, tmp / "engine.log")
+        self.bot = Process(["-m", "bot", "--config", str(config)], env, tmp / "bot.log")
+
+    async def restart_bot(self) -> None:
+        assert await self.bot.stop() == 0, self.bot.log()[-3000:]
+        await self.bot.start(READY_LINE)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tiny_model_dir, tmp_path_factory):
+    """Double + real engine (tiny model) + real bot process, shared by a test module."""
+    tmp = tmp_path_factory.mktemp("bot-stack")
+    double = DiscordDouble()
+    await double.start()
+    port = free_port()
+    config = write_stack_config(tmp, tiny_model_dir, double, port)
+    env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    s = Stack(double, config, env, tmp)
+    try:
+        await s.engine.start("ARCAE_ENGINE_READY", timeout=120)
+        await s.bot.start(READY_LINE)
+        yield s
+    finally:
+        await s.bot.stop()
+        await s.engine.stop()
+        await double.close()

@@ -1,0 +1,479 @@
+"""A local Discord protocol double: REST, gateway websocket and attachment CDN on 127.0.0.1.
+
+It implements the part of Discord's API that discord.py 2.7 uses for a slash-command bot
+(login, command sync, interaction callbacks, webhook follow-ups, channel messages,
+reactions) and records every REST call, so tests can assert what a user would see. Tests
+drive it like users do: ``invoke_slash``, ``click``, ``submit_modal``, ``react``.
+
+The bot is pointed at it only through configuration (``discord.api_base`` and
+``discord.gateway_url``); nothing in the bot knows it is talking to a double.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiohttp import WSMsgType, web
+
+EPOCH = 1420070400000
+OPTION_TYPES = {"SUB_COMMAND": 1, "SUB_COMMAND_GROUP": 2}
+ADMIN_PERMISSIONS = str((1 << 41) - 1)
+MEMBER_PERMISSIONS = str(0x400 | 0x800 | 0x8000 | 0x80000000)  # view, send, attach, use commands
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    """discord.py parses a body as JSON only when the content type is exactly application/json."""
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type="application/json")
+
+
+@dataclass
+class Call:
+    """One REST request the bot made."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    json: Any
+    files: list[tuple[str, bytes]]
+    at: float
+
+
+@dataclass
+class Interaction:
+    """An interaction the double dispatched, and what the bot answered."""
+
+    id: int
+    token: str
+    user: dict[str, Any]
+    channel_id: int
+    kind: int
+    created: float = field(default_factory=time.monotonic)
+    expired: bool = False
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    original_id: int | None = None
+
+
+class DiscordDouble:
+    """Run with ``await double.start()``; ``api_base`` and ``gateway_url`` go into the bot config."""
+
+    def __init__(self, *, attachment_size_limit: int = 10 * 1024 * 1024) -> None:
+        self._ids = itertools.count(1_200_000_000_000_000_000)
+        self.attachment_size_limit = attachment_size_limit
+        self.app_id = self.snowflake()
+        self.bot_user = self._user("arcae", bot=True, uid=self.app_id)
+        self.guild_id = self.snowflake()
+        self.admin_role = self.snowflake()
+        self.artist_role = self.snowflake()
+        self.owner = self._user("owner")
+        self.alice = self._user("alice")
+        self.bob = self._user("bob")
+        self.admin = self._user("admin")
+        self.roles = {self.owner["id"]: [], self.alice["id"]: [self.artist_role],
+                      self.bob["id"]: [self.artist_role], self.admin["id"]: [self.admin_role]}
+        self.channel = self._channel("general", nsfw=False)
+        self.nsfw_channel = self._channel("after-dark", nsfw=True)
+        self.gallery_channel = self._channel("gallery", nsfw=False)
+        self.channels = {c["id"]: c for c in (self.channel, self.nsfw_channel, self.gallery_channel)}
+        self.calls: list[Call] = []
+        self.messages: dict[int, dict[str, Any]] = {}
+        self.deleted: set[int] = set()
+        self.interactions: dict[str, Interaction] = {}
+        self.commands: dict[str, dict[str, Any]] = {}
+        self.attachments: dict[int, bytes] = {}
+        self.identifies = 0
+        self._ws: web.WebSocketResponse | None = None
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ identity helpers
+
+    def snowflake(self) -> str:
+        """A fresh, increasing snowflake id (as Discord sends them: a string)."""
+        return str(next(self._ids))
+
+    def _user(self, name: str, *, bot: bool = False, uid: str | None = None) -> dict[str, Any]:
+        return {"id": uid or self.snowflake(), "username": name, "discriminator": "0",
+                "global_name": name, "avatar": None, "bot": bot, "public_flags": 0}
+
+    def _channel(self, name: str, *, nsfw: bool) -> dict[str, Any]:
+        return {"id": self.snowflake(), "type": 0, "guild_id": self.guild_id, "name": name,
+                "position": 0, "nsfw": nsfw, "topic": None, "parent_id": None,
+                "permission_overwrites": [], "rate_limit_per_user": 0, "last_message_id": None}
+
+    def _member(self, user: dict[str, Any]) -> dict[str, Any]:
+        admin = user["id"] in (self.owner["id"], self.admin["id"])
+        return {"user": user, "roles": self.roles.get(user["id"], []), "flags": 0, "nick": None,
+                "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False, "mute": False,
+                "pending": False, "avatar": None,
+                "permissions": ADMIN_PERMISSIONS if admin else MEMBER_PERMISSIONS}
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    # ------------------------------------------------------------------ server
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{aid}/{name}", self._cdn)
+        app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _touch(self) -> None:
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
+        """Wait until ``predicate()`` returns something truthy; return it (AssertionError on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.25))
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ gateway
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        self._ws = ws
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}, "s": None, "t": None}))
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            data = json.loads(msg.data)
+            op = data.get("op")
+            if op == 1:
+                await ws.send_str(json.dumps({"op": 11, "d": None}))
+            elif op in (2, 6):  # identify, or resume (answered as a fresh session)
+                await self._identify(ws)
+        if self._ws is ws:
+            self._ws = None
+        return ws
+
+    async def _identify(self, ws: web.WebSocketResponse) -> None:
+        self.identifies += 1
+        self._seq = 0
+        ready = {"v": 10, "user": self.bot_user, "session_id": f"session-{self.identifies}",
+                 "resume_gateway_url": self.gateway_url, "guilds": [{"id": self.guild_id, "unavailable": True}],
+                 "application": {"id": self.app_id, "flags": 0}, "shard": [0, 1]}
+        await self._send(ws, "READY", ready)
+        await self._send(ws, "GUILD_CREATE", self._guild_payload())
+        self._touch()
+
+    def _guild_payload(self) -> dict[str, Any]:
+        roles = [{"id": self.guild_id, "name": "@everyone", "permissions": MEMBER_PERMISSIONS, "position": 0,
+                  "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
+                 {"id": self.admin_role, "name": "arcae-admin", "permissions": "0", "position": 1,
+                  "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0},
+                 {"id": self.artist_role, "name": "artist", "permissions": "0", "position": 2,
+                  "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}]
+        members = [self._member(u) for u in (self.owner, self.alice, self.bob, self.admin)]
+        members.append({**self._member(self.bot_user), "permissions": ADMIN_PERMISSIONS})
+        return {"id": self.guild_id, "name": "Arcae Test Server", "owner_id": self.owner["id"],
+                "unavailable": False, "member_count": len(members), "large": False, "roles": roles,
+                "emojis": [], "stickers": [], "features": [], "channels": list(self.channels.values()),
+                "threads": [], "members": members, "voice_states": [], "presences": [],
+                "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
+                "icon": None, "splash": None, "mfa_level": 0, "verification_level": 0,
+                "explicit_content_filter": 0, "default_message_notifications": 0,
+                "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0,
+                "joined_at": "2024-01-01T00:00:00+00:00", "system_channel_id": None}
+
+    async def _send(self, ws: web.WebSocketResponse, event: str, data: Any) -> None:
+        self._seq += 1
+        await ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
+
+    async def dispatch(self, event: str, data: Any) -> None:
+        """Send one gateway event to the connected bot."""
+        ws = await self.wait_for(lambda: self._ws, timeout=30)
+        await self._send(ws, event, data)
+
+    # ------------------------------------------------------------------ user actions
+
+    def _interaction_base(self, user: dict[str, Any], channel: dict[str, Any], kind: int) -> tuple[Interaction, dict]:
+        iid = self.snowflake()
+        token = f"itok-{iid}"
+        record = Interaction(int(iid), token, user, int(channel["id"]), kind)
+        self.interactions[token] = record
+        payload = {"id": iid, "application_id": self.app_id, "type": kind, "token": token, "version": 1,
+                   "guild_id": self.guild_id, "channel_id": channel["id"], "channel": channel,
+                   "member": self._member(user), "locale": "en-US", "guild_locale": "en-US",
+                   "app_permissions": ADMIN_PERMISSIONS, "entitlements": [],
+                   "authorizing_integration_owners": {"0": self.guild_id}, "context": 0,
+                   "attachment_size_limit": self.attachment_size_limit}
+        return record, payload
+
+    def _command(self, name: str) -> dict[str, Any]:
+        if name not in self.commands:
+            raise AssertionError(f"command {name!r} was never synced; synced: {sorted(self.commands)}")
+        return self.commands[name]
+
+    def _options(self, spec: list[dict], values: dict[str, Any], focused: str | None) -> list[dict]:
+        by_name = {o["name"]: o for o in spec}
+        out = []
+        for name, value in values.items():
+            if name not in by_name:
+                raise AssertionError(f"unknown option {name!r}; options: {sorted(by_name)}")
+            opt = {"name": name, "type": by_name[name]["type"], "value": value}
+            if name == focused:
+                opt["focused"] = True
+            out.append(opt)
+        return out
+
+    async def invoke_slash(self, user: dict, channel: dict, command: str, options: dict[str, Any] | None = None,
+                           *, focused: str | None = None) -> Interaction:
+        """Run ``/command`` (``"gallery top"`` for a subcommand); ``focused`` makes it an autocomplete."""
+        root, _, sub = command.partition(" ")
+        cmd = self._command(root)
+        record, payload = self._interaction_base(user, channel, 4 if focused else 2)
+        spec = cmd.get("options", [])
+        if sub:
+            sub_spec = next(o for o in spec if o["name"] == sub)
+            opts = [{"name": sub, "type": 1, "options": self._options(sub_spec.get("options", []), options or {}, focused)}]
+        else:
+            opts = self._options(spec, options or {}, focused)
+        payload["data"] = {"id": cmd["id"], "name": root, "type": 1, "options": opts, "guild_id": self.guild_id}
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return record
+
+    async def click(self, user: dict, message: dict, custom_id: str) -> Interaction:
+        """Press the button ``custom_id`` on ``message`` (a message dict the double holds)."""
+        channel = self.channels[str(message["channel_id"])]
+        record, payload = self._interaction_base(user, channel, 3)
+        payload["message"] = message
+        payload["data"] = {"custom_id": custom_id, "component_type": 2}
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return record
+
+    async def submit_modal(self, user: dict, channel: dict, custom_id: str, values: dict[str, str]) -> Interaction:
+        """Submit the modal ``custom_id`` with text input values by their custom ids."""
+        record, payload = self._interaction_base(user, channel, 5)
+        rows = [{"type": 1, "components": [{"type": 4, "custom_id": k, "value": v}]} for k, v in values.items()]
+        payload["data"] = {"custom_id": custom_id, "components": rows}
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return record
+
+    async def react(self, user: dict, message: dict, emoji: str) -> None:
+        """Add a unicode emoji reaction as ``user``."""
+        await self.dispatch("MESSAGE_REACTION_ADD", {
+            "user_id": user["id"], "channel_id": str(message["channel_id"]), "message_id": message["id"],
+            "guild_id": self.guild_id, "emoji": {"id": None, "name": emoji}, "member": self._member(user),
+            "burst": False, "type": 0})
+
+    def expire(self, interaction: Interaction) -> None:
+        """Make the interaction's token invalid, as Discord does after 15 minutes."""
+        interaction.expired = True
+
+    # ------------------------------------------------------------------ queries for tests
+
+    def calls_to(self, method: str, fragment: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method and fragment in c.path]
+
+    def channel_messages(self, channel: dict) -> list[dict]:
+        return [m for m in self.messages.values()
+                if m["channel_id"] == channel["id"] and int(m["id"]) not in self.deleted]
+
+    def original(self, interaction: Interaction) -> dict | None:
+        if interaction.original_id is None:
+            return None
+        return self.messages.get(interaction.original_id)
+
+    def followups(self, interaction: Interaction) -> list[dict]:
+        return [m for m in self.messages.values() if m.get("_interaction") == interaction.token
+                and int(m["id"]) != interaction.original_id and int(m["id"]) not in self.deleted]
+
+    # ------------------------------------------------------------------ REST
+
+    async def _read_body(self, request: web.Request) -> tuple[Any, list[tuple[str, bytes]]]:
+        files: list[tuple[str, bytes]] = []
+        if request.content_type.startswith("multipart/"):
+            payload: Any = None
+            reader = await request.multipart()
+            async for part in reader:
+                data = await part.read()
+                if part.name == "payload_json":
+                    payload = json.loads(data)
+                else:
+                    files.append((part.filename or part.name or "file", bytes(data)))
+            return payload, files
+        raw = await request.read()
+        return (json.loads(raw) if raw else None), files
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body, files = await self._read_body(request)
+        self.calls.append(Call(request.method, path, dict(request.query), body, files, time.monotonic()))
+        try:
+            return await self._route(request.method, path.split("/")[1:], body, files, request)
+        finally:
+            self._touch()
+
+    async def _route(self, method: str, p: list[str], body: Any, files: list, request: web.Request) -> web.StreamResponse:
+        ok = _json
+        if p == ["users", "@me"]:
+            if request.headers.get("Authorization", "") != f"Bot {self.token}":
+                return ok({"message": "401: Unauthorized", "code": 0}, status=401)
+            return ok(self.bot_user)
+        if p == ["oauth2", "applications", "@me"]:
+            return ok({"id": self.app_id, "name": "Arcae", "description": "", "icon": None, "bot_public": True,
+                       "bot_require_code_grant": False, "owner": self.owner, "verify_key": "00", "flags": 0,
+                       "team": None, "summary": "", "rpc_origins": [], "interactions_endpoint_url": None})
+        if p[0] == "gateway":
+            return ok({"url": self.gateway_url, "shards": 1,
+                       "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}})
+        if p[0] == "applications" and p[-1] == "commands":
+            return self._commands_route(method, body)
+        if p[0] == "interactions":
+            return self._callback(p[1], p[2], body, files)
+        if p[0] == "webhooks":
+            return self._webhook(method, p[2], p[3:], body, files)
+        if p[0] == "channels":
+            return self._channel_route(method, p[1], p[2:], body, files)
+        return ok({"message": f"the Discord double has no route {method} /{'/'.join(p)}", "code": 0}, status=404)
+
+    token = "test-token"
+
+    def _commands_route(self, method: str, body: Any) -> web.Response:
+        if method == "PUT":
+            out = []
+            for cmd in body or []:
+                stored = {**cmd, "id": self.commands.get(cmd["name"], {}).get("id") or self.snowflake(),
+                          "application_id": self.app_id, "version": "1", "guild_id": self.guild_id}
+                self.commands[cmd["name"]] = stored
+                out.append(stored)
+            return _json(out)
+        return _json(list(self.commands.values()))
+
+    def _new_message(self, channel_id: str, body: dict, files: list, *, interaction: Interaction | None = None) -> dict:
+        mid = self.snowflake()
+        msg = {"id": mid, "channel_id": channel_id, "guild_id": self.guild_id, "type": 0 if interaction is None else 20,
+               "author": self.bot_user, "content": "", "embeds": [], "components": [], "attachments": [],
+               "mentions": [], "mention_roles": [], "mention_everyone": False, "pinned": False, "tts": False,
+               "timestamp": "2024-01-01T00:00:00+00:00", "edited_timestamp": None, "flags": 0,
+               "webhook_id": self.app_id if interaction else None, "application_id": self.app_id}
+        if interaction is not None:
+            msg["_interaction"] = interaction.token
+        self._apply(msg, body or {}, files)
+        self.messages[int(mid)] = msg
+        return msg
+
+    def _apply(self, msg: dict, body: dict, files: list) -> None:
+        for key in ("content", "embeds", "components", "flags"):
+            if key in body and body[key] is not None:
+                msg[key] = body[key]
+        if "attachments" in body or files:
+            keep_ids = {str(a.get("id")) for a in body.get("attachments") or []}
+            kept = [a for a in msg["attachments"] if a["id"] in keep_ids]
+            for name, data in files:
+                aid = self.snowflake()
+                self.attachments[int(aid)] = data
+                url = f"http://127.0.0.1:{self.port}/attachments/{aid}/{name}"
+                kept.append({"id": aid, "filename": name, "size": len(data), "url": url, "proxy_url": url,
+                             "content_type": "image/png" if name.endswith(".png") else "application/octet-stream"})
+            msg["attachments"] = kept
+        msg["_edits"] = msg.get("_edits", -1) + 1
+        if msg["_edits"]:
+            msg["edited_timestamp"] = "2024-01-01T00:00:01+00:00"
+
+    def public(self, msg: dict) -> dict:
+        """A message payload without the double's private bookkeeping keys."""
+        return {k: v for k, v in msg.items() if not k.startswith("_")}
+
+    def _callback(self, iid: str, token: str, body: dict, files: list) -> web.Response:
+        record = self.interactions.get(token)
+        if record is None or str(record.id) != iid:
+            return _json({"message": "Unknown interaction", "code": 10062}, status=404)
+        if record.callbacks:
+            return _json({"message": "Interaction has already been acknowledged.", "code": 40060}, status=400)
+        record.callbacks.append(body)
+        kind = body["type"]
+        data = body.get("data") or {}
+        result: dict[str, Any] = {"interaction": {"id": iid, "type": record.kind,
+                                                  "response_message_loading": kind == 5,
+                                                  "response_message_ephemeral": bool(data.get("flags", 0) & 64)}}
+        if kind in (4, 5):
+            msg = self._new_message(str(record.channel_id), data if kind == 4 else {"flags": data.get("flags", 0) | 128},
+                                    files, interaction=record)
+            record.original_id = int(msg["id"])
+            result["interaction"]["response_message_id"] = msg["id"]
+            result["resource"] = {"type": kind, "message": self.public(msg)}
+        elif kind == 7:
+            result["resource"] = {"type": kind}
+        else:
+            result["resource"] = {"type": kind}
+        return _json(result)
+
+    def _webhook(self, method: str, token: str, rest: list[str], body: dict, files: list) -> web.Response:
+        record = self.interactions.get(token)
+        if record is None or record.expired:
+            return _json({"message": "Invalid Webhook Token", "code": 50027}, status=401)
+        if not rest:  # follow-up
+            msg = self._new_message(str(record.channel_id), body, files, interaction=record)
+            return _json(self.public(msg))
+        target = record.original_id if rest[1] == "@original" else int(rest[1])
+        msg = self.messages.get(target) if target is not None else None
+        if msg is None or target in self.deleted:
+            return _json({"message": "Unknown Message", "code": 10008}, status=404)
+        if method == "PATCH":
+            if msg["flags"] & 128:
+                msg["flags"] &= ~128
+            self._apply(msg, body or {}, files)
+        elif method == "DELETE":
+            self.deleted.add(target)
+            return web.Response(status=204)
+        return _json(self.public(msg))
+
+    def _channel_route(self, method: str, cid: str, rest: list[str], body: Any, files: list) -> web.Response:
+        if cid not in self.channels:
+            return _json({"message": "Unknown Channel", "code": 10003}, status=404)
+        if not rest:
+            return _json(self.channels[cid])
+        if rest == ["messages"] and method == "POST":
+            return _json(self.public(self._new_message(cid, body, files)))
+        msg = self.messages.get(int(rest[1])) if len(rest) > 1 else None
+        if msg is None or int(rest[1]) in self.deleted:
+            return _json({"message": "Unknown Message", "code": 10008}, status=404)
+        if len(rest) > 2 and rest[2] == "reactions":
+            return web.Response(status=204)
+        if method == "PATCH":
+            self._apply(msg, body or {}, files)
+        elif method == "DELETE":
+            self.deleted.add(int(rest[1]))
+            return web.Response(status=204)
+        return _json(self.public(msg))
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        data = self.attachments.get(int(request.match_info["aid"]))
+        if data is None:
+            return web.Response(status=404)
+        return web.Response(body=data, content_type="image/png")
