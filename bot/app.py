@@ -33,6 +33,8 @@ COGS = (
     "bot.cogs.adapters",
     "bot.cogs.gallery",
     "bot.cogs.admin",
+    "bot.cogs.training",
+    "bot.cogs.adapter_admin",
 )
 READY_LOG_LINE = "Arcae bot ready"
 
@@ -128,6 +130,7 @@ class ArcaeBot(commands.Bot):
         log.info("engine connected; resubmitting unfinished jobs")
         await self.catalog.refresh()
         await self.jobs.resubmit_unfinished()
+        await self.jobs.notify_connect()
 
     async def on_ready(self) -> None:
         log.info("%s as %s in %d guild(s)", READY_LOG_LINE, self.user, len(self.guilds))

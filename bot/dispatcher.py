@@ -18,24 +18,25 @@ and the bot gets a ``Failed`` event that says what happened. Layout: ``engine.re
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import logging
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
 
+from bot.dispatch_leases import DispatchedJob, LeaseKeeper, PendingJob, short_error
 from bot.dispatch_policy import NoWorkerCanRun, WorkerSlot, choose_worker
 from engine import protocol
 from engine.config import ArcaeConfig, Secrets
 from engine.errors import QueueFull
+from engine.redis_files import FILE_TTL_S, decode_file, encode_file, output_key, source_key, store_file
 from engine.redis_keys import (
     CONTROL_MAXLEN,
     DONE_TTL_S,
     EVENTS_GROUP,
-    JOBS_GROUP,
     RedisKeys,
     WorkerInfo,
     cancel_tasks,
@@ -69,17 +70,6 @@ JobRequest = protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.Train
 BLOCK_MS = 1000
 
 
-@dataclass
-class _Dispatched:
-    """A job that is on a worker (mirrored in ``P:job:J`` and ``P:inflight``)."""
-
-    request: Any
-    worker: str
-    attempt: int
-    last_seq: int = 0
-    canceled: bool = False
-    reasons: str = ""
-
 
 class WorkerStatus(WorkerInfo):
     """A worker as /status shows it: what it advertises plus the jobs dispatched to it."""
@@ -88,7 +78,7 @@ class WorkerStatus(WorkerInfo):
     assigned: list[str] = []
 
 
-class Dispatcher:
+class Dispatcher(LeaseKeeper):
     """Submit jobs to Redis-connected workers; deliver their events to ``on_event``."""
 
     def __init__(
@@ -118,8 +108,9 @@ class Dispatcher:
         self.lease_ms = int(config.engine.lease_ttl_s * 1000)
         self.max_attempts = config.engine.max_attempts
         self.client: Any = None
+        self.outputs_dir = config.path(config.storage.outputs_dir)
         self._queue = FairScheduler(config.engine.queue_limit)
-        self._inflight: dict[str, _Dispatched] = {}
+        self._inflight: dict[str, DispatchedJob] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._adapters: dict[str, list[protocol.AdapterInfo]] = {}
         self._wake = asyncio.Event()
@@ -133,23 +124,49 @@ class Dispatcher:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Connect, pick up jobs still on workers, call ``on_connect``, start the loops."""
+        """Connect, pick up jobs still on workers, call ``on_connect``, start the loops.
+
+        When Redis cannot be reached yet, this logs it and keeps trying in the background
+        (submitted jobs wait in the dispatcher's queue meanwhile).
+        """
         self._closing = False
         self.client = make_client(self.url, self._password, block_ms=BLOCK_MS)
         try:
-            await self.client.ping()
-            await ensure_group(self.client, self.keys.events, EVENTS_GROUP)
-            await self._load_inflight()
-            await self._refresh_workers()
+            await self._connect()
         except Exception as exc:
-            await self.client.aclose()
-            raise EngineUnavailable(f"cannot reach Redis at {self.where}: {exc}") from None
+            log.warning("cannot reach Redis at %s (%s); retrying in the background", self.where, short_error(exc))
+            self._tasks = [asyncio.create_task(self._connect_until_up(), name="dispatcher-connect")]
+            return
+        await self._run_after_connect()
+
+    async def _connect(self) -> None:
+        await self.client.ping()
+        await ensure_group(self.client, self.keys.events, EVENTS_GROUP)
+        await self._load_inflight()
+        await self._refresh_workers()
+
+    async def _connect_until_up(self) -> None:
+        backoff = list(self.config.engine.restart_backoff_s) or [5.0]
+        for attempt in itertools.count():
+            await asyncio.sleep(backoff[min(attempt, len(backoff) - 1)])
+            try:
+                await self._connect()
+            except Exception as exc:
+                log.info("Redis at %s still unreachable (%s)", self.where, short_error(exc))
+                continue
+            await self._run_after_connect()
+            return
+
+    async def _run_after_connect(self) -> None:
         self.connected = True
         log.info("dispatcher connected to %s: %d worker(s), %d job(s) in flight",
                  self.where, len(self._workers), len(self._inflight))
         if self.on_connect is not None:
-            await self.on_connect()
-        self._tasks = [
+            try:
+                await self.on_connect()
+            except Exception:
+                log.exception("on_connect failed")
+        self._tasks += [
             asyncio.create_task(self._event_loop(), name="dispatcher-events"),
             asyncio.create_task(self._tick_loop(), name="dispatcher-tick"),
         ]
@@ -157,7 +174,8 @@ class Dispatcher:
     async def close(self) -> None:
         """Stop the loops; jobs on workers keep running and are found again by the next start."""
         self._closing = True
-        await cancel_tasks(self._tasks)
+        current = asyncio.current_task()
+        await cancel_tasks([t for t in self._tasks if t is not current])
         self._tasks = []
         if self.client is not None:
             await self.client.aclose()
@@ -174,7 +192,7 @@ class Dispatcher:
         queued = self._queue.get(job_id)
         if queued is None:
             priority = getattr(request, "priority", "batch")
-            job = ScheduledJob(job_id=job_id, owner=request.owner, priority=priority, payload=_Pending(request, time.monotonic()))
+            job = ScheduledJob(job_id=job_id, owner=request.owner, priority=priority, payload=PendingJob(request, time.monotonic()))
             try:
                 self._queue.push(job)
             except QueueFull as exc:
@@ -192,13 +210,16 @@ class Dispatcher:
         d = self._inflight.get(job_id)
         if d is None or d.canceled:
             return False
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.cancel(job_id), "1", ex=DONE_TTL_S)
+                pipe.hset(self.keys.job(job_id), "canceled", "1")
+                pipe.xadd(self.keys.control(d.worker),
+                          {"request": protocol.encode(protocol.CancelRequest(job_id=job_id))}, maxlen=CONTROL_MAXLEN)
+                await pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise EngineUnavailable(f"cannot reach Redis to cancel job {job_id}: {short_error(exc)}") from None
         d.canceled = True
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.cancel(job_id), "1", ex=DONE_TTL_S)
-            pipe.hset(self.keys.job(job_id), "canceled", "1")
-            pipe.xadd(self.keys.control(d.worker), {"request": protocol.encode(protocol.CancelRequest(job_id=job_id))},
-                      maxlen=CONTROL_MAXLEN)
-            await pipe.execute()
         return True
 
     async def list_adapters(self) -> list[protocol.AdapterInfo]:
@@ -235,12 +256,25 @@ class Dispatcher:
             row.assigned.append(job_id)
         return [rows[n] for n in sorted(rows)]
 
-    async def reload_adapters(self) -> protocol.Ack:
-        """Ask every live worker to rescan its adapters between jobs."""
+    async def reload_adapters(self) -> dict[str, Any]:
+        """Ask every live worker to rescan its adapters between jobs (asynchronously).
+
+        Returns {"added", "removed", "changed"} computed from the adapters advertised before
+        and after, as far as the workers answered within a few seconds, plus "workers".
+        """
+        before = {a.name: a.sha256 for a in await self.list_adapters()}
         request = protocol.encode(protocol.ReloadAdaptersRequest())
-        for name in self._workers:
+        names = list(self._workers)
+        for name in names:
             await self.client.xadd(self.keys.control(name), {"request": request}, maxlen=CONTROL_MAXLEN)
-        return protocol.Ack(request="reload_adapters", detail=f"sent to {len(self._workers)} worker(s)")
+        await asyncio.sleep(min(3.0, self.lease_ms / 3000))
+        after = {a.name: a.sha256 for a in await self.list_adapters()}
+        return {
+            "added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)),
+            "changed": sorted(n for n in set(before) & set(after) if before[n] != after[n]),
+            "workers": names,
+        }
 
     def queue_snapshot(self) -> list[dict[str, Any]]:
         """Queued jobs in run order (job_id, owner, priority, position)."""
@@ -270,7 +304,11 @@ class Dispatcher:
                     await self._refresh_workers()
                 self._refresh_due = False
                 await self._dispatch_ready()
-                self.connected = True
+                if not self.connected:  # Redis is back: let the bot resubmit what it holds
+                    self.connected = True
+                    log.info("Redis at %s reachable again", self.where)
+                    if self.on_connect is not None:
+                        self._tasks.append(asyncio.create_task(self.on_connect()))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -329,13 +367,37 @@ class Dispatcher:
                       getattr(event, "seq", "?"), worker)
             return
         d.last_seq = event.seq
-        if isinstance(event, protocol.Failed) and event.retryable and not d.canceled:
+        if isinstance(event, protocol.Failed) and d.canceled:
+            # Stopped by the cancel, whatever the worker calls it: the user asked for this.
+            event = protocol.Canceled(job_id=event.job_id, attempt=event.attempt, seq=event.seq)
+        elif isinstance(event, protocol.Failed) and event.retryable:
             await self._retry(d, f"worker {worker}: {event.message}")
             return
         if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
             self._refresh_due = True  # the worker's record now shows what it has loaded
+            if isinstance(event, protocol.Completed):
+                event = await self._receive_outputs(event)
             await self._finish(d)
         await self._emit(event)
+
+    async def _receive_outputs(self, event: protocol.Completed) -> protocol.Completed:
+        """Store the output files a worker attached in our outputs dir; point the event at them."""
+        images = []
+        for image in event.images:
+            name = Path(image.path).name
+            key = output_key(self.keys.prefix, event.job_id, event.attempt, name)
+            data = await self.client.get(key)
+            if data is None:
+                images.append(image)  # not attached: a shared disk, or the same host
+                continue
+            try:
+                path = await asyncio.to_thread(store_file, self.outputs_dir, name, decode_file(data), image.sha256)
+                images.append(image.model_copy(update={"path": str(path)}))
+            except (OSError, ValueError) as exc:
+                log.error("cannot store output %s of job %s: %s", name, event.job_id, exc)
+                images.append(image)
+            await self.client.delete(key)
+        return event.model_copy(update={"images": images})
 
     async def _emit(self, event: Any) -> None:
         try:
@@ -343,7 +405,7 @@ class Dispatcher:
         except Exception:  # the bot's handler failed: log it, keep delivering others
             log.exception("on_event failed for %s of job %s", event.type, getattr(event, "job_id", "?"))
 
-    async def _finish(self, d: _Dispatched) -> None:
+    async def _finish(self, d: DispatchedJob) -> None:
         job_id = d.request.job_id
         self._inflight.pop(job_id, None)
         async with self.client.pipeline(transaction=True) as pipe:
@@ -353,7 +415,7 @@ class Dispatcher:
             await pipe.execute()
         self._wake.set()
 
-    async def _retry(self, d: _Dispatched, reason: str) -> None:
+    async def _retry(self, d: DispatchedJob, reason: str) -> None:
         """Dispatch again with attempt + 1, or dead-letter after ``max_attempts``."""
         job_id = d.request.job_id
         reasons = (d.reasons + "; " if d.reasons else "") + f"attempt {d.attempt}: {reason}"
@@ -372,7 +434,7 @@ class Dispatcher:
         log.warning("job %s: %s; dispatching attempt %d", job_id, reason, d.attempt + 1)
         request = d.request.model_copy(update={"attempt": d.attempt + 1})
         job = ScheduledJob(job_id=job_id, owner=request.owner, priority=getattr(request, "priority", "batch"),
-                           payload=_Pending(request, time.monotonic(), d.worker, reasons))
+                           payload=PendingJob(request, time.monotonic(), d.worker, reasons))
         try:
             self._queue.push(job)
         except QueueFull:  # a retry is never refused: the job already waited its turn
@@ -392,7 +454,7 @@ class Dispatcher:
             return
         now = time.monotonic()
         for job in self._queue.order():
-            pending: _Pending = job.payload
+            pending: PendingJob = job.payload
             try:
                 slot = choose_worker(pending.request, slots, waited_s=now - pending.since,
                                      affinity_wait_s=self.affinity_wait_s,
@@ -429,11 +491,17 @@ class Dispatcher:
             for name, info in self._workers.items()
         ]
 
-    async def _send(self, pending: "_Pending", worker: str) -> None:
+    async def _send(self, pending: PendingJob, worker: str) -> None:
         request = pending.request
         job_id = request.job_id
-        d = _Dispatched(request=request, worker=worker, attempt=request.attempt, reasons=pending.reasons)
+        d = DispatchedJob(request=request, worker=worker, attempt=request.attempt, reasons=pending.reasons)
         self._inflight[job_id] = d
+        source = None
+        if isinstance(request, protocol.Img2ImgRequest):  # the worker may be on another host
+            try:
+                source = await asyncio.to_thread(encode_file, self.outputs_dir / request.source)
+            except (OSError, ValueError) as exc:
+                log.warning("job %s: cannot attach source %s (%s)", job_id, request.source, exc)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.job(job_id))
             pipe.hset(self.keys.job(job_id), mapping={
@@ -441,118 +509,8 @@ class Dispatcher:
                 "last_seq": 0, "state": "dispatched", "reasons": pending.reasons,
             })
             pipe.sadd(self.keys.inflight, job_id)
+            if source is not None:
+                pipe.set(source_key(self.keys.prefix, job_id, request.source), source, ex=FILE_TTL_S)
             pipe.xadd(self.keys.jobs(worker), {"request": protocol.encode(request)})
             await pipe.execute()
         log.info("job %s attempt %d -> %s", job_id, request.attempt, worker)
-
-    # ------------------------------------------------------------------ workers, leases, reclaim
-
-    async def _refresh_workers(self) -> None:
-        names = sorted(await self.client.smembers(self.keys.workers))
-        if not names:
-            self._workers, self._adapters = {}, {}
-            return
-        values = await self.client.mget([self.keys.worker(n) for n in names] +
-                                        [self.keys.worker_adapters(n) for n in names])
-        workers: dict[str, WorkerInfo] = {}
-        adapters: dict[str, list[protocol.AdapterInfo]] = {}
-        for i, name in enumerate(names):
-            info, adapter_json = values[i], values[len(names) + i]
-            if not info:
-                continue
-            try:
-                workers[name] = WorkerInfo.model_validate_json(info)
-                adapters[name] = [protocol.AdapterInfo.model_validate(a) for a in json.loads(adapter_json or "[]")]
-            except ValueError as exc:
-                log.warning("ignoring worker %s with an unreadable record: %s", name, exc)
-        self._workers, self._adapters = workers, adapters
-        self._known_workers = names
-
-    async def _reap(self) -> None:
-        """Reclaim job entries whose lease expired (or whose worker is gone) and retry them."""
-        for name in self._known_workers:
-            alive = name in self._workers
-            stream = self.keys.jobs(name)
-            # A live worker refreshes its entries every ttl/3; a gone one refreshes nothing.
-            min_idle = self.lease_ms if alive else 0
-            start = "0-0"
-            while True:
-                try:
-                    reply = await self.client.xautoclaim(stream, JOBS_GROUP, self.consumer, min_idle,
-                                                         start_id=start, count=100)
-                except redis.exceptions.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    if not alive:  # registered but never created its stream: forget it
-                        await self.client.srem(self.keys.workers, name)
-                    break
-                next_start, claimed = reply[0], reply[1]
-                for entry_id, fields in claimed:
-                    await self._reclaim(name, entry_id, fields or {}, started=True)
-                if not next_start or next_start == "0-0":
-                    break
-                start = next_start
-            if not alive:
-                await self._take_undelivered(name)
-
-    async def _take_undelivered(self, name: str) -> None:
-        """Entries a gone worker never read: take them back (same attempt), forget the worker."""
-        stream = self.keys.jobs(name)
-        if not await self.client.exists(stream):
-            await self.client.srem(self.keys.workers, name)
-            return
-        reply = await self.client.xreadgroup(JOBS_GROUP, self.consumer, {stream: ">"}, count=100)
-        for _s, entries in reply or []:
-            for entry_id, fields in entries:
-                await self._reclaim(name, entry_id, fields or {}, started=False)
-        if not await self.client.xlen(stream) and not (await self.client.xpending(stream, JOBS_GROUP))["pending"]:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.delete(stream, self.keys.control(name))
-                pipe.srem(self.keys.workers, name)
-                await pipe.execute()
-
-    async def _reclaim(self, worker: str, entry_id: str, fields: dict[str, str], *, started: bool) -> None:
-        stream = self.keys.jobs(worker)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, JOBS_GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
-        try:
-            request = protocol.decode_request(fields.get("request", ""))
-        except protocol.ProtocolError:
-            return
-        d = self._inflight.get(request.job_id)
-        if d is None or d.attempt != request.attempt or d.worker != worker:
-            return  # finished meanwhile, or an entry of an older attempt
-        if not started:
-            await self._finish(d)
-            self._queue.push(ScheduledJob(job_id=request.job_id, owner=request.owner,
-                                          priority=getattr(request, "priority", "batch"),
-                                          payload=_Pending(request, time.monotonic(), worker, d.reasons)))
-            return
-        log.warning("worker %s lost the lease of job %s attempt %d", worker, request.job_id, d.attempt)
-        await self._retry(d, f"worker {worker} stopped responding (lease expired)")
-
-    async def _load_inflight(self) -> None:
-        """Rebuild the jobs-on-workers table after a restart of the bot."""
-        for job_id in await self.client.smembers(self.keys.inflight):
-            h = await self.client.hgetall(self.keys.job(job_id))
-            try:
-                request = protocol.decode_request(h["request"])
-                self._inflight[job_id] = _Dispatched(
-                    request=request, worker=h["worker"], attempt=int(h["attempt"]),
-                    last_seq=int(h.get("last_seq", 0)), canceled=h.get("canceled") == "1",
-                    reasons=h.get("reasons", ""))
-            except (KeyError, ValueError, protocol.ProtocolError) as exc:
-                log.warning("dropping unreadable in-flight record of job %s: %s", job_id, exc)
-                await self.client.srem(self.keys.inflight, job_id)
-
-
-@dataclass
-class _Pending:
-    """A job waiting in the dispatcher's queue."""
-
-    request: Any
-    since: float
-    avoid: str | None = None
-    reasons: str = ""

@@ -216,6 +216,8 @@ class EngineLink:
         finally:
             self._pending.pop(rid, None)
         if isinstance(reply, protocol.ErrorResponse):
+            if reply.code == "engine_unavailable":  # e.g. shutting down: the caller retries later
+                raise EngineUnavailable(reply.message)
             raise EngineRejected(reply.code, reply.message)
         return reply
 

@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from bot import embeds
 from bot.db import Job
@@ -71,6 +71,8 @@ class JobManager:
         self._live: dict[str, LiveJob] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[Callable[[Any], Awaitable[None]]] = []
+        self._connect_listeners: list[Callable[[], Awaitable[None]]] = []
 
     # ------------------------------------------------------------------ submitting
 
@@ -180,8 +182,28 @@ class JobManager:
     def _lock(self, job_id: str) -> asyncio.Lock:
         return self._locks.setdefault(job_id, asyncio.Lock())
 
+    def add_listener(self, listener: Callable[[Any], Awaitable[None]]) -> None:
+        """Also hand every engine event to ``listener`` (e.g. a training cog following its runs)."""
+        self._listeners.append(listener)
+
+    def add_connect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Call ``listener`` after every (re)connection to the engine, after jobs were resubmitted."""
+        self._connect_listeners.append(listener)
+
+    async def notify_connect(self) -> None:
+        for listener in self._connect_listeners:
+            try:
+                await listener()
+            except Exception:
+                log.exception("engine connect listener %r failed", listener)
+
     async def on_event(self, event: Any) -> None:
-        """EngineLink's callback: apply one event idempotently."""
+        """EngineLink's callback: apply one event idempotently, then tell the listeners."""
+        for listener in self._listeners:
+            try:
+                await listener(event)
+            except Exception:
+                log.exception("engine event listener %r failed", listener)
         if not isinstance(event, protocol.JOB_EVENT_TYPES):
             return
         try:
@@ -195,11 +217,14 @@ class JobManager:
         if job is None or job.status not in ("pending", "running"):
             return  # not ours (a training run), or already final: a duplicate
         completed = isinstance(event, protocol.Completed)
-        # An older attempt's result is still a correct result; its other events are stale.
-        if event.attempt < job.attempt and not completed:
+        # An older attempt's result (or cancel) is still the truth: an engine that kept running
+        # while the bot restarted answers a resubmission with the job's final event. Its other
+        # events are stale, and an older Failed is retried by the engine as the new attempt.
+        final = isinstance(event, (protocol.Completed, protocol.Canceled))
+        if event.attempt < job.attempt and not final:
             return
         live = self._live_for(job)
-        if event.attempt == live.attempt and event.seq <= live.last_seq and not completed:
+        if event.attempt == live.attempt and event.seq <= live.last_seq and not final:
             return
         live.last_seq = max(live.last_seq, event.seq)
         if isinstance(event, protocol.Queued):
@@ -295,6 +320,16 @@ class JobManager:
         message_id = await self.delivery.deliver_failure(job, text)
         await self.db.mark_delivered(job_id, message_id)
 
+    async def _display_name(self, job: Job) -> str:
+        guild = self.bot.get_guild(job.guild_id) if job.guild_id else None
+        user: Any = (guild.get_member(job.user_id) if guild else None) or self.bot.get_user(job.user_id)
+        if user is None:
+            try:
+                user = await self.bot.fetch_user(job.user_id)
+            except Exception:  # a deleted account, or Discord unreachable: the post still goes out
+                return f"user {job.user_id}"
+        return user.display_name
+
     async def post_to_gallery(self, job_id: str) -> int | None:
         """Post a finished job to the gallery once; return the post's message id."""
         job = await self.db.get_job(job_id)
@@ -304,8 +339,7 @@ class JobManager:
         existing = next((i.gallery_message_id for i in images if i.gallery_message_id), None)
         if existing:
             return existing
-        user = self.bot.get_user(job.user_id)
-        author = user.display_name if user else f"user {job.user_id}"
+        author = await self._display_name(job)
         message_id = await self.delivery.post_gallery(job, images, author)
         if message_id is not None:
             await self.db.set_gallery_message(job_id, self.config.gallery.channel_id, message_id)

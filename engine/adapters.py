@@ -249,12 +249,13 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------ the mix
 
-    def resolve_mix(self, mix: Sequence[tuple[str, float | None]]) -> list[tuple[str, float]]:
+    def resolve_mix(self, mix: Sequence[Any]) -> list[tuple[str, float]]:
         """Check names, weights and limits; None weights become the adapter's default weight."""
         resolved: list[tuple[str, float]] = []
         seen: set[str] = set()
         for item in mix:
-            name, weight = item
+            # (name, weight) pairs, or protocol.AdapterWeight objects.
+            name, weight = (item.name, item.weight) if hasattr(item, "name") else item
             entry = self.entry(name)
             if name in seen:
                 raise InvalidRequest(f"adapter {name!r} is named twice in the mix; name each adapter once")
@@ -268,10 +269,11 @@ class AdapterRegistry:
             raise InvalidRequest(f"{len(counted)} adapters in one mix; at most {self.max_active} are allowed")
         return resolved
 
-    def apply_mix(self, mix: Sequence[tuple[str, float | None]]) -> list[tuple[str, float]]:
+    def apply_mix(self, mix: Sequence[Any]) -> list[tuple[str, float]]:
         """Make exactly these adapters active with these weights (empty = no LoRA); return the mix.
 
-        Loads adapters on first use. On any error the pipeline keeps its previous mix.
+        ``mix``: ``(name, weight)`` pairs or ``protocol.AdapterWeight``; a None weight means the
+        adapter's default weight. Loads adapters on first use. On any error the pipeline keeps its previous mix.
         """
         resolved = self.resolve_mix(mix)
         for name, _ in resolved:
@@ -285,7 +287,9 @@ class AdapterRegistry:
         active = [n for n, w in mix if w != 0.0]
         for layer in index.layers:
             # What peft's BaseTunerLayer.set_adapter stores, without its per-adapter requires_grad walk.
-            layer._active_adapter = active
+            layer._active_adapter = list(active)
+            if layer._disable_adapters:  # pipe.disable_lora() would otherwise silently void the mix
+                layer._disable_adapters = False
         for name, weight in mix:
             if weight != 0.0:
                 for layer in index.by_name.get(name, ()):
@@ -345,7 +349,9 @@ class AdapterRegistry:
         self._loaded[name] = _Loaded(entry.sha256, dict(header.shapes), dict(header.metadata), has_te, alphas)
         self._restore_mix()
         for message in captured:
-            log.info("adapter %s: %s", name, message)
+            # Keys of the file that matched no layer matter; the rest is per-load chatter.
+            level = logging.WARNING if "unexpected" in message.lower() else logging.DEBUG
+            log.log(level, "adapter %s: %s", name, message)
         log.info(
             "loaded adapter %s (%s, %d layers) in %.2f s", name, entry.format, layers, time.perf_counter() - started
         )
@@ -355,8 +361,8 @@ class AdapterRegistry:
         path = entry.path
         if not path.is_file():
             raise IncompatibleAdapter(
-                f"adapter {entry.name!r}: its file {path.name} is missing from {self.adapters_dir} (removed since the "
-                "last scan? reload the adapters)"
+                f"adapter {entry.name!r}: its file {path.name} is missing (removed since the last scan? "
+                "reload the adapters)"
             )
         stat = path.stat()
         if (stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns):

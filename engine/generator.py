@@ -26,9 +26,12 @@ from engine import imaging, infotext
 from engine.config import ArcaeConfig, Secrets
 from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
 from engine.models import LoadedModel, load_base_pipeline
-from engine.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params  # noqa: F401 (re-export)
+from engine.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
+from engine.prompts import pipe_encoder
 from engine.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
 from engine.samplers import get_sampler, make_scheduler
+
+__all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +51,6 @@ class GenerationOutput:
     warnings: list[str] = field(default_factory=list)
 
 
-def _prompt_encoder(pipe: Any) -> Any:
-    try:
-        from engine.prompts import SDXLPromptEncoder
-    except ImportError:  # engine.prompts not written yet
-        from engine.fallbacks import PlainPromptEncoder
-
-        return PlainPromptEncoder(pipe)
-    return SDXLPromptEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
-
-
 class Generator:
     """Text-to-image, variations and upscales on one loaded pipeline (see the module docstring)."""
 
@@ -68,7 +61,7 @@ class Generator:
         self.registry = registry
         self.rater = rater
         self.outputs_dir = config.path(config.storage.outputs_dir)
-        self.encoder = _prompt_encoder(self.pipe)
+        self.encoder = pipe_encoder(self.pipe)  # SDXLPromptEncoder: A1111 weighting, 75-token chunks
         self._img2img_pipe: Any = None
         # Samplers are built from the model's own scheduler config, never from the previous
         # job's scheduler (whose options, e.g. Karras sigmas, would leak into the next sampler).
@@ -171,8 +164,10 @@ class Generator:
         if mode == "variation":
             strength = gen.variation_strength if strength is None else strength
             width, height = image.size
-            if "seed" not in overrides:
-                base.pop("seed", None)  # a variation is the same request with a new seed
+            # A variation is the same request with a new seed (a client echoing the source's
+            # seed back still gets a new one; only a different explicit seed is kept).
+            if overrides.get("seed") == base.pop("seed", None):
+                overrides.pop("seed", None)
         else:
             strength = gen.upscale_strength if strength is None else strength
             width = max(8, round(image.width * gen.upscale_factor / 8) * 8)
@@ -197,7 +192,7 @@ class Generator:
             "model_hash": self.model.model_hash,
             "device": self.model.device,
             "dtype": str(self.model.dtype).replace("torch.", ""),
-            "loaded_adapters": [a.name for a in self.registry.list()],
+            "loaded_adapters": list(getattr(self.registry, "loaded", [])),
             "vram_used_mb": None,
             "vram_total_mb": None,
         }

@@ -7,9 +7,10 @@ optional ``NAME.json`` sidecar::
     {"kind": "style", "triggers": ["watercolor"], "default_weight": 0.8,
      "description": "...", "base_model": "animagine-xl-3.1", "sha256": "<64 hex>"}
 
-Without a sidecar the adapter is kind ``other`` (``lcm`` when it is the configured LCM
-adapter), weighs the configured default, and takes a description and trigger words from the
-kohya/A1111 metadata in the safetensors header (``ss_*``, ``modelspec.*``) when there is some.
+Without a sidecar (or where it leaves a field out) the adapter is kind ``other`` (``lcm`` when
+it is the configured LCM adapter), weighs the configured default, and takes its description,
+trigger words and base model from the kohya/A1111 metadata in the safetensors header (``ss_*``,
+``modelspec.*``) when there is some.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import re
 import tempfile
 import threading
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +139,6 @@ def detect_format(keys: Any) -> str:
     return "none"
 
 
-def lora_module_count(header: LoraHeader) -> int:
-    """How many layers the file adapts (one down/A matrix per layer)."""
-    return sum(1 for k in header.shapes if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")))
-
-
 # ------------------------------------------------------------------ hashes
 
 
@@ -192,17 +188,17 @@ class HashCache:
 # ------------------------------------------------------------------ sidecars and metadata
 
 
-def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The sidecar's valid fields and a note for each invalid one (invalid fields are ignored)."""
+def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str], bool]:
+    """The sidecar's valid fields, a note for each invalid one (ignored), and whether it parsed."""
     notes: list[str] = []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return {}, notes
+        return {}, notes, False
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return {}, [f"sidecar {path.name} ignored: not valid JSON ({exc})"]
+        return {}, [f"sidecar {path.name} ignored: not valid JSON ({exc})"], False
     if not isinstance(data, dict):
-        return {}, [f"sidecar {path.name} ignored: expected a JSON object"]
+        return {}, [f"sidecar {path.name} ignored: expected a JSON object"], False
     out: dict[str, Any] = {}
     checks = {
         "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
@@ -223,7 +219,7 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str]]:
             out[key] = value.lower() if key == "sha256" else value
         else:
             notes.append(f"sidecar {path.name}: {key} = {value!r} ignored (must be {check[1]})")
-    return out, notes
+    return out, notes, True
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -313,14 +309,17 @@ def scan_entry(
         problem = str(exc)
     sha, addnet = hashes.get(path, stat.st_size, stat.st_mtime_ns, header.header_len if header else None)
     sidecar_path = path.with_suffix(".json")
-    side, notes = _read_sidecar(sidecar_path)
+    side, notes, parsed = _read_sidecar(sidecar_path)
     has_sidecar = sidecar_path.is_file()
-    fields: dict[str, Any] = {} if has_sidecar else defaults_from_metadata(header.metadata if header else {})
+    # Header metadata fills what the sidecar leaves out; the sidecar wins where it speaks.
+    fields: dict[str, Any] = defaults_from_metadata(header.metadata if header else {})
     fields.update({k: v for k, v in side.items() if k != "sha256"})
     recorded = side.get("sha256")
     if recorded and recorded != sha:
         notes.append(f"file changed since its sidecar was written (sha256 was {recorded[:12]}, now {sha[:12]})")
-    if has_sidecar and write_sidecars and recorded != sha and not any("not valid JSON" in n or "JSON object" in n for n in notes):
+    # Filled in when absent, never overwritten: a mismatch may be a sidecar installed just before
+    # its weights (training.lifecycle renames the sidecar first), which the next scan sorts out.
+    if parsed and write_sidecars and not recorded:
         _update_sidecar_sha(sidecar_path, sha)
     kind = fields.get("kind") or ("lcm" if name == lcm_adapter else "other")
     return AdapterEntry(
@@ -390,6 +389,3 @@ def scan_directory(
         entries[entry.name] = entry
     return entries
 
-
-def with_notes(entry: AdapterEntry, *notes: str) -> AdapterEntry:
-    return replace(entry, notes=entry.notes + tuple(notes))

@@ -14,9 +14,9 @@ One module for inference and training, so a weighted caption such as
   is encoder 2's projection of the first chunk, as in A1111 and diffusers.
 - Positive and negative prompts are padded with empty chunks to the same length (for CFG).
 
-Deliberate differences from A1111: the mean rescale is per prompt, not over the whole batch
-(batching never changes an image), and ``BREAK`` inside brackets still breaks (A1111 would
-turn it into the literal word with a negative weight).
+Deliberate differences from A1111: the mean rescale is per prompt and chunk, not over the
+whole batch of a chunk (so batching never changes an image), and ``BREAK`` inside brackets
+still breaks (A1111 turns it into the literal word with a negative weight).
 """
 
 from __future__ import annotations
@@ -91,13 +91,13 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     merged: list[list[Any]] = []
     for item in res:
-        if not item[2] and item[0] == "":
-            continue  # empty fragments carry no tokens
         if merged and not item[2] and not merged[-1][2] and merged[-1][1] == item[1]:
             merged[-1][0] += item[0]
         else:
             merged.append(item)
-    return [(t, w) for t, w, _ in merged] or [("", 1.0)]
+    # Empty fragments carry no tokens; dropped after merging, so fragments (and therefore
+    # tokens) stay exactly as A1111 makes them.
+    return [(t, w) for t, w, brk in merged if t or brk] or [("", 1.0)]
 
 
 def _is_float(text: str) -> bool:
@@ -106,6 +106,12 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _comma_id(tokenizer: Any) -> int | None:
+    """The id of the word-final comma, or None (get_vocab would copy 49k entries per call)."""
+    token_id = tokenizer.convert_tokens_to_ids(",</w>")
+    return token_id if tokenizer.convert_ids_to_tokens(token_id) == ",</w>" else None
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def tokenize_chunks(tokenizer: Any, text: str) -> list[PromptChunk]:
     """Tokenize a prompt with weights into 77-token chunks the way A1111's tokenize_line does."""
     parsed = parse_prompt_attention(text)
     token_lists = tokenizer([t for t, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = _comma_id(tokenizer)
     chunks: list[PromptChunk] = []
     tokens: list[int] = []
     weights: list[float] = []
@@ -230,53 +236,64 @@ class SDXLPromptEncoder:
         """
         state: list[Any] = []
         for encoder in self.text_encoders:
+            state.append((encoder.device, encoder.dtype))
             for module in encoder.modules():
-                if hasattr(module, "active_adapters") and hasattr(module, "scaling"):
-                    state.append((tuple(module.active_adapters), tuple(sorted(module.scaling.items())), bool(module.disable_adapters), tuple(module.merged_adapters)))
-            state.extend((id(p), p._version, p.device, p.dtype) for p in encoder.parameters())
+                if hasattr(module, "active_adapters") and hasattr(module, "scaling"):  # a peft LoRA layer
+                    scales = tuple(sorted(module.scaling.items()))
+                    state.append((tuple(module.active_adapters), scales, bool(module.disable_adapters), tuple(module.merged_adapters)))
+            state.extend((id(p), p._version) for p in encoder.parameters())  # ~1 us per tensor
         return tuple(state)
 
     def _encode_texts(self, texts: list[str]) -> tuple[Any, Any]:
-        """(B, 77 * chunks, C1 + C2) embeddings and (B, P) pooled for already-validated texts."""
+        """(B, 77 * chunks, C1 + C2) embeddings and (B, P) pooled for already-validated texts.
+
+        Every chunk of every text goes through each encoder in one batch (row = chunk * B + text).
+        """
         import torch
 
         per_encoder = [[tokenize_chunks(tok, text) for text in texts] for tok in self.tokenizers]
         n_chunks = max(len(chunks) for batch in per_encoder for chunks in batch)
-        pieces, pooled = [], None
-        for index in range(n_chunks):
-            hidden = []
-            for tok, encoder, batch in zip(self.tokenizers, self.text_encoders, per_encoder):
-                empty = _finish_chunk([], [], tok)
-                chunk_batch = [chunks[index] if index < len(chunks) else empty for chunks in batch]
-                ids = torch.tensor([c.tokens for c in chunk_batch], device=encoder.device)
-                out = encoder(ids, output_hidden_states=True)
-                z = out.hidden_states[-2]
-                weights = torch.tensor([c.weights for c in chunk_batch], device=z.device, dtype=z.dtype)
-                hidden.append(_apply_emphasis(z, weights))
-                if index == 0 and encoder is self.text_encoders[1]:
-                    pooled = out.text_embeds  # projection at the first EOS of the first chunk
-            pieces.append(torch.cat(hidden, dim=-1))
+        n_texts = len(texts)
+        hidden, pooled = [], None
+        for tok, encoder, batch in zip(self.tokenizers, self.text_encoders, per_encoder):
+            empty = _finish_chunk([], [], tok)  # pads shorter prompts, as A1111's empty_chunk
+            rows = [chunks[i] if i < len(chunks) else empty for i in range(n_chunks) for chunks in batch]
+            out = encoder(torch.tensor([r.tokens for r in rows], device=encoder.device), output_hidden_states=True)
+            z = out.hidden_states[-2]
+            z = _apply_emphasis(z, torch.tensor([r.weights for r in rows], device=z.device, dtype=torch.float32))
+            # (chunks * B, 77, C) -> (B, chunks * 77, C)
+            hidden.append(z.reshape(n_chunks, n_texts, *z.shape[1:]).transpose(0, 1).reshape(n_texts, -1, z.shape[-1]))
+            if encoder is self.text_encoders[1]:
+                pooled = out.text_embeds[:n_texts]  # projection at the first EOS of the first chunk
         dtype = self.text_encoders[1].dtype
-        return torch.cat(pieces, dim=1).to(dtype), pooled.to(dtype)
+        return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
 
 
 def _apply_emphasis(z: Any, weights: Any) -> Any:
-    """A1111's "Original" emphasis: scale each token by its weight, keep the prompt's mean."""
+    """A1111's "Original" emphasis: scale each token by its weight, keep each chunk's mean.
+
+    Computed in float32 (A1111's multipliers are float32 too), so fp16 weights stay exact.
+    """
     if bool((weights == 1.0).all()):
-        return z  # the plain path stays bit-identical to diffusers' encode_prompt
-    original_mean = z.mean(dim=(1, 2), keepdim=True)
-    z = z * weights.unsqueeze(-1)
-    return z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+        return z  # no syntax: exactly the encoder's output, as diffusers gives it
+    zf = z.float()
+    original_mean = zf.mean(dim=(1, 2), keepdim=True)
+    zf = zf * weights.unsqueeze(-1)
+    return (zf * (original_mean / zf.mean(dim=(1, 2), keepdim=True))).to(z.dtype)
 
 
 _PIPE_ENCODERS: "weakref.WeakKeyDictionary[Any, SDXLPromptEncoder]" = weakref.WeakKeyDictionary()
 
 
 def pipe_encoder(pipe: Any) -> SDXLPromptEncoder:
-    """The prompt encoder for an SDXL pipeline's components, kept per pipeline (so is its cache)."""
+    """The prompt encoder for an SDXL pipeline's text components.
+
+    Kept per text encoder, so pipelines made with ``from_pipe`` (img2img) share one encoder
+    and its cache.
+    """
     parts = (pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
-    encoder = _PIPE_ENCODERS.get(pipe)
+    encoder = _PIPE_ENCODERS.get(pipe.text_encoder_2)
     if encoder is None or any(a is not b for a, b in zip(encoder.tokenizers + encoder.text_encoders, parts)):
         encoder = SDXLPromptEncoder(*parts)
-        _PIPE_ENCODERS[pipe] = encoder
+        _PIPE_ENCODERS[pipe.text_encoder_2] = encoder
     return encoder

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+from pathlib import Path
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from engine import protocol
 from engine.errors import EngineError
 from engine.job_executor import RETRYABLE_CODES, JobExecutor
+from engine.redis_files import FILE_TTL_S, decode_file, encode_file, output_key, source_key, store_file
 from engine.redis_keys import CONTROL_MAXLEN, JOBS_GROUP, RedisKeys, WorkerInfo, cancel_tasks, ensure_group
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class RedisWorker:
         block_ms: int = BLOCK_MS,
         loaded_adapters: Callable[[], list[str]] | None = None,
         gpu: str = "",
+        outputs_dir: Path | None = None,
     ) -> None:
         if capacity not in (1, 2):
             raise ValueError("a worker holds one or two jobs (capacity 1 or 2)")
@@ -71,6 +74,8 @@ class RedisWorker:
         # Adapters in GPU memory now (what affinity is about); default: what describe() says.
         self._loaded_adapters = loaded_adapters
         self.gpu = gpu
+        # Where img2img sources must be for the executor (the engine's outputs dir).
+        self.outputs_dir = Path(outputs_dir) if outputs_dir is not None else None
         self._held: dict[str, _Held] = {}
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._slot_free = asyncio.Event()
@@ -170,10 +175,28 @@ class RedisWorker:
             return
         log.info("job %s attempt %d accepted", request.job_id, request.attempt)
         try:
+            if isinstance(request, protocol.Img2ImgRequest):
+                await self._fetch_source(request)
             self.executor.submit(request)
         except EngineError as exc:  # validation, unknown adapter, missing source, shutting down
             await self._publish(protocol.Failed(job_id=request.job_id, attempt=request.attempt, error=exc.code,
                                                 message=exc.message, retryable=exc.code in RETRY_ELSEWHERE))
+        except Exception as exc:  # a bug below us: this job fails (retryable), the worker goes on
+            log.exception("submitting job %s failed", request.job_id)
+            await self._publish(protocol.Failed(job_id=request.job_id, attempt=request.attempt, error="engine_error",
+                                                message=f"{type(exc).__name__}: {exc}", retryable=True))
+
+    async def _fetch_source(self, request: protocol.Img2ImgRequest) -> None:
+        """Store the img2img source the dispatcher attached, unless this host already has it."""
+        if self.outputs_dir is None or (self.outputs_dir / request.source).is_file():
+            return
+        data = await self.client.get(source_key(self.keys.prefix, request.job_id, request.source))
+        if data is None:
+            return  # the executor answers "source not found"
+        try:
+            await asyncio.to_thread(store_file, self.outputs_dir, request.source, decode_file(data))
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"cannot store the source image {request.source}: {exc}") from None
 
     # ------------------------------------------------------------------ events out
 
@@ -203,17 +226,32 @@ class RedisWorker:
         event = event.model_copy(update=update)
         fields = {"event": protocol.encode(event), "worker": self.name}
         if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
-            await self._finish_entry(held.entry_id, fields)
+            files = await asyncio.to_thread(self._attach_outputs, event) if isinstance(event, protocol.Completed) else {}
+            await self._finish_entry(held.entry_id, fields, files)
             self._held.pop(event.job_id, None)
             self._slot_free.set()
             log.info("job %s attempt %d %s", event.job_id, event.attempt, event.type)
         else:
             await self.client.xadd(self.keys.events, fields)
 
-    async def _finish_entry(self, entry_id: str, event_fields: dict[str, str] | None) -> None:
-        """Publish the terminal event and acknowledge + delete the job entry atomically."""
+    def _attach_outputs(self, event: protocol.Completed) -> dict[str, str]:
+        """Output files to send along (key -> base64), for a bot on another host."""
+        files = {}
+        for image in event.images:
+            try:
+                files[output_key(self.keys.prefix, event.job_id, event.attempt, Path(image.path).name)] = (
+                    encode_file(image.path))
+            except (OSError, ValueError) as exc:  # the bot may still see the file on a shared disk
+                log.warning("cannot attach %s of job %s: %s", image.path, event.job_id, exc)
+        return files
+
+    async def _finish_entry(self, entry_id: str, event_fields: dict[str, str] | None,
+                            files: dict[str, str] | None = None) -> None:
+        """Publish the terminal event (and its files), acknowledge + delete the entry atomically."""
         stream = self.keys.jobs(self.name)
         async with self.client.pipeline(transaction=True) as pipe:
+            for key, data in (files or {}).items():
+                pipe.set(key, data, ex=FILE_TTL_S)
             # Fresh heartbeat first: the dispatcher sees the adapters now loaded here
             # when it places the next job.
             pipe.set(self.keys.worker(self.name), self.info().model_dump_json(), px=int(self.lease_ttl_s * 1000))
@@ -251,6 +289,7 @@ class RedisWorker:
             jobs=list(self._held),
             vram_used_mb=desc.get("vram_used_mb"),
             vram_total_mb=desc.get("vram_total_mb"),
+            protocol_version=protocol.PROTOCOL_VERSION,
         )
 
     async def _heartbeat_once(self) -> None:

@@ -94,7 +94,7 @@ class EngineServer:
         self._loop = asyncio.get_running_loop()
         app = web.Application()
         app.router.add_get("/ws", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, host, port)
         await self._site.start()
@@ -113,6 +113,7 @@ class EngineServer:
         await asyncio.sleep(0.05)  # let the worker's final events reach the outboxes
         for conn in list(self._connections):
             await conn.close()
+            await conn.ws.close(code=1001, message=b"engine shutting down")
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -316,7 +317,12 @@ def build_worker(config: ArcaeConfig, secrets: Secrets) -> GpuWorker:
     from engine.generator import Generator
 
     generator = Generator.from_config(config, secrets, rater=load_rater(config))
-    return GpuWorker(generator, config)
+    train_factory = None
+    if config.engine.accepts_training:  # TrainRequests run on this worker, on the pipeline it holds
+        from engine.training_hook import training_factory
+
+        train_factory = training_factory(config, generator)
+    return GpuWorker(generator, config, train_factory=train_factory)
 
 
 async def serve(

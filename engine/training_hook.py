@@ -37,9 +37,18 @@ def training_factory(config: ArcaeConfig, generator: Any) -> Callable[[protocol.
             return TrainingRun(
                 generator.pipe, options, run_dir, resume=resume, base_model=getattr(generator.model, "name", ""),
                 job_id=request.job_id, attempt=request.attempt,
-                prompt_encoder=getattr(generator, "encoder", None),
+                prompt_encoder=_caption_encoder(generator, options.train_text_encoders),
             )
         except TrainingError as exc:
             raise InvalidRequest(str(exc)) from None
 
     return make_run
+
+
+def _caption_encoder(generator: Any, train_text_encoders: bool) -> Callable[[list[str]], Any] | None:
+    """``captions -> (prompt_embeds, pooled)`` from the generator's prompt encoder (the trainer calls
+    it as a function); None lets the trainer build its own on the same pipeline."""
+    encoder = getattr(generator, "encoder", None)
+    if encoder is None or not hasattr(encoder, "encode_for_training"):
+        return None
+    return lambda captions: encoder.encode_for_training(captions, train_text_encoders=train_text_encoders)

@@ -82,6 +82,7 @@ class _JobRecord:
         self.run = run
         self.cancel = threading.Event()
         self.shutdown = False
+        self.started = False
         self.seq = 0
         self.position: int | None = None
         self.last_progress = 0.0
@@ -151,7 +152,7 @@ class GpuWorker:
             record.position = position
             self._jobs[request.job_id] = record
             self._finished.pop(request.job_id, None)
-            self._emit_job(record, protocol.Queued, position=position)
+            event = self._emit_job(record, protocol.Queued, position=position)
             self._wake.notify()
             return event
 
@@ -293,16 +294,26 @@ class GpuWorker:
             self.generator.resolve(params)
 
     def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:
+        """Accept a training run; it is built on the worker thread (it changes the pipeline).
+
+        Options the factory refuses arrive as a ``Failed`` event (code bad_request).
+        """
         if self.train_factory is None:
             raise InvalidRequest("this engine does not accept training runs")
         with self._lock:
-            record = self._jobs.get(request.job_id)
-            if record is not None:
-                return record_queued(record, 0, self._next_seq(record))
-        self.start_training(self.train_factory(request))
-        with self._lock:
-            record = self._jobs[request.job_id]
-            return self._emit_job(record, protocol.Queued, position=0)
+            known = self._known_state(request)
+            if known is not None:
+                return known
+            if self._stopping:
+                raise ShuttingDown("the engine is shutting down; try again shortly")
+            if self._training is not None:
+                raise InvalidRequest(f"training run {self._training.job_id} is still active; one at a time")
+            record = _JobRecord(request.job_id, request.attempt, request)
+            self._jobs[request.job_id] = record
+            self._training = record
+            event = self._emit_job(record, protocol.Queued, position=0)
+            self._wake.notify()
+            return event
 
     # ------------------------------------------------------------------ events
 
@@ -478,30 +489,43 @@ class GpuWorker:
         return on_step
 
     def _training_step(self, record: _JobRecord) -> None:
-        run = record.run
-        assert run is not None
-        if record.seq == 0:
-            self._emit_job(record, protocol.Started, worker=self.name)
+        """Advance the training run by one step (building it first if it came as a request)."""
         try:
             if record.cancel.is_set():
-                run.cancel()
+                if record.run is not None:
+                    record.run.cancel()
                 raise JobCanceled("training canceled")
-            info = run.step()
-            if isinstance(info, tuple) and len(info) == 3:
-                step, total, loss = info
-                now = time.monotonic()
-                if now - record.last_progress >= PROGRESS_INTERVAL_S or step >= total:
-                    record.last_progress = now
-                    self._emit_job(record, protocol.Progress, step=int(step), total=max(1, int(total)), loss=loss)
-            if not run.done:
-                return
-            self._emit_job(record, protocol.Completed, result=dict(getattr(run, "result", None) or {}))
+            if record.run is None:
+                assert self.train_factory is not None
+                record.run = self.train_factory(record.request)
+            if not record.started:
+                record.started = True
+                self._emit_job(record, protocol.Started, worker=self.name)
+            self._report_training_step(record, record.run.step())
+            if record.run.done:
+                self._emit_job(record, protocol.Completed, result=dict(getattr(record.run, "result", None) or {}))
         except JobCanceled:
             self._canceled_event(record)
         except EngineError as exc:
             self._emit_job(record, protocol.Failed, error=exc.code, message=exc.message)
         except Exception as exc:
-            self._unexpected_failure(record, exc)
+            if type(exc).__name__ == "TrainingCanceled":
+                self._canceled_event(record)
+            elif type(exc).__module__.startswith("training."):  # the trainer's own typed errors
+                message = f"training run {record.job_id} failed: {str(exc)[:300]}"
+                self._emit_job(record, protocol.Failed, error="engine_error", message=message)
+            else:
+                self._unexpected_failure(record, exc)
+
+    def _report_training_step(self, record: _JobRecord, info: Any) -> None:
+        if not (isinstance(info, tuple) and len(info) == 3):
+            return
+        step, total, loss = info
+        now = time.monotonic()
+        if now - record.last_progress >= PROGRESS_INTERVAL_S or step >= total:
+            record.last_progress = now
+            loss = float(loss) if loss is not None else None
+            self._emit_job(record, protocol.Progress, step=int(step), total=max(1, int(total)), loss=loss)
 
 
 def record_queued(record: _JobRecord, position: int, seq: int) -> protocol.Queued:

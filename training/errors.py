@@ -1,22 +1,26 @@
 """Training errors: one base class, grouped subclasses, each with a message meant for a person.
 
-The CLI prints ``str(error)`` as one line (exit 2 for bad input); the engine translates these
-into protocol errors where they cross into its API. Imports only the standard library.
+The CLI prints ``str(error)`` as one line (exit 2 for bad input). They are ``EngineError``s with
+a protocol ``code``, so the engine's GPU worker reports a failed run with its real message, and
+``TrainingCanceled`` is a ``JobCanceled`` (control flow). Imports only the standard library and
+``engine.errors`` (itself standard library only).
 """
 
 from __future__ import annotations
 
+from engine.errors import EngineError, JobCanceled
 
-class TrainingError(Exception):
+
+class TrainingError(EngineError):
     """Base of every error raised by ``training.trainer``, ``checkpoints`` and ``lifecycle``."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    code = "engine_error"
 
 
 class InvalidTrainingOptions(TrainingError):
     """An option is outside what is allowed (rank 0, zero steps, unknown optimizer ...)."""
+
+    code = "bad_request"
 
 
 class DatasetError(InvalidTrainingOptions):
@@ -31,17 +35,23 @@ class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite; the run stopped and its last checkpoint is kept."""
 
 
-class TrainingCanceled(TrainingError):
+class TrainingCanceled(TrainingError, JobCanceled):
     """Control flow, not a failure: the run was canceled; nothing live changed."""
+
+    code = "canceled"
 
 
 class RunNotFound(TrainingError):
     """A run directory, or a checkpoint of it, does not exist."""
 
+    code = "not_found"
 
-class ResumeMismatch(TrainingError):
+
+class ResumeMismatch(InvalidTrainingOptions):
     """``--resume`` found a run whose options cannot continue with the ones given now."""
 
 
 class LifecycleError(TrainingError):
     """Promote / rollback / delete could not be done; what is live did not change."""
+
+    code = "bad_request"

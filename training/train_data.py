@@ -64,13 +64,16 @@ def split_tags(caption: str) -> list[str]:
 
 
 def normalize_tag(tag: str) -> str:
-    """A tag as compared across captions and tagger output: no weight syntax, spaces, lower case."""
+    """A tag as compared across captions and tagger output (``training.captions.normalize_tag``:
+    no weight syntax, unescaped, lower case, spaces for underscores except in kaomoji)."""
+    from training.captions import normalize_tag as caption_normalize
+
     t = tag.strip()
-    t = re.sub(r":\s*-?[\d.]+\s*\)$", ")", t)  # (x:1.2) -> (x)
-    while len(t) > 2 and t[0] in "([" and t[-1] in ")]":
+    while len(t) > 2 and t[0] == "[" and t[-1] == "]":  # [x] de-emphasis
         t = t[1:-1].strip()
-    t = t.replace("\\(", "(").replace("\\)", ")").replace("\\[", "[").replace("\\]", "]")
-    return t.replace("_", " ").strip().lower()
+    if len(t) > 2 and t[0] == "(" and t[-1] == ")" and not t.endswith("\\)") and ":" not in t:
+        t = t[1:-1].strip()  # (x) emphasis without a weight
+    return caption_normalize(t)
 
 
 def augment_caption(

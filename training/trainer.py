@@ -96,6 +96,8 @@ class TrainingRun:
         self._started = time.monotonic()
         if resume and list_checkpoints(self.run_dir):
             self._load_state(list_checkpoints(self.run_dir)[-1][1])
+        elif resume:  # nothing saved yet: start over, without the old attempt's loss rows
+            ckpt.truncate_loss(self.run_dir, 0)
         self._write_record(status="pending")
 
     # ------------------------------------------------------------------ setup
@@ -214,7 +216,7 @@ class TrainingRun:
                 torch.manual_seed(_mix_seed(opts.seed, "step", self.step_index))  # e.g. LoRA dropout
                 total = 0.0
                 for k in range(opts.grad_accum):
-                    micro = self.step_index * opts.grad_accum + k
+                    micro = k if opts.fixed_batch else self.step_index * opts.grad_accum + k
                     with self.accelerator.autocast():
                         loss = self.math.micro_batch_loss(micro)
                     if not torch.isfinite(loss):
@@ -225,13 +227,25 @@ class TrainingRun:
                     self.accelerator.backward(loss / opts.grad_accum)
                     total += loss.item() / opts.grad_accum
                 self.accelerator.clip_grad_norm_(list(self.params.values()), opts.max_grad_norm)
+                lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.math.gradient_checkpointing_off(checkpointing)
             self._switch.restore()
-        return total, float(self.lr_scheduler.get_last_lr()[0])
+        return total, lr
+
+    def evaluate_loss(self, micro: int = 0) -> float:
+        """Loss of micro-batch ``micro`` (its own fixed noise and timesteps), without training."""
+        import torch
+
+        self._switch.activate(self.options.adapter_name, train=False)
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                return float(self.math.micro_batch_loss(micro))
+        finally:
+            self._switch.restore()
 
     # ------------------------------------------------------------------ files
     def checkpoint(self) -> Path:

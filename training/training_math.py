@@ -36,7 +36,13 @@ class TrainingMath:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self._latents: dict[int, Any] = {}  # item index -> (latent [4,h,w] fp32 on CPU, time_ids)
-        self.prompt_encoder = prompt_encoder or _make_prompt_encoder(pipe)
+        if prompt_encoder is not None and hasattr(prompt_encoder, "encode_for_training"):
+            shared = prompt_encoder  # the engine's SDXLPromptEncoder
+            self.prompt_encoder = lambda captions: shared.encode_for_training(
+                captions, train_text_encoders=options.train_text_encoders
+            )
+        else:
+            self.prompt_encoder = prompt_encoder or _make_prompt_encoder(pipe, options.train_text_encoders)
 
     # ------------------------------------------------------------------ latents
     def latent(self, index: int) -> tuple[Any, tuple[int, ...]]:
@@ -55,7 +61,8 @@ class TrainingMath:
         vae = self.pipe.vae
         dtype = vae.dtype
         # fp16 VAEs overflow to NaN on some images: encode in fp32 (fp16 -> fp32 -> fp16 is lossless).
-        vae.to(torch.float32)
+        if dtype != torch.float32:
+            vae.to(torch.float32)
         try:
             with torch.no_grad():
                 dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
@@ -63,7 +70,8 @@ class TrainingMath:
                 noise = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(self.device)
                 latent = dist.mean + dist.std * noise
         finally:
-            vae.to(dtype)
+            if dtype != torch.float32:
+                vae.to(dtype)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latent = (latent - shift) * vae.config.scaling_factor
         return latent[0].to("cpu"), fitted.time_ids
@@ -162,14 +170,15 @@ class TrainingMath:
         return images
 
 
-def _make_prompt_encoder(pipe: Any) -> Any:
-    """``captions -> (prompt_embeds, pooled)``: engine.prompts' weighted encoder when present."""
+def _make_prompt_encoder(pipe: Any, train_text_encoders: bool) -> Any:
+    """``captions -> (prompt_embeds, pooled)``: engine.prompts' weighted encoder (the same
+    A1111-style weighting and 75-token chunks as inference) when present."""
     try:
         from engine.prompts import SDXLPromptEncoder
 
         encoder = SDXLPromptEncoder(pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
         if hasattr(encoder, "encode_for_training"):
-            return encoder.encode_for_training
+            return lambda captions: encoder.encode_for_training(captions, train_text_encoders=train_text_encoders)
     except ImportError:
         pass
     log.info("engine.prompts is not available: captions are encoded without weights")

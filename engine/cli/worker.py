@@ -101,6 +101,7 @@ async def _serve(config, secrets, url, password, where, options, ready_stream) -
         lease_ttl_s=config.engine.lease_ttl_s, accepts_training=options["accepts_training"],
         loaded_adapters=lambda: list(getattr(gpu.generator.registry, "loaded", [])),
         gpu=_gpu_name(str(gpu.describe().get("device", ""))),
+        outputs_dir=config.path(config.storage.outputs_dir),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

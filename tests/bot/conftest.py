@@ -127,3 +127,9 @@ async def stack(tiny_model_dir, tmp_path_factory):
         await s.bot.stop()
         await s.engine.stop()
         await double.close()
+        # Kept outside pytest's rotating tmp dirs so a failure can be read afterwards.
+        keep = Path(os.environ.get("ARCAE_TEST_LOGS", "/tmp/arcae-test-logs")) / tmp.name
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ("bot.log", "engine.log"):
+            if (tmp / name).exists():
+                (keep / name).write_bytes((tmp / name).read_bytes())

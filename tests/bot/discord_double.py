@@ -344,6 +344,9 @@ class DiscordDouble:
             if request.headers.get("Authorization", "") != f"Bot {self.token}":
                 return ok({"message": "401: Unauthorized", "code": 0}, status=401)
             return ok(self.bot_user)
+        if p[0] == "users" and len(p) == 2:
+            user = next((u for u in (self.owner, self.alice, self.bob, self.admin) if u["id"] == p[1]), None)
+            return ok(user) if user else ok({"message": "Unknown User", "code": 10013}, status=404)
         if p == ["oauth2", "applications", "@me"]:
             return ok({"id": self.app_id, "name": "Arcae", "description": "", "icon": None, "bot_public": True,
                        "bot_require_code_grant": False, "owner": self.owner, "verify_key": "00", "flags": 0,

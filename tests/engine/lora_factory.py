@@ -5,7 +5,7 @@ target_modules=..., text_encoders=False, ...)`` writes ``NAME.safetensors`` and 
 implementation lives in ``engine.lora_synth`` so that benchmarks can use it too.
 """
 
-from engine.lora_synth import (  # noqa: F401  (re-exported for tests)
+from engine.lora_synth import (
     ATTENTION_TARGETS,
     FORMATS,
     TEXT_ENCODER_TARGETS,
@@ -14,3 +14,13 @@ from engine.lora_synth import (  # noqa: F401  (re-exported for tests)
     random_lora_state_dict,
     write_sidecar,
 )
+
+__all__ = [
+    "ATTENTION_TARGETS",
+    "FORMATS",
+    "TEXT_ENCODER_TARGETS",
+    "make_lora",
+    "make_sd15_like_lora",
+    "random_lora_state_dict",
+    "write_sidecar",
+]

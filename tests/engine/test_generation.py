@@ -148,6 +148,18 @@ def test_lora_weight_zero_is_base_and_weight_one_changes(env):
     assert np.abs(base - one).mean() > 1.0
 
 
+def test_long_prompts_and_weighting_reach_the_image(env):
+    # The tiny tokenizer is byte-level: one character is one token.
+    long_prompt = ", ".join(f"tag{i:02d}" for i in range(20))  # 118 tokens
+    truncated = long_prompt[:75]  # what a 77-token encoder (BOS + 75 + EOS) would see
+    full = pixels(run(env, "long", prompt=long_prompt, seed=5).images[0].path)
+    cut = pixels(run(env, "cut", prompt=truncated, seed=5).images[0].path)
+    assert not np.array_equal(full, cut)
+    plain = pixels(run(env, "plain", prompt="1girl, solo", seed=5).images[0].path)
+    weighted = pixels(run(env, "weighted", prompt="(1girl:1.5), solo", seed=5).images[0].path)
+    assert not np.array_equal(plain, weighted)
+
+
 def test_cancel_stops_before_last_step_without_decode_or_file(env):
     seen: list[int] = []
     decodes: list[int] = []
@@ -170,7 +182,9 @@ def test_cancel_stops_before_last_step_without_decode_or_file(env):
 def test_variation_and_upscale_share_the_loaded_model(env):
     source = run(env, "src", seed=21, adapters=[AdapterWeight(name=STYLE, weight=0.5)], negative_prompt="x")
     src_path = Path(source.images[0].path)
-    variation = env.img2img(src_path.name, "variation", job_id="var")
+    # a client that echoes the source's seed back still gets a new seed for a variation
+    echo = GenerationParams(prompt="1girl, solo", seed=21)
+    variation = env.img2img(src_path.name, "variation", echo, job_id="var")
     upscale = env.img2img(src_path, "upscale", job_id="up")
     pipe2 = env._img2img()
     assert pipe2.unet is env.pipe.unet and pipe2.vae is env.pipe.vae and pipe2.text_encoder_2 is env.pipe.text_encoder_2
@@ -266,6 +280,22 @@ def test_defaults_quality_tags_and_explicit_values(env):
     assert (mine.prompt, mine.negative_prompt, mine.steps) == ("1girl", "", 3)
     safe = generator.resolve(GenerationParams(prompt="1girl", negative_prompt="bad"), extra_negative="nsfw")
     assert safe.negative_prompt == "bad, nsfw"
+
+
+def test_rater_fills_the_rating(env):
+    from engine.generator import Generator
+
+    seen = []
+
+    def rater(image):
+        seen.append(image.size)
+        return "sensitive", {"general": 0.2, "sensitive": 0.7}
+
+    out = Generator(env.config, env.model, env.registry, rater=rater).generate(
+        GenerationParams(prompt="1girl", steps=1, seed=2), job_id="rated"
+    )
+    assert seen == [(64, 64)]
+    assert (out.images[0].rating, out.images[0].rating_scores) == ("sensitive", {"general": 0.2, "sensitive": 0.7})
 
 
 def test_size_presets_and_samplers():

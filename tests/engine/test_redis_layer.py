@@ -79,13 +79,17 @@ class FakeGpu:
         self.ran.append((request.job_id, request.attempt))
         if self.fail:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        self.loaded = {a.name for a in request.params.adapters}
+        if isinstance(request, protocol.TrainRequest):
+            seconds = float(request.options["seconds"])
+        else:
+            self.loaded = {a.name for a in request.params.adapters}
+            seconds = float(request.params.prompt)
         total = 10
         for step in range(1, total + 1):
             ctx.check_canceled()
-            time.sleep(float(request.params.prompt) / total)
+            time.sleep(seconds / total)
             ctx.progress(step, total)
-        return {"timings": {"total": float(request.params.prompt)}}
+        return {"timings": {"total": seconds}}
 
     def executor(self) -> ThreadJobExecutor:
         return ThreadJobExecutor(
@@ -105,10 +109,10 @@ class Cluster:
         self.workers: dict[str, tuple[RedisWorker, asyncio.Task, Any]] = {}
         self.dispatcher: Dispatcher | None = None
 
-    async def add_worker(self, gpu: FakeGpu, capacity: int = 1) -> RedisWorker:
+    async def add_worker(self, gpu: FakeGpu, capacity: int = 1, training: bool = False) -> RedisWorker:
         client = make_client(self.url, None, block_ms=500)
         worker = RedisWorker(client, gpu.executor(), name=gpu.name, keys=self.keys, capacity=capacity,
-                             lease_ttl_s=self.config.engine.lease_ttl_s, block_ms=500)
+                             lease_ttl_s=self.config.engine.lease_ttl_s, block_ms=500, accepts_training=training)
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.ready.wait(), 5)
         self.workers[gpu.name] = (worker, task, client)
@@ -271,3 +275,67 @@ async def test_dispatcher_restart_while_workers_keep_running(cluster):
     assert gpu.ran == [("survivor", 1)], "the job ran once; the resubmit was idempotent"
     await asyncio.sleep(0.3)
     assert len(r.of("survivor", protocol.Completed)) == 1
+
+
+async def test_training_runs_only_on_training_workers_and_survive_a_lost_worker(cluster):
+    plain = FakeGpu("a-plain", set(), set())  # first by name: would win every tie
+    trainers = [FakeGpu("t1", set(), set()), FakeGpu("t2", set(), set())]
+    await cluster.add_worker(plain)
+    for g in trainers:
+        await cluster.add_worker(g, training=True)
+    d = cluster.new_dispatcher()
+    await d.start()
+    r = cluster.recorder
+    await d.submit(protocol.TrainRequest(job_id="lora-1", owner="admin", options={"seconds": 3}))
+    first = await r.wait_for("lora-1", protocol.Progress)
+    assert first.attempt == 1
+    holder = r.of("lora-1", protocol.Started)[0].worker
+    assert holder in ("t1", "t2")
+    await cluster.stop_worker(holder)
+    done = await r.wait_for("lora-1", protocol.Completed, timeout=20)
+    assert done.attempt == 2  # the trainer resumes from its checkpoint on attempt > 1
+    assert r.of("lora-1", protocol.Started)[-1].worker not in (holder, "a-plain")
+    assert plain.ran == []
+
+
+def test_worker_refuses_unprotected_or_credentialed_redis_urls(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.toml"
+    config.write_text("[engine]\ndevice = 'cpu'\n")
+    env = {"PATH": "/usr/bin:/bin", "ARCAE_REDIS_PASSWORD": ""}
+
+    def worker(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine", "worker", "--redis", url, "--config", str(config)],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+    open_lan = worker("redis://192.168.1.20:6379/0")
+    assert open_lan.returncode == 2
+    assert "not on loopback and no password" in open_lan.stderr and "ARCAE_REDIS_PASSWORD" in open_lan.stderr
+    in_url = worker("redis://arcae:hunter2-secret@192.168.1.20:6379/0")
+    assert in_url.returncode == 2 and "ARCAE_REDIS_PASSWORD" in in_url.stderr
+    assert "hunter2-secret" not in in_url.stderr + in_url.stdout
+
+
+async def test_password_protected_redis(tmp_path):
+    from pydantic import SecretStr
+
+    from engine.config import Secrets
+    from engine.redis_keys import check_redis_url
+    from tests.redis_fixture import start_redis, stop_redis
+
+    server = start_redis(tmp_path, password="s3cret-pw")
+    try:
+        config = make_config()
+        d = Dispatcher(config, Secrets(redis_password=SecretStr("s3cret-pw")), on_event=Recorder(), url=server.url)
+        await d.start()
+        assert d.connected and (await d.status()).device == "no workers online"
+        await d.close()
+        wrong = Dispatcher(config, Secrets(redis_password=SecretStr("wrong")), on_event=Recorder(), url=server.url)
+        await wrong.start()  # logs and retries in the background; the bot keeps running
+        assert not wrong.connected
+        await wrong.close()
+    finally:
+        stop_redis(server)
+    assert check_redis_url("redis://10.0.0.2:6379/0", "pw", "X") == "redis://10.0.0.2:6379/0"

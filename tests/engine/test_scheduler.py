@@ -112,3 +112,125 @@ def test_duplicate_job_id_and_bad_priority_are_refused():
         push(s, "a0", "alice")
     with pytest.raises(ValueError, match="interactive, batch"):
         push(s, "x", "alice", "urgent")
+
+
+# --------------------------------------------------------------------------------------------
+# GpuWorker's loop: generation jobs first, training steps in between (real Generator, tiny
+# model). The training run is a small step counter: the trainer plugs its run in the same way.
+
+
+class CountingRun:
+    """A training run that only counts its steps (the TrainingRun hook's contract)."""
+
+    def __init__(self, job_id: str, total: int, log: list) -> None:
+        self.job_id, self.attempt, self.total, self.log = job_id, 1, total, log
+        self.done = False
+        self.steps = 0
+        self.result: dict = {}
+        self.canceled_on: str | None = None
+
+    def step(self):
+        import time
+
+        self.steps += 1
+        self.log.append(("train", self.steps))
+        time.sleep(0.01)
+        if self.steps >= self.total:
+            self.done = True
+            self.result = {"steps": self.steps}
+        return self.steps, self.total, 0.25
+
+    def cancel(self) -> None:
+        import threading
+
+        self.canceled_on = threading.current_thread().name
+
+
+@pytest.fixture(scope="module")
+def worker_setup(tmp_path_factory, tiny_model_dir):
+    from engine.config import load_config
+    from engine.generator import Generator
+    from engine.worker import GpuWorker
+    from tests.conftest import write_config
+
+    root = tmp_path_factory.mktemp("worker")
+    config = load_config(write_config(root, tiny_model_dir, "[training]\nexclusive = false\n"))
+    log: list = []
+    events: list = []
+
+    def emit(event) -> None:
+        events.append(event)
+        if type(event).__name__ == "Started":
+            log.append(("started", event.job_id))
+
+    import torch
+
+    # One thread while this module runs: two thrash on a loaded 2-core machine (see
+    # test_engine_process); the session's setting is restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    worker = GpuWorker(Generator.from_config(config), config, name="test-gpu")
+    worker.start(emit)
+    yield worker, log, events
+    worker.stop()
+    torch.set_num_threads(threads)
+
+
+def _wait(predicate, timeout: float = 60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def _terminal(events, job_id):
+    return [e for e in events if e.job_id == job_id and type(e).__name__ in ("Completed", "Failed", "Canceled")]
+
+
+def _generate(job_id: str, owner: str):
+    from engine import protocol as p
+
+    return p.GenerateRequest(job_id=job_id, owner=owner, params=p.GenerationParams(prompt="1girl", steps=2, seed=3))
+
+
+def test_generation_jobs_preempt_a_training_run_between_steps(worker_setup):
+    worker, log, events = worker_setup
+    run = CountingRun("train-long", total=100_000, log=log)
+    worker.start_training(run)
+    with pytest.raises(Exception, match="still active"):
+        worker.start_training(CountingRun("train-other", 5, log))
+    _wait(lambda: run.steps >= 3)
+    worker.submit(_generate("g1", "alice"))
+    worker.submit(_generate("g2", "bob"))
+    mark = len(log) - 1
+    _wait(lambda: _terminal(events, "g2"))
+    assert [type(e).__name__ for e in _terminal(events, "g1") + _terminal(events, "g2")] == ["Completed"] * 2
+    window = log[mark : log.index(("started", "g2")) + 1]
+    # At most the one step already running when the jobs arrived; none between the two jobs.
+    assert sum(1 for entry in window if entry[0] == "train") <= 1, window
+    steps_after_jobs = run.steps
+    _wait(lambda: run.steps > steps_after_jobs)  # training resumes once the queue is empty
+    assert worker.cancel("train-long")
+    _wait(lambda: _terminal(events, "train-long"))
+    assert type(_terminal(events, "train-long")[0]).__name__ == "Canceled"
+    assert run.canceled_on == "test-gpu"  # cleanup runs on the GPU thread
+    stopped_at = run.steps
+    worker.submit(_generate("g3", "alice"))
+    _wait(lambda: _terminal(events, "g3"))
+    assert run.steps == stopped_at and worker.status().training_run is None
+
+
+def test_a_training_run_reports_progress_and_completes(worker_setup):
+    worker, log, events = worker_setup
+    worker.start_training(CountingRun("train-short", total=3, log=log))
+    _wait(lambda: _terminal(events, "train-short"))
+    mine = [e for e in events if e.job_id == "train-short"]
+    assert [type(e).__name__ for e in (mine[0], mine[-1])] == ["Started", "Completed"]
+    assert mine[-1].result == {"steps": 3}
+    progress = [e for e in mine if type(e).__name__ == "Progress"]
+    assert progress and progress[-1].step == 3 and progress[-1].total == 3 and progress[-1].loss == 0.25
+    assert [e.seq for e in mine] == sorted(e.seq for e in mine)

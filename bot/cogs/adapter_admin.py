@@ -1,0 +1,242 @@
+"""/adapter: promote a run's checkpoint to a live adapter, roll back, delete, info, set-weight.
+
+Admins only (hidden by default permissions and checked server-side), every change audit-logged.
+Changes go through ``training.lifecycle`` (atomic: a half-written adapter is never live; every
+promoted version is kept for rollback), then the engine rescans its adapters between jobs
+(``ReloadAdaptersRequest``): the adapter is live without a restart. The bot and the engine share
+``[adapters] dir`` (same host, or shared storage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import embeds
+from bot.errors import InvalidOption, Refused
+from bot.policy import is_admin, require_admin
+from bot.training_flow import TrainingFlow, flow_for
+from bot.training_store import RunRow
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+
+def lifecycle_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a ``training.lifecycle`` function; its refusals become messages for the admin."""
+    from training.errors import TrainingError
+
+    try:
+        return fn(*args, **kwargs)
+    except TrainingError as exc:
+        raise InvalidOption(exc.message) from None
+
+
+def set_default_weight(adapters_dir: Path, name: str, weight: float) -> None:
+    """Rewrite the live sidecar's ``default_weight`` (and its stored version's, so rollback keeps it).
+
+    Uses the layout documented in ``training.lifecycle`` and its lock file, so it never races a
+    promote or rollback.
+    """
+    from training.lifecycle import SUFFIX, VERSIONS_DIR, check_name
+    from training.run_record import write_json_atomic
+
+    lifecycle_call(check_name, name)
+    if not (adapters_dir / f"{name}{SUFFIX}").is_file():
+        raise InvalidOption(f"Adapter `{name}` is not live.")
+    lock_dir = adapters_dir / VERSIONS_DIR
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            sidecar = adapters_dir / f"{name}.json"
+            meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+            write_json_atomic(sidecar, {**meta, "default_weight": float(weight)})
+            history = lock_dir / name / "history.json"
+            live = json.loads(history.read_text(encoding="utf-8")).get("live") if history.is_file() else None
+            stored = lock_dir / name / f"v{int(live):04d}.json" if live is not None else None
+            if stored is not None and stored.is_file():
+                data = json.loads(stored.read_text(encoding="utf-8"))
+                write_json_atomic(stored, {**data, "default_weight": float(weight)})
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+class AdapterAdmin(commands.Cog):
+    """The /adapter command group."""
+
+    adapter = app_commands.Group(name="adapter", description="Manage live LoRA adapters (admins)",
+                                 guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+        self.flow: TrainingFlow = flow_for(bot)
+
+    async def _audit(self, interaction: discord.Interaction, action: str, target: str, **detail: Any) -> None:
+        await self.flow.store.audit(user_id=interaction.user.id, guild_id=interaction.guild_id, action=action,
+                                    target=target, detail=detail)
+
+    async def _go_live(self, interaction: discord.Interaction) -> str:
+        """Ask the engine to pick the change up now; say so if it cannot be reached."""
+        from bot.engine_link import EngineRejected, EngineUnavailable
+
+        try:
+            await self.flow.reload_adapters()
+            return ""
+        except (EngineUnavailable, EngineRejected) as exc:
+            log.warning("adapter reload not done: %s", exc)
+            return "\n⚠️ The engine could not reload its adapters now; it picks the change up when it restarts."
+
+    # ------------------------------------------------------------------ promote
+
+    @adapter.command(name="promote", description="Make a training run's checkpoint a live adapter (admins)")
+    @app_commands.describe(run="Run id (default: the newest completed run)",
+                           checkpoint="Checkpoint step (default: chosen, else recommended, else final)",
+                           name="Adapter name (default: the run's)", weight="Default weight, -4 to 4")
+    async def promote(self, interaction: discord.Interaction, run: Optional[str] = None,
+                      checkpoint: Optional[int] = None, name: Optional[str] = None,
+                      weight: Optional[float] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        from training import lifecycle
+
+        row = await self.flow.store.get(run) if run else await self.flow.store.latest(("completed",))
+        if row is None:
+            raise InvalidOption(f"No training run `{run}`." if run else "No completed training run to promote.")
+        if row.active:
+            raise Refused(f"Training run `{row.run_id}` is still {row.status}; promote it once it has completed "
+                          "(or cancel it and promote one of its checkpoints).")
+        weight = self.bot.config.adapters.default_weight if weight is None else weight
+        if not -4.0 <= weight <= 4.0:
+            raise InvalidOption(f"weight must be between -4 and 4 (got {weight:g}).")
+        step = checkpoint if checkpoint is not None else (row.chosen_step or row.recommended_step)
+        target = name or row.adapter_name
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        result = await asyncio.to_thread(
+            lifecycle_call, lifecycle.promote, self.flow.run_dir(row), step, target, self.flow.adapters_dir,
+            kind=row.kind, triggers=[row.trigger] if row.trigger else [], default_weight=weight)
+        await self.flow.store.set_promoted(row.run_id, target)
+        await self._audit(interaction, "adapter.promote", target, run=row.run_id, step=step,
+                          version=result.version, previous=result.previous, weight=weight)
+        warning = await self._go_live(interaction)
+        which = f"checkpoint step {step}" if step is not None else "the final adapter"
+        await interaction.followup.send(
+            f"✅ **{target}** v{result.version} is live: {row.kind}, trigger `{row.trigger}`, weight {weight:g}, "
+            f"from run `{row.run_id}` ({which}). Use it with /imagine {row.kind}:{target}.{warning}", ephemeral=True)
+
+    # ------------------------------------------------------------------ rollback / delete
+
+    @adapter.command(name="rollback", description="Put back the version that was live before (admins)")
+    @app_commands.describe(name="Adapter name")
+    async def rollback(self, interaction: discord.Interaction, name: str) -> None:
+        require_admin(interaction, self.bot.config)
+        from training import lifecycle
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        result = await asyncio.to_thread(lifecycle_call, lifecycle.rollback, name, self.flow.adapters_dir)
+        await self._audit(interaction, "adapter.rollback", name, version=result.version, replaced=result.previous)
+        warning = await self._go_live(interaction)
+        replaced = f"v{result.previous}" if result.previous is not None else "nothing (it was deleted)"
+        await interaction.followup.send(f"↩️ **{name}** is back at v{result.version} (replacing {replaced}).{warning}",
+                                        ephemeral=True)
+
+    @adapter.command(name="delete", description="Take an adapter off the live list; rollback undoes it (admins)")
+    @app_commands.describe(name="Adapter name")
+    async def delete(self, interaction: discord.Interaction, name: str) -> None:
+        require_admin(interaction, self.bot.config)
+        from training import lifecycle
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        result = await asyncio.to_thread(lifecycle_call, lifecycle.delete, name, self.flow.adapters_dir)
+        await self._audit(interaction, "adapter.delete", name, version=result.previous)
+        warning = await self._go_live(interaction)
+        await interaction.followup.send(f"🗑️ **{name}** is no longer live (v{result.previous} is kept: "
+                                        f"/adapter rollback brings it back).{warning}", ephemeral=True)
+
+    # ------------------------------------------------------------------ info / set-weight
+
+    @adapter.command(name="info", description="An adapter's kind, triggers, weight and versions (admins)")
+    @app_commands.describe(name="Adapter name")
+    async def info(self, interaction: discord.Interaction, name: str) -> None:
+        require_admin(interaction, self.bot.config)
+        from training import lifecycle
+
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await self.bot.catalog.refresh()
+        live = self.bot.catalog.get(name)
+        versions = await asyncio.to_thread(lifecycle_call, lifecycle.versions, name, self.flow.adapters_dir)
+        if live is None and not versions:
+            known = ", ".join(a.name for a in self.bot.catalog.all()[:20]) or "none"
+            raise InvalidOption(f"No adapter `{name}`. Live adapters: {known}.")
+        embed = discord.Embed(title=f"Adapter {name}", colour=embeds.COLOR)
+        if live is not None:
+            embed.add_field(name="Kind", value=live.kind)
+            embed.add_field(name="Default weight", value=f"{live.default_weight:g}")
+            embed.add_field(name="Triggers", value=", ".join(live.triggers) or "none")
+            embed.add_field(name="sha256", value=f"`{live.sha256[:12]}`" if live.sha256 else "—")
+            if live.description:
+                embed.add_field(name="Description", value=embeds.truncate(live.description, 1024), inline=False)
+        else:
+            embed.description = "Not live (deleted); /adapter rollback brings the last version back."
+        lines = []
+        for v in versions[-10:]:
+            source = v.source.get("run_dir", "")
+            origin = f"run `{Path(source).name}` step {v.source.get('step')}" if source else "added by hand"
+            lines.append(f"v{v.version}{' (live)' if v.live else ''}: {origin}, <t:{int(v.promoted_at)}:R>")
+        embed.add_field(name="Versions", value=embeds.truncate("\n".join(lines) or "none recorded", 1024),
+                        inline=False)
+        await interaction.followup.send(embed=embed, ephemeral=True)
+
+    @adapter.command(name="set-weight", description="Change an adapter's default weight (admins)")
+    @app_commands.describe(name="Adapter name", weight="Default weight, -4 to 4")
+    async def set_weight(self, interaction: discord.Interaction, name: str, weight: float) -> None:
+        require_admin(interaction, self.bot.config)
+        if not -4.0 <= weight <= 4.0:
+            raise InvalidOption(f"weight must be between -4 and 4 (got {weight:g}).")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        old = self.bot.catalog.get(name)
+        await asyncio.to_thread(set_default_weight, self.flow.adapters_dir, name, weight)
+        await self._audit(interaction, "adapter.set_weight", name, weight=weight,
+                          old=old.default_weight if old else None)
+        warning = await self._go_live(interaction)
+        await interaction.followup.send(f"⚖️ **{name}** now has default weight {weight:g}.{warning}", ephemeral=True)
+
+    # ------------------------------------------------------------------ autocomplete
+
+    async def _autocomplete_adapters(self, interaction: discord.Interaction,
+                                     current: str) -> list[app_commands.Choice[str]]:
+        if not is_admin(interaction.user, interaction.guild, self.bot.config):
+            return []
+        self.bot.catalog.refresh_soon()
+        names = [a.name for a in self.bot.catalog.all() if a.kind != "lcm"]
+        versions_dir = self.flow.adapters_dir / ".versions"
+        if versions_dir.is_dir():  # deleted adapters can be rolled back
+            names += [p.name for p in versions_dir.iterdir() if p.is_dir() and p.name not in names]
+        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+
+    async def _autocomplete_runs(self, interaction: discord.Interaction,
+                                 current: str) -> list[app_commands.Choice[str]]:
+        if not is_admin(interaction.user, interaction.guild, self.bot.config):
+            return []
+        from bot.cogs.training import run_choices
+
+        runs: list[RunRow] = [r for r in await self.flow.store.recent() if not r.active]
+        return run_choices(runs, current)
+
+    for _command in (rollback, delete, info, set_weight):
+        _command.autocomplete("name")(_autocomplete_adapters)
+    promote.autocomplete("run")(_autocomplete_runs)
+    del _command
+
+
+async def setup(bot: "ArcaeBot") -> None:
+    await bot.add_cog(AdapterAdmin(bot))

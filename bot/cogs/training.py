@@ -1,0 +1,404 @@
+"""/train: LoRA training from Discord (admins only; every action audit-logged).
+
+``start`` (images as attachments or a .zip -> captioned dataset -> a run on the engine's GPU
+worker, between generation jobs), ``add-images``, ``captions`` (per-image tags, the tag chart,
+edits by uploading .txt files), ``status`` (progress, ETA, loss plot, latest sample grid),
+``cancel``, ``checkpoints`` (score table and sample grids; choose one). The work behind the
+commands lives in ``bot.training_flow``; this module is the Discord side.
+
+Hidden from members by default permissions, and checked server-side with ``require_admin``
+on every command (a server owner can re-grant hidden commands to anyone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot import embeds
+from bot.errors import InvalidOption, Refused
+from bot.jobs import new_job_id
+from bot.policy import is_admin, require_admin
+from bot.training_flow import TrainingFlow, flow_for
+from bot.training_store import RunRow
+from engine import protocol
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+KINDS = [app_commands.Choice(name=k, value=k) for k in ("character", "style")]
+IMAGE_HELP = "attach PNG, JPEG, WebP, GIF or BMP images (image1..image10) or a .zip of them (optional .txt captions)"
+MAX_GRIDS = 8
+ATTACHMENTS = ("image1", "image2", "image3", "image4", "image5", "image6", "image7", "image8", "image9", "image10")
+
+
+def attachment_list(*items: Optional[discord.Attachment]) -> list[discord.Attachment]:
+    return [a for a in items if a is not None]
+
+
+def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, captions_ok: bool = True) -> None:
+    """Refuse, before downloading, files that cannot be training images and uploads over the cap."""
+    from training.intake import CAPTION_SUFFIX, IMAGE_SUFFIXES
+
+    allowed = set(IMAGE_SUFFIXES) | {".zip"} | ({CAPTION_SUFFIX} if captions_ok else set())
+    bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() not in allowed]
+    if bad:
+        raise InvalidOption(f"Not started: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not an image or a "
+                            f".zip; {IMAGE_HELP}.")
+    total = sum(a.size for a in attachments)
+    if total > max_bytes:
+        raise InvalidOption(f"Not started: the upload is {total / 2**20:.1f} MiB; at most "
+                            f"{max_bytes / 2**20:.0f} MiB in all.")
+
+
+def check_adapter_name(name: str) -> str:
+    from training.errors import LifecycleError
+    from training.lifecycle import check_name
+
+    try:
+        return check_name(name)
+    except LifecycleError as exc:
+        raise InvalidOption(f"Not started: {exc.message}.") from None
+
+
+def refused_summary(refused: list[Any], limit: int = 8) -> str:
+    lines = [f"• `{r.name}`: {r.reason}" for r in refused[:limit]]
+    if len(refused) > limit:
+        lines.append(f"• … and {len(refused) - limit} more")
+    return "\n".join(lines)
+
+
+def eta_text(run: RunRow, now: float | None = None) -> str:
+    """Remaining time from the pace so far (steps done since the run started)."""
+    if run.status != "running" or not run.started_at or run.progress_step <= 0:
+        return "—"
+    elapsed = (now or time.time()) - run.started_at
+    left = elapsed / run.progress_step * max(0, run.progress_total - run.progress_step)
+    return f"~{int(left // 60)} min {int(left % 60)} s" if left >= 60 else f"~{int(left)} s"
+
+
+def run_choices(runs: list[RunRow], current: str) -> list[app_commands.Choice[str]]:
+    current = current.lower()
+    out = []
+    for r in runs:
+        label = f"{r.run_id} · {r.adapter_name} · {r.status}"
+        if current in label.lower():
+            out.append(app_commands.Choice(name=label[:100], value=r.run_id))
+    return out[:25]
+
+
+class Training(commands.Cog):
+    """The /train command group."""
+
+    train = app_commands.Group(name="train", description="Train LoRA adapters from images (admins)",
+                               guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+        self.flow: TrainingFlow = flow_for(bot)
+        self.flow.notice = self._notice
+        self._interactions: dict[str, discord.Interaction] = {}
+        self._starting = asyncio.Lock()
+
+    async def cog_load(self) -> None:
+        # Engine events reach the bot through JobManager.on_event (the link is built after the
+        # cogs load); training events pass through to the flow as well. JobManager ignores them.
+        jobs = self.bot.jobs
+        following = jobs.on_event
+
+        async def on_event(event: Any) -> None:
+            await following(event)
+            await self.flow.on_event(event)
+
+        jobs.on_event = on_event  # type: ignore[method-assign]
+        await self.flow.start()
+
+    async def cog_unload(self) -> None:
+        await self.flow.stop()
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _run(self, run_id: Optional[str], *, statuses: tuple[str, ...] | None = None) -> RunRow:
+        store = self.flow.store
+        run = await store.get(run_id) if run_id else await store.latest(statuses)
+        if run is None:
+            raise InvalidOption(f"No training run `{run_id}`." if run_id else "No training run yet; start one with "
+                                "/train start.")
+        return run
+
+    async def _autocomplete_runs(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        if not is_admin(interaction.user, interaction.guild, self.bot.config):
+            return []
+        return run_choices(await self.flow.store.recent(), current)
+
+    async def _autocomplete_datasets(self, interaction: discord.Interaction,
+                                     current: str) -> list[app_commands.Choice[str]]:
+        if not is_admin(interaction.user, interaction.guild, self.bot.config):
+            return []
+        names = await asyncio.to_thread(self.flow.datasets)
+        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+
+    async def _audit(self, interaction: discord.Interaction, action: str, target: str, **detail: Any) -> None:
+        await self.flow.store.audit(user_id=interaction.user.id, guild_id=interaction.guild_id, action=action,
+                                    target=target, detail=detail)
+
+    async def _notice(self, run: RunRow, status: str) -> None:
+        """Tell the admin who started a run that it ended (ephemeral follow-up, else the channel)."""
+        if status == "completed":
+            rec = f"recommended checkpoint: step {run.recommended_step}" if run.recommended_step else "no scores"
+            loss = f", loss {run.loss:.4f}" if run.loss is not None else ""
+            text = (f"✅ Training run `{run.run_id}` (**{run.adapter_name}**) completed: {run.progress_step} steps"
+                    f"{loss}; {rec}. See /train checkpoints, then /adapter promote.")
+        elif status == "canceled":
+            text = f"✖️ Training run `{run.run_id}` (**{run.adapter_name}**) was canceled; live adapters are unchanged."
+        else:
+            text = (f"❌ Training run `{run.run_id}` (**{run.adapter_name}**) failed: {run.error or 'unknown error'}. "
+                    "Live adapters are unchanged.")
+        interaction = self._interactions.pop(run.run_id, None)
+        if interaction is not None:
+            try:
+                await interaction.followup.send(text[:2000], ephemeral=True)
+                return
+            except discord.HTTPException:
+                pass  # the interaction expired (15 minutes): say it in the channel instead
+        channel = self.bot.get_channel(run.channel_id) if run.channel_id else None
+        if channel is not None:
+            await channel.send(f"<@{run.created_by}> {text}"[:2000],
+                               allowed_mentions=discord.AllowedMentions(users=True))
+
+    # ------------------------------------------------------------------ start
+
+    @train.command(name="start", description="Train a LoRA from attached images or a .zip (admins)")
+    @app_commands.describe(
+        name="Adapter (and dataset) name: letters, digits, _ . -", kind="What the adapter learns",
+        trigger="Trigger word the captions start with", image1="An image, or a .zip of images",
+        steps="Optimizer steps (default from config)", rank="LoRA rank, 1-512", lr="Learning rate, e.g. 0.0001",
+        resolution="Training resolution in px, 64-4096", save_every="Checkpoint every N steps",
+        seed="Seed (same seed, same run)", sample_steps="Sampling steps of checkpoint sample images")
+    @app_commands.choices(kind=KINDS)
+    async def start(self, interaction: discord.Interaction, name: str, kind: str, trigger: str,
+                    image1: Optional[discord.Attachment] = None, image2: Optional[discord.Attachment] = None,
+                    image3: Optional[discord.Attachment] = None, image4: Optional[discord.Attachment] = None,
+                    image5: Optional[discord.Attachment] = None, image6: Optional[discord.Attachment] = None,
+                    image7: Optional[discord.Attachment] = None, image8: Optional[discord.Attachment] = None,
+                    image9: Optional[discord.Attachment] = None, image10: Optional[discord.Attachment] = None,
+                    steps: Optional[int] = None, rank: Optional[int] = None, lr: Optional[float] = None,
+                    resolution: Optional[int] = None, save_every: Optional[int] = None, seed: Optional[int] = None,
+                    sample_steps: Optional[int] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        flow, config = self.flow, self.bot.config
+        attachments = attachment_list(image1, image2, image3, image4, image5, image6, image7, image8, image9, image10)
+        check_adapter_name(name)
+        dataset = flow.datasets_dir / name
+        options = flow.build_options(dataset=dataset, kind=kind, trigger=trigger, steps=steps, rank=rank, lr=lr,
+                                     resolution=resolution, save_every=save_every, seed=seed,
+                                     sample_steps=sample_steps)
+        exists = (dataset / "manifest.json").is_file()
+        if not attachments and not exists:
+            raise InvalidOption(f"Not started: no images. {IMAGE_HELP[0].upper() + IMAGE_HELP[1:]}.")
+        if attachments and exists:
+            raise Refused(f"A dataset named `{name}` already exists. Run /train start without images to train on it "
+                          "again, or add images with /train add-images.")
+        check_uploads(attachments, config.intake.max_upload_bytes)
+        active = await flow.store.active()
+        if active or self._starting.locked():
+            busy = f"`{active[0].run_id}` (**{active[0].adapter_name}**)" if active else "another one"
+            raise Refused(f"Training run {busy} is still being prepared or trained; one run at a time. "
+                          "Wait for it, or stop it with /train cancel.")
+        async with self._starting:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            await self._start_run(interaction, name, kind, trigger, attachments, options)
+
+    async def _start_run(self, interaction: discord.Interaction, name: str, kind: str, trigger: str,
+                         attachments: list[discord.Attachment], options: dict[str, Any]) -> None:
+        from bot.engine_link import EngineRejected, EngineUnavailable
+
+        flow = self.flow
+        report_lines = []
+        if attachments:
+            files = [(a.filename, await a.read()) for a in attachments]
+            result = await flow.import_images(name, kind, trigger, files)
+            report = result.report
+            report_lines.append(f"{len(report.images)} image(s) captioned into dataset `{name}`.")
+            if report.refused:
+                report_lines.append(f"Refused {len(report.refused)} file(s):\n{refused_summary(report.refused)}")
+        else:
+            report_lines.append(f"Training again on dataset `{name}`.")
+        run_id = f"run-{new_job_id()}"
+        await flow.store.insert(run_id=run_id, adapter_name=name, kind=kind, trigger=trigger, dataset=name,
+                                run_dir=str(flow.runs_dir / run_id), options=options,
+                                created_by=interaction.user.id, channel_id=interaction.channel_id,
+                                guild_id=interaction.guild_id)
+        await self._audit(interaction, "train.start", run_id, adapter=name, kind=kind, trigger=trigger,
+                          files=[a.filename for a in attachments], options=options)
+        run = await flow.store.get(run_id)
+        assert run is not None
+        self._interactions[run_id] = interaction
+        try:
+            await flow.submit(run)
+        except EngineRejected as exc:
+            self._interactions.pop(run_id, None)
+            await flow.store.finish(run_id, "failed", error=exc.message)
+            await interaction.followup.send(f"❌ The engine refused training run `{run_id}`: "
+                                            f"{exc.message}", ephemeral=True)
+            return
+        except EngineUnavailable:
+            report_lines.append("The engine is not reachable right now; the run starts when it is back.")
+        report_lines.append(f"Steps {options.get('steps', self.bot.config.training.steps)}, rank "
+                            f"{options.get('rank', self.bot.config.training.rank)}. Follow it with /train status.")
+        await interaction.followup.send(
+            embeds.truncate(f"🏋️ Training run `{run_id}` for **{name}** ({kind}, trigger `{trigger}`) started.\n"
+                            + "\n".join(report_lines), 2000), ephemeral=True)
+
+    # ------------------------------------------------------------------ datasets
+
+    @train.command(name="add-images", description="Add images to a dataset before (re)training it (admins)")
+    @app_commands.describe(dataset="Dataset name (the adapter name of /train start)", image1="An image or a .zip")
+    async def add_images(self, interaction: discord.Interaction, dataset: str,
+                         image1: discord.Attachment, image2: Optional[discord.Attachment] = None,
+                         image3: Optional[discord.Attachment] = None, image4: Optional[discord.Attachment] = None,
+                         image5: Optional[discord.Attachment] = None, image6: Optional[discord.Attachment] = None,
+                         image7: Optional[discord.Attachment] = None, image8: Optional[discord.Attachment] = None,
+                         image9: Optional[discord.Attachment] = None,
+                         image10: Optional[discord.Attachment] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        from training.dataset import read_manifest
+
+        attachments = attachment_list(image1, image2, image3, image4, image5, image6, image7, image8, image9, image10)
+        manifest = self._manifest(dataset, read_manifest)
+        check_uploads(attachments, self.bot.config.intake.max_upload_bytes)
+        if any(r.dataset == dataset for r in await self.flow.store.active()):
+            raise Refused(f"Dataset `{dataset}` is being trained on; add images once the run has ended.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        before = len(manifest.get("images", []))
+        new = [(a.filename, await a.read()) for a in attachments]
+        existing = await asyncio.to_thread(self.flow.dataset_files, dataset)
+        result = await self.flow.import_images(dataset, manifest.get("kind", "character"),
+                                               manifest.get("trigger", ""), existing + new, replace=True)
+        added = len(result.report.images) - before
+        await self._audit(interaction, "train.add_images", dataset, files=[a.filename for a in attachments],
+                          added=added)
+        text = f"Added {added} image(s) to dataset `{dataset}` (now {len(result.report.images)})."
+        new_names = {n for n, _ in new}
+        refused = [r for r in result.report.refused if r.name in new_names or "duplicate" in r.reason]
+        if refused:
+            text += f"\nRefused {len(refused)} file(s):\n{refused_summary(refused)}"
+        await interaction.followup.send(embeds.truncate(text, 2000), ephemeral=True)
+
+    def _manifest(self, dataset: str, read_manifest: Any) -> dict[str, Any]:
+        folder = self.flow.datasets_dir / dataset
+        if not re.fullmatch(protocol.ADAPTER_NAME_PATTERN[1:-1], dataset) or not folder.is_dir():
+            known = ", ".join(self.flow.datasets()[:20]) or "none yet"
+            raise InvalidOption(f"No dataset `{dataset}`. Datasets: {known}.")
+        try:
+            return read_manifest(folder)
+        except ValueError as exc:
+            raise InvalidOption(f"Dataset `{dataset}` is unreadable: {exc}") from None
+
+    @train.command(name="captions", description="Per-image captions and the tag chart; upload .txt files to edit")
+    @app_commands.describe(dataset="Dataset name", image="Show one image's tags and scores",
+                           file1="NAME.txt replacing the caption of NAME.png (up to 5 files)")
+    async def captions(self, interaction: discord.Interaction, dataset: str, image: Optional[str] = None,
+                       file1: Optional[discord.Attachment] = None, file2: Optional[discord.Attachment] = None,
+                       file3: Optional[discord.Attachment] = None, file4: Optional[discord.Attachment] = None,
+                       file5: Optional[discord.Attachment] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        from training.dataset import read_manifest
+
+        manifest = self._manifest(dataset, read_manifest)
+        uploads = attachment_list(file1, file2, file3, file4, file5)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if uploads:
+            await self._edit_captions(interaction, dataset, manifest, uploads)
+            return
+        from bot.training_views import caption_page
+
+        text, files = await asyncio.to_thread(caption_page, self.flow.datasets_dir / dataset, manifest, image)
+        await interaction.followup.send(embeds.truncate(text, 2000), files=files, ephemeral=True)
+
+    async def _edit_captions(self, interaction: discord.Interaction, dataset: str, manifest: dict[str, Any],
+                             uploads: list[discord.Attachment]) -> None:
+        from bot.training_views import write_captions
+
+        files = [(a.filename, await a.read()) for a in uploads]
+        updated, refused = await asyncio.to_thread(write_captions, self.flow.datasets_dir / dataset, manifest, files)
+        await self._audit(interaction, "train.captions", dataset, updated=updated,
+                          refused=[f"{n}: {r}" for n, r in refused])
+        lines = [f"Updated {len(updated)} caption(s) in `{dataset}`" + (f": {', '.join(updated)}" if updated else ".")]
+        lines += [f"• `{n}`: {r}" for n, r in refused]
+        await interaction.followup.send(embeds.truncate("\n".join(lines), 2000), ephemeral=True)
+
+    # ------------------------------------------------------------------ following a run
+
+    @train.command(name="status", description="Progress, ETA, loss plot and latest samples of a run (admins)")
+    @app_commands.describe(run="Run id (default: the newest run)")
+    async def status(self, interaction: discord.Interaction, run: Optional[str] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        row = await self._run(run)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        from bot.training_views import status_embed
+
+        embed, files = await asyncio.to_thread(status_embed, row, self.flow.run_dir(row), eta_text(row))
+        await interaction.followup.send(embed=embed, files=files, ephemeral=True)
+
+    @train.command(name="cancel", description="Stop a training run; live adapters stay as they are (admins)")
+    @app_commands.describe(run="Run id (default: the active run)")
+    async def cancel(self, interaction: discord.Interaction, run: Optional[str] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        row = await self._run(run, statuses=("pending", "running"))
+        if not row.active:
+            raise Refused(f"Training run `{row.run_id}` has already ended ({row.status}).")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        self._interactions.pop(row.run_id, None)  # this reply says it; no separate notice
+        held = await self.flow.cancel(row)
+        await self._audit(interaction, "train.cancel", row.run_id, adapter=row.adapter_name, held=held)
+        await interaction.followup.send(f"✖️ Canceling training run `{row.run_id}` (**{row.adapter_name}**). "
+                                        "Live adapters are unchanged.", ephemeral=True)
+
+    @train.command(name="checkpoints", description="Checkpoint scores and sample grids; choose one (admins)")
+    @app_commands.describe(run="Run id (default: the newest run)", choose="Make this checkpoint step the one to "
+                           "promote")
+    async def checkpoints(self, interaction: discord.Interaction, run: Optional[str] = None,
+                          choose: Optional[int] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        row = await self._run(run)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        from bot.training_views import checkpoint_page, choose_step
+        from training.run_record import read_run
+
+        run_dir = self.flow.run_dir(row)
+        if choose is not None:
+            await asyncio.to_thread(choose_step, run_dir, choose)
+            await self.flow.store.set_chosen(row.run_id, choose)
+            await self._audit(interaction, "train.choose", row.run_id, step=choose)
+        try:
+            record = await asyncio.to_thread(read_run, run_dir)
+        except Exception:
+            record = {}
+        if row.status == "completed" and not record.get("scores"):
+            await self.flow.score(row)
+            record = await asyncio.to_thread(read_run, run_dir)
+        text, files = await asyncio.to_thread(checkpoint_page, row, run_dir, record, MAX_GRIDS)
+        if choose is not None:
+            text = f"Chose checkpoint step {choose} of `{row.run_id}`; /adapter promote uses it.\n" + text
+        await interaction.followup.send(embeds.truncate(text, 2000), files=files, ephemeral=True)
+
+    for _command in (status, cancel, checkpoints):
+        _command.autocomplete("run")(_autocomplete_runs)
+    for _command in (add_images, captions):
+        _command.autocomplete("dataset")(_autocomplete_datasets)
+    del _command
+
+
+async def setup(bot: "ArcaeBot") -> None:
+    await bot.add_cog(Training(bot))

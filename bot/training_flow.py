@@ -1,0 +1,305 @@
+"""Training runs from Discord, without Discord: datasets, options, the engine, scores, notices.
+
+The flow of one run (``/train start``):
+
+1. the bot downloads the attachments (sizes checked against ``[intake]`` first);
+2. ``training.dataset`` checks every file by content, captions the images with the WD tagger
+   (onnxruntime, in a worker thread: the event loop never waits on it) and makes the dataset
+   ``<datasets_dir>/<adapter name>`` visible in one rename;
+3. the run is recorded in SQLite (``training_runs``) and a ``TrainRequest`` goes to the engine,
+   whose GPU worker runs it as preemptible steps between generation jobs;
+4. engine events update the row (progress, loss); ``Completed`` makes the bot score every
+   checkpoint (``training.checkpoints.score_run``: tagger recall of the dataset's signature tags
+   against collapse) and tell the admin which checkpoint it recommends.
+
+Promotion (``/adapter promote``) is a separate, explicit step, so a failed or canceled run
+never changes what is live. The bot never imports torch: ``training.dataset``,
+``training.checkpoints`` and ``training.lifecycle`` are torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from bot.errors import InvalidOption, Refused
+from bot.training_store import RunRow, TrainingStore
+from engine import protocol
+
+if TYPE_CHECKING:
+    from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL_S = 2.0
+MAX_ATTEMPTS = 2  # a run the engine stopped under twice is not tried a third time
+# Options an admin may set from Discord; everything else comes from [training] in config.toml.
+DISCORD_OPTIONS = ("steps", "rank", "lr", "resolution", "save_every", "seed", "sample_steps", "optimizer")
+Notice = Callable[[RunRow, str], Any]
+
+
+def discord_wording(message: str) -> str:
+    """The trainer names options as CLI flags (``--save-every``); Discord shows ``save_every``."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+class TrainingFlow:
+    """One per bot: shared by the /train and /adapter cogs (see the module docstring)."""
+
+    def __init__(self, bot: "ArcaeBot") -> None:
+        self.bot = bot
+        self.config = bot.config
+        self.store = TrainingStore(bot.db)
+        self.notice: Notice | None = None  # set by the /train cog: tells the admin a run ended
+        self._tagger: Any = None
+        self._tagger_lock = asyncio.Lock()
+        self._active: set[str] = set()
+        self._connections_seen = 0
+        self._reconciler: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ places
+
+    @property
+    def datasets_dir(self) -> Path:
+        return Path(self.config.path(self.config.storage.datasets_dir))
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.config.path(self.config.storage.runs_dir))
+
+    @property
+    def adapters_dir(self) -> Path:
+        return Path(self.config.path(self.config.adapters.dir))
+
+    def run_dir(self, run: RunRow) -> Path:
+        return Path(run.run_dir) if run.run_dir else self.runs_dir / run.run_id
+
+    # ------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        """Remember the active runs and follow engine reconnects (to resubmit them)."""
+        self._active = {r.run_id for r in await self.store.active()}
+        self._reconciler = asyncio.create_task(self._reconcile_loop())
+
+    async def stop(self) -> None:
+        for task in (self._reconciler, *self._background):
+            if task is not None:
+                task.cancel()
+
+    def spawn(self, coro: Any) -> None:
+        async def logged() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("training background work failed")
+
+        task = asyncio.create_task(logged())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ tagger and datasets
+
+    async def tagger(self) -> Any:
+        """The WD tagger (loaded once, in a thread: onnxruntime session start takes seconds)."""
+        async with self._tagger_lock:
+            if self._tagger is None:
+                from training.tagger import WDTagger
+
+                self._tagger = await asyncio.to_thread(WDTagger.from_config, self.config.tagger,
+                                                       base_dir=self.config.base_dir)
+            return self._tagger
+
+    async def import_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]],
+                            *, replace: bool = False) -> Any:
+        """Intake + captions into ``datasets_dir/name`` (atomic); ``Refused`` says why nothing was kept."""
+        from training.dataset import import_with_config
+        from training.intake import IntakeRefused
+
+        tagger = await self.tagger()
+        try:
+            return await asyncio.to_thread(import_with_config, self.config, files, name=name, kind=kind,
+                                           trigger=trigger, tagger=tagger, replace=replace)
+        except IntakeRefused as exc:
+            raise Refused(f"No images imported: {exc.reason}") from None
+
+    def dataset_files(self, name: str) -> list[tuple[str, bytes]]:
+        """A dataset's images and captions as (name, bytes): re-imported with new images by add-images."""
+        from training.intake import CAPTION_SUFFIX, DATASET_METADATA_FILES, IMAGE_SUFFIXES
+
+        folder = self.datasets_dir / name
+        files = []
+        for path in sorted(folder.iterdir()):
+            suffix = path.suffix.lower()
+            if path.is_file() and path.name not in DATASET_METADATA_FILES and (
+                    suffix in IMAGE_SUFFIXES or suffix == CAPTION_SUFFIX):
+                files.append((path.name, path.read_bytes()))
+        return files
+
+    def datasets(self) -> list[str]:
+        from training.dataset import list_datasets
+
+        return list_datasets(self.datasets_dir)
+
+    # ------------------------------------------------------------------ options
+
+    def build_options(self, *, dataset: Path, kind: str, trigger: str, **overrides: Any) -> dict[str, Any]:
+        """The ``TrainRequest.options``, validated here exactly as the engine will validate them."""
+        from training.errors import TrainingError
+        from training.train_config import from_config
+
+        given = {k: v for k, v in overrides.items() if k in DISCORD_OPTIONS and v is not None}
+        options = {"dataset": str(dataset), "kind": kind, "trigger": trigger, **given}
+        try:
+            from_config(self.config.training, **options)
+        except TrainingError as exc:
+            raise InvalidOption("Not started: " + discord_wording(exc.message) + ".") from None
+        return options
+
+    # ------------------------------------------------------------------ engine
+
+    def _engine(self) -> Any:
+        return self.bot.jobs.engine if self.bot.jobs is not None else None
+
+    async def submit(self, run: RunRow) -> None:
+        """Send the run to the engine; ``EngineUnavailable``/``EngineRejected`` propagate."""
+        from bot.engine_link import EngineUnavailable
+
+        engine = self._engine()
+        if engine is None:
+            raise EngineUnavailable("the engine is not connected yet")
+        self._active.add(run.run_id)
+        await engine.submit(protocol.TrainRequest(job_id=run.run_id, owner=str(run.created_by),
+                                                  attempt=run.attempt, options=run.options))
+
+    async def cancel(self, run: RunRow) -> bool:
+        """Stop a run; True when the engine held it (its Canceled event finishes the row)."""
+        from bot.engine_link import EngineUnavailable
+
+        engine = self._engine()
+        held = False
+        if engine is not None:
+            try:
+                held = await engine.cancel(run.run_id)
+            except EngineUnavailable:
+                held = False
+        if not held:
+            await self._finished(run.run_id, "canceled")
+        return held
+
+    async def reload_adapters(self) -> dict[str, Any]:
+        """Ask the engine to rescan its adapters between jobs, then refresh the bot's catalog."""
+        engine = self._engine()
+        result: dict[str, Any] = {}
+        if engine is not None:
+            result = await engine.reload_adapters()
+        await self.bot.catalog.refresh()
+        return result
+
+    async def _reconcile_loop(self) -> None:
+        """After each (re)connection, resubmit active runs: idempotent for a run the engine holds,
+        a resume from the newest checkpoint for one a restarted engine lost."""
+        while True:
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+            engine = self._engine()
+            connections = getattr(engine, "connections", 0) if engine is not None else 0
+            if not connections or connections == self._connections_seen or not getattr(engine, "connected", True):
+                continue
+            first = self._connections_seen == 0
+            self._connections_seen = connections
+            for run in await self.store.active():
+                if run.status == "pending" and first and run.run_id not in self._active:
+                    continue  # still being prepared by a command, or never sent: not ours to send
+                try:
+                    if run.status == "running" and not first:
+                        await self.store.set_attempt(run.run_id, run.attempt + 1)
+                        run = await self.store.get(run.run_id) or run
+                    await self.submit(run)
+                except Exception as exc:
+                    log.info("training run %s not resubmitted: %s", run.run_id, exc)
+
+    # ------------------------------------------------------------------ engine events
+
+    async def on_event(self, event: Any) -> None:
+        """Apply one engine event if it belongs to a training run (others are ignored cheaply)."""
+        if not isinstance(event, protocol.JOB_EVENT_TYPES) or event.job_id not in self._active:
+            return
+        try:
+            await self._apply(event)
+        except Exception:
+            log.exception("applying %s to training run %s failed", type(event).__name__, event.job_id)
+
+    async def _apply(self, event: Any) -> None:
+        run = await self.store.get(event.job_id)
+        if run is None or not run.active or event.attempt < run.attempt:
+            return
+        if isinstance(event, protocol.Started):
+            await self.store.mark_started(run.run_id, event.attempt, event.seq)
+        elif isinstance(event, protocol.Progress):
+            await self.store.record_progress(run.run_id, event.attempt, event.seq, event.step, event.total, event.loss)
+        elif isinstance(event, protocol.Completed):
+            await self._completed(run, event)
+        elif isinstance(event, protocol.Failed):
+            if event.retryable and event.error == "engine_unavailable" and run.attempt < MAX_ATTEMPTS:
+                # The engine stopped under the run: the next attempt resumes from its last checkpoint.
+                await self.store.set_attempt(run.run_id, run.attempt + 1)
+                retry = await self.store.get(run.run_id)
+                if retry is not None:
+                    self.spawn(self.submit(retry))
+                return
+            await self._finished(run.run_id, "failed", error=discord_wording(event.message))
+        elif isinstance(event, protocol.Canceled):
+            await self._finished(run.run_id, "canceled")
+
+    async def _completed(self, run: RunRow, event: protocol.Completed) -> None:
+        result = dict(event.result)
+        status = result.get("status", "completed")
+        if status != "completed":  # a run that stopped early reports it in its result
+            await self._finished(run.run_id, "failed" if status == "failed" else "canceled",
+                                 error=result.get("error"), result=result)
+            return
+        steps = int(result.get("steps") or run.progress_total)
+        await self.store.set_final_progress(run.run_id, steps, max(steps, run.progress_total), result.get("loss"))
+        recommended = await self.score(run)
+        result["recommended_checkpoint"] = recommended
+        await self._finished(run.run_id, "completed", result=result)
+
+    async def score(self, run: RunRow) -> int | None:
+        """Score the run's checkpoints (tagger in a thread); store and return the recommended step."""
+        from training import checkpoints
+
+        run_dir = self.run_dir(run)
+        try:
+            tag_fn = checkpoints.tagger_tag_fn(await self.tagger())
+        except Exception as exc:  # no tagger: the pixel-based collapse score still ranks checkpoints
+            log.warning("scoring run %s without the tagger: %s", run.run_id, exc)
+            tag_fn = None
+        try:
+            scores = await asyncio.to_thread(checkpoints.score_run, run_dir, tag_fn)
+        except Exception:
+            log.exception("scoring run %s failed", run.run_id)
+            return None
+        recommended = checkpoints.recommend(scores).step if scores else None
+        await self.store.set_recommended(run.run_id, recommended)
+        return recommended
+
+    async def _finished(self, run_id: str, status: str, *, error: str | None = None,
+                        result: dict[str, Any] | None = None) -> None:
+        if not await self.store.finish(run_id, status, error=error, result=result):
+            return
+        self._active.discard(run_id)
+        run = await self.store.get(run_id)
+        if run is not None and self.notice is not None:
+            self.spawn(self.notice(run, status))
+
+
+def flow_for(bot: "ArcaeBot") -> TrainingFlow:
+    """The bot's one ``TrainingFlow`` (made by whichever training cog loads first)."""
+    flow = getattr(bot, "training_flow", None)
+    if flow is None:
+        flow = TrainingFlow(bot)
+        bot.training_flow = flow  # type: ignore[attr-defined]
+    return flow

@@ -1,0 +1,290 @@
+"""CPU benchmark on the tiny model (``python -m engine bench``): ratios measured in one run.
+
+Machines here are noisy, so every case times both sides in the same run, alternating trials,
+and reports the ratio of medians. Absolute seconds are printed for context only.
+
+Cases: ``service`` (a job through the engine process vs the same call on the library),
+``mix`` (adapter mix change with 2 vs 50 adapters loaded, and vs loading from disk), ``fast``
+(LCM 4 steps vs 28 steps with CFG), ``batching`` (4 compatible jobs as one call vs four
+calls), ``training`` (generation latency while a LoRA trains vs idle, through the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+CASES = ("service", "mix", "fast", "batching", "training")
+
+
+@dataclass
+class Ratio:
+    case: str
+    what: str
+    numerator_s: float
+    denominator_s: float
+    ratio: float
+    note: str = ""
+
+    def line(self) -> str:
+        return f"{self.case:9} {self.what:58} {self.ratio:8.2f}x   ({self.numerator_s * 1000:8.1f} ms / {self.denominator_s * 1000:8.1f} ms){'  ' + self.note if self.note else ''}"
+
+
+def _alternate(a: Callable[[], Any], b: Callable[[], Any], trials: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and ``b``, timed alternately after one warm-up each."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(trials):
+        for fn, acc in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def write_bench_config(root: Path, model_dir: Path) -> Path:
+    """A config for the tiny model under ``root`` (CPU, 64 px, data in ``root``)."""
+    text = f"""
+[engine]
+device = "cpu"
+port = 0
+rate_outputs = false
+previews = false
+queue_limit = 500
+
+[model]
+source = "{model_dir.as_posix()}"
+name = "tiny-sdxl"
+
+[adapters]
+dir = "adapters"
+
+[generation]
+size = "64x64"
+min_side = 32
+max_side = 256
+max_pixels = 65536
+add_quality_tags = false
+fast_steps = 4
+max_steps = 60
+
+[training]
+optimizer = "adamw"
+resolution = 64
+rank = 4
+save_every = 1000
+
+[storage]
+data_dir = "data"
+database = "data/arcae.sqlite3"
+outputs_dir = "data/outputs"
+datasets_dir = "data/datasets"
+runs_dir = "data/runs"
+logs_dir = "data/logs"
+"""
+    path = root / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class _Env:
+    """The tiny model, an adapters dir with an LCM-style LoRA, and a loaded Generator."""
+
+    def __init__(self, root: Path) -> None:
+        from engine.config import load_config
+        from engine.generator import Generator
+        from engine.lora_synth import make_lora
+        from engine.tiny import build_tiny_components, make_tiny_model
+
+        self.root = root
+        self.model_dir = make_tiny_model(root / "tiny-sdxl", seed=0)
+        self.config_path = write_bench_config(root, self.model_dir)
+        self.config = load_config(self.config_path)
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(**build_tiny_components(0))
+        adapters = self.config.path(self.config.adapters.dir)
+        make_lora(pipe, adapters / f"{self.config.adapters.lcm_adapter}.safetensors", kind="lcm", seed=7)
+        make_lora(pipe, adapters / "style-a.safetensors", kind="style", seed=8)
+        self.generator = Generator.from_config(self.config)
+        self.jobs = 0
+
+    def job_id(self) -> str:
+        self.jobs += 1
+        return f"bench-{self.jobs}"
+
+    def generate(self, **params: Any) -> Any:
+        from engine.protocol import GenerationParams
+
+        return self.generator.generate(GenerationParams(**params), job_id=self.job_id())
+
+
+def bench_fast(env: _Env, trials: int) -> list[Ratio]:
+    std = lambda: env.generate(prompt="1girl, solo", seed=1, steps=28, cfg=6.0)  # noqa: E731
+    fast = lambda: env.generate(prompt="1girl, solo", seed=1, steps=4, fast=True)  # noqa: E731
+    t_std, t_fast = _alternate(std, fast, trials)
+    return [Ratio("fast", "standard 28 steps CFG / fast LCM 4 steps (speed-up)", t_std, t_fast, t_std / t_fast, "ideal: 14x (56 vs 4 UNet evals)")]
+
+
+def bench_batching(env: _Env, trials: int) -> list[Ratio]:
+    def four_calls() -> None:
+        for i in range(4):
+            env.generate(prompt="1girl, solo", seed=10 + i, steps=8)
+
+    one_call = lambda: env.generate(prompt="1girl, solo", seed=10, steps=8, count=4)  # noqa: E731
+    t4, t1 = _alternate(four_calls, one_call, trials)
+    return [Ratio("batching", "4 jobs as four calls / as one batched call", t4, t1, t4 / t1, ">1 means batching pays")]
+
+
+def bench_mix(trials: int) -> list[Ratio]:
+    from engine.adapters_bench import measure_mix_change
+
+    small = measure_mix_change(2, repeats=max(3, trials))
+    large = measure_mix_change(50, repeats=max(3, trials))
+    return [
+        Ratio("mix", "Arcae mix change, 50 loaded / 2 loaded", large["apply_mix_s"], small["apply_mix_s"], large["apply_mix_s"] / small["apply_mix_s"], "flat = 1"),
+        Ratio("mix", "diffusers set_adapters, 50 loaded / 2 loaded", large["set_adapters_s"], small["set_adapters_s"], large["set_adapters_s"] / small["set_adapters_s"], "diffusers issue 11816"),
+        Ratio("mix", "diffusers set_adapters / Arcae mix change (50 loaded)", large["set_adapters_s"], large["apply_mix_s"], large["set_adapters_s"] / large["apply_mix_s"]),
+        Ratio("mix", "load adapter from disk / Arcae mix change (50 loaded)", large["load_s_mean"], large["apply_mix_s"], large["load_s_mean"] / large["apply_mix_s"], "why adapters stay loaded"),
+    ]
+
+
+class _EngineClient:
+    """The engine as the bot sees it: a supervised child process and a websocket link."""
+
+    def __init__(self, env: _Env) -> None:
+        self.env = env
+        self.loop = asyncio.new_event_loop()
+        self.done: dict[str, asyncio.Future] = {}
+        self.loop.run_until_complete(self._start())
+
+    async def _start(self) -> None:
+        from bot.engine_link import EngineLink, EngineSupervisor
+
+        self.supervisor = EngineSupervisor(self.env.config_path, self.env.config)
+        url = await self.supervisor.start()
+        self.link = EngineLink(url, self.supervisor.secret, on_event=self._on_event)
+        await self.link.start()
+
+    async def _on_event(self, event: Any) -> None:
+        fut = self.done.get(getattr(event, "job_id", ""))
+        if fut is not None and not fut.done() and event.type in ("completed", "failed", "canceled"):
+            fut.set_result(event)
+
+    async def _submit(self, request: Any) -> float:
+        fut = self.loop.create_future()
+        self.done[request.job_id] = fut
+        t0 = time.perf_counter()
+        await self.link.submit(request)
+        event = await asyncio.wait_for(fut, 600)
+        if event.type != "completed":
+            raise RuntimeError(f"bench job {request.job_id} {event.type}: {getattr(event, 'message', '')}")
+        return time.perf_counter() - t0
+
+    def generate(self, **params: Any) -> float:
+        from engine.protocol import GenerateRequest, GenerationParams
+
+        req = GenerateRequest(job_id=self.env.job_id(), owner="bench", params=GenerationParams(**params))
+        return self.loop.run_until_complete(self._submit(req))
+
+    def submit_training(self, options: dict[str, Any]) -> asyncio.Future:
+        from engine.protocol import TrainRequest
+
+        req = TrainRequest(job_id=self.env.job_id(), owner="bench-admin", options=options)
+        fut = self.loop.create_future()
+        self.done[req.job_id] = fut
+        self.loop.run_until_complete(self.link.submit(req))
+        return fut
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.link.close()
+            await self.supervisor.close()
+
+        self.loop.run_until_complete(stop())
+        self.loop.close()
+
+
+def bench_service(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]:
+    params = dict(prompt="1girl, solo", seed=3, steps=8)
+    direct = lambda: env.generate(**params)  # noqa: E731
+    through = lambda: client.generate(**params)  # noqa: E731
+    t_engine, t_direct = _alternate(through, direct, trials)
+    return [Ratio("service", "job through the engine process / library call", t_engine, t_direct, t_engine / t_direct, f"overhead {1000 * (t_engine - t_direct):.0f} ms")]
+
+
+def _tiny_dataset(root: Path, n: int = 6) -> Path:
+    from PIL import Image
+
+    ds = root / "bench-dataset"
+    ds.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (40 * i % 255, 90, 200 - 20 * i)).save(ds / f"img{i}.png")
+        (ds / f"img{i}.txt").write_text("benchchar, 1girl, solo, red hair", encoding="utf-8")
+    return ds
+
+
+def bench_training(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]:
+    params = dict(prompt="1girl, solo", seed=5, steps=8)
+    idle = [client.generate(**params) for _ in range(trials + 1)][1:]
+    dataset = _tiny_dataset(env.root)
+    options = {"dataset": str(dataset), "kind": "character", "trigger": "benchchar", "steps": 100_000, "rank": 4, "resolution": 64, "save_every": 100_000, "sample_every": 100_000}
+    fut = client.submit_training(options)
+    time.sleep(1.0)
+    busy = [client.generate(**params) for _ in range(trials)]
+    note = ""
+    if fut.done():
+        note = f"training ended early: {fut.result().type}"
+    else:
+        async def cancel() -> None:
+            await client.link.cancel(next(k for k, v in client.done.items() if v is fut))
+
+        client.loop.run_until_complete(cancel())
+    t_busy, t_idle = statistics.median(busy), statistics.median(idle)
+    return [Ratio("training", "generation latency while a LoRA trains / idle", t_busy, t_idle, t_busy / t_idle, note or "cost of one preemptible step per job")]
+
+
+def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path | None = None) -> list[Ratio]:
+    """Run the selected cases, print one line per ratio, and return them."""
+    import torch
+
+    torch.manual_seed(0)
+    selected = [c for c in CASES if not only or c in only]
+    unknown = [c for c in (only or []) if c not in CASES]
+    if unknown:
+        from engine.cli import CliError
+
+        raise CliError(f"unknown case {unknown[0]!r}; cases: {', '.join(CASES)}")
+    results: list[Ratio] = []
+    print(f"Arcae CPU benchmark (tiny model, median of {trials} trials, ratios measured in this run)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="arcae-bench-") as tmp:
+        env = _Env(Path(tmp)) if set(selected) - {"mix"} else None
+        client = _EngineClient(env) if env is not None and {"service", "training"} & set(selected) else None
+        try:
+            for case in selected:
+                if case == "mix":
+                    new = bench_mix(trials)
+                elif case == "fast":
+                    new = bench_fast(env, trials)
+                elif case == "batching":
+                    new = bench_batching(env, trials)
+                elif case == "service":
+                    new = bench_service(env, client, trials)
+                else:
+                    new = bench_training(env, client, trials)
+                for r in new:
+                    print(r.line(), flush=True)
+                results.extend(new)
+        finally:
+            if client is not None:
+                client.close()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([asdict(r) for r in results], indent=2), encoding="utf-8")
+    return results

@@ -1,0 +1,238 @@
+"""The LoRA trainer on the tiny SDXL model (CPU): learning, files, resume, isolation, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.training.train_helpers import TRIGGER, generate, make_dataset, tiny_options, tiny_pipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is as fast and immune to a loaded machine's contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from training.tiny_tagger import make_tiny_tagger
+
+    root = tmp_path_factory.mktemp("trainer-data")
+    return make_dataset(root, make_tiny_tagger(root / "tagger"))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """One finished 30-step run on a fixed batch: (run, run_dir, fixed-batch loss before, step losses)."""
+    from training.trainer import TrainingRun
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    pipe = tiny_pipeline()
+    options = tiny_options(dataset, steps=30, lr=1e-2, batch_size=4, save_every=15, fixed_batch=True)
+    run = TrainingRun(pipe, options, run_dir, base_model="tiny-sdxl")
+    before = run.evaluate_loss(0)
+    losses = [run.step().loss for _ in range(30)]
+    return run, run_dir, before, losses
+
+
+def test_loss_falls_on_a_fixed_batch(trained):
+    run, _, before, losses = trained
+    assert run.status == "completed" and run.step_index == 30
+    # Every step sees the same images, captions, noise and timesteps, so each step's loss is
+    # the loss of that one batch before the step's update: it must fall as the LoRA learns.
+    assert losses[0] == pytest.approx(before, rel=1e-6)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25, losses
+
+
+def test_run_files(trained):
+    _, run_dir, _, _ = trained
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["step"] == 30
+    assert [c["step"] for c in record["checkpoints"]] == [15, 30]
+    assert record["signature_tags"] == ["long hair", "red theme"]
+    for step in (15, 30):
+        folder = run_dir / "checkpoints" / f"step-{step:06d}"
+        assert (folder / "adapter.safetensors").is_file() and (folder / "grid.png").is_file()
+        assert len(list((folder / "samples").glob("*.png"))) == len(record["sample_prompts"]) >= 2
+    rows = (run_dir / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and len(rows) == 31
+    from PIL import Image
+
+    with Image.open(run_dir / "loss.png") as im:
+        assert im.size == (640, 320)
+
+
+def test_checkpoint_loads_in_diffusers_and_changes_the_image(trained, tiny_model_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    _, run_dir, _, _ = trained
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    plain = generate(pipe)
+    pipe.load_lora_weights(str(run_dir / "checkpoints" / "step-000030"), weight_name="adapter.safetensors", adapter_name="mine")
+    with_lora = generate(pipe)
+    assert np.abs(with_lora - plain).max() > 1e-3
+
+    # The final kohya file gives the same image as the peft file.
+    pipe.load_lora_weights(str(run_dir), weight_name="adapter.kohya.safetensors", adapter_name="kohya")
+    pipe.set_adapters(["kohya"], [1.0])
+    from_kohya = generate(pipe)
+    np.testing.assert_allclose(from_kohya, with_lora, atol=1e-5)
+
+
+def test_kohya_file_keys_and_metadata(trained):
+    from safetensors import safe_open
+
+    _, run_dir, _, _ = trained
+    with safe_open(str(run_dir / "adapter.kohya.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        alpha = f.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
+    assert float(alpha) == 4.0
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "30" and meta["ss_output_name"] == TRIGGER
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.trigger_phrase"] == TRIGGER
+    frequency = json.loads(meta["ss_tag_frequency"])
+    assert next(iter(frequency.values()))["1girl"] == 4
+    assert len(meta["ss_dataset_hash"]) == 64
+
+
+def test_resume_continues_at_the_same_step_with_the_same_loss(dataset, tmp_path):
+    from training.trainer import TrainingRun
+
+    options = tiny_options(dataset, steps=4, save_every=2)
+    straight = TrainingRun(tiny_pipeline(), options, tmp_path / "straight")
+    expected = [straight.step().loss for _ in range(4)]
+
+    first = TrainingRun(tiny_pipeline(), options, tmp_path / "resumed")
+    first.step(), first.step(), first.step()  # checkpoint at 2, then one step that is lost
+    first.cancel()
+    resumed = TrainingRun(tiny_pipeline(), options, tmp_path / "resumed", resume=True)
+    assert resumed.step_index == 2
+    got = [resumed.step() for _ in range(2)]
+    assert [r.step for r in got] == [3, 4]
+    assert [r.loss for r in got] == expected[2:]
+    rows = (tmp_path / "resumed" / "loss.csv").read_text().splitlines()[1:]
+    assert [float(r.split(",")[1]) for r in rows] == expected
+
+
+def test_interleaved_generations_change_nothing(dataset, trained, tmp_path):
+    """Same seed: identical losses with generations in between; those images ignore training."""
+    from training.trainer import TrainingRun
+
+    _, trained_dir, _, _ = trained
+    style = trained_dir / "checkpoints" / "step-000015"
+    options = tiny_options(dataset, steps=5, save_every=1000, sample_steps=1)
+
+    alone = TrainingRun(tiny_pipeline(), options, tmp_path / "alone")
+    losses_alone = [alone.step().loss for _ in range(5)]
+
+    serving = tiny_pipeline()  # serves generations with a style adapter while it trains
+    reference = tiny_pipeline()  # the same, never trained on
+    for pipe in (serving, reference):
+        pipe.load_lora_weights(str(style), weight_name="adapter.safetensors", adapter_name="style")
+    run = TrainingRun(serving, options, tmp_path / "serving")
+    losses, images = [], []
+    for i in range(5):
+        serving.set_adapters(["style"], [0.7])
+        images.append(generate(serving, seed=i))
+        losses.append(run.step().loss)
+    assert losses == losses_alone
+    assert run.done and "arcae_training" not in serving.unet.peft_config  # released when done
+    for i, image in enumerate(images):
+        reference.set_adapters(["style"], [0.7])
+        np.testing.assert_array_equal(image, generate(reference, seed=i))
+
+
+def test_nan_loss_stops_the_run_with_a_clear_message(dataset, tmp_path):
+    import torch
+
+    from training.errors import TrainingDiverged
+    from training.trainer import TrainingRun
+
+    pipe = tiny_pipeline()
+    run = TrainingRun(pipe, tiny_options(dataset), tmp_path / "nan")
+    with torch.no_grad():
+        next(iter(run.params.values())).fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1"):
+        run.step()
+    record = json.loads((tmp_path / "nan" / "run.json").read_text())
+    assert record["status"] == "failed" and "lower --lr" in record["error"]
+    assert "arcae_training" not in (getattr(pipe.unet, "peft_config", None) or {})
+
+
+def test_cli_trains_and_refuses_bad_arguments(dataset, tiny_model_dir, tmp_path, capsys):
+    from training.cli import main
+
+    base = ["train", "--model", str(tiny_model_dir), "--kind", "style", "--trigger", TRIGGER]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    from tests.training.train_helpers import paint
+
+    paint((10, 10, 10), 0, 64).save(blank / "a.png")
+    (blank / "a.txt").write_text("  \n")
+    cases = {
+        ("--rank", "0"): "--rank must be at least 1",
+        ("--steps", "0"): "--steps must be at least 1",
+        ("--optimizer", "sgd"): "--optimizer must be one of 'adamw', 'adamw8bit' or 'prodigy'",
+        ("--lr-scheduler", "wobbly"): "--lr-scheduler must be one of",
+    }
+    for extra, message in cases.items():
+        assert main([*base, "--dataset", str(dataset), "--out", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    for folder, message in ((empty, "has no images"), (tmp_path / "missing", "dataset folder not found"), (blank, "every caption")):
+        assert main([*base, "--dataset", str(folder), "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "cli-run"
+    args = [*base, "--dataset", str(dataset), "--out", str(out), "--steps", "2", "--rank", "4", "--resolution", "64",
+            "--batch-size", "2", "--optimizer", "adamw8bit", "--save-every", "2", "--sample-steps", "1", "--no-score"]
+    assert main(args) == 0
+    assert (out / "adapter.safetensors").is_file() and (out / "adapter.kohya.safetensors").is_file()
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert main(args) == 2  # the run dir is taken
+    assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_buckets_and_captions():
+    import random
+
+    from PIL import Image
+
+    from training.buckets import assign_bucket, fit_to_bucket, make_buckets
+    from training.train_data import augment_caption, split_tags
+
+    buckets = make_buckets(1024)
+    assert all(b.width % 64 == 0 and b.height % 64 == 0 and b.width * b.height <= 1024 * 1024 for b in buckets)
+    portrait = assign_bucket(832, 1216, buckets)
+    assert portrait.height > portrait.width and abs(portrait.ratio - 832 / 1216) < 0.05
+    fitted = fit_to_bucket(Image.new("RGB", (832, 1216)), portrait)
+    assert fitted.image.size == (portrait.width, portrait.height)
+    assert fitted.time_ids[:2] == (1216, 832) and fitted.time_ids[4:] == (portrait.height, portrait.width)
+
+    tags = tuple(split_tags("hkr, (hikari \\(arcaea\\):1.2), a, b, c, d, e"))
+    assert tags[1] == "(hikari \\(arcaea\\):1.2)" and len(tags) == 7
+    seen = set()
+    for seed in range(20):
+        caption = augment_caption(tags, keep_tokens=2, shuffle=True, tag_dropout=0.3, caption_dropout=0.0, rng=random.Random(seed))
+        parts = split_tags(caption)
+        assert parts[:2] == list(tags[:2])  # kept tags stay first, in order
+        seen.add(tuple(parts[2:]))
+    assert len(seen) > 5  # the rest is shuffled / dropped
+    assert augment_caption(tags, keep_tokens=1, shuffle=False, tag_dropout=0.0, caption_dropout=1.0, rng=random.Random(0)) == ""

@@ -1,0 +1,60 @@
+"""``python -m training checkpoints RUN_DIR``: score a run's checkpoints, recommend one, record a choice."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "score a training run's checkpoints (WD tagger), print the table, record the chosen one"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run directory (holds run.json and checkpoints/)")
+    p.add_argument("--choose", type=int, metavar="STEP", help="record this checkpoint as the chosen one")
+    p.add_argument("--tagger", help="WD tagger: hub id or folder (default: [tagger] model with --config)")
+    p.add_argument("--config", help="config.toml ([tagger] model and thresholds)")
+    p.add_argument("--rescore", action="store_true", help="score again even if run.json has scores")
+    p.add_argument("--pixels", action="store_true", help="score without a tagger (pixel similarity only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError, load_config, parse_config
+    from training.checkpoints import CheckpointScore, choose_checkpoint, format_table, score_run, tagger_tag_fn
+    from training.cli import CliError
+    from training.errors import TrainingError
+    from training.run_record import read_run
+
+    run_dir = Path(args.run_dir)
+    try:
+        record = read_run(run_dir)
+        if args.choose is not None:
+            choose_checkpoint(run_dir, args.choose)
+        scores = [CheckpointScore(**s) for s in record.get("scores") or []]
+        if args.rescore or not scores:
+            try:
+                config = load_config(args.config) if args.config else parse_config({})
+            except ConfigError as exc:
+                raise CliError(str(exc)) from None
+            source = args.tagger or (config.tagger.model if args.config else "")
+            if not source and not args.pixels:
+                raise CliError("no scores yet: pass --tagger DIR_OR_ID (or --config, or --pixels to score without one)")
+            tag_fn = None
+            if source and not args.pixels:
+                from training.tagger import WDTagger
+
+                t = config.tagger
+                try:
+                    tag_fn = tagger_tag_fn(WDTagger.load(source, general_threshold=t.general_threshold,
+                                                         character_threshold=t.character_threshold))
+                except Exception as exc:
+                    raise CliError(f"cannot load tagger {source}: {exc}") from None
+            scores = score_run(run_dir, tag_fn)
+        record = read_run(run_dir)
+    except TrainingError as exc:
+        raise CliError(str(exc)) from None
+    if not scores:
+        raise CliError(f"run {run_dir} has no checkpoints with samples to score")
+    print(format_table(scores, record.get("recommended_checkpoint"), record.get("chosen_checkpoint")))
+    chosen = record.get("chosen_checkpoint")
+    print(f"recommended: step {record.get('recommended_checkpoint')}; chosen: {'step ' + str(chosen) if chosen is not None else 'none'}")
+    return 0
