@@ -182,6 +182,17 @@ async def test_cancel_a_queued_and_a_running_job(engine):
     assert await engine.link.cancel("never-existed") is False
 
 
+async def test_adapter_reload_waits_for_the_running_job(engine):
+    await engine.submit("under-reload", steps=12)
+    await engine.wait(lambda: engine.of("under-reload", p.Progress))
+    status = await engine.link.status()
+    assert status.running_job == "under-reload"
+    reloaded = await engine.link.reload_adapters()
+    # The reload ran between jobs: by the time it answered, the job had finished.
+    assert reloaded == {"added": [], "removed": [], "changed": []}
+    assert isinstance(engine.terminal("under-reload"), p.Completed)
+
+
 async def test_full_queue_answers_queue_full(engine):
     await engine.submit("blocker", steps=LONG_STEPS)
     await engine.wait(lambda: engine.of("blocker", p.Started))

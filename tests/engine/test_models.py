@@ -67,6 +67,20 @@ def test_hub_model_not_cached_in_offline_mode_says_how_to_get_it(tmp_path, monke
     assert "hf download cagliostrolab/animagine-xl-3.1" in message and "local folder" in message
 
 
+def test_hub_model_in_the_cache_loads_offline(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "cache" / "models--someone--tiny-sdxl"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("*.sha256.json"))
+    loaded = load_base_pipeline(_config("someone/tiny-sdxl", cache_dir=str(tmp_path / "cache")))
+    assert loaded.name == "tiny-sdxl" and loaded.source == "someone/tiny-sdxl"
+    assert loaded.pipe.unet.config.cross_attention_dim == 64
+
+
 def test_missing_local_paths_raise_model_missing(tmp_path):
     with pytest.raises(ModelMissing, match="not found"):
         load_base_pipeline(_config(str(tmp_path / "no-such-model")))
