@@ -34,6 +34,9 @@ class DispatchedJob:
     last_seq: int = 0
     canceled: bool = False
     reasons: str = ""
+    # The attempt number the bot knows this job by: a restarted bot resubmits a running job
+    # as attempt + 1 while the worker goes on with the old one; events go out under this one.
+    shown_attempt: int = 0
 
 
 
@@ -165,7 +168,7 @@ class LeaseKeeper:
                 self._inflight[job_id] = DispatchedJob(
                     request=request, worker=h["worker"], attempt=int(h["attempt"]),
                     last_seq=int(h.get("last_seq", 0)), canceled=h.get("canceled") == "1",
-                    reasons=h.get("reasons", ""))
+                    reasons=h.get("reasons", ""), shown_attempt=int(h.get("shown_attempt", 0)))
             except (KeyError, ValueError, protocol.ProtocolError) as exc:
                 log.warning("dropping unreadable in-flight record of job %s: %s", job_id, exc)
                 await self.client.srem(self.keys.inflight, job_id)

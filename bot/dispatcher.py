@@ -188,7 +188,10 @@ class Dispatcher(LeaseKeeper):
         job_id = request.job_id
         if job_id in self._inflight:
             d = self._inflight[job_id]
-            return protocol.Queued(job_id=job_id, attempt=d.attempt, position=0)
+            if request.attempt > max(d.attempt, d.shown_attempt):
+                d.shown_attempt = request.attempt
+                await self.client.hset(self.keys.job(job_id), "shown_attempt", request.attempt)
+            return protocol.Queued(job_id=job_id, attempt=max(d.attempt, d.shown_attempt), position=0)
         queued = self._queue.get(job_id)
         if queued is None:
             priority = getattr(request, "priority", "batch")
@@ -255,6 +258,18 @@ class Dispatcher(LeaseKeeper):
             row = rows.setdefault(d.worker, WorkerStatus(name=d.worker, alive=False))
             row.assigned.append(job_id)
         return [rows[n] for n in sorted(rows)]
+
+    async def workers_text(self, limit: int = 1024) -> str:
+        """One line per worker for the admin /status embed: GPU, jobs, loaded adapters."""
+        lines = [f"queue: {len(self._queue)} waiting in the bot"]
+        for w in await self.workers():
+            state = (w.gpu or w.device or "?") if w.alive else "gone (its jobs are being moved)"
+            jobs = f"{len(w.assigned)}/{w.capacity} jobs" + (f" ({', '.join(w.assigned)})" if w.assigned else "")
+            extra = (" · training" if w.accepts_training else "") + (
+                f" · adapters: {', '.join(w.loaded_adapters)}" if w.loaded_adapters else "")
+            lines.append(f"{w.name} · {state} · {jobs}{extra}")
+        text = "\n".join(lines)
+        return text if len(text) <= limit else text[: limit - 1] + "…"
 
     async def reload_adapters(self) -> dict[str, Any]:
         """Ask every live worker to rescan its adapters between jobs (asynchronously).
@@ -378,6 +393,8 @@ class Dispatcher(LeaseKeeper):
             if isinstance(event, protocol.Completed):
                 event = await self._receive_outputs(event)
             await self._finish(d)
+        if d.shown_attempt > event.attempt:
+            event = event.model_copy(update={"attempt": d.shown_attempt})
         await self._emit(event)
 
     async def _receive_outputs(self, event: protocol.Completed) -> protocol.Completed:
@@ -418,21 +435,22 @@ class Dispatcher(LeaseKeeper):
     async def _retry(self, d: DispatchedJob, reason: str) -> None:
         """Dispatch again with attempt + 1, or dead-letter after ``max_attempts``."""
         job_id = d.request.job_id
-        reasons = (d.reasons + "; " if d.reasons else "") + f"attempt {d.attempt}: {reason}"
+        attempt = max(d.attempt, d.shown_attempt)  # as the bot counts
+        reasons = (d.reasons + "; " if d.reasons else "") + f"attempt {attempt}: {reason}"
         await self._finish(d)
         if d.canceled:
-            await self._emit(protocol.Canceled(job_id=job_id, attempt=d.attempt, seq=d.last_seq + 1))
+            await self._emit(protocol.Canceled(job_id=job_id, attempt=attempt, seq=d.last_seq + 1))
             return
-        if d.attempt >= self.max_attempts:
-            message = (f"This job failed {d.attempt} times on the image workers and will not be retried "
+        if attempt >= self.max_attempts:
+            message = (f"This job failed {attempt} times on the image workers and will not be retried "
                        f"({reasons}).")
-            await self.client.xadd(self.keys.deadletter, {"job_id": job_id, "attempts": str(d.attempt), "reason": reasons})
+            await self.client.xadd(self.keys.deadletter, {"job_id": job_id, "attempts": str(attempt), "reason": reasons})
             log.error("job %s dead-lettered: %s", job_id, reasons)
-            await self._emit(protocol.Failed(job_id=job_id, attempt=d.attempt, seq=d.last_seq + 1,
+            await self._emit(protocol.Failed(job_id=job_id, attempt=attempt, seq=d.last_seq + 1,
                                              error="engine_error", message=message, retryable=False))
             return
-        log.warning("job %s: %s; dispatching attempt %d", job_id, reason, d.attempt + 1)
-        request = d.request.model_copy(update={"attempt": d.attempt + 1})
+        log.warning("job %s: %s; dispatching attempt %d", job_id, reason, attempt + 1)
+        request = d.request.model_copy(update={"attempt": attempt + 1})
         job = ScheduledJob(job_id=job_id, owner=request.owner, priority=getattr(request, "priority", "batch"),
                            payload=PendingJob(request, time.monotonic(), d.worker, reasons))
         try:

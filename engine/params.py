@@ -129,6 +129,21 @@ def _adapters(
     return mix
 
 
+def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams) -> tuple[int, float]:
+    """Steps and CFG with defaults applied, within the normal or the fast-mode (LCM) range."""
+    fast = params.fast
+    steps = params.steps if params.steps is not None else (gen.fast_steps if fast else gen.steps)
+    cfg = params.cfg if params.cfg is not None else (gen.fast_cfg if fast else gen.cfg)
+    if fast:
+        hint = " in fast mode"
+        _check_range("steps", steps, gen.min_steps, max(FAST_MAX_STEPS, gen.fast_steps), hint)
+        _check_range("CFG", cfg, gen.min_cfg, max(FAST_MAX_CFG, gen.fast_cfg), hint)
+    else:
+        _check_range("steps", steps, gen.min_steps, gen.max_steps)
+        _check_range("CFG", cfg, gen.min_cfg, gen.max_cfg)
+    return steps, cfg
+
+
 def resolve_params(
     gen: GenerationConfig,
     params: GenerationParams,
@@ -148,15 +163,7 @@ def resolve_params(
     """
     warnings: list[str] = []
     fast = params.fast
-    steps = params.steps if params.steps is not None else (gen.fast_steps if fast else gen.steps)
-    cfg = params.cfg if params.cfg is not None else (gen.fast_cfg if fast else gen.cfg)
-    if fast:
-        hint = " in fast mode"
-        _check_range("steps", steps, gen.min_steps, max(FAST_MAX_STEPS, gen.fast_steps), hint)
-        _check_range("CFG", cfg, gen.min_cfg, max(FAST_MAX_CFG, gen.fast_cfg), hint)
-    else:
-        _check_range("steps", steps, gen.min_steps, gen.max_steps)
-        _check_range("CFG", cfg, gen.min_cfg, gen.max_cfg)
+    steps, cfg = _steps_and_cfg(gen, params)
     width = params.width if params.width is not None else gen.size[0]
     height = params.height if params.height is not None else gen.size[1]
     check_size(gen, width, height)

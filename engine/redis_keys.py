@@ -40,6 +40,12 @@ Keys and streams (``P`` = prefix, ``W`` = worker name, ``J`` = job id)::
                                  checks it before starting a job it read.
     P:deadletter         STREAM  jobs that failed max_attempts times: job_id, attempts,
                                  reason. Kept for operators; never trimmed.
+    P:file:J:A:NAME      STRING  base64 of output NAME of job J attempt A, written with the
+                                 terminal event (same MULTI); the dispatcher stores it in
+                                 the bot's outputs dir and deletes the key. TTL one day.
+    P:file:J:src:NAME    STRING  base64 of an img2img source, written by the dispatcher with
+                                 the job entry; a worker that lacks the file stores it.
+                                 See ``engine.redis_files``.
 """
 
 from __future__ import annotations

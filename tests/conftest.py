@@ -11,6 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+# One thread per process: tests run the engine, the bot and the test process side by side on
+# 2 cores, and oversubscribed torch threads made single steps 100x slower (measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 # Tests never reach the network: the hub client fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

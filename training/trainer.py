@@ -291,6 +291,9 @@ class TrainingRun:
                 self.params[name].copy_(value.to(self.params[name].device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        # Recompute this step's rate from the current schedule (--steps may have changed).
+        self.lr_scheduler.last_epoch -= 1
+        self.lr_scheduler.step()
         if state.get("scaler") and self.accelerator.scaler:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step_index = int(state["step"])

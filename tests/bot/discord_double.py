@@ -56,6 +56,7 @@ class Interaction:
     expired: bool = False
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     original_id: int | None = None
+    attachment_size_limit: int = 10 * 1024 * 1024
 
 
 class DiscordDouble:
@@ -251,11 +252,13 @@ class DiscordDouble:
         return out
 
     async def invoke_slash(self, user: dict, channel: dict, command: str, options: dict[str, Any] | None = None,
-                           *, focused: str | None = None) -> Interaction:
+                           *, focused: str | None = None, attachment_size_limit: int | None = None) -> Interaction:
         """Run ``/command`` (``"gallery top"`` for a subcommand); ``focused`` makes it an autocomplete."""
         root, _, sub = command.partition(" ")
         cmd = self._command(root)
         record, payload = self._interaction_base(user, channel, 4 if focused else 2)
+        if attachment_size_limit is not None:
+            payload["attachment_size_limit"] = record.attachment_size_limit = attachment_size_limit
         spec = cmd.get("options", [])
         if sub:
             sub_spec = next(o for o in spec if o["name"] == sub)
@@ -440,6 +443,8 @@ class DiscordDouble:
         record = self.interactions.get(token)
         if record is None or record.expired:
             return _json({"message": "Invalid Webhook Token", "code": 50027}, status=401)
+        if any(len(data) > record.attachment_size_limit for _, data in files):
+            return _json({"message": "Request entity too large", "code": 40005}, status=413)
         if not rest:  # follow-up
             msg = self._new_message(str(record.channel_id), body, files, interaction=record)
             return _json(self.public(msg))

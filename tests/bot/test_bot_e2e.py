@@ -67,8 +67,11 @@ async def test_imagine_end_to_end(stack):
     msg = await d.wait_for(lambda: finished(d, inter), timeout=30)
     job = job_id_of(msg)
     patches = [c for c in d.calls_to("PATCH", f"/webhooks/{d.app_id}/{inter.token}/messages/")]
-    statuses = [c.json.get("content") or "" for c in patches if c.json and not c.files]
-    assert any(job in s and ("Queued" in s or "Generating" in s) for s in statuses), statuses
+    statuses = [c for c in patches if c.json and not c.files]
+    assert any(job in (c.json.get("content") or "") and ("Queued" in c.json["content"] or "Generating" in
+               c.json["content"]) for c in statuses), [c.json for c in statuses]
+    gaps = [b.at - a.at for a, b in zip(statuses, statuses[1:])]
+    assert all(g >= 0.9 for g in gaps), f"status edits faster than progress_edit_interval_s: {gaps}"
     # The final message: the PNG with its parameters, and an embed with the job's parameters.
     assert len(msg["attachments"]) == 1 and msg["attachments"][0]["filename"].endswith(".png")
     params = png_parameters(d, msg)
@@ -84,6 +87,21 @@ async def test_imagine_end_to_end(stack):
     await d.wait_for(lambda: any("Shared" in (m.get("content") or "") for m in d.followups(share)), timeout=10)
     stack.first_result = msg
     stack.gallery_post = post[0]
+
+
+async def test_results_respect_the_upload_limit(stack):
+    d = stack.double
+    limit = 9000  # smaller than two of the tiny model's PNGs together
+    inter = await d.invoke_slash(d.alice, d.nsfw_channel, "imagine", {"prompt": "1girl, many", "steps": 2, "count": 2},
+                                 attachment_size_limit=limit)
+    msg = await d.wait_for(lambda: finished(d, inter), timeout=60)
+    messages = [msg, *d.followups(inter)]
+    files = [a for m in messages for a in m["attachments"]]
+    assert len(files) == 2, "both images arrive, split over messages or re-encoded"
+    assert all(a["size"] <= limit for a in files)
+    assert sum(a["size"] for a in msg["attachments"]) <= limit
+    if any(a["filename"].endswith(".jpg") for a in files):
+        assert "re-encoded as JPEG" in (msg.get("content") or "")
 
 
 async def test_gallery_stars_top_and_remix(stack):

@@ -230,6 +230,7 @@ async def test_admin_trains_from_attachments_while_images_keep_coming(stack):
     assert finished(d, imagine)["attachments"]
     notice = notices()
     assert f"`{run_id}`" in notice[0]["content"] and "recommended checkpoint: step" in notice[0]["content"]
+    stack.recommended = int(notice[0]["content"].split("recommended checkpoint: step ")[1].split(".")[0])
 
     status = await invoke(d, d.admin, "train status")
     msg = await answer(d, status)
@@ -287,7 +288,7 @@ async def test_cancel_leaves_the_live_adapter_untouched(stack):
     d = stack.double
     before = live_sha(stack)
     start = await invoke(d, d.admin, "train start", {"name": ADAPTER, "kind": "character", "trigger": "hk",
-                                                     "steps": 500, "save_every": 1, "sample_steps": 1})
+                                                     "steps": 500, "save_every": 500})
     assert "Training again on dataset" in (await answer(d, start, timeout=60))["content"]
 
     async def running() -> bool:
@@ -312,9 +313,17 @@ async def test_cancel_leaves_the_live_adapter_untouched(stack):
 
 async def test_set_weight_rollback_and_delete(stack):
     d = stack.double
-    inter = await invoke(d, d.admin, "adapter promote", {"run": stack.run_id, "checkpoint": 3})
-    assert "v2 is live" in (await answer(d, inter, timeout=60))["content"]
-    assert live_sha(stack) != stack.live_v1
+    other = 6 if stack.recommended == 3 else 3
+    inter = await invoke(d, d.admin, "train checkpoints", {"run": stack.run_id, "choose": other})
+    msg = await answer(d, inter)
+    assert f"Chose checkpoint step {other}" in msg["content"] and f"chosen: step {other}" in msg["content"]
+    inter = await invoke(d, d.admin, "train checkpoints", {"run": stack.run_id, "choose": 99})
+    assert "no checkpoint at step 99" in (await answer(d, inter))["content"]
+    inter = await invoke(d, d.admin, "adapter promote", {"run": stack.run_id})
+    text = (await answer(d, inter, timeout=60))["content"]
+    assert "v2 is live" in text and f"checkpoint step {other}" in text
+    chosen = stack.tmp / "data" / "runs" / stack.run_id / "checkpoints" / f"step-{other:06d}" / "adapter.safetensors"
+    assert live_sha(stack) == hashlib.sha256(chosen.read_bytes()).hexdigest() != stack.live_v1
     inter = await invoke(d, d.admin, "adapter set-weight", {"name": ADAPTER, "weight": 0.6})
     assert "default weight 0.6" in (await answer(d, inter))["content"]
     assert "weight: 0.6" in await adapters_listed(d)

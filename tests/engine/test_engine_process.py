@@ -182,17 +182,6 @@ async def test_cancel_a_queued_and_a_running_job(engine):
     assert await engine.link.cancel("never-existed") is False
 
 
-async def test_adapter_reload_waits_for_the_running_job(engine):
-    await engine.submit("under-reload", steps=12)
-    await engine.wait(lambda: engine.of("under-reload", p.Progress))
-    status = await engine.link.status()
-    assert status.running_job == "under-reload"
-    reloaded = await engine.link.reload_adapters()
-    # The reload ran between jobs: by the time it answered, the job had finished.
-    assert reloaded == {"added": [], "removed": [], "changed": []}
-    assert isinstance(engine.terminal("under-reload"), p.Completed)
-
-
 async def test_full_queue_answers_queue_full(engine):
     await engine.submit("blocker", steps=LONG_STEPS)
     await engine.wait(lambda: engine.of("blocker", p.Started))
@@ -242,6 +231,34 @@ async def _raw_connect(engine, hello: dict):
     ws = await session.ws_connect(engine.supervisor.url)
     await ws.send_str(json.dumps(hello))
     return session, ws
+
+
+async def test_adapter_reload_waits_for_the_running_job(engine):
+    session, ws = await _raw_connect(engine, {"type": "hello", "version": 1, "secret": engine.supervisor.secret})
+    try:
+        seen: list[dict] = []
+
+        async def read_until(predicate) -> dict:
+            while True:
+                message = json.loads((await ws.receive(timeout=30)).data)
+                seen.append(message)
+                if predicate(message):
+                    return message
+
+        await read_until(lambda m: m["type"] == "hello_ok")
+        await engine.submit("under-reload", steps=12)
+        await read_until(lambda m: m["type"] == "progress" and m["job_id"] == "under-reload")
+        await ws.send_str(json.dumps({"type": "status", "rid": "st"}))
+        status = await read_until(lambda m: m.get("rid") == "st")
+        assert status["running_job"] == "under-reload"
+        await ws.send_str(json.dumps({"type": "reload_adapters", "rid": "rl"}))
+        ack = await read_until(lambda m: m.get("rid") == "rl")
+        assert ack["type"] == "ack" and json.loads(ack["detail"]) == {"added": [], "removed": [], "changed": []}
+        # The reload ran between jobs: the job's end reached the wire before the reload's answer.
+        assert any(m["type"] == "completed" and m["job_id"] == "under-reload" for m in seen)
+    finally:
+        await ws.close()
+        await session.close()
 
 
 async def _ask(ws, text: str) -> dict:

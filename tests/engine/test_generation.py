@@ -189,6 +189,9 @@ def test_variation_and_upscale_share_the_loaded_model(env):
     pipe2 = env._img2img()
     assert pipe2.unet is env.pipe.unet and pipe2.vae is env.pipe.vae and pipe2.text_encoder_2 is env.pipe.text_encoder_2
     assert env._img2img() is pipe2  # built once
+    status = env.describe()
+    assert (status["model"], status["device"], status["dtype"]) == ("tiny-sdxl", "cpu", "float32")
+    assert STYLE in status["loaded_adapters"]
 
     v = variation.params
     assert (v.mode, v.strength, v.prompt, v.negative_prompt) == ("variation", 0.5, "1girl, solo", "x")
@@ -214,7 +217,7 @@ def test_fp16_vae_nan_falls_back_to_fp32(env):
     assert is_broken_decode(torch.full((1, 3, 8, 8), -1.0))
     assert not is_broken_decode(torch.rand(1, 3, 8, 8) * 2 - 1)
     vae16 = copy.deepcopy(env.pipe.vae).to(torch.float16)  # CPU fp16 conv works for the tiny VAE
-    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)) * 1e4  # overflows fp16
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 1e4  # overflows fp16
     with torch.no_grad():
         raw = vae16.decode((latents / vae16.config.scaling_factor).half()).sample
     assert is_broken_decode(raw)

@@ -92,7 +92,7 @@ def scaleout(tmp_path_factory, tiny_model_dir, redis_server):  # noqa: F811
     tmp = tmp_path_factory.mktemp("scaleout")
     config_path = write_config(tmp, tiny_model_dir)
     text = config_path.read_text().replace(
-        "[engine]\n", "[engine]\nlease_ttl_s = 3.0\nmax_attempts = 3\nrate_outputs = false\n", 1)
+        "[engine]\n", "[engine]\nlease_ttl_s = 5.0\nmax_attempts = 3\nrate_outputs = false\n", 1)
     config_path.write_text(text)
     adapters = tmp / "adapters"
     adapters.mkdir()
@@ -152,6 +152,8 @@ async def test_workers_advertise_and_jobs_spread_by_affinity(scaleout, bot_side)
     assert r.of("plain", protocol.Started)[0].worker != holder
     rows = {w.name: w for w in await d.workers()}
     assert rows[holder].loaded_adapters == ["style-a"]
+    text = await d.workers_text()
+    assert f"{holder} · cpu · 0/1 jobs · training · adapters: style-a" in text, text
     status = await d.status()
     assert status.queue_length == 0 and "style-a" in status.loaded_adapters and "3 worker" in status.worker
     # A variation of that image on workers that never saw it: the source travels too.

@@ -144,16 +144,19 @@ def test_interleaved_generations_change_nothing(dataset, trained, tmp_path):
     reference = tiny_pipeline()  # the same, never trained on
     for pipe in (serving, reference):
         pipe.load_lora_weights(str(style), weight_name="adapter.safetensors", adapter_name="style")
+    serving.set_adapters(["style"], [0.7])  # set once: each training step must put the mix back
     run = TrainingRun(serving, options, tmp_path / "serving")
     losses, images = [], []
     for i in range(5):
-        serving.set_adapters(["style"], [0.7])
         images.append(generate(serving, seed=i))
         losses.append(run.step().loss)
+        if i == 2:  # the serving side may also change its mix between steps
+            serving.set_adapters(["style"], [0.4])
+    images.append(generate(serving, seed=5))
     assert losses == losses_alone
     assert run.done and "arcae_training" not in serving.unet.peft_config  # released when done
     for i, image in enumerate(images):
-        reference.set_adapters(["style"], [0.7])
+        reference.set_adapters(["style"], [0.7 if i <= 2 else 0.4])
         np.testing.assert_array_equal(image, generate(reference, seed=i))
 
 
