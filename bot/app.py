@@ -63,6 +63,7 @@ class ArcaeBot(commands.Bot):
         self.supervisor: Any = None
         self._engine_task: asyncio.Task[None] | None = None
         self._resumed = False
+        self._background: set[asyncio.Task[None]] = set()
 
     async def setup_hook(self) -> None:
         self.db = await Database.open(self.config.path(self.config.storage.database))
@@ -117,7 +118,18 @@ class ArcaeBot(commands.Bot):
             self._engine_task = asyncio.create_task(self._start_quietly(self._start_local(link)))
 
     async def _start_local(self, link: Any) -> None:
-        await self.supervisor.start()
+        """Start the child engine, retrying with the configured backoff until it comes up."""
+        backoff = self.config.engine.restart_backoff_s or [5.0]
+        attempt = 0
+        while True:
+            try:
+                await self.supervisor.start()
+                break
+            except Exception as exc:  # e.g. the model is missing: say why, keep jobs queued, retry
+                delay = backoff[min(attempt, len(backoff) - 1)]
+                log.error("the engine did not start (%s); retrying in %g s", exc, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
         await link.start()
 
     async def _start_quietly(self, coro: Any) -> None:
@@ -137,7 +149,8 @@ class ArcaeBot(commands.Bot):
         if not self._resumed:
             self._resumed = True
             # Results recorded before a crash or restart but never shown.
-            asyncio.create_task(self.jobs.deliver_pending_results())
+            self._background.add(asyncio.create_task(self.jobs.deliver_pending_results()))
+            self._background.add(asyncio.create_task(self.jobs.redeliver_loop()))
 
     async def close(self) -> None:
         if self.jobs is not None and self.jobs.engine is not None:
@@ -145,8 +158,9 @@ class ArcaeBot(commands.Bot):
                 await self.jobs.engine.close()
             except Exception:
                 log.exception("closing the engine connection failed")
-        if self._engine_task is not None:
-            self._engine_task.cancel()
+        for task in (self._engine_task, *self._background):
+            if task is not None:
+                task.cancel()
         if self.supervisor is not None:
             await self.supervisor.close()
         await super().close()

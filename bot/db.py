@@ -220,6 +220,11 @@ class Database:
         await self._write("UPDATE jobs SET attempt = ?, status = 'pending', last_seq = -1 WHERE job_id = ?",
                           (attempt, job_id))
 
+    async def adopt_attempt(self, job_id: str, attempt: int) -> None:
+        """A newer attempt started elsewhere (a transport retry): follow it without resetting the status."""
+        await self._write("UPDATE jobs SET attempt = ?, last_seq = -1 WHERE job_id = ? AND attempt < ?",
+                          (attempt, job_id, attempt))
+
     async def finish(self, job_id: str, status: str, *, error: str | None = None) -> bool:
         """Mark a job failed or canceled; False when it had already finished."""
         n = await self._write("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE job_id = ?"

@@ -37,6 +37,8 @@ class DispatchedJob:
     # The attempt number the bot knows this job by: a restarted bot resubmits a running job
     # as attempt + 1 while the worker goes on with the old one; events go out under this one.
     shown_attempt: int = 0
+    entry_id: str = ""  # its entry in the worker's job stream
+    missing_since: float | None = None  # when its entry was first seen gone
 
 
 
@@ -120,6 +122,26 @@ class LeaseKeeper:
                 start = next_start
             if not alive:
                 await self._take_undelivered(name)
+        await self._find_vanished()
+
+    async def _find_vanished(self) -> None:
+        """Retry jobs whose entry vanished without a result (Redis restarted without its data).
+
+        An entry also disappears when its worker finishes (the terminal event and the XDEL go
+        together), so only an entry still gone a full lease later, with no result applied
+        meanwhile, counts as lost.
+        """
+        now = time.monotonic()
+        for d in list(self._inflight.values()):
+            if not d.entry_id:
+                continue
+            if await self.client.xrange(self.keys.jobs(d.worker), d.entry_id, d.entry_id):
+                d.missing_since = None
+            elif d.missing_since is None:
+                d.missing_since = now
+            elif now - d.missing_since > self.lease_ms / 1000 and self._inflight.get(d.request.job_id) is d:
+                log.warning("job %s: its entry on %s vanished from Redis", d.request.job_id, d.worker)
+                await self._retry(d, "its job entry vanished from Redis (restarted without appendonly?)")
 
     async def _take_undelivered(self, name: str) -> None:
         """Entries a gone worker never read: take them back (same attempt), forget the worker."""
@@ -168,7 +190,8 @@ class LeaseKeeper:
                 self._inflight[job_id] = DispatchedJob(
                     request=request, worker=h["worker"], attempt=int(h["attempt"]),
                     last_seq=int(h.get("last_seq", 0)), canceled=h.get("canceled") == "1",
-                    reasons=h.get("reasons", ""), shown_attempt=int(h.get("shown_attempt", 0)))
+                    reasons=h.get("reasons", ""), shown_attempt=int(h.get("shown_attempt", 0)),
+                    entry_id=h.get("entry_id", ""))
             except (KeyError, ValueError, protocol.ProtocolError) as exc:
                 log.warning("dropping unreadable in-flight record of job %s: %s", job_id, exc)
                 await self.client.srem(self.keys.inflight, job_id)

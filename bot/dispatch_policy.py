@@ -24,6 +24,7 @@ class WorkerSlot:
     loaded: frozenset[str] = frozenset()
     available: frozenset[str] = frozenset()
     jobs: list[str] = field(default_factory=list)
+    training: bool = False  # a training run is on it (one at a time per worker)
 
     @property
     def free(self) -> int:
@@ -64,7 +65,7 @@ def choose_worker(
     the adapter files at all.
     """
     training = isinstance(request, protocol.TrainRequest)
-    pool = [w for w in workers if w.accepts_training] if training else list(workers)
+    pool = [w for w in workers if w.accepts_training and not w.training] if training else list(workers)
     if not pool:
         return None
     needed = needed_adapters(request, lcm_adapter)

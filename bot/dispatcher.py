@@ -18,6 +18,7 @@ and the bot gets a ``Failed`` event that says what happened. Layout: ``engine.re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -225,9 +226,17 @@ class Dispatcher(LeaseKeeper):
         d.canceled = True
         return True
 
+    async def _refresh_or_unavailable(self) -> None:
+        if self.client is None or not self.connected:
+            raise EngineUnavailable(f"Redis at {self.where} is not reachable yet")
+        try:
+            await self._refresh_workers()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise EngineUnavailable(f"cannot reach Redis at {self.where}: {short_error(exc)}") from None
+
     async def list_adapters(self) -> list[protocol.AdapterInfo]:
         """Every adapter some live worker can load (first worker's description wins)."""
-        await self._refresh_workers()
+        await self._refresh_or_unavailable()
         seen: dict[str, protocol.AdapterInfo] = {}
         for name in sorted(self._adapters):
             for info in self._adapters[name]:
@@ -250,7 +259,7 @@ class Dispatcher(LeaseKeeper):
 
     async def workers(self) -> list[WorkerStatus]:
         """Live workers (and dead ones still holding jobs) for the admin /status command."""
-        await self._refresh_workers()
+        await self._refresh_or_unavailable()
         rows: dict[str, WorkerStatus] = {}
         for name, info in self._workers.items():
             rows[name] = WorkerStatus(**info.model_dump(), alive=True)
@@ -347,13 +356,16 @@ class Dispatcher(LeaseKeeper):
                 for entry_id, fields in entries:
                     if self._closing:  # left pending: the next start reads them first
                         return
-                    await self._apply_entry(entry_id, fields)
+                    await self._apply_entry(entry_id, fields or {})  # None: deleted meanwhile
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.connected = False
                 log.warning("reading events failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+                if "NOGROUP" in str(exc):  # Redis restarted without its data
+                    with contextlib.suppress(Exception):
+                        await ensure_group(self.client, self.keys.events, EVENTS_GROUP)
 
     # ------------------------------------------------------------------ events in
 
@@ -442,8 +454,8 @@ class Dispatcher(LeaseKeeper):
             await self._emit(protocol.Canceled(job_id=job_id, attempt=attempt, seq=d.last_seq + 1))
             return
         if attempt >= self.max_attempts:
-            message = (f"This job failed {attempt} times on the image workers and will not be retried "
-                       f"({reasons}).")
+            shown = reasons if len(reasons) <= 600 else reasons[:599] + "…"
+            message = f"This job failed {attempt} times on the image workers and will not be retried ({shown})."
             await self.client.xadd(self.keys.deadletter, {"job_id": job_id, "attempts": str(attempt), "reason": reasons})
             log.error("job %s dead-lettered: %s", job_id, reasons)
             await self._emit(protocol.Failed(job_id=job_id, attempt=attempt, seq=d.last_seq + 1,
@@ -495,8 +507,11 @@ class Dispatcher(LeaseKeeper):
 
     def _slots(self) -> list[WorkerSlot]:
         assigned: dict[str, int] = {}
+        training: set[str] = set()
         for d in self._inflight.values():
             assigned[d.worker] = assigned.get(d.worker, 0) + 1
+            if isinstance(d.request, protocol.TrainRequest):
+                training.add(d.worker)
         return [
             WorkerSlot(
                 name=name,
@@ -505,6 +520,7 @@ class Dispatcher(LeaseKeeper):
                 accepts_training=info.accepts_training,
                 loaded=frozenset(info.loaded_adapters),
                 available=frozenset(a.name for a in self._adapters.get(name, [])),
+                training=name in training,
             )
             for name, info in self._workers.items()
         ]
@@ -530,5 +546,6 @@ class Dispatcher(LeaseKeeper):
             if source is not None:
                 pipe.set(source_key(self.keys.prefix, job_id, request.source), source, ex=FILE_TTL_S)
             pipe.xadd(self.keys.jobs(worker), {"request": protocol.encode(request)})
-            await pipe.execute()
+            d.entry_id = (await pipe.execute())[-1]
+        await self.client.hset(self.keys.job(job_id), "entry_id", d.entry_id)
         log.info("job %s attempt %d -> %s", job_id, request.attempt, worker)

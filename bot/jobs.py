@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # A job whose engine died under it twice is not tried a third time.
 MAX_ATTEMPTS = 2
+# How often undelivered results are retried while the bot runs.
+REDELIVER_INTERVAL_S = 120.0
 
 
 def _engine_errors() -> tuple[type[Exception], type[Exception]]:
@@ -73,6 +75,7 @@ class JobManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[Callable[[Any], Awaitable[None]]] = []
         self._connect_listeners: list[Callable[[], Awaitable[None]]] = []
+        self._delivering: set[str] = set()
 
     # ------------------------------------------------------------------ submitting
 
@@ -153,9 +156,11 @@ class JobManager:
                 job = await self.db.get_job(job.job_id) or job
             await self.submit(job)
 
-    async def deliver_pending_results(self) -> None:
-        """On start: results recorded but never shown (a crash or a Discord outage in between)."""
+    async def deliver_pending_results(self, *, older_than_s: float = 0.0) -> None:
+        """Results recorded but never shown (a crash or a Discord outage in between)."""
         for job in await self.db.undelivered():
+            if job.job_id in self._delivering or time.time() - (job.finished_at or 0) < older_than_s:
+                continue
             try:
                 if job.status == "completed":
                     await self._deliver(job.job_id)
@@ -223,6 +228,10 @@ class JobManager:
         final = isinstance(event, (protocol.Completed, protocol.Canceled))
         if event.attempt < job.attempt and not final:
             return
+        if event.attempt > job.attempt:
+            # The transport retried the job itself (the Redis dispatcher reclaims a dead worker's jobs).
+            await self.db.adopt_attempt(job.job_id, event.attempt)
+            job = await self.db.get_job(job.job_id) or job
         live = self._live_for(job)
         if event.attempt == live.attempt and event.seq <= live.last_seq and not final:
             return
@@ -295,12 +304,31 @@ class JobManager:
                 live.shown, live.last_edit = text, time.monotonic()
 
     async def _finalize_live(self, job_id: str) -> None:
+        self._locks.pop(job_id, None)
         live = self._live.pop(job_id, None)
         if live is not None:
             async with live.edit_lock:
                 live.final = True
 
+    async def redeliver_loop(self, interval_s: float = REDELIVER_INTERVAL_S) -> None:
+        """While running: retry deliveries that failed (Discord down for a while), never dropping one."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.deliver_pending_results(older_than_s=interval_s)
+            except Exception:
+                log.exception("retrying undelivered results failed")
+
     async def _deliver(self, job_id: str) -> None:
+        if job_id in self._delivering:
+            return
+        self._delivering.add(job_id)
+        try:
+            await self._deliver_once(job_id)
+        finally:
+            self._delivering.discard(job_id)
+
+    async def _deliver_once(self, job_id: str) -> None:
         await self._finalize_live(job_id)
         job = await self.db.get_job(job_id)
         if job is None or job.delivered_at is not None:
@@ -313,6 +341,15 @@ class JobManager:
             await self.post_to_gallery(job_id)
 
     async def _deliver_failure(self, job_id: str, text: str) -> None:
+        if job_id in self._delivering:
+            return
+        self._delivering.add(job_id)
+        try:
+            await self._deliver_failure_once(job_id, text)
+        finally:
+            self._delivering.discard(job_id)
+
+    async def _deliver_failure_once(self, job_id: str, text: str) -> None:
         await self._finalize_live(job_id)
         job = await self.db.get_job(job_id)
         if job is None or job.delivered_at is not None:

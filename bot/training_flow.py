@@ -57,6 +57,7 @@ class TrainingFlow:
         self._tagger: Any = None
         self._tagger_lock = asyncio.Lock()
         self._active: set[str] = set()
+        self._completing: set[str] = set()
         self._connections_seen = 0
         self._reconciler: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -119,7 +120,12 @@ class TrainingFlow:
         from training.dataset import import_with_config
         from training.intake import IntakeRefused
 
-        tagger = await self.tagger()
+        try:
+            tagger = await self.tagger()
+        except Exception as exc:  # a missing or broken model: say which, keep the bot up
+            log.warning("the WD tagger could not be loaded: %s", exc)
+            raise Refused(f"Captioning is unavailable: the WD tagger `{self.config.tagger.model}` could not be "
+                          f"loaded ({str(exc)[:300]}). Check [tagger] model in config.toml.") from None
         try:
             return await asyncio.to_thread(import_with_config, self.config, files, name=name, kind=kind,
                                            trigger=trigger, tagger=tagger, replace=replace)
@@ -172,6 +178,7 @@ class TrainingFlow:
         if engine is None:
             raise EngineUnavailable("the engine is not connected yet")
         self._active.add(run.run_id)
+        log.info("training run %s (%s) sent to the engine, attempt %d", run.run_id, run.adapter_name, run.attempt)
         await engine.submit(protocol.TrainRequest(job_id=run.run_id, owner=str(run.created_by),
                                                   attempt=run.attempt, options=run.options))
 
@@ -208,15 +215,15 @@ class TrainingFlow:
             connections = getattr(engine, "connections", 0) if engine is not None else 0
             if not connections or connections == self._connections_seen or not getattr(engine, "connected", True):
                 continue
-            first = self._connections_seen == 0
             self._connections_seen = connections
             for run in await self.store.active():
-                if run.status == "pending" and first and run.run_id not in self._active:
-                    continue  # still being prepared by a command, or never sent: not ours to send
+                if run.run_id not in self._active:
+                    continue  # still being prepared by /train start, which sends it itself
                 try:
-                    if run.status == "running" and not first:
-                        await self.store.set_attempt(run.run_id, run.attempt + 1)
-                        run = await self.store.get(run.run_id) or run
+                    # Same attempt: an engine that still holds the run answers idempotently and its
+                    # events keep their attempt; a restarted engine resumes it from its newest
+                    # checkpoint and numbers events from 0 again, hence the sequence reset.
+                    await self.store.set_attempt(run.run_id, run.attempt)
                     await self.submit(run)
                 except Exception as exc:
                     log.info("training run %s not resubmitted: %s", run.run_id, exc)
@@ -241,7 +248,11 @@ class TrainingFlow:
         elif isinstance(event, protocol.Progress):
             await self.store.record_progress(run.run_id, event.attempt, event.seq, event.step, event.total, event.loss)
         elif isinstance(event, protocol.Completed):
-            await self._completed(run, event)
+            # Scoring tags every checkpoint's samples: off the event path, so that generation
+            # events keep flowing meanwhile; once per run even if the event comes twice.
+            if run.run_id not in self._completing:
+                self._completing.add(run.run_id)
+                self.spawn(self._completed(run, event))
         elif isinstance(event, protocol.Failed):
             if event.retryable and event.error == "engine_unavailable" and run.attempt < MAX_ATTEMPTS:
                 # The engine stopped under the run: the next attempt resumes from its last checkpoint.
@@ -255,6 +266,12 @@ class TrainingFlow:
             await self._finished(run.run_id, "canceled")
 
     async def _completed(self, run: RunRow, event: protocol.Completed) -> None:
+        try:
+            await self._complete(run, event)
+        finally:
+            self._completing.discard(run.run_id)
+
+    async def _complete(self, run: RunRow, event: protocol.Completed) -> None:
         result = dict(event.result)
         status = result.get("status", "completed")
         if status != "completed":  # a run that stopped early reports it in its result
@@ -283,6 +300,8 @@ class TrainingFlow:
             log.exception("scoring run %s failed", run.run_id)
             return None
         recommended = checkpoints.recommend(scores).step if scores else None
+        log.info("training run %s scored (%s): recommended step %s", run.run_id, "tagger" if tag_fn else "pixels",
+                 recommended)
         await self.store.set_recommended(run.run_id, recommended)
         return recommended
 
@@ -291,6 +310,7 @@ class TrainingFlow:
         if not await self.store.finish(run_id, status, error=error, result=result):
             return
         self._active.discard(run_id)
+        log.info("training run %s %s%s", run_id, status, f": {error}" if error else "")
         run = await self.store.get(run_id)
         if run is not None and self.notice is not None:
             self.spawn(self.notice(run, status))

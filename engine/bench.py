@@ -252,9 +252,12 @@ def bench_training(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]
 
 def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path | None = None) -> list[Ratio]:
     """Run the selected cases, print one line per ratio, and return them."""
+    import logging
+
     import torch
 
     torch.manual_seed(0)
+    logging.getLogger("engine.adapters").setLevel(logging.WARNING)  # 50 "loaded adapter" lines
     selected = [c for c in CASES if not only or c in only]
     unknown = [c for c in (only or []) if c not in CASES]
     if unknown:

@@ -13,6 +13,7 @@ is either finished and acknowledged or still pending (and reclaimable). Layout:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -149,10 +150,13 @@ class RedisWorker:
             except Exception as exc:
                 log.warning("reading jobs failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
+                if "NOGROUP" in str(exc):  # Redis restarted without its data
+                    with contextlib.suppress(Exception):
+                        await ensure_group(self.client, stream, JOBS_GROUP)
                 continue
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
-                    await self._accept(entry_id, fields)
+                    await self._accept(entry_id, fields or {})
 
     async def _accept(self, entry_id: str, fields: dict[str, str]) -> None:
         try:
@@ -203,15 +207,16 @@ class RedisWorker:
     async def _event_loop(self) -> None:
         while not self._stopping.is_set():
             event = await self._events.get()
-            try:
-                await self._publish(event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Redis unreachable: keep the event and retry, the entry stays pending.
-                log.warning("publishing an event failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
-                self._events.put_nowait(event)
+            while not self._stopping.is_set():  # in order: retry this one before the next
+                try:
+                    await self._publish(event)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # Redis unreachable: keep the event; the job entry stays pending meanwhile.
+                    log.warning("publishing an event failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
 
     async def _publish(self, event: Any) -> None:
         if isinstance(event, protocol.Queued):
@@ -297,7 +302,10 @@ class RedisWorker:
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.worker(self.name), self.info().model_dump_json(), px=ttl_ms)
             pipe.pexpire(self.keys.worker_adapters(self.name), ttl_ms)
-            await pipe.execute()
+            pipe.sadd(self.keys.workers, self.name)  # again: Redis may have restarted empty
+            _set, adapters_kept, _added = await pipe.execute()
+        if not adapters_kept:
+            await self._publish_adapters()
 
     async def _refresh_leases(self) -> None:
         """Reset the idle time of every held entry; an entry no longer pending was reclaimed."""

@@ -47,7 +47,6 @@ def kohya_metadata(options: Any, dataset: Any, steps: int, base_model: str, data
     dataset_dir = Path(options.dataset).name
     frequency = {dataset_dir: dataset.tag_frequency()}
     now = int(time.time())
-    resolution = f"{options.resolution},{options.resolution}"
     title = f"{options.trigger} ({options.kind})"
     meta = {
         "ss_base_model_version": "sdxl_base_v1-0",

@@ -50,12 +50,23 @@ class AdapterSwitch:
 
     models: list[Any]
     _saved: list[_ModelState] = field(default_factory=list)
+    # model id -> (adapter names when walked, its LoRA layers): walking a full SDXL UNet's
+    # modules costs ~10 ms, and a step switches twice; adding/deleting adapters changes the key.
+    _layers: dict[int, tuple[tuple[str, ...], list[Any]]] = field(default_factory=dict)
+
+    def layers(self, model: Any) -> list[Any]:
+        key = tuple(sorted(adapter_names(model)))
+        cached = self._layers.get(id(model))
+        if cached is None or cached[0] != key:
+            cached = (key, _tuner_layers(model))
+            self._layers[id(model)] = cached
+        return cached[1]
 
     def activate(self, name: str | None, *, train: bool) -> None:
         """Make ``name`` the only active adapter (None: none) and set train/eval mode."""
         self._saved = [self._capture(m) for m in self.models]
         for model in self.models:
-            layers = _tuner_layers(model)
+            layers = self.layers(model)
             for layer in layers:
                 layer.enable_adapters(True)
                 # Layers without the adapter just skip it; the list form is what peft stores.
@@ -66,15 +77,14 @@ class AdapterSwitch:
         """Put back the active adapters, the disabled flag and the mode captured by ``activate``."""
         for state in self._saved:
             if state.active is not None:
-                for layer in _tuner_layers(state.model):
+                for layer in self.layers(state.model):
                     layer.set_adapter(list(state.active))
                     layer.enable_adapters(not state.disabled)
             state.model.train(state.training)
         self._saved = []
 
-    @staticmethod
-    def _capture(model: Any) -> _ModelState:
-        layers = _tuner_layers(model)
+    def _capture(self, model: Any) -> _ModelState:
+        layers = self.layers(model)
         if not layers:
             return _ModelState(model, None, False, model.training)
         active = layers[0].active_adapter

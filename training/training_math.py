@@ -202,7 +202,6 @@ def plain_encode(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
 def build_optimizer(device: Any, model_dtype: Any, options: TrainOptions, params: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Accelerator (precision), optimizer and LR scheduler for the adapter's ``params``."""
     import torch
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
     precision = options.mixed_precision
@@ -210,7 +209,7 @@ def build_optimizer(device: Any, model_dtype: Any, options: TrainOptions, params
         precision = "no"
     elif precision == "auto":
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype, "bf16")
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type != "cuda")
+    accelerator = _accelerator(precision, cpu=device.type != "cuda")
     unet_params = [p for n, p in params.items() if not n.startswith("text_encoder")]
     te_params = [p for n, p in params.items() if n.startswith("text_encoder")]
     groups = [{"params": unet_params, "lr": options.lr}]
@@ -222,6 +221,22 @@ def build_optimizer(device: Any, model_dtype: Any, options: TrainOptions, params
     )
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling when needed
     return accelerator, optimizer, lr_scheduler
+
+
+def _accelerator(precision: str, *, cpu: bool) -> Any:
+    """An ``Accelerator``; accelerate keeps one process-wide state, which a later run in the same
+    engine process may need with another precision: that state is reset (single process only)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        log.info("resetting accelerate's state for mixed precision %s", precision)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def _make_optimizer(options: TrainOptions, groups: list[dict], device: Any) -> Any:

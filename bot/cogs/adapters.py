@@ -31,6 +31,7 @@ class Adapters(commands.Cog):
     @app_commands.describe(kind="Only this kind", page="Page number")
     @app_commands.choices(kind=KINDS)
     async def adapters(self, interaction: discord.Interaction, kind: Optional[str] = None, page: int = 1) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
         await self.bot.catalog.refresh()
         items = self.bot.catalog.all(kind)
         pages = max(1, math.ceil(len(items) / PAGE_SIZE))

@@ -128,12 +128,12 @@ class Training(commands.Cog):
 
     # ------------------------------------------------------------------ helpers
 
-    async def _run(self, run_id: Optional[str], *, statuses: tuple[str, ...] | None = None) -> RunRow:
+    async def _run(self, run_id: Optional[str], *, statuses: tuple[str, ...] | None = None,
+                   none: str = "No training run yet; start one with /train start.") -> RunRow:
         store = self.flow.store
         run = await store.get(run_id) if run_id else await store.latest(statuses)
         if run is None:
-            raise InvalidOption(f"No training run `{run_id}`." if run_id else "No training run yet; start one with "
-                                "/train start.")
+            raise InvalidOption(f"No training run `{run_id}` (see /train status)." if run_id else none)
         return run
 
     async def _autocomplete_runs(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -205,7 +205,7 @@ class Training(commands.Cog):
                                      sample_steps=sample_steps)
         exists = (dataset / "manifest.json").is_file()
         if not attachments and not exists:
-            raise InvalidOption(f"Not started: no images. {IMAGE_HELP[0].upper() + IMAGE_HELP[1:]}.")
+            raise InvalidOption(f"Not started: no images and no dataset `{name}` yet; {IMAGE_HELP}.")
         if attachments and exists:
             raise Refused(f"A dataset named `{name}` already exists. Run /train start without images to train on it "
                           "again, or add images with /train add-images.")
@@ -355,7 +355,7 @@ class Training(commands.Cog):
     @app_commands.describe(run="Run id (default: the active run)")
     async def cancel(self, interaction: discord.Interaction, run: Optional[str] = None) -> None:
         require_admin(interaction, self.bot.config)
-        row = await self._run(run, statuses=("pending", "running"))
+        row = await self._run(run, statuses=("pending", "running"), none="No training run is being trained now.")
         if not row.active:
             raise Refused(f"Training run `{row.run_id}` has already ended ({row.status}).")
         await interaction.response.defer(ephemeral=True, thinking=True)

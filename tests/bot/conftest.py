@@ -56,6 +56,18 @@ def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, e
     return path
 
 
+def make_adapters(adapters_dir: Path) -> None:
+    """Random LoRAs for the tiny model: one style, two characters with trigger words."""
+    from engine.lora_synth import make_lora
+    from engine.tiny import build_tiny_components
+
+    unet = build_tiny_components(0)["unet"]
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    make_lora(unet, adapters_dir / "ink-style.safetensors", kind="style", triggers=["ink style"], seed=1)
+    make_lora(unet, adapters_dir / "hero-a.safetensors", kind="character", triggers=["hero_a", "red scarf"], seed=2)
+    make_lora(unet, adapters_dir / "hero-b.safetensors", kind="character", triggers=["hero_b"], seed=3)
+
+
 class Process:
     """A child process (`python -m engine serve` or `python -m bot`) with its output in a log file."""
 
@@ -116,6 +128,7 @@ async def stack(tiny_model_dir, tmp_path_factory):
     await double.start()
     port = free_port()
     config = write_stack_config(tmp, tiny_model_dir, double, port)
+    make_adapters(tmp / "adapters")
     env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     s = Stack(double, config, env, tmp)

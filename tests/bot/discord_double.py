@@ -20,8 +20,6 @@ from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
-EPOCH = 1420070400000
-OPTION_TYPES = {"SUB_COMMAND": 1, "SUB_COMMAND_GROUP": 2}
 ADMIN_PERMISSIONS = str((1 << 41) - 1)
 MEMBER_PERMISSIONS = str(0x400 | 0x800 | 0x8000 | 0x80000000)  # view, send, attach, use commands
 

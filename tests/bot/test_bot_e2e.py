@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import re
 import time
 
 import pytest
 from PIL import Image
+
+from tests.bot.conftest import READY_LINE
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -89,6 +90,45 @@ async def test_imagine_end_to_end(stack):
     stack.gallery_post = post[0]
 
 
+async def test_adapters_autocomplete_and_character_triggers(stack):
+    d = stack.double
+    ac = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "x", "character": "hero-a, her"},
+                              focused="character")
+    await d.wait_for(lambda: ac.callbacks, timeout=5)
+    assert ac.callbacks[0]["type"] == 8
+    assert [c["value"] for c in ac.callbacks[0]["data"]["choices"]] == ["hero-a, hero-b"]
+    style = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "x", "style": "in"}, focused="style")
+    await d.wait_for(lambda: style.callbacks, timeout=5)
+    assert [c["value"] for c in style.callbacks[0]["data"]["choices"]] == ["ink-style"]
+
+    inter = await d.invoke_slash(d.alice, d.channel, "imagine", {
+        "prompt": "1girl, hero_a", "character": "hero-a, hero-b", "character_weight": 0.7, "style": "ink-style",
+        "steps": 2, "seed": 12})
+    msg = await d.wait_for(lambda: finished(d, inter), timeout=60)
+    params = png_parameters(d, msg)
+    assert "red scarf" in params and "hero_b" in params and params.count("hero_a") >= 1
+    adapters = field(msg, "Adapters")
+    assert "hero-a:0.7" in adapters and "hero-b:0.7" in adapters and "ink-style" in adapters
+
+    listing = await d.invoke_slash(d.bob, d.channel, "adapters", {"kind": "character"})
+    shown = await d.wait_for(lambda: [m for m in d.followups(listing) if m.get("embeds")], timeout=10)
+    text = str(shown[0]["embeds"])
+    assert "hero-a" in text and "red scarf" in text and "ink-style" not in text
+
+
+async def test_variations_and_upscale_buttons(stack):
+    d = stack.double
+    first = stack.first_result
+    job = job_id_of(first)
+    var = await d.click(d.alice, first, f"arcae:var:{job}")
+    up = await d.click(d.alice, first, f"arcae:up:{job}")
+    v = await d.wait_for(lambda: finished(d, var), timeout=60)
+    u = await d.wait_for(lambda: (m := d.original(up)) and m.get("embeds") and m, timeout=60)
+    assert field(v, "Mode").startswith("variation") and field(u, "Mode").startswith("upscale")
+    assert field(u, "Seed") == "7"
+    assert u["attachments"], u.get("content")
+
+
 async def test_results_respect_the_upload_limit(stack):
     d = stack.double
     limit = 9000  # smaller than two of the tiny model's PNGs together
@@ -130,6 +170,19 @@ async def test_gallery_stars_top_and_remix(stack):
                                      {**fields, "prompt": "1girl, solo, smile, hat", "seed": "8"})
     msg = await d.wait_for(lambda: finished(d, submitted), timeout=60)
     assert field(msg, "Seed") == "8" and "hat" in png_parameters(d, msg)
+
+    # Delete (result) and Remove (gallery post): the author or an admin only.
+    remix_job = job_id_of(msg)
+    refused = await d.click(d.alice, msg, f"arcae:del:{remix_job}")
+    await d.wait_for(lambda: refused.callbacks, timeout=5)
+    assert "Only the person who made this image" in ephemeral_reply(refused)["content"]
+    await d.click(d.bob, msg, f"arcae:del:{remix_job}")
+    await d.wait_for(lambda: int(msg["id"]) in d.deleted, timeout=10)
+    refused = await d.click(d.bob, post, f"arcae:gdel:{job}")
+    await d.wait_for(lambda: refused.callbacks, timeout=5)
+    assert "Only the person who made this image" in ephemeral_reply(refused)["content"]
+    await d.click(d.admin, post, f"arcae:gdel:{job}")
+    await d.wait_for(lambda: int(post["id"]) in d.deleted, timeout=10)
 
 
 async def test_settings_are_used_and_info_shows_parameters(stack):
@@ -191,7 +244,7 @@ async def test_admin_command_refused_for_non_admin(stack):
 
 async def test_two_users_are_served_fairly(stack):
     d = stack.double
-    alice = [await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": f"1girl, {i}", "steps": 2, "seed": i})
+    alice = [await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": f"1girl, {i}", "steps": 6, "seed": i})
              for i in range(3)]
     await d.wait_for(lambda: all(i.callbacks for i in alice), timeout=5)
     bob = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": "1boy", "steps": 2, "seed": 9})
@@ -217,7 +270,7 @@ async def test_late_delivery_after_token_expiry(stack):
                                      if mention in (m.get("content") or "") and m["attachments"]], timeout=60)
     assert "is done" in late[0]["content"] and field(late[0], "Seed") == "3"
     assert "Seed: 3" in png_parameters(d, late[0])
-    assert f"arcae:reroll:" in str(buttons(late[0])), "the late message carries the result buttons"
+    assert "arcae:reroll:" in str(buttons(late[0])), "the late message carries the result buttons"
 
 
 async def test_cancel_button_stops_a_job(stack):
@@ -259,3 +312,17 @@ async def test_jobs_wait_for_a_restarting_engine(stack):
     await stack.engine.start("ARCAE_ENGINE_READY", timeout=120)
     msg = await d.wait_for(lambda: finished(d, inter), timeout=60)
     assert field(msg, "Seed") == "5" and "Seed: 5" in png_parameters(d, msg)
+
+
+async def test_local_mode_starts_and_stops_its_own_engine(stack):
+    d = stack.double
+    assert await stack.bot.stop() == 0
+    await stack.engine.stop()
+    text = stack.config.read_text(encoding="utf-8")
+    stack.config.write_text(text.replace('mode = "remote"\n', 'mode = "local"\n'), encoding="utf-8")
+    await stack.bot.start(READY_LINE)  # Discord does not wait for the model to load
+    inter = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": "1boy, local", "steps": 2, "seed": 31})
+    msg = await d.wait_for(lambda: finished(d, inter), timeout=90)
+    assert field(msg, "Seed") == "31"
+    assert await stack.bot.stop() == 0
+    assert "engine stopped" in stack.bot.log(), "the bot stops the engine it started"

@@ -6,8 +6,6 @@ import io
 import os
 import sqlite3
 import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +17,7 @@ from bot.db import Database, Image, UserSettings
 from bot.delivery import Delivery, Prepared, batches, fit_to_limit
 from bot.embeds import params_embed, truncate
 from bot.errors import InvalidOption, Refused
-from bot.policy import aspect_size, blocked_tags_in, check_content, check_ranges, content_rules
+from bot.policy import aspect_size, blocked_tags_in, check_content, check_limits, check_ranges, content_rules
 from engine import protocol
 from engine.config import parse_config
 from tests.bot.discord_double import DiscordDouble
@@ -201,3 +199,26 @@ def test_sfw_rules_withhold_or_spoiler_flagged_images(tmp_path):
     spoiler = parse_config({"content": {"sfw_action": "spoiler"}})
     files, _ = Delivery(SimpleNamespace(config=spoiler)).prepare(_job("x"), images, content_rules(False, spoiler), 10**7)
     assert [f.spoiler for f in files] == [False, True]
+
+
+async def test_limits_refuse_with_the_reason_and_spare_admins(tmp_path):
+    config = parse_config({"limits": {"max_queued_per_user": 2, "cooldown_s": 60.0, "global_max_queued": 3}})
+    db = await Database.open(tmp_path / "limits.sqlite3")
+    try:
+        await check_limits(db, 1, False, config)  # nothing queued yet
+        for i in range(2):
+            await db.insert_job(job_id=f"a{i}", user_id=1, guild_id=None, channel_id=3, kind="txt2img",
+                                params=protocol.GenerationParams(prompt="x"), nsfw_channel=False)
+        with pytest.raises(Refused, match="the limit is 2"):
+            await check_limits(db, 1, False, config)
+        await db.finish("a0", "canceled")
+        with pytest.raises(Refused, match="Cooldown: you can start a new job in"):
+            await check_limits(db, 1, False, config)
+        for i in range(2):
+            await db.insert_job(job_id=f"b{i}", user_id=2 + i, guild_id=None, channel_id=3, kind="txt2img",
+                                params=protocol.GenerationParams(prompt="x"), nsfw_channel=False)
+        with pytest.raises(Refused, match="The queue is full"):
+            await check_limits(db, 9, False, config)
+        await check_limits(db, 1, True, config)  # admins are exempt
+    finally:
+        await db.close()

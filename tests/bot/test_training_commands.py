@@ -14,6 +14,7 @@ import io
 import os
 import sqlite3
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -232,6 +233,9 @@ async def test_admin_trains_from_attachments_while_images_keep_coming(stack):
     assert f"`{run_id}`" in notice[0]["content"] and "recommended checkpoint: step" in notice[0]["content"]
     stack.recommended = int(notice[0]["content"].split("recommended checkpoint: step ")[1].split(".")[0])
 
+    complete = await d.invoke_slash(d.admin, d.channel, "train status", {"run": "run-"}, focused="run")
+    choices = await d.wait_for(lambda: [c for c in complete.callbacks if c["type"] == 8], timeout=10)
+    assert run_id in [c["value"] for c in choices[0]["data"]["choices"]]
     status = await invoke(d, d.admin, "train status")
     msg = await answer(d, status)
     assert field(msg, "Status") == "completed" and "step 6/6 (100%)" in field(msg, "Progress")
@@ -262,9 +266,17 @@ async def test_captions_are_shown_and_edited_by_upload(stack):
     text = (await answer(d, inter))["content"]
     assert "Updated 1 caption" in text and "nobody.txt" in text and "no image nobody.png" in text
     assert (stack.tmp / "data" / "datasets" / ADAPTER / "red1.txt").read_text().strip() == "hk, 1girl, edited by hand"
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("more/red8.png", png((250, 60, 60), 6))
+        zf.writestr("more/red8.txt", "hk, 1girl, from the zip")
+        zf.writestr("more/red9.png", png((240, 80, 40), 10))
     inter = await invoke(d, d.admin, "train add-images", {"dataset": ADAPTER},
-                         files={"image1": ("red9.png", png((250, 60, 60), 6))})
-    assert "Added 1 image(s)" in (await answer(d, inter, timeout=60))["content"]
+                         files={"image1": ("more.zip", archive.getvalue()),
+                                "image2": ("again.png", png((200, 20, 30), 4))})  # same pixels as red0.png
+    text = (await answer(d, inter, timeout=60))["content"]
+    assert "Added 2 image(s)" in text and "(now 5)" in text and "again.png" in text and "duplicate" in text
+    assert (stack.tmp / "data" / "datasets" / ADAPTER / "red8.txt").read_text().strip() == "hk, 1girl, from the zip"
     assert (stack.tmp / "data" / "datasets" / ADAPTER / "red1.txt").read_text().strip() == "hk, 1girl, edited by hand"
 
 
@@ -282,6 +294,12 @@ async def test_promote_goes_live_without_a_restart_and_imagine_uses_it(stack):
     params = Image.open(io.BytesIO(d.attachments[int(msg["attachments"][0]["id"])])).info.get("parameters", "")
     assert ADAPTER in params and "hk" in params, params
     stack.live_v1 = live_sha(stack)
+    complete = await d.invoke_slash(d.admin, d.channel, "adapter info", {"name": "hik"}, focused="name")
+    choices = await d.wait_for(lambda: [c for c in complete.callbacks if c["type"] == 8], timeout=10)
+    assert [c["value"] for c in choices[0]["data"]["choices"]] == [ADAPTER]
+    info = await answer(d, await invoke(d, d.admin, "adapter info", {"name": ADAPTER}))
+    assert field(info, "Kind") == "character" and field(info, "Triggers") == "hk"
+    assert field(info, "Default weight") == "0.8" and stack.run_id in field(info, "Versions")
 
 
 async def test_cancel_leaves_the_live_adapter_untouched(stack):
@@ -308,7 +326,25 @@ async def test_cancel_leaves_the_live_adapter_untouched(stack):
         assert time.monotonic() < deadline, text_of(msg)
     assert live_sha(stack) == before, "a canceled run changed the live adapter"
     info = await answer(d, await invoke(d, d.admin, "adapter info", {"name": ADAPTER}))
-    assert "v1 (live)" in field(info, "Versions")
+    assert "v1 (live)" in field(info, "Versions") and "v2" not in field(info, "Versions")
+    inter = await invoke(d, d.admin, "train cancel")
+    assert "No training run is being trained now" in (await answer(d, inter))["content"]
+
+
+async def test_a_run_survives_a_bot_restart(stack):
+    d = stack.double
+    start = await invoke(d, d.admin, "train start", {"name": ADAPTER, "kind": "character", "trigger": "hk",
+                                                     "steps": 8, "save_every": 4, "sample_steps": 1})
+    run_id = (await answer(d, start, timeout=60))["content"].split("`")[1]
+    await stack.restart_bot()
+    # The interaction that started the run is gone with the old process: the notice comes in the channel.
+    mention = f"<@{d.admin['id']}>"
+    notice = await d.wait_for(lambda: [m["content"] for m in d.channel_messages(d.channel)
+                                       if mention in (m.get("content") or "") and run_id in m["content"]], timeout=120)
+    assert "completed" in notice[0], notice
+    msg = await answer(d, await invoke(d, d.admin, "train status", {"run": run_id}))
+    assert field(msg, "Status") == "completed" and "step 8/8" in field(msg, "Progress")
+    assert field(msg, "Checkpoints") == "4, 8"
 
 
 async def test_set_weight_rollback_and_delete(stack):
@@ -335,8 +371,10 @@ async def test_set_weight_rollback_and_delete(stack):
     assert "no longer live" in (await answer(d, inter))["content"]
     assert ADAPTER not in await adapters_listed(d) and live_sha(stack) is None
     imagine = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl", "character": ADAPTER})
-    reply = await d.wait_for(lambda: [m for m in answers(d, imagine) if m.get("content")], timeout=10)
-    assert "Unknown character adapter" in reply[0]["content"]
+    # Refused by the bot (when it knows other adapters) or by the engine (the job's message says so).
+    refused = await d.wait_for(lambda: [text_of(m) for m in [*answers(d, imagine), d.original(imagine) or {}]
+                                        if "unknown" in text_of(m).lower()], timeout=30)
+    assert ADAPTER in refused[0], refused
     inter = await invoke(d, d.admin, "adapter rollback", {"name": ADAPTER})
     assert "back at v1" in (await answer(d, inter))["content"]
     assert ADAPTER in await adapters_listed(d)
@@ -346,3 +384,17 @@ async def test_set_weight_rollback_and_delete(stack):
                    "adapter.set_weight", "adapter.rollback", "adapter.delete"):
         assert action in actions, (action, actions)
     assert all(uid == int(d.admin["id"]) for _, _, uid in audit_actions(stack))
+
+
+def test_the_bot_side_of_training_never_imports_torch():
+    """The bot process must stay light: its training modules and their training/ helpers are torch-free."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import bot.cogs.training, bot.cogs.adapter_admin, bot.training_flow, bot.training_views\n"
+            "import training.intake, training.dataset, training.lifecycle, training.checkpoints, training.tagger\n"
+            "import training.train_config, training.run_record\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]

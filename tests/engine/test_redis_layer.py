@@ -264,14 +264,16 @@ async def test_dispatcher_restart_while_workers_keep_running(cluster):
 
     resubmitted: list[protocol.Queued] = []
 
-    async def on_connect() -> None:  # what the bot does: resubmit unfinished jobs from SQLite
-        resubmitted.append(await d2.submit(gen("survivor", prompt="1.0")))
+    async def on_connect() -> None:  # what the bot does: resubmit a running job as attempt + 1
+        again = gen("survivor", prompt="1.0").model_copy(update={"attempt": 2})
+        resubmitted.append(await d2.submit(again))
 
     d2 = cluster.new_dispatcher()
     d2.on_connect = on_connect
     await d2.start()
     done = await r.wait_for("survivor", protocol.Completed)
-    assert done.attempt == 1 and resubmitted[0].attempt == 1
+    # Reported under the bot's attempt number, so the bot does not drop it as stale.
+    assert done.attempt == 2 and resubmitted[0].attempt == 2
     assert gpu.ran == [("survivor", 1)], "the job ran once; the resubmit was idempotent"
     await asyncio.sleep(0.3)
     assert len(r.of("survivor", protocol.Completed)) == 1
@@ -339,3 +341,21 @@ async def test_password_protected_redis(tmp_path):
     finally:
         stop_redis(server)
     assert check_redis_url("redis://10.0.0.2:6379/0", "pw", "X") == "redis://10.0.0.2:6379/0"
+
+
+async def test_redis_losing_its_data_mid_job_loses_no_job(cluster):
+    gpu = FakeGpu("w1", set(), set())
+    await cluster.add_worker(gpu, capacity=2)
+    d = cluster.new_dispatcher()
+    await d.start()
+    r = cluster.recorder
+    await d.submit(gen("first", prompt="1.5"))
+    await d.submit(gen("second", prompt="0.5"))
+    await r.wait_for("first", protocol.Progress)
+    client = make_client(cluster.url, None, block_ms=100)
+    await client.flushall()  # a Redis restart without appendonly
+    await client.aclose()
+    for job_id in ("first", "second"):
+        assert isinstance(await r.wait_for(job_id, (protocol.Completed, protocol.Failed), timeout=20), protocol.Completed)
+    await d.submit(gen("third"))  # and the cluster still works afterwards
+    assert (await r.wait_for("third", protocol.Completed, timeout=20)).attempt == 1

@@ -234,3 +234,13 @@ async def test_killed_worker_job_finishes_on_another_worker(scaleout, bot_side):
     assert len(r.of("survive-kill")) == delivered
     rows = {w.name: w for w in await d.workers()}
     assert victim not in rows or not rows[victim].alive
+
+
+async def test_sigterm_stops_a_worker_cleanly_and_unregisters_it(scaleout, bot_side):
+    d, _r = bot_side
+    procs: WorkerProcs = scaleout["procs"]
+    name = next(n for n, p in procs.procs.items() if p.poll() is None)
+    procs.procs[name].send_signal(signal.SIGTERM)
+    assert procs.procs[name].wait(timeout=60) == 0, procs.tail(name)
+    assert f"worker {name} stopped" in procs.tail(name)
+    assert name not in {w.name for w in await d.workers() if w.alive}

@@ -110,10 +110,38 @@ def test_kohya_file_keys_and_metadata(trained):
     assert len(meta["ss_dataset_hash"]) == 64
 
 
+def test_text_encoder_ff_and_conv_lora_export_alike(dataset, tmp_path):
+    """The optional targets train, save, and give the same image from the kohya file."""
+    from safetensors import safe_open
+
+    from training.trainer import TrainingRun
+
+    options = tiny_options(dataset, steps=2, lr=1e-2, sample_steps=1, train_text_encoders=True, train_ff=True, train_conv=True)
+    run = TrainingRun(tiny_pipeline(), options, tmp_path / "wide")
+    while not run.done:
+        run.step()
+    with safe_open(str(tmp_path / "wide" / "adapter.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    assert any(".ff.net.2." in k for k in keys) and any(".resnets.0.conv1." in k for k in keys)
+    with safe_open(str(tmp_path / "wide" / "adapter.kohya.safetensors"), framework="pt") as f:
+        assert {k.split("_")[1] for k in f.keys()} == {"unet", "te1", "te2"}
+        assert f.metadata()["ss_network_train_unet_only"] == "False"
+
+    pipe = tiny_pipeline()
+    plain = generate(pipe)
+    pipe.load_lora_weights(str(tmp_path / "wide"), weight_name="adapter.safetensors", adapter_name="peft")
+    from_peft = generate(pipe)
+    pipe.load_lora_weights(str(tmp_path / "wide"), weight_name="adapter.kohya.safetensors", adapter_name="kohya")
+    pipe.set_adapters(["kohya"], [1.0])
+    assert np.abs(from_peft - plain).max() > 1e-3
+    np.testing.assert_allclose(generate(pipe), from_peft, atol=1e-5)
+
+
 def test_resume_continues_at_the_same_step_with_the_same_loss(dataset, tmp_path):
     from training.trainer import TrainingRun
 
-    options = tiny_options(dataset, steps=4, save_every=2)
+    options = tiny_options(dataset, steps=4, save_every=2, sample_every=1000, batch_size=1, grad_accum=2)
     straight = TrainingRun(tiny_pipeline(), options, tmp_path / "straight")
     expected = [straight.step().loss for _ in range(4)]
 
@@ -204,13 +232,28 @@ def test_cli_trains_and_refuses_bad_arguments(dataset, tiny_model_dir, tmp_path,
     assert not (tmp_path / "x").exists()
 
     out = tmp_path / "cli-run"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# sample prompts\n{TRIGGER}, smile\n\n{TRIGGER}, sitting, beach\n")
     args = [*base, "--dataset", str(dataset), "--out", str(out), "--steps", "2", "--rank", "4", "--resolution", "64",
-            "--batch-size", "2", "--optimizer", "adamw8bit", "--save-every", "2", "--sample-steps", "1", "--no-score"]
+            "--batch-size", "2", "--optimizer", "adamw8bit", "--save-every", "2", "--sample-steps", "1", "--no-score",
+            "--sample-prompts", str(prompts)]
     assert main(args) == 0
     assert (out / "adapter.safetensors").is_file() and (out / "adapter.kohya.safetensors").is_file()
-    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed" and record["options"]["optimizer"] == "adamw8bit"  # ran as adamw on CPU
+    assert record["sample_prompts"] == [f"{TRIGGER}, smile", f"{TRIGGER}, sitting, beach"]
+    assert len(list((out / "checkpoints" / "step-000002" / "samples").glob("*.png"))) == 2
     assert main(args) == 2  # the run dir is taken
     assert "already holds a training run" in capsys.readouterr().err
+
+    # --resume continues the finished run with more steps; options that change the meaning of
+    # the saved state are refused.
+    assert main(["train", "--resume", str(out), "--steps", "3", "--no-score"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed" and record["step"] == 3
+    assert len((out / "loss.csv").read_text().splitlines()) == 4
+    assert main(["train", "--resume", str(out), "--rank", "8"]) == 2
+    assert "option(s) rank differ" in capsys.readouterr().err
 
 
 def test_buckets_and_captions():
@@ -239,3 +282,22 @@ def test_buckets_and_captions():
         seen.add(tuple(parts[2:]))
     assert len(seen) > 5  # the rest is shuffled / dropped
     assert augment_caption(tags, keep_tokens=1, shuffle=False, tag_dropout=0.0, caption_dropout=1.0, rng=random.Random(0)) == ""
+
+
+def test_dataset_manifest_gives_keep_tokens_and_signature_tags(dataset, tmp_path):
+    import shutil
+
+    from training.train_data import TrainingDataset
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["keep_tokens"] = 3
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    data = TrainingDataset(copy, trigger=TRIGGER, resolution=64, batch_size=2, seed=0)
+    assert data.keep_tokens(None) == 3 and data.keep_tokens(2) == 2
+    assert data.signature_tags() == ["long hair", "red theme"]  # the manifest's, not a recount
+    (copy / "manifest.json").unlink()
+    recount = TrainingDataset(copy, trigger=TRIGGER, resolution=64, batch_size=2, seed=0)
+    assert recount.keep_tokens(None) == 1  # the trigger
+    assert "1girl" in recount.signature_tags()  # without a manifest: tags in at least half the captions

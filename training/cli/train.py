@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle-tags", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--keep-tokens", type=int, help="leading tags never shuffled (default: manifest, else 1)")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps")
-    g.add_argument("--sample-every", type=int, help="samples every N steps (default: with each checkpoint)")
+    g.add_argument("--sample-every", type=int, help="samples at checkpoints whose step is a multiple of N, and at the end (default: every checkpoint)")
     g.add_argument("--sample-prompts", metavar="FILE", help="one sample prompt per line")
     g.add_argument("--sample-steps", type=int)
     g.add_argument("--train-text-encoders", action="store_true", default=None)
@@ -208,6 +208,8 @@ def _score(run_dir: Path, args: argparse.Namespace, config: Any) -> None:
                                                  character_threshold=t.character_threshold))
         except Exception as exc:  # scoring is a bonus: the run itself succeeded
             log.warning("tagger %s unavailable (%s): scoring by pixel similarity only", source, exc)
+    if tag_fn is None:
+        print("no tagger (--tagger or --config): checkpoints scored by pixel similarity only, recall not measured")
     scores = score_run(run_dir, tag_fn)
     if scores:
         from training.checkpoints import recommend
