@@ -90,3 +90,16 @@ def choose_worker(
     if waited_s < affinity_wait_s and any(needed <= w.loaded for w in able):
         return None  # the worker that holds them is busy; worth a short wait
     return min(free, key=lambda w: (w.assigned, -len(needed & w.loaded), w.name))
+
+
+def format_workers(rows: list[Any], queue_length: int, limit: int = 1024) -> str:
+    """One line per worker (``bot.dispatcher.WorkerStatus``) for the admin /status embed."""
+    lines = [f"queue: {queue_length} waiting in the bot"]
+    for w in rows:
+        state = (w.gpu or w.device or "?") if w.alive else "gone (its jobs are being moved)"
+        jobs = f"{len(w.assigned)}/{w.capacity} jobs" + (f" ({', '.join(w.assigned)})" if w.assigned else "")
+        extra = (" · training" if w.accepts_training else "") + (
+            f" · adapters: {', '.join(w.loaded_adapters)}" if w.loaded_adapters else "")
+        lines.append(f"{w.name} · {state} · {jobs}{extra}")
+    text = "\n".join(lines)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

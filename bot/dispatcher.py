@@ -22,18 +22,17 @@ import contextlib
 import itertools
 import logging
 import time
-from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.exceptions
 
 from bot.dispatch_leases import DispatchedJob, LeaseKeeper, PendingJob, short_error
-from bot.dispatch_policy import NoWorkerCanRun, WorkerSlot, choose_worker
+from bot.dispatch_policy import NoWorkerCanRun, WorkerSlot, choose_worker, format_workers
 from engine import protocol
 from engine.config import ArcaeConfig, Secrets
 from engine.errors import QueueFull
-from engine.redis_files import FILE_TTL_S, decode_file, encode_file, output_key, source_key, store_file
+from engine.redis_files import FILE_TTL_S, encode_file, receive_outputs, source_key
 from engine.redis_keys import (
     CONTROL_MAXLEN,
     DONE_TTL_S,
@@ -270,15 +269,7 @@ class Dispatcher(LeaseKeeper):
 
     async def workers_text(self, limit: int = 1024) -> str:
         """One line per worker for the admin /status embed: GPU, jobs, loaded adapters."""
-        lines = [f"queue: {len(self._queue)} waiting in the bot"]
-        for w in await self.workers():
-            state = (w.gpu or w.device or "?") if w.alive else "gone (its jobs are being moved)"
-            jobs = f"{len(w.assigned)}/{w.capacity} jobs" + (f" ({', '.join(w.assigned)})" if w.assigned else "")
-            extra = (" · training" if w.accepts_training else "") + (
-                f" · adapters: {', '.join(w.loaded_adapters)}" if w.loaded_adapters else "")
-            lines.append(f"{w.name} · {state} · {jobs}{extra}")
-        text = "\n".join(lines)
-        return text if len(text) <= limit else text[: limit - 1] + "…"
+        return format_workers(await self.workers(), len(self._queue), limit)
 
     async def reload_adapters(self) -> dict[str, Any]:
         """Ask every live worker to rescan its adapters between jobs (asynchronously).
@@ -403,30 +394,11 @@ class Dispatcher(LeaseKeeper):
         if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
             self._refresh_due = True  # the worker's record now shows what it has loaded
             if isinstance(event, protocol.Completed):
-                event = await self._receive_outputs(event)
+                event = await receive_outputs(self.client, self.keys.prefix, self.outputs_dir, event)
             await self._finish(d)
         if d.shown_attempt > event.attempt:
             event = event.model_copy(update={"attempt": d.shown_attempt})
         await self._emit(event)
-
-    async def _receive_outputs(self, event: protocol.Completed) -> protocol.Completed:
-        """Store the output files a worker attached in our outputs dir; point the event at them."""
-        images = []
-        for image in event.images:
-            name = Path(image.path).name
-            key = output_key(self.keys.prefix, event.job_id, event.attempt, name)
-            data = await self.client.get(key)
-            if data is None:
-                images.append(image)  # not attached: a shared disk, or the same host
-                continue
-            try:
-                path = await asyncio.to_thread(store_file, self.outputs_dir, name, decode_file(data), image.sha256)
-                images.append(image.model_copy(update={"path": str(path)}))
-            except (OSError, ValueError) as exc:
-                log.error("cannot store output %s of job %s: %s", name, event.job_id, exc)
-                images.append(image)
-            await self.client.delete(key)
-        return event.model_copy(update={"images": images})
 
     async def _emit(self, event: Any) -> None:
         try:

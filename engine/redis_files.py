@@ -12,11 +12,16 @@ atomically (temp file, fsync, rename). Imports only the standard library.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 FILE_TTL_S = 24 * 3600
 MAX_FILE_BYTES = 64 << 20
@@ -65,3 +70,27 @@ def store_file(directory: str | Path, name: str, data: bytes, sha256: str = "") 
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+async def receive_outputs(client: Any, prefix: str, outputs_dir: Path, event: Any) -> Any:
+    """Store the output files a worker attached to ``event`` (a Completed) in ``outputs_dir``.
+
+    Returns the event with each image's path pointing at the local copy. Images without an
+    attachment (shared disk, same host) keep their path.
+    """
+    images = []
+    for image in event.images:
+        name = Path(image.path).name
+        key = output_key(prefix, event.job_id, event.attempt, name)
+        data = await client.get(key)
+        if data is None:
+            images.append(image)
+            continue
+        try:
+            path = await asyncio.to_thread(store_file, outputs_dir, name, decode_file(data), image.sha256)
+            images.append(image.model_copy(update={"path": str(path)}))
+        except (OSError, ValueError) as exc:
+            log.error("cannot store output %s of job %s: %s", name, event.job_id, exc)
+            images.append(image)
+        await client.delete(key)
+    return event.model_copy(update={"images": images})

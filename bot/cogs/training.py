@@ -61,6 +61,17 @@ def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, capt
                             f"{max_bytes / 2**20:.0f} MiB in all.")
 
 
+async def download(attachments: list[discord.Attachment]) -> list[tuple[str, bytes]]:
+    """The attachments' bytes as (file name, bytes); a failed download is a message, not a crash."""
+    files = []
+    for a in attachments:
+        try:
+            files.append((a.filename, await a.read()))
+        except (discord.HTTPException, discord.NotFound) as exc:
+            raise Refused(f"Could not download `{a.filename}` from Discord ({exc}); please try again.") from None
+    return files
+
+
 def check_adapter_name(name: str) -> str:
     from training.errors import LifecycleError
     from training.lifecycle import check_name
@@ -226,7 +237,7 @@ class Training(commands.Cog):
         flow = self.flow
         report_lines = []
         if attachments:
-            files = [(a.filename, await a.read()) for a in attachments]
+            files = await download(attachments)
             result = await flow.import_images(name, kind, trigger, files)
             report = result.report
             report_lines.append(f"{len(report.images)} image(s) captioned into dataset `{name}`.")
@@ -281,7 +292,7 @@ class Training(commands.Cog):
             raise Refused(f"Dataset `{dataset}` is being trained on; add images once the run has ended.")
         await interaction.response.defer(ephemeral=True, thinking=True)
         before = len(manifest.get("images", []))
-        new = [(a.filename, await a.read()) for a in attachments]
+        new = await download(attachments)
         existing = await asyncio.to_thread(self.flow.dataset_files, dataset)
         result = await self.flow.import_images(dataset, manifest.get("kind", "character"),
                                                manifest.get("trigger", ""), existing + new, replace=True)
@@ -330,7 +341,7 @@ class Training(commands.Cog):
                              uploads: list[discord.Attachment]) -> None:
         from bot.training_views import write_captions
 
-        files = [(a.filename, await a.read()) for a in uploads]
+        files = await download(uploads)
         updated, refused = await asyncio.to_thread(write_captions, self.flow.datasets_dir / dataset, manifest, files)
         await self._audit(interaction, "train.captions", dataset, updated=updated,
                           refused=[f"{n}: {r}" for n, r in refused])

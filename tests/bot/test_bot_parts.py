@@ -222,3 +222,30 @@ async def test_limits_refuse_with_the_reason_and_spare_admins(tmp_path):
         await check_limits(db, 1, True, config)  # admins are exempt
     finally:
         await db.close()
+
+
+async def test_restart_resubmits_running_jobs_once_then_fails_them_honestly(tmp_path):
+    from bot.jobs import JobManager
+
+    db = await Database.open(tmp_path / "resume.sqlite3")
+    try:
+        for job_id, attempt in (("first", 1), ("second", 2)):
+            await db.insert_job(job_id=job_id, user_id=1, guild_id=None, channel_id=3, kind="txt2img",
+                                params=protocol.GenerationParams(prompt="x"), nsfw_channel=False)
+            await db.set_attempt(job_id, attempt)
+            await db.mark_running(job_id, attempt, 0)
+        jobs = JobManager(SimpleNamespace(config=CONFIG, db=db))  # no engine yet: jobs stay pending
+        await jobs.resubmit_unfinished()
+        first, second = await db.get_job("first"), await db.get_job("second")
+        assert (first.status, first.attempt) == ("pending", 2), "a job that was running gets a second attempt"
+        assert second.status == "failed" and "twice" in second.error, "no third attempt"
+        # Events of the superseded attempt change nothing; a duplicate result is stored once.
+        await jobs.on_event(protocol.Started(job_id="first", attempt=1, seq=3))
+        assert (await db.get_job("first")).status == "pending"
+        await jobs.on_event(protocol.Started(job_id="first", attempt=2, seq=1))
+        assert (await db.get_job("first")).status == "running"
+        await jobs.on_event(completed("first", seq=4).model_copy(update={"attempt": 2}))
+        await jobs.on_event(completed("first", seq=4).model_copy(update={"attempt": 2}))
+        assert (await db.get_job("first")).status == "completed" and len(await db.images("first")) == 1
+    finally:
+        await db.close()

@@ -386,6 +386,28 @@ async def test_set_weight_rollback_and_delete(stack):
     assert all(uid == int(d.admin["id"]) for _, _, uid in audit_actions(stack))
 
 
+async def test_the_run_record_applies_engine_events_once(tmp_path):
+    """Late, repeated or other-attempt events change nothing; a finished run stays finished."""
+    from bot.db import Database
+    from bot.training_store import TrainingStore
+
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    try:
+        store = TrainingStore(db)
+        await store.insert(run_id="r1", adapter_name="a", kind="style", trigger="t", dataset="a", run_dir="",
+                           options={"steps": 6}, created_by=1, channel_id=None, guild_id=None)
+        assert await store.record_progress("r1", 1, 5, 3, 6, 0.5)
+        assert not await store.record_progress("r1", 1, 4, 2, 6, 0.9), "an older event"
+        assert not await store.record_progress("r1", 2, 9, 4, 6, 0.1), "another attempt's event"
+        row = await store.get("r1")
+        assert (row.status, row.progress_step, row.loss) == ("running", 3, 0.5)
+        assert await store.finish("r1", "canceled")
+        assert not await store.finish("r1", "completed") and not await store.record_progress("r1", 1, 6, 4, 6, 0.2)
+        assert (await store.get("r1")).status == "canceled"
+    finally:
+        await db.close()
+
+
 def test_the_bot_side_of_training_never_imports_torch():
     """The bot process must stay light: its training modules and their training/ helpers are torch-free."""
     import subprocess
