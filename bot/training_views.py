@@ -126,11 +126,15 @@ def status_embed(run: RunRow, run_dir: Path, eta: str) -> tuple[discord.Embed, l
     embed.add_field(name="Status", value=run.status)
     total = run.progress_total or int(run.options.get("steps") or 0)
     percent = f" ({100 * run.progress_step // total}%)" if total else ""
-    embed.add_field(name="Progress", value=f"step {run.progress_step}/{total}{percent}\n`{_bar(run.progress_step, total)}`")
+    embed.add_field(name="Progress",
+                    value=f"step {run.progress_step}/{total}{percent}\n`{_bar(run.progress_step, total)}`")
     embed.add_field(name="Loss", value=f"{run.loss:.4f}" if run.loss is not None else "—")
     embed.add_field(name="ETA", value=eta)
     steps = [s for s, _ in list_checkpoints(run_dir)]
-    embed.add_field(name="Checkpoints", value=", ".join(map(str, steps)) or "none yet", inline=False)
+    shown = ", ".join(map(str, steps))
+    if len(steps) > 40:  # a long run: the first and the newest ones
+        shown = f"{len(steps)}: {steps[0]} … {', '.join(map(str, steps[-10:]))}"
+    embed.add_field(name="Checkpoints", value=embeds.truncate(shown or "none yet", 1024), inline=False)
     if run.recommended_step is not None:
         embed.add_field(name="Recommended", value=f"step {run.recommended_step}")
     if run.error:
@@ -186,4 +190,7 @@ def checkpoint_page(run: RunRow, run_dir: Path, record: dict[str, Any], max_grid
     order = sorted(checkpoints, key=lambda c: (c[0] != chosen, c[0] != recommended, -c[0]))
     files = [_file(folder / "grid.png", f"step-{step:06d}-grid.png")
              for step, folder in order if (folder / "grid.png").is_file()][:max_grids]
+    if len(text) > 1990:  # a long run: the whole table as a file, the message keeps the verdict
+        files.insert(0, discord.File(io.BytesIO(table.encode("utf-8")), filename="scores.txt"))
+        text = text.replace(f"```\n{table}\n```", "(the table is in scores.txt)\n")
     return text, files

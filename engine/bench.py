@@ -37,8 +37,9 @@ class Ratio:
 
 
 def _alternate(a: Callable[[], Any], b: Callable[[], Any], trials: int) -> tuple[float, float]:
-    """Median seconds of ``a`` and ``b``, timed alternately after one warm-up each."""
-    a(), b()
+    """Median seconds of ``a`` and ``b``, timed alternately after two warm-ups each."""
+    for _ in range(2):
+        a(), b()
     ta, tb = [], []
     for _ in range(trials):
         for fn, acc in ((a, ta), (b, tb)):
@@ -253,7 +254,11 @@ def bench_training(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]
 def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path | None = None) -> list[Ratio]:
     """Run the selected cases, print one line per ratio, and return them."""
     import logging
+    import os
 
+    # Two processes (this one and the engine) share the cores: OpenMP threads that spin while
+    # idle would steal the other's CPU and turn the service ratio into noise.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.manual_seed(0)

@@ -146,7 +146,8 @@ class AdapterAdmin(commands.Cog):
         await self._audit(interaction, "adapter.rollback", name, version=result.version, replaced=result.previous)
         warning = await self._go_live(interaction)
         replaced = f"v{result.previous}" if result.previous is not None else "nothing (it was deleted)"
-        await interaction.followup.send(f"↩️ **{name}** is back at v{result.version} (replacing {replaced}).{warning}",
+        await interaction.followup.send(f"↩️ **{name}** is back at v{result.version} (replacing {replaced})."
+                                        f"{warning}",
                                         ephemeral=True)
 
     @adapter.command(name="delete", description="Take an adapter off the live list; rollback undoes it (admins)")
@@ -208,7 +209,8 @@ class AdapterAdmin(commands.Cog):
         await self._audit(interaction, "adapter.set_weight", name, weight=weight,
                           old=old.default_weight if old else None)
         warning = await self._go_live(interaction)
-        await interaction.followup.send(f"⚖️ **{name}** now has default weight {weight:g}.{warning}", ephemeral=True)
+        await interaction.followup.send(f"⚖️ **{name}** now has default weight {weight:g}.{warning}",
+                                        ephemeral=True)
 
     # ------------------------------------------------------------------ autocomplete
 

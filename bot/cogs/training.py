@@ -147,7 +147,8 @@ class Training(commands.Cog):
             raise InvalidOption(f"No training run `{run_id}` (see /train status)." if run_id else none)
         return run
 
-    async def _autocomplete_runs(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def _autocomplete_runs(self, interaction: discord.Interaction,
+                                 current: str) -> list[app_commands.Choice[str]]:
         if not is_admin(interaction.user, interaction.guild, self.bot.config):
             return []
         return run_choices(await self.flow.store.recent(), current)
@@ -171,7 +172,8 @@ class Training(commands.Cog):
             text = (f"✅ Training run `{run.run_id}` (**{run.adapter_name}**) completed: {run.progress_step} steps"
                     f"{loss}; {rec}. See /train checkpoints, then /adapter promote.")
         elif status == "canceled":
-            text = f"✖️ Training run `{run.run_id}` (**{run.adapter_name}**) was canceled; live adapters are unchanged."
+            text = (f"✖️ Training run `{run.run_id}` (**{run.adapter_name}**) was canceled; live adapters are "
+                    "unchanged.")
         else:
             text = (f"❌ Training run `{run.run_id}` (**{run.adapter_name}**) failed: {run.error or 'unknown error'}. "
                     "Live adapters are unchanged.")
