@@ -174,10 +174,10 @@ class TrainingFlow:
         """Send the run to the engine; ``EngineUnavailable``/``EngineRejected`` propagate."""
         from bot.engine_link import EngineUnavailable
 
+        self._active.add(run.run_id)  # from now on the reconnect loop sends it if this call cannot
         engine = self._engine()
         if engine is None:
             raise EngineUnavailable("the engine is not connected yet")
-        self._active.add(run.run_id)
         log.info("training run %s (%s) sent to the engine, attempt %d", run.run_id, run.adapter_name, run.attempt)
         await engine.submit(protocol.TrainRequest(job_id=run.run_id, owner=str(run.created_by),
                                                   attempt=run.attempt, options=run.options))

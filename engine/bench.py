@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-CASES = ("service", "mix", "fast", "batching", "training")
+CASES = ("service", "mix", "fast", "batching", "training", "ack")
 
 
 @dataclass
@@ -284,6 +284,10 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
                     new = bench_batching(env, trials)
                 elif case == "service":
                     new = bench_service(env, client, trials)
+                elif case == "ack":
+                    from engine.bench_bot import bench_ack
+
+                    new = bench_ack(trials)
                 else:
                     new = bench_training(env, client, trials)
                 for r in new:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import sqlite3
 import time
 import zipfile
@@ -329,6 +330,23 @@ async def test_cancel_leaves_the_live_adapter_untouched(stack):
     assert "v1 (live)" in field(info, "Versions") and "v2" not in field(info, "Versions")
     inter = await invoke(d, d.admin, "train cancel")
     assert "No training run is being trained now" in (await answer(d, inter))["content"]
+
+
+async def test_a_failed_run_says_why_and_changes_nothing_live(stack):
+    d = stack.double
+    before = live_sha(stack)
+    datasets = stack.tmp / "data" / "datasets"
+    shutil.copytree(datasets / ADAPTER, datasets / "broken")
+    for caption in (datasets / "broken").glob("*.txt"):
+        caption.write_text("", encoding="utf-8")  # as if every caption had been emptied on disk
+    start = await invoke(d, d.admin, "train start", {"name": "broken", "kind": "style", "trigger": "br"})
+    assert "Training again on dataset `broken`" in (await answer(d, start, timeout=60))["content"]
+    notice = await d.wait_for(lambda: [m["content"] for m in d.followups(start) if "failed" in m["content"]],
+                              timeout=60)
+    assert "every caption" in notice[0] and "empty" in notice[0] and "Live adapters are unchanged" in notice[0]
+    msg = await answer(d, await invoke(d, d.admin, "train status"))
+    assert field(msg, "Status") == "failed" and "every caption" in field(msg, "Error")
+    assert live_sha(stack) == before and not (stack.tmp / "adapters" / "broken.safetensors").exists()
 
 
 async def test_a_run_survives_a_bot_restart(stack):
