@@ -272,7 +272,7 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
     results: list[Ratio] = []
     print(f"Arcae CPU benchmark (tiny model, median of {trials} trials, ratios measured in this run)", flush=True)
     with tempfile.TemporaryDirectory(prefix="arcae-bench-") as tmp:
-        env = _Env(Path(tmp)) if set(selected) - {"mix"} else None
+        env = _Env(Path(tmp)) if set(selected) - {"mix", "ack"} else None
         client = _EngineClient(env) if env is not None and {"service", "training"} & set(selected) else None
         try:
             for case in selected:

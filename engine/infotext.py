@@ -23,9 +23,10 @@ import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+
+from engine.fsutil import write_bytes_atomic
 
 INFOTEXT_KEY = "parameters"
 REQUEST_KEY = "arcae"
@@ -205,33 +206,8 @@ def write_png_atomic(
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself is durable only once the directory entry is on disk (POSIX).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_png_metadata(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any] | None]:

@@ -20,13 +20,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.fsutil import write_json_atomic
 from engine.protocol import ADAPTER_NAME_PATTERN, AdapterInfo
 
 log = logging.getLogger(__name__)
@@ -220,21 +220,6 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str], bool]:
         else:
             notes.append(f"sidecar {path.name}: {key} = {value!r} ignored (must be {check[1]})")
     return out, notes, True
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temp file in the same directory, fsync, rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def defaults_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:

@@ -16,10 +16,10 @@ import asyncio
 import base64
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from engine.fsutil import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,7 @@ def store_file(directory: str | Path, name: str, data: bytes, sha256: str = "") 
     target = Path(directory) / name
     if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
         return target  # same host or shared storage: already there
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_bytes_atomic(target, data)
     return target
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from engine.fsutil import fsync_dir
 from training.captions import Caption, CaptionRecipe, build_caption, caption_from_override, normalize_tag
 from training.intake import (
     DATASET_METADATA_FILES,
@@ -308,20 +309,7 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync directories
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def _commit(staging: Path, final: Path, *, replace: bool) -> None:
@@ -341,7 +329,7 @@ def _commit(staging: Path, final: Path, *, replace: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 @dataclass

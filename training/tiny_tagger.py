@@ -23,6 +23,8 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+from engine.fsutil import write_bytes_atomic
+
 TINY_TAGGER_SIZE = 32
 RATING, GENERAL, CHARACTER = 9, 0, 4
 
@@ -119,15 +121,11 @@ def make_tiny_tagger(dir: str | Path, seed: int = 0) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="arcae")
     model.ir_version = 8
     onnx.checker.check_model(model)
-    _write_atomic(dest / "model.onnx", model.SerializeToString())
+    write_bytes_atomic(dest / "model.onnx", model.SerializeToString())
     rows = ["tag_id,name,category,count"]
     for i, t in enumerate(tags):
         rows.append(f"{100000 + i},{t.name},{t.category},{1000 - i}")
-    _write_atomic(dest / "selected_tags.csv", ("\n".join(rows) + "\n").encode("utf-8"))
+    write_bytes_atomic(dest / "selected_tags.csv", ("\n".join(rows) + "\n").encode("utf-8"))
     return dest
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
