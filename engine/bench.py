@@ -157,13 +157,26 @@ def bench_mix(trials: int) -> list[Ratio]:
 
 
 class _EngineClient:
-    """The engine as the bot sees it: a supervised child process and a websocket link."""
+    """The engine as the bot sees it: a supervised child process and a websocket link.
+
+    The link's event loop runs in its own thread, as in the bot: a loop that only ran during
+    submits would miss websocket heartbeats while the in-process cases run, and lose the link.
+    """
 
     def __init__(self, env: _Env) -> None:
+        import threading
+
         self.env = env
         self.loop = asyncio.new_event_loop()
         self.done: dict[str, asyncio.Future] = {}
-        self.loop.run_until_complete(self._start())
+        self.progress: dict[str, int] = {}  # job id -> last step reported
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bench-engine-link", daemon=True)
+        self._thread.start()
+        self.call(self._start())
+
+    def call(self, coro: Any, timeout: float = 900) -> Any:
+        """Run ``coro`` on the link's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self) -> None:
         from bot.engine_link import EngineLink, EngineSupervisor
@@ -174,12 +187,14 @@ class _EngineClient:
         await self.link.start()
 
     async def _on_event(self, event: Any) -> None:
+        if event.type == "progress":
+            self.progress[event.job_id] = event.step
         fut = self.done.get(getattr(event, "job_id", ""))
         if fut is not None and not fut.done() and event.type in ("completed", "failed", "canceled"):
             fut.set_result(event)
 
     async def _submit(self, request: Any) -> float:
-        fut = self.loop.create_future()
+        fut = asyncio.get_running_loop().create_future()
         self.done[request.job_id] = fut
         t0 = time.perf_counter()
         await self.link.submit(request)
@@ -192,24 +207,29 @@ class _EngineClient:
         from engine.protocol import GenerateRequest, GenerationParams
 
         req = GenerateRequest(job_id=self.env.job_id(), owner="bench", params=GenerationParams(**params))
-        return self.loop.run_until_complete(self._submit(req))
+        return self.call(self._submit(req))
 
     def submit_training(self, options: dict[str, Any]) -> asyncio.Future:
         from engine.protocol import TrainRequest
 
         req = TrainRequest(job_id=self.env.job_id(), owner="bench-admin", options=options)
-        fut = self.loop.create_future()
-        self.done[req.job_id] = fut
-        self.loop.run_until_complete(self.link.submit(req))
-        return fut
+
+        async def submit() -> asyncio.Future:
+            fut = asyncio.get_running_loop().create_future()
+            self.done[req.job_id] = fut
+            await self.link.submit(req)
+            return fut
+
+        return self.call(submit())
 
     def close(self) -> None:
         async def stop() -> None:
             await self.link.close()
             await self.supervisor.close()
 
-        self.loop.run_until_complete(stop())
-        self.loop.close()
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
 
 
 def bench_service(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]:
@@ -237,18 +257,18 @@ def bench_training(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]
     dataset = _tiny_dataset(env.root)
     options = {"dataset": str(dataset), "kind": "character", "trigger": "benchchar", "steps": 100_000, "rank": 4, "resolution": 64, "save_every": 100_000, "sample_every": 100_000}
     fut = client.submit_training(options)
+    train_id = next(k for k, v in client.done.items() if v is fut)
     time.sleep(1.0)
+    step_before = client.progress.get(train_id, 0)
     busy = [client.generate(**params) for _ in range(trials)]
-    note = ""
+    steps_during = client.progress.get(train_id, 0) - step_before
+    note = f"{steps_during} training steps ran between these jobs"
     if fut.done():
-        note = f"training ended early: {fut.result().type}"
+        note = f"training ended early: {fut.result().type}: {getattr(fut.result(), 'message', '')}"
     else:
-        async def cancel() -> None:
-            await client.link.cancel(next(k for k, v in client.done.items() if v is fut))
-
-        client.loop.run_until_complete(cancel())
+        client.call(client.link.cancel(train_id))
     t_busy, t_idle = statistics.median(busy), statistics.median(idle)
-    return [Ratio("training", "generation latency while a LoRA trains / idle", t_busy, t_idle, t_busy / t_idle, note or "cost of one preemptible step per job")]
+    return [Ratio("training", "generation latency while a LoRA trains / idle", t_busy, t_idle, t_busy / t_idle, note)]
 
 
 def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path | None = None) -> list[Ratio]:
