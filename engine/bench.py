@@ -51,47 +51,9 @@ def _alternate(a: Callable[[], Any], b: Callable[[], Any], trials: int) -> tuple
 
 def write_bench_config(root: Path, model_dir: Path) -> Path:
     """A config for the tiny model under ``root`` (CPU, 64 px, data in ``root``)."""
-    text = f"""
-[engine]
-device = "cpu"
-port = 0
-rate_outputs = false
-previews = false
-queue_limit = 500
+    from engine.tiny import write_tiny_config
 
-[model]
-source = "{model_dir.as_posix()}"
-name = "tiny-sdxl"
-
-[adapters]
-dir = "adapters"
-
-[generation]
-size = "64x64"
-min_side = 32
-max_side = 256
-max_pixels = 65536
-add_quality_tags = false
-fast_steps = 4
-max_steps = 60
-
-[training]
-optimizer = "adamw"
-resolution = 64
-rank = 4
-save_every = 1000
-
-[storage]
-data_dir = "data"
-database = "data/arcae.sqlite3"
-outputs_dir = "data/outputs"
-datasets_dir = "data/datasets"
-runs_dir = "data/runs"
-logs_dir = "data/logs"
-"""
-    path = root / "config.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_tiny_config(root, model_dir)
 
 
 class _Env:
@@ -140,7 +102,22 @@ def bench_batching(env: _Env, trials: int) -> list[Ratio]:
 
     one_call = lambda: env.generate(prompt="1girl, solo", seed=10, steps=8, count=4)  # noqa: E731
     t4, t1 = _alternate(four_calls, one_call, trials)
-    return [Ratio("batching", "4 jobs as four calls / as one batched call", t4, t1, t4 / t1, ">1 means batching pays")]
+    # What the worker does with 4 queued compatible jobs (own prompts and seeds): generate_batch.
+    from engine.protocol import GenerationParams
+
+    prompts = ["1girl, solo", "1boy, smile", "cat, outdoors", "2girls, night"]
+    jobs = [GenerationParams(prompt=text, seed=20 + i, steps=8) for i, text in enumerate(prompts)]
+
+    def four_jobs() -> None:
+        for params in jobs:
+            env.generator.generate(params, job_id=env.job_id())
+
+    merged = lambda: env.generator.generate_batch([(env.job_id(), params) for params in jobs])  # noqa: E731
+    t4j, t1j = _alternate(four_jobs, merged, trials)
+    return [
+        Ratio("batching", "4 jobs as four calls / as one batched call", t4, t1, t4 / t1, ">1 means batching pays"),
+        Ratio("batching", "4 queued jobs (own prompts) alone / merged by generate_batch", t4j, t1j, t4j / t1j, "what [engine] max_batch_jobs does"),
+    ]
 
 
 def bench_mix(trials: int) -> list[Ratio]:

@@ -66,6 +66,7 @@ class EngineConfig(_Section):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     queue_limit: int = Field(64, ge=1, le=10_000)
+    max_batch_jobs: int = Field(4, ge=1, le=8)
     rate_outputs: bool = True
     previews: bool = True
     restart_backoff_s: list[float] = [1.0, 2.0, 5.0, 10.0, 30.0]

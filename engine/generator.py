@@ -10,6 +10,7 @@ the A1111 infotext and the request JSON.
 
 Not thread-safe: only the engine's GPU worker thread calls it. A count of N is one batch with
 seeds seed..seed+N-1, one ``torch.Generator`` each, so image i reproduces alone with its seed.
+``generate_batch`` runs several compatible jobs (same ``batch_key``) as one such batch.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from engine import imaging, infotext
 from engine.config import ArcaeConfig, Secrets
 from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
 from engine.models import LoadedModel, load_base_pipeline
 from engine.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
-from engine.prompts import pipe_encoder
+from engine.prompts import pipe_encoder, tokenize_chunks
 from engine.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
 from engine.samplers import get_sampler, make_scheduler
 
@@ -49,6 +50,29 @@ class GenerationOutput:
     params: ResolvedParams
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _BatchItem:
+    """One job inside a pipeline call: its id, what runs, its warnings and progress callback."""
+
+    job_id: str
+    resolved: ResolvedParams
+    warnings: list[str]
+    on_step: OnStep | None = None
+
+
+def _offsets(items: list[_BatchItem]) -> list[int]:
+    """The batch row of each job's first image."""
+    offsets, row = [], 0
+    for item in items:
+        offsets.append(row)
+        row += item.resolved.count
+    return offsets
+
+
+def _batch_name(items: list[_BatchItem]) -> str:
+    return items[0].job_id if len(items) == 1 else "batch " + ", ".join(item.job_id for item in items)
 
 
 class Generator:
@@ -128,7 +152,58 @@ class Generator:
         """Text-to-image. Raises ``JobCanceled`` (nothing decoded or written) or ``OutOfMemory``."""
         _check_job_id(job_id)
         resolved, warnings = self._resolve(params, "txt2img", extra_negative=extra_negative)
-        return self._run(self.pipe, resolved, warnings, job_id=job_id, on_step=on_step, should_cancel=should_cancel)
+        item = _BatchItem(job_id, resolved, warnings, on_step)
+        return self._run(self.pipe, [item], should_cancel=should_cancel)[0]
+
+    def generate_batch(
+        self,
+        jobs: Sequence[tuple[str, GenerationParams]],
+        *,
+        on_steps: Sequence[OnStep | None] | None = None,
+        should_cancel: ShouldCancel | None = None,
+    ) -> list[GenerationOutput]:
+        """Several text-to-image jobs as ONE pipeline call; one output per job, in order.
+
+        The jobs must share ``batch_key`` (else ``InvalidRequest``). Every image is what its job
+        alone would produce (same seeds, one ``torch.Generator`` per image; batched matmuls may
+        round differently by one 8-bit level, as a count of N does). ``on_steps[j]`` gets job
+        j's progress and previews. ``should_cancel`` stops the whole call (``JobCanceled``).
+        """
+        if not jobs:
+            raise InvalidRequest("a batch needs at least one job")
+        steps = list(on_steps) if on_steps is not None else [None] * len(jobs)
+        if len(steps) != len(jobs):
+            raise InvalidRequest(f"{len(jobs)} jobs but {len(steps)} progress callbacks")
+        items = []
+        for (job_id, params), on_step in zip(jobs, steps):
+            _check_job_id(job_id)
+            resolved, warnings = self._resolve(params, "txt2img")
+            items.append(_BatchItem(job_id, resolved, warnings, on_step))
+        if len({item.job_id for item in items}) != len(items):
+            raise InvalidRequest("each job of a batch needs its own job id")
+        if len({self._batch_key(item.resolved) for item in items}) > 1:
+            raise InvalidRequest(
+                "jobs in one batch must share size, steps, CFG, sampler, fast mode, adapter mix and prompt length"
+            )
+        return self._run(self.pipe, items, should_cancel=should_cancel)
+
+    def batch_key(self, params: GenerationParams) -> tuple:
+        """What text-to-image jobs must share to run as one pipeline call (``generate_batch``).
+
+        Size, steps, CFG, sampler, fast mode, the adapter mix with its weights, and the number
+        of 75-token chunks: the prompt encoder pads a batch to its longest prompt, which would
+        change a shorter prompt's image. Raises like ``resolve``.
+        """
+        return self._batch_key(self._resolve(params, "txt2img")[0])
+
+    def _batch_key(self, resolved: ResolvedParams) -> tuple:
+        chunks = max(
+            len(tokenize_chunks(tokenizer, text))
+            for tokenizer in self.encoder.tokenizers
+            for text in (resolved.prompt, resolved.negative_prompt)
+        )
+        mix = tuple((a.name, float(a.weight or 0.0)) for a in resolved.adapters)
+        return (resolved.width, resolved.height, resolved.steps, resolved.cfg, resolved.sampler, resolved.fast, mix, chunks)
 
     def img2img(
         self,
@@ -179,9 +254,8 @@ class Generator:
             request, mode, extra_negative=extra_negative, strength=strength, source_image=path.name
         )
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
-        return self._run(
-            self._img2img(), resolved, warnings, job_id=job_id, on_step=on_step, should_cancel=should_cancel, image=init
-        )
+        item = _BatchItem(job_id, resolved, warnings, on_step)
+        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)[0]
 
     def describe(self) -> dict[str, Any]:
         """Model, device, dtype, adapters and VRAM use, for status requests."""
@@ -237,90 +311,101 @@ class Generator:
         return path, base
 
     def _run(
-        self,
-        pipe: Any,
-        resolved: ResolvedParams,
-        warnings: list[str],
-        *,
-        job_id: str,
-        on_step: OnStep | None,
-        should_cancel: ShouldCancel | None,
-        image: Any = None,
-    ) -> GenerationOutput:
+        self, pipe: Any, items: list[_BatchItem], *, should_cancel: ShouldCancel | None, image: Any = None
+    ) -> list[GenerationOutput]:
         import torch
 
         try:
-            return self._run_inner(pipe, resolved, warnings, job_id, on_step, should_cancel, image)
+            return self._run_inner(pipe, items, should_cancel, image)
         except torch.cuda.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
+            first = items[0].resolved
+            total = sum(item.resolved.count for item in items)
             raise OutOfMemory(
-                f"out of GPU memory at {resolved.width}x{resolved.height} x{resolved.count}; "
+                f"out of GPU memory at {first.width}x{first.height} x{total}; "
                 "try a smaller size or fewer images"
             ) from None
 
     def _run_inner(
-        self, pipe: Any, resolved: ResolvedParams, warnings: list[str], job_id: str,
-        on_step: OnStep | None, should_cancel: ShouldCancel | None, image: Any,
-    ) -> GenerationOutput:
+        self, pipe: Any, items: list[_BatchItem], should_cancel: ShouldCancel | None, image: Any
+    ) -> list[GenerationOutput]:
+        """One pipeline call for every image of ``items`` (which share everything but prompts,
+        seeds and counts): row r of the batch is image i of its job, seeded ``seed + i``."""
         import torch
 
         t0 = time.perf_counter()
-        timings: dict[str, float] = {}
+        shared: dict[str, float] = {}
+        first = items[0].resolved
         if should_cancel is not None and should_cancel():
-            raise JobCanceled(f"job {job_id} canceled before it started")
-        self.registry.apply_mix([(a.name, float(a.weight or 0.0)) for a in resolved.adapters])
-        pipe.scheduler = make_scheduler(resolved.sampler, self._scheduler_config)
+            raise JobCanceled(f"job {_batch_name(items)} canceled before it started")
+        self.registry.apply_mix([(a.name, float(a.weight or 0.0)) for a in first.adapters])
+        pipe.scheduler = make_scheduler(first.sampler, self._scheduler_config)
         t1 = time.perf_counter()
-        timings["adapters_s"] = t1 - t0
+        shared["adapters_s"] = t1 - t0
         with torch.no_grad():
-            emb = self.encoder.encode(resolved.prompt, resolved.negative_prompt)
+            emb = self.encoder.encode([i.resolved.prompt for i in items], [i.resolved.negative_prompt for i in items])
+        # One embedding row per image (what num_images_per_prompt would repeat for one job).
+        rows = [j for j, item in enumerate(items) for _ in range(item.resolved.count)]
+        embeds = {k: v[torch.tensor(rows, device=v.device)] for k, v in emb.as_kwargs().items()}
         t2 = time.perf_counter()
-        timings["encode_s"] = t2 - t1
-        generators = [torch.Generator(device="cpu").manual_seed(resolved.seed + i) for i in range(resolved.count)]
+        shared["encode_s"] = t2 - t1
+        generators = [
+            torch.Generator(device="cpu").manual_seed(item.resolved.seed + i)
+            for item in items for i in range(item.resolved.count)
+        ]
         kwargs: dict[str, Any] = dict(
-            prompt_embeds=emb.prompt_embeds,
-            negative_prompt_embeds=emb.negative_prompt_embeds,
-            pooled_prompt_embeds=emb.pooled_prompt_embeds,
-            negative_pooled_prompt_embeds=emb.negative_pooled_prompt_embeds,
-            num_inference_steps=resolved.steps,
-            guidance_scale=resolved.cfg,
-            width=resolved.width,
-            height=resolved.height,
-            num_images_per_prompt=resolved.count,
+            **embeds,
+            num_inference_steps=first.steps,
+            guidance_scale=first.cfg,
+            width=first.width,
+            height=first.height,
+            num_images_per_prompt=1,
             generator=generators,
             output_type="latent",
-            callback_on_step_end=self._step_callback(on_step, should_cancel, job_id),
+            callback_on_step_end=self._step_callback(items, should_cancel),
             callback_on_step_end_tensor_inputs=["latents"],
         )
         if image is not None:
-            kwargs.update(image=image, strength=resolved.strength)
+            kwargs.update(image=image, strength=first.strength)
         latents = pipe(**kwargs).images
         t3 = time.perf_counter()
-        timings["denoise_s"] = t3 - t2
+        shared["denoise_s"] = t3 - t2
         if not bool(torch.isfinite(latents).all()):
             raise EngineError(
                 "the model produced invalid values (NaN) while sampling; try another seed or sampler, "
                 "or set [engine] dtype = 'bf16'"
             )
-        pictures = self._decode(latents, warnings)
-        t4 = time.perf_counter()
-        timings["decode_s"] = t4 - t3
-        images = [self._save(picture, resolved, i, job_id) for i, picture in enumerate(pictures)]
-        timings["save_s"] = time.perf_counter() - t4
-        timings["total_s"] = time.perf_counter() - t0
-        return GenerationOutput(images=images, params=resolved, timings=timings, warnings=warnings)
+        if len(items) > 1:
+            shared["batch_jobs"] = float(len(items))
+        return [self._finish(item, latents[off : off + item.resolved.count], shared, t3 - t0)
+                for item, off in zip(items, _offsets(items))]
 
-    def _step_callback(self, on_step: OnStep | None, should_cancel: ShouldCancel | None, job_id: str) -> Callable:
+    def _finish(self, item: _BatchItem, latents: Any, shared: dict[str, float], elapsed: float) -> GenerationOutput:
+        """Decode and save one job's images; its timings are the shared call's plus its own."""
+        t0 = time.perf_counter()
+        timings = dict(shared)
+        pictures = self._decode(latents, item.warnings)
+        t1 = time.perf_counter()
+        timings["decode_s"] = t1 - t0
+        images = [self._save(picture, item.resolved, i, item.job_id) for i, picture in enumerate(pictures)]
+        timings["save_s"] = time.perf_counter() - t1
+        timings["total_s"] = elapsed + time.perf_counter() - t0
+        return GenerationOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
+
+    def _step_callback(self, items: list[_BatchItem], should_cancel: ShouldCancel | None) -> Callable:
         previews = self.config.engine.previews
+        offsets = _offsets(items)
 
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             # Raising here stops sampling at once: no VAE decode, no file (unlike pipe._interrupt).
             if should_cancel is not None and should_cancel():
-                raise JobCanceled(f"job {job_id} canceled at step {step + 1}")
-            if on_step is not None:
-                preview = imaging.latent_preview(tensors["latents"]) if previews else None
-                on_step(step + 1, pipe.num_timesteps, preview)
+                raise JobCanceled(f"job {_batch_name(items)} canceled at step {step + 1}")
+            for item, off in zip(items, offsets):
+                if item.on_step is not None:
+                    latents = tensors["latents"][off : off + 1]  # the job's first image
+                    preview = imaging.latent_preview(latents) if previews else None
+                    item.on_step(step + 1, pipe.num_timesteps, preview)
             return {}
 
         return callback

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from engine.errors import QueueFull
 
@@ -80,11 +80,46 @@ class FairScheduler:
             return None
         self._take(self._queues, job)
         del self._by_id[job.job_id]
-        self._last_served[job.owner] = next(self._ticks)
-        self._last_served.move_to_end(job.owner)
+        self._mark_served(job.owner)
+        return job
+
+    def _mark_served(self, owner: str) -> None:
+        self._last_served[owner] = next(self._ticks)
+        self._last_served.move_to_end(owner)
         while len(self._last_served) > _MAX_REMEMBERED_OWNERS:
             self._last_served.popitem(last=False)
-        return job
+
+    def take_compatible(
+        self,
+        predicate: Callable[[ScheduledJob], bool],
+        limit: int,
+        size: Callable[[ScheduledJob], int] = lambda job: 1,
+    ) -> list[ScheduledJob]:
+        """Take the next jobs that ``predicate`` accepts, in run order, while their sizes fit ``limit``.
+
+        Used to batch compatible jobs into one pipeline call. Jobs that do not fit are skipped
+        and keep their turn; once one of an owner's jobs is skipped, that owner's later jobs are
+        skipped too (an owner's own jobs stay first in, first out). Every taken job counts as
+        served, in order, exactly as if ``pop`` had returned it.
+        """
+        taken: list[ScheduledJob] = []
+        skipped_owners: set[str] = set()
+        for job in self._simulate():
+            if limit <= 0:
+                break
+            if job.owner in skipped_owners:
+                continue
+            cost = size(job)
+            if cost > limit or not predicate(job):
+                skipped_owners.add(job.owner)
+                continue
+            limit -= cost
+            taken.append(job)
+        for job in taken:
+            self._take(self._queues, job)
+            del self._by_id[job.job_id]
+            self._mark_served(job.owner)
+        return taken
 
     def remove(self, job_id: str) -> ScheduledJob | None:
         """Remove a queued job (a cancel); return it, or None if it is not queued."""

@@ -136,3 +136,51 @@ def make_tiny_model(dest: str | Path, seed: int = 0) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(dest), safe_serialization=True)
     return dest
+
+
+def write_tiny_config(root: Path, model_dir: Path, name: str = "config.toml") -> Path:
+    """Write a config for the tiny model: CPU, 64 px images, data under ``root``; return its path.
+
+    Demos (``make-tiny-model`` writes one beside the model) and the CPU benchmark use it.
+    """
+    text = f"""
+[engine]
+device = "cpu"
+port = 0
+rate_outputs = false
+previews = false
+queue_limit = 500
+
+[model]
+source = "{model_dir.as_posix()}"
+name = "tiny-sdxl"
+
+[adapters]
+dir = "adapters"
+
+[generation]
+size = "64x64"
+min_side = 32
+max_side = 256
+max_pixels = 65536
+add_quality_tags = false
+fast_steps = 4
+max_steps = 60
+
+[training]
+optimizer = "adamw"
+resolution = 64
+rank = 4
+save_every = 1000
+
+[storage]
+data_dir = "data"
+database = "data/arcae.sqlite3"
+outputs_dir = "data/outputs"
+datasets_dir = "data/datasets"
+runs_dir = "data/runs"
+logs_dir = "data/logs"
+"""
+    path = Path(root) / name
+    path.write_text(text, encoding="utf-8")
+    return path

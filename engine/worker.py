@@ -3,7 +3,8 @@
 Every GPU action goes through this thread, in the order the ``FairScheduler`` decides:
 generation and img2img jobs, adapter reloads (always between jobs, never under a running
 one) and training steps (one step at a time, between generation jobs, so a long training run
-never blocks users for more than one step).
+never blocks users for more than one step). Compatible queued txt2img jobs may share one
+pipeline call (``engine.worker_batching``, ``[engine] max_batch_jobs``).
 
 The worker knows nothing about transports: requests come in through ``submit``/``cancel``
 (from any thread), protocol events go out through the ``emit`` callback given to ``start``.
@@ -33,6 +34,7 @@ from engine import protocol
 from engine.config import ArcaeConfig
 from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory
 from engine.scheduler import FairScheduler, ScheduledJob
+from engine.worker_batching import BatchingMixin
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class _JobRecord:
         self.last_preview = 0.0
 
 
-class GpuWorker:
+class GpuWorker(BatchingMixin):
     """Owns the Generator on one thread; see the module docstring for the threading contract."""
 
     def __init__(
@@ -112,6 +114,7 @@ class GpuWorker:
         self._emit: EmitFn = lambda event: None
         self._jobs: dict[str, _JobRecord] = {}
         self._running: _JobRecord | None = None
+        self._batch: list[_JobRecord] = []  # every job of the running pipeline call
         self._training: _JobRecord | None = None
         self._controls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._finished: OrderedDict[str, Any] = OrderedDict()
@@ -241,9 +244,9 @@ class GpuWorker:
         """
         with self._lock:
             self._stopping = True
-            if self._running is not None:
-                self._running.shutdown = True
-                self._running.cancel.set()
+            for record in self._batch or ([self._running] if self._running is not None else []):
+                record.shutdown = True
+                record.cancel.set()
             while self._controls:
                 _, future = self._controls.popleft()
                 future.set_exception(ShuttingDown("the engine is shutting down"))
@@ -371,16 +374,17 @@ class GpuWorker:
                     action = lambda: self._training_step(record)  # noqa: E731
                 else:
                     record = self._jobs[self.scheduler.pop().job_id]
-                    self._running = record
+                    batch = [record] + self._take_batch_mates(record)
+                    self._running, self._batch = record, batch
                     self._announce_positions()
-                    action = lambda: self._run_job(record)  # noqa: E731
+                    action = (lambda: self._run_job(record)) if len(batch) == 1 else (lambda: self._run_batch(batch))
             try:
                 action()
             except Exception:  # pragma: no cover - every action reports its own errors
                 log.exception("worker action failed")
             finally:
                 with self._lock:
-                    self._running = None
+                    self._running, self._batch = None, []
 
     @staticmethod
     def _control_action(fn: Callable[[], Any], future: concurrent.futures.Future) -> Callable[[], None]:
@@ -398,9 +402,10 @@ class GpuWorker:
         with self._registry_lock:
             return self.generator.registry.reload()
 
-    def _run_job(self, record: _JobRecord) -> None:
+    def _run_job(self, record: _JobRecord, *, started: bool = False) -> None:
         request = record.request
-        self._emit_job(record, protocol.Started, worker=self.name)
+        if not started:
+            self._emit_job(record, protocol.Started, worker=self.name)
         started = time.monotonic()
         try:
             output = self._generate(record, request)

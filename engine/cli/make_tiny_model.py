@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+DEMO_CONFIG = "arcae-tiny.toml"
 HELP = "write a tiny, randomly initialised SDXL pipeline (diffusers format) for tests, demos and CPU benchmarks"
 
 
@@ -15,6 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.tiny import make_tiny_model
 
+    import sys
+
+    from engine.tiny import write_tiny_config
+
     path = make_tiny_model(args.dir, seed=args.seed)
+    config = write_tiny_config(path, path, name=DEMO_CONFIG)
     print(path)
+    print(f"demo config (CPU, 64 px; data under {path}): {config}", file=sys.stderr)
+    print(f'try: python -m engine generate "1girl, solo" --config {config}', file=sys.stderr)
     return 0

@@ -1,0 +1,238 @@
+"""Batching: compatible queued txt2img jobs share one pipeline call (in-process GpuWorker, tiny model).
+
+The worker is held busy by a control action that waits on an event, so the queue is filled
+deterministically before the worker looks at it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import protocol as p
+from engine.scheduler import FairScheduler, ScheduledJob
+from tests.conftest import write_config
+
+
+class Env:
+    def __init__(self, worker, config) -> None:
+        self.worker = worker
+        self.config = config
+        self.events: list = []
+        self.on_event = None  # optional hook, called on the worker thread
+        self.done = threading.Condition()
+
+    def emit(self, event) -> None:
+        with self.done:
+            self.events.append(event)
+            self.done.notify_all()
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def of(self, job_id: str, kind: type | None = None) -> list:
+        return [e for e in self.events if e.job_id == job_id and (kind is None or isinstance(e, kind))]
+
+    def wait_terminal(self, job_ids, timeout: float = 60.0) -> dict:
+        def found():
+            out = {}
+            for job_id in job_ids:
+                ends = [e for e in self.of(job_id) if isinstance(e, p.TERMINAL_EVENT_TYPES)]
+                if ends:
+                    out[job_id] = ends[-1]
+            return out if len(out) == len(job_ids) else None
+
+        with self.done:
+            assert self.done.wait_for(found, timeout), f"timed out waiting for {job_ids}"
+            return found()
+
+    def hold(self) -> threading.Event:
+        """Keep the worker busy until the returned event is set."""
+        release, holding = threading.Event(), threading.Event()
+        self.worker.call_between_jobs(lambda: (holding.set(), release.wait(30)))
+        assert holding.wait(30)
+        return release
+
+    def set_max_batch(self, n: int) -> None:
+        engine = self.config.engine.model_copy(update={"max_batch_jobs": n})
+        self.worker.config = self.config.model_copy(update={"engine": engine})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir):
+    from engine.config import load_config
+    from engine.generator import Generator
+    from engine.worker import GpuWorker
+
+    config = load_config(write_config(tmp_path_factory.mktemp("batching"), tiny_model_dir))
+    assert config.engine.max_batch_jobs == 4  # the default
+    worker = GpuWorker(Generator.from_config(config), config, name="batch-gpu")
+    env = Env(worker, config)
+    worker.start(env.emit)
+    yield env
+    worker.stop()
+
+
+@pytest.fixture
+def unet_batches(env):
+    batches: list[int] = []
+    handle = env.worker.generator.pipe.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    yield batches
+    handle.remove()
+
+
+def request(job_id: str, owner: str, seed: int, prompt: str = "1girl, solo", steps: int = 2, **params):
+    return p.GenerateRequest(
+        job_id=job_id, owner=owner, params=p.GenerationParams(prompt=prompt, seed=seed, steps=steps, **params)
+    )
+
+
+def pixels(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def alone(env, req: p.GenerateRequest) -> np.ndarray:
+    """The job's image when it runs by itself (the worker is idle; same thread rules apply)."""
+    out = env.worker.generator.generate(req.params, job_id=f"{req.job_id}-alone")
+    return pixels(out.images[0].path)
+
+
+def test_compatible_jobs_share_one_call_and_an_incompatible_one_keeps_its_turn(env, unet_batches):
+    from engine.infotext import read_png_metadata
+
+    jobs = [
+        request("a", "alice", 100, "1girl, solo"),
+        request("x", "bob", 5, width=64, height=96),  # other size: never merged
+        request("b", "carol", 200, "1boy, smile"),
+        request("c", "dave", 300, "cat, outdoors"),
+    ]
+    release = env.hold()
+    for job in jobs:
+        env.worker.submit(job)
+    release.set()
+    ends = env.wait_terminal(["a", "x", "b", "c"])
+    assert all(isinstance(e, p.Completed) for e in ends.values()), ends
+    # One call for a, b, c: 3 images x 2 (CFG) rows, once per step; then x alone.
+    assert unet_batches == [6, 6, 2, 2]
+    started = [e.job_id for e in env.events if isinstance(e, p.Started) and e.job_id in "axbc"]
+    assert started == ["a", "b", "c", "x"]
+    for job in jobs:
+        done = ends[job.job_id]
+        kinds = [type(e).__name__ for e in env.of(job.job_id)]
+        assert kinds[0] == "Queued" and kinds.count("Started") == 1 and "Progress" in kinds and kinds[-1] == "Completed"
+        image = done.images[0]
+        assert image.seed == job.params.seed and Path(image.path).name == f"{job.job_id}-0.png"
+        text, stored = read_png_metadata(image.path)
+        assert stored["params"]["prompt"] == job.params.prompt and stored["params"]["seed"] == job.params.seed
+        assert job.params.prompt in text and f"Seed: {job.params.seed}" in text
+        assert done.timings.get("batch_jobs") == (None if job.job_id == "x" else 3.0)
+    unet_batches.clear()
+    for job in jobs:
+        diff = np.abs(pixels(ends[job.job_id].images[0].path) - alone(env, job))
+        assert diff.max() <= 1, (job.job_id, diff.max())  # batched matmuls may round by one level
+    assert not np.array_equal(pixels(ends["a"].images[0].path), pixels(ends["b"].images[0].path))
+
+
+def test_counts_add_up_to_the_image_limit(env, unet_batches):
+    release = env.hold()
+    env.worker.submit(request("n1", "erin", 7, count=2))
+    env.worker.submit(request("n2", "frank", 8, count=2))
+    env.worker.submit(request("n3", "gina", 9))  # would make 5 images: waits for the next call
+    release.set()
+    ends = env.wait_terminal(["n1", "n2", "n3"])
+    assert [i.seed for i in ends["n1"].images] == [7, 8] and [i.seed for i in ends["n2"].images] == [8, 9]
+    assert unet_batches == [8, 8, 2, 2]
+
+
+def test_canceling_one_job_of_a_batch_leaves_the_others_completing(env, unet_batches):
+    jobs = [request("k1", "hana", 11, steps=4), request("k2", "ivan", 12, steps=4), request("k3", "jun", 13, steps=4)]
+
+    def cancel_k2_mid_run(event) -> None:
+        if isinstance(event, p.Progress) and event.job_id == "k2" and event.step == 1:
+            env.worker.cancel("k2")  # on the worker thread, under its lock (reentrant)
+
+    env.on_event = cancel_k2_mid_run
+    try:
+        release = env.hold()
+        for job in jobs:
+            env.worker.submit(job)
+        release.set()
+        ends = env.wait_terminal(["k1", "k2", "k3"])
+    finally:
+        env.on_event = None
+    assert isinstance(ends["k2"], p.Canceled) and not list(env.worker.generator.outputs_dir.glob("k2-*"))
+    assert isinstance(ends["k1"], p.Completed) and isinstance(ends["k3"], p.Completed)
+    # Canceled after step 1, the shared call stopped at the end of step 2; then k1 and k3 ran
+    # again as one call of 2 images.
+    assert unet_batches == [6, 6, 4, 4, 4, 4]
+    for name in ("k1", "k3"):
+        assert len(env.of(name, p.Started)) == 1
+    unet_batches.clear()
+    for job in (jobs[0], jobs[2]):
+        diff = np.abs(pixels(ends[job.job_id].images[0].path) - alone(env, job))
+        assert diff.max() <= 1
+
+
+def test_a_failing_batched_call_reruns_each_job_alone(env, unet_batches):
+    def refuse_batches(module, args):
+        if args[0].shape[0] > 2:
+            raise RuntimeError("simulated failure of the batched call")
+
+    handle = env.worker.generator.pipe.unet.register_forward_pre_hook(refuse_batches)
+    try:
+        release = env.hold()
+        env.worker.submit(request("f1", "olga", 31))
+        env.worker.submit(request("f2", "pete", 32))
+        release.set()
+        ends = env.wait_terminal(["f1", "f2"])
+    finally:
+        handle.remove()
+    assert all(isinstance(e, p.Completed) for e in ends.values()), ends
+    assert [i.seed for i in ends["f1"].images] == [31] and [i.seed for i in ends["f2"].images] == [32]
+    assert len(env.of("f1", p.Started)) == 1 and len(env.of("f2", p.Started)) == 1
+    assert unet_batches == [2, 2, 2, 2]  # the refused call never reached the forward hook
+
+
+def test_max_batch_jobs_1_runs_every_job_alone(env, unet_batches):
+    env.set_max_batch(1)
+    try:
+        release = env.hold()
+        for i, owner in enumerate(["kim", "lee", "max"]):
+            env.worker.submit(request(f"s{i}", owner, 20 + i))
+        release.set()
+        ends = env.wait_terminal(["s0", "s1", "s2"])
+    finally:
+        env.set_max_batch(4)
+    assert all(isinstance(e, p.Completed) and "batch_jobs" not in e.timings for e in ends.values())
+    assert unet_batches == [2] * 6
+
+
+def _job(job_id: str, owner: str, kind: str = "ok", priority: str = "interactive") -> ScheduledJob:
+    return ScheduledJob(job_id, owner, priority, payload=kind)
+
+
+def test_take_compatible_keeps_fair_order_and_each_owners_fifo():
+    s = FairScheduler(limit=20)
+    for job in [_job("a1", "alice"), _job("a2", "alice"), _job("b1", "bob", "big"), _job("b2", "bob"),
+                _job("c1", "carol"), _job("z1", "zed", priority="batch")]:
+        s.push(job)
+    head = s.pop()
+    assert head.job_id == "a1"
+    # Run order now: b1 c1 a2 b2 z1. b1 does not fit, so b2 (bob's later job) stays behind it.
+    taken = s.take_compatible(lambda j: j.payload == "ok", limit=3)
+    assert [j.job_id for j in taken] == ["c1", "a2", "z1"]
+    assert [j.job_id for j in s.order()] == ["b1", "b2"] and len(s) == 2
+    # Served owners go after bob, who was skipped: he runs next.
+    s.push(_job("c2", "carol"))
+    assert [j.job_id for j in s.order()] == ["b1", "c2", "b2"]
+    assert s.take_compatible(lambda j: True, limit=0) == []
+    sized = FairScheduler(limit=5)
+    for job in [_job("d1", "d"), _job("e1", "e"), _job("f1", "f")]:
+        sized.push(job)
+    taken = sized.take_compatible(lambda j: True, limit=3, size=lambda j: 2 if j.job_id == "d1" else 1)
+    assert [j.job_id for j in taken] == ["d1", "e1"]
