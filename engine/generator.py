@@ -203,7 +203,8 @@ class Generator:
             for text in (resolved.prompt, resolved.negative_prompt)
         )
         mix = tuple((a.name, float(a.weight or 0.0)) for a in resolved.adapters)
-        return (resolved.width, resolved.height, resolved.steps, resolved.cfg, resolved.sampler, resolved.fast, mix, chunks)
+        r = resolved
+        return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, mix, chunks)
 
     def img2img(
         self,

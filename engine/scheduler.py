@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from engine.errors import QueueFull
 
@@ -94,27 +94,37 @@ class FairScheduler:
         predicate: Callable[[ScheduledJob], bool],
         limit: int,
         size: Callable[[ScheduledJob], int] = lambda job: 1,
+        *,
+        batch_owners: Iterable[str] = (),
     ) -> list[ScheduledJob]:
         """Take the next jobs that ``predicate`` accepts, in run order, while their sizes fit ``limit``.
 
-        Used to batch compatible jobs into one pipeline call. Jobs that do not fit are skipped
-        and keep their turn; once one of an owner's jobs is skipped, that owner's later jobs are
-        skipped too (an owner's own jobs stay first in, first out). Every taken job counts as
-        served, in order, exactly as if ``pop`` had returned it.
+        Used to batch compatible jobs into one pipeline call with a job just popped (whose owner
+        goes in ``batch_owners``). Jobs that do not fit are skipped and keep their turn. Past a
+        skipped job, a job is only taken if that takes no turn from the skipped one: its owner
+        has no job in the batch yet (else that owner would get two turns before the skipped
+        owner's one), its owner had no job skipped (each owner's jobs stay first in, first out)
+        and its priority is not lower. Every taken job counts as served, in order, exactly as if
+        ``pop`` had returned it.
         """
         taken: list[ScheduledJob] = []
+        in_batch = set(batch_owners)
         skipped_owners: set[str] = set()
+        lowest_rank = len(PRIORITIES)  # rank of the most urgent skipped job's priority
         for job in self._simulate():
             if limit <= 0:
                 break
-            if job.owner in skipped_owners:
-                continue
+            rank = PRIORITIES.index(job.priority)
+            behind_skip = bool(skipped_owners) and (job.owner in in_batch or rank > lowest_rank)
+            blocked = job.owner in skipped_owners or behind_skip
             cost = size(job)
-            if cost > limit or not predicate(job):
+            if blocked or cost > limit or not predicate(job):
                 skipped_owners.add(job.owner)
+                lowest_rank = min(lowest_rank, rank)
                 continue
             limit -= cost
             taken.append(job)
+            in_batch.add(job.owner)
         for job in taken:
             self._take(self._queues, job)
             del self._by_id[job.job_id]

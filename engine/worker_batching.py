@@ -3,9 +3,10 @@
 When the worker takes the next job and it is a ``GenerateRequest``, it also takes queued jobs
 that ``Generator.batch_key`` calls compatible (same size, steps, CFG, sampler, fast mode,
 adapter mix and prompt length), in the scheduler's fair order, up to ``[engine]
-max_batch_jobs`` images in all (the sum of the counts). The benchmark (``python -m engine
-bench --only batching``) shows why: four images as one call take clearly less time than four
-calls. ``max_batch_jobs = 1`` turns it off.
+max_batch_jobs`` images in all (the sum of the counts). An incompatible job keeps its turn:
+no owner gets a second job into the batch past it (``FairScheduler.take_compatible``). The
+benchmark (``python -m engine bench --only batching``) shows why: four images as one call take
+clearly less time than four calls. ``max_batch_jobs = 1`` turns it off.
 
 Each job of a batch still gets its own Started / Progress / Completed events, images, seeds,
 PNG files and infotext; every image is what the job alone would produce.
@@ -53,7 +54,9 @@ class BatchingMixin:
         def compatible(job: Any) -> bool:
             return isinstance(job.payload, protocol.GenerateRequest) and self._batch_key(job.payload) == key
 
-        taken = self.scheduler.take_compatible(compatible, room, size=lambda job: job.payload.params.count)
+        taken = self.scheduler.take_compatible(
+            compatible, room, size=lambda job: job.payload.params.count, batch_owners=[request.owner]
+        )
         return [self._jobs[job.job_id] for job in taken]
 
     def _batch_key(self: "GpuWorker", request: protocol.GenerateRequest) -> tuple | None:

@@ -216,23 +216,31 @@ def _job(job_id: str, owner: str, kind: str = "ok", priority: str = "interactive
     return ScheduledJob(job_id, owner, priority, payload=kind)
 
 
-def test_take_compatible_keeps_fair_order_and_each_owners_fifo():
+def test_take_compatible_never_gives_a_turn_away_from_a_skipped_job():
     s = FairScheduler(limit=20)
     for job in [_job("a1", "alice"), _job("a2", "alice"), _job("b1", "bob", "big"), _job("b2", "bob"),
                 _job("c1", "carol"), _job("z1", "zed", priority="batch")]:
         s.push(job)
     head = s.pop()
     assert head.job_id == "a1"
-    # Run order now: b1 c1 a2 b2 z1. b1 does not fit, so b2 (bob's later job) stays behind it.
-    taken = s.take_compatible(lambda j: j.payload == "ok", limit=3)
-    assert [j.job_id for j in taken] == ["c1", "a2", "z1"]
-    assert [j.job_id for j in s.order()] == ["b1", "b2"] and len(s) == 2
-    # Served owners go after bob, who was skipped: he runs next.
-    s.push(_job("c2", "carol"))
-    assert [j.job_id for j in s.order()] == ["b1", "c2", "b2"]
+    # Run order now: b1 c1 a2 b2 z1. b1 does not fit and keeps its turn: carol (new to the
+    # batch) may join, but not alice's second job, bob's later job or a lower-priority job.
+    taken = s.take_compatible(lambda j: j.payload == "ok", limit=3, batch_owners=[head.owner])
+    assert [j.job_id for j in taken] == ["c1"]
+    assert [j.job_id for j in s.order()] == ["b1", "a2", "b2", "z1"]  # bob runs next
     assert s.take_compatible(lambda j: True, limit=0) == []
-    sized = FairScheduler(limit=5)
-    for job in [_job("d1", "d"), _job("e1", "e"), _job("f1", "f")]:
-        sized.push(job)
-    taken = sized.take_compatible(lambda j: True, limit=3, size=lambda j: 2 if j.job_id == "d1" else 1)
-    assert [j.job_id for j in taken] == ["d1", "e1"]
+
+
+def test_take_compatible_takes_everything_compatible_when_nobody_is_skipped():
+    s = FairScheduler(limit=20)
+    for job in [_job("a1", "alice"), _job("a2", "alice"), _job("a3", "alice"), _job("b1", "bob"),
+                _job("z1", "zed", priority="batch")]:
+        s.push(job)
+    head = s.pop()
+    taken = s.take_compatible(lambda j: True, limit=3, size=lambda j: 2 if j.job_id == "b1" else 1,
+                              batch_owners=[head.owner])
+    assert [j.job_id for j in taken] == ["b1", "a2"]  # run order b1 a2 a3 z1, 3 images fit
+    assert [j.job_id for j in s.order()] == ["a3", "z1"] and len(s) == 2
+    s.push(_job("b2", "bob"))
+    # Bob (served before alice's a2 in the batch) is now the least recently served owner.
+    assert [j.job_id for j in s.order()] == ["b2", "a3", "z1"]
