@@ -100,12 +100,13 @@ class FairScheduler:
         """Take the next jobs that ``predicate`` accepts, in run order, while their sizes fit ``limit``.
 
         Used to batch compatible jobs into one pipeline call with a job just popped (whose owner
-        goes in ``batch_owners``). Jobs that do not fit are skipped and keep their turn. Past a
-        skipped job, a job is only taken if that takes no turn from the skipped one: its owner
-        has no job in the batch yet (else that owner would get two turns before the skipped
-        owner's one), its owner had no job skipped (each owner's jobs stay first in, first out)
-        and its priority is not lower. Every taken job counts as served, in order, exactly as if
-        ``pop`` had returned it.
+        goes in ``batch_owners``). A batch holds at most one job per owner: a user who queued
+        many jobs gets one turn per call like everyone else, so someone who asks later is not
+        made to wait behind a batch of another user's jobs (one user wanting several images
+        asks for ``count``). Jobs that do not fit are skipped and keep their turn; past a skipped
+        job, a job is only taken if its owner had no job skipped (each owner's jobs stay first
+        in, first out) and its priority is not lower. Every taken job counts as served, in
+        order, exactly as if ``pop`` had returned it.
         """
         taken: list[ScheduledJob] = []
         in_batch = set(batch_owners)
@@ -115,8 +116,8 @@ class FairScheduler:
             if limit <= 0:
                 break
             rank = PRIORITIES.index(job.priority)
-            behind_skip = bool(skipped_owners) and (job.owner in in_batch or rank > lowest_rank)
-            blocked = job.owner in skipped_owners or behind_skip
+            behind_skip = bool(skipped_owners) and rank > lowest_rank
+            blocked = job.owner in in_batch or job.owner in skipped_owners or behind_skip
             cost = size(job)
             if blocked or cost > limit or not predicate(job):
                 skipped_owners.add(job.owner)

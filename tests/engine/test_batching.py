@@ -231,7 +231,7 @@ def test_take_compatible_never_gives_a_turn_away_from_a_skipped_job():
     assert s.take_compatible(lambda j: True, limit=0) == []
 
 
-def test_take_compatible_takes_everything_compatible_when_nobody_is_skipped():
+def test_take_compatible_takes_one_job_per_owner():
     s = FairScheduler(limit=20)
     for job in [_job("a1", "alice"), _job("a2", "alice"), _job("a3", "alice"), _job("b1", "bob"),
                 _job("z1", "zed", priority="batch")]:
@@ -239,8 +239,10 @@ def test_take_compatible_takes_everything_compatible_when_nobody_is_skipped():
     head = s.pop()
     taken = s.take_compatible(lambda j: True, limit=3, size=lambda j: 2 if j.job_id == "b1" else 1,
                               batch_owners=[head.owner])
-    assert [j.job_id for j in taken] == ["b1", "a2"]  # run order b1 a2 a3 z1, 3 images fit
-    assert [j.job_id for j in s.order()] == ["a3", "z1"] and len(s) == 2
+    # Run order b1 a2 a3 z1: bob joins alice's batch; alice's later jobs wait for her next turn
+    # (and z1, lower priority, may not pass them).
+    assert [j.job_id for j in taken] == ["b1"]
+    assert [j.job_id for j in s.order()] == ["a2", "a3", "z1"] and len(s) == 3
     s.push(_job("b2", "bob"))
-    # Bob (served before alice's a2 in the batch) is now the least recently served owner.
-    assert [j.job_id for j in s.order()] == ["b2", "a3", "z1"]
+    # Alice (served before bob's b1 in the batch) is the least recently served owner.
+    assert [j.job_id for j in s.order()] == ["a2", "b2", "a3", "z1"]
