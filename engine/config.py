@@ -70,7 +70,7 @@ class EngineConfig(_Section):
     rate_outputs: bool = True
     previews: bool = True
     restart_backoff_s: list[float] = [1.0, 2.0, 5.0, 10.0, 30.0]
-    startup_timeout_s: float = Field(600.0, gt=0)
+    startup_timeout_s: float = Field(3600.0, gt=0)
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password_env: str = "ARCAE_REDIS_PASSWORD"
     worker_name: str = ""
