@@ -129,9 +129,11 @@ async def _delete(interaction: discord.Interaction, job: Job) -> None:
 
 async def _cancel(interaction: discord.Interaction, job: Job) -> None:
     require_owner_or_admin(interaction, job, "cancel it")
+    # Canceling is a round trip to the engine (or Redis), which may be slow to answer: acknowledge first.
+    await interaction.response.defer(ephemeral=True, thinking=True)
     if not await bot_of(interaction).jobs.cancel(job.job_id):
         raise Refused(f"Job `{job.job_id}` has already finished.")
-    await interaction.response.send_message(f"Canceling job `{job.job_id}`…", ephemeral=True)
+    await reply(interaction, f"Canceling job `{job.job_id}`…")
     await _audit_if_other(interaction, job, "cancel_job")
 
 

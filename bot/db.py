@@ -8,12 +8,14 @@ delivered, so a crash between the two delivers it on the next start.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 import aiosqlite
 
@@ -108,6 +110,21 @@ class Database:
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
+        # One connection is shared by every coroutine: two transactions must not interleave
+        # ("cannot start a transaction within a transaction"), so BEGIN..COMMIT is serialized.
+        self._tx_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE .. COMMIT, or ROLLBACK on any exception; one transaction at a time."""
+        async with self._tx_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
 
     @classmethod
     async def open(cls, path: Path) -> "Database":
@@ -119,7 +136,11 @@ class Database:
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=5000")
         db = cls(conn)
-        await db.migrate()
+        try:
+            await db.migrate()
+        except BaseException:
+            await conn.close()  # else aiosqlite's thread keeps the process alive after the error
+            raise
         return db
 
     async def close(self) -> None:
@@ -139,17 +160,12 @@ class Database:
                 pending.append((version, file))
         if not pending:
             return []
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             for version, file in pending:
                 for statement in _split_sql(file.read_text(encoding="utf-8")):
                     await self._conn.execute(statement)
                 await self._conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
                                          (version, file.name, time.time()))
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._conn.execute("ROLLBACK")
-            raise
         return [v for v, _ in pending]
 
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
@@ -206,10 +222,6 @@ class Database:
         row = await self._one("SELECT MAX(created_at) FROM jobs WHERE user_id = ?", (user_id,))
         return row[0] if row else None
 
-    async def latest_job(self, user_id: int) -> Job | None:
-        row = await self._one("SELECT * FROM jobs WHERE user_id = ? ORDER BY created_at DESC LIMIT 1", (user_id,))
-        return Job.from_row(row) if row else None
-
     async def mark_running(self, job_id: str, attempt: int, seq: int) -> None:
         await self._write("UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?), last_seq = ?"
                           " WHERE job_id = ? AND attempt = ? AND status IN ('pending', 'running')",
@@ -233,12 +245,10 @@ class Database:
 
     async def record_completion(self, job_id: str, completed: protocol.Completed) -> bool:
         """Store a result (status + images) in one transaction; False when it was already stored."""
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             row = await self._one("SELECT status, created_at FROM jobs WHERE job_id = ?", (job_id,))
             if row is None or row["status"] == "completed":
-                await self._conn.execute("ROLLBACK")
-                return False
+                return False  # nothing written: the COMMIT ends an empty transaction
             now = time.time()
             resolved = completed.params.model_dump_json() if completed.params else None
             await self._write("UPDATE jobs SET status = 'completed', resolved_json = ?, finished_at = ?,"
@@ -248,11 +258,7 @@ class Database:
                 await self._write("INSERT OR REPLACE INTO images (job_id, idx, path, seed, width, height, sha256, rating)"
                                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                   (job_id, idx, img.path, img.seed, img.width, img.height, img.sha256, img.rating))
-            await self._conn.execute("COMMIT")
-            return True
-        except BaseException:
-            await self._conn.execute("ROLLBACK")
-            raise
+        return True
 
     async def undelivered(self) -> list[Job]:
         """Finished jobs whose result or failure was not yet shown to the user."""
@@ -263,9 +269,6 @@ class Database:
     async def mark_delivered(self, job_id: str, message_id: int | None) -> None:
         await self._write("UPDATE jobs SET delivered_at = ?, message_id = COALESCE(?, message_id) WHERE job_id = ?",
                           (time.time(), message_id, job_id))
-
-    async def set_message(self, job_id: str, message_id: int) -> None:
-        await self._write("UPDATE jobs SET message_id = ? WHERE job_id = ?", (message_id, job_id))
 
     # ------------------------------------------------------------------ images and gallery
 
@@ -322,17 +325,12 @@ class Database:
 
     async def save_adapters(self, adapters: list[protocol.AdapterInfo]) -> None:
         now = time.time()
-        await self._conn.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             await self._write("DELETE FROM adapters")
             for a in adapters:
                 await self._write("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?)",
                                   (a.name, a.kind, json.dumps(a.triggers), a.default_weight, a.description,
                                    a.sha256, now))
-            await self._conn.execute("COMMIT")
-        except BaseException:
-            await self._conn.execute("ROLLBACK")
-            raise
 
     async def load_adapters(self) -> list[protocol.AdapterInfo]:
         rows = await self._all("SELECT * FROM adapters ORDER BY kind, name")

@@ -9,6 +9,7 @@ large is re-encoded as JPEG (the PNG with its parameters stays on disk; /info ha
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -152,7 +153,9 @@ class Delivery:
         """Show a finished job; return the id of the message that carries its buttons."""
         rules = content_rules(job.nsfw_channel, self.config)
         limit = job.attachment_limit or DEFAULT_UPLOAD_LIMIT
-        files, notes = self.prepare(job, images, rules, limit)
+        # Reading the PNGs and re-encoding a too-large one with PIL take long enough to stall the
+        # gateway heartbeat and every other interaction: off the event loop.
+        files, notes = await asyncio.to_thread(self.prepare, job, images, rules, limit)
         groups = batches(files, limit)
         embed = embeds.params_embed(job, title="Done")
         note = "\n".join(notes)
@@ -198,7 +201,8 @@ class Delivery:
         gallery = self.bot.get_channel(channel_id)
         rules = content_rules(channel_is_nsfw(gallery), self.config)
         target = gallery or self.bot.get_partial_messageable(channel_id)
-        files, _ = self.prepare(job, [i for i in images if not rules.withheld(i.rating)], rules, DEFAULT_UPLOAD_LIMIT)
+        shown = [i for i in images if not rules.withheld(i.rating)]
+        files, _ = await asyncio.to_thread(self.prepare, job, shown, rules, DEFAULT_UPLOAD_LIMIT)
         if not files:
             return None
         embed = embeds.params_embed(job, title="Gallery", author=author)

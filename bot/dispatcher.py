@@ -291,10 +291,6 @@ class Dispatcher(LeaseKeeper):
             "workers": names,
         }
 
-    def queue_snapshot(self) -> list[dict[str, Any]]:
-        """Queued jobs in run order (job_id, owner, priority, position)."""
-        return self._queue.snapshot()
-
     async def dead_letters(self, count: int = 50) -> list[dict[str, str]]:
         """The newest dead-lettered jobs: job_id, attempts, reason."""
         entries = await self.client.xrevrange(self.keys.deadletter, count=count)

@@ -403,6 +403,7 @@ class EngineSupervisor:
 
     async def _spawn(self, port: int) -> str:
         env = {**os.environ, **self._extra_env, self.config.engine.secret_env: self.secret, "PYTHONUNBUFFERED": "1"}
+        env.pop(self.config.discord.token_env, None)  # the engine never talks to Discord: keep the token out
         cmd = [self._python, "-m", "engine", "serve", "--config", str(self.config_path)]
         cmd += ["--host", self.config.engine.host, "--port", str(port)]
         self._stderr_tail.clear()

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECONCILE_INTERVAL_S = 2.0
 MAX_ATTEMPTS = 2  # a run the engine stopped under twice is not tried a third time
 # Options an admin may set from Discord; everything else comes from [training] in config.toml.
 DISCORD_OPTIONS = ("steps", "rank", "lr", "resolution", "save_every", "seed", "sample_steps", "optimizer")
@@ -58,8 +57,6 @@ class TrainingFlow:
         self._tagger_lock = asyncio.Lock()
         self._active: set[str] = set()
         self._completing: set[str] = set()
-        self._connections_seen = 0
-        self._reconciler: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ places
@@ -82,14 +79,14 @@ class TrainingFlow:
     # ------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:
-        """Remember the active runs and follow engine reconnects (to resubmit them)."""
+        """Remember the active runs; follow engine events and reconnects (to resubmit the runs)."""
         self._active = {r.run_id for r in await self.store.active()}
-        self._reconciler = asyncio.create_task(self._reconcile_loop())
+        self.bot.jobs.add_listener(self.on_event)
+        self.bot.jobs.add_connect_listener(self.resubmit_active)
 
     async def stop(self) -> None:
-        for task in (self._reconciler, *self._background):
-            if task is not None:
-                task.cancel()
+        for task in self._background:
+            task.cancel()
 
     def spawn(self, coro: Any) -> None:
         async def logged() -> None:
@@ -174,7 +171,7 @@ class TrainingFlow:
         """Send the run to the engine; ``EngineUnavailable``/``EngineRejected`` propagate."""
         from bot.engine_link import EngineUnavailable
 
-        self._active.add(run.run_id)  # from now on the reconnect loop sends it if this call cannot
+        self._active.add(run.run_id)  # from now on a reconnect (resubmit_active) sends it if this call cannot
         engine = self._engine()
         if engine is None:
             raise EngineUnavailable("the engine is not connected yet")
@@ -206,27 +203,20 @@ class TrainingFlow:
         await self.bot.catalog.refresh()
         return result
 
-    async def _reconcile_loop(self) -> None:
+    async def resubmit_active(self) -> None:
         """After each (re)connection, resubmit active runs: idempotent for a run the engine holds,
         a resume from the newest checkpoint for one a restarted engine lost."""
-        while True:
-            await asyncio.sleep(RECONCILE_INTERVAL_S)
-            engine = self._engine()
-            connections = getattr(engine, "connections", 0) if engine is not None else 0
-            if not connections or connections == self._connections_seen or not getattr(engine, "connected", True):
-                continue
-            self._connections_seen = connections
-            for run in await self.store.active():
-                if run.run_id not in self._active:
-                    continue  # still being prepared by /train start, which sends it itself
-                try:
-                    # Same attempt: an engine that still holds the run answers idempotently and its
-                    # events keep their attempt; a restarted engine resumes it from its newest
-                    # checkpoint and numbers events from 0 again, hence the sequence reset.
-                    await self.store.set_attempt(run.run_id, run.attempt)
-                    await self.submit(run)
-                except Exception as exc:
-                    log.info("training run %s not resubmitted: %s", run.run_id, exc)
+        for run in await self.store.active():
+            if run.run_id not in self._active:
+                continue  # still being prepared by /train start, which sends it itself
+            try:
+                # Same attempt: an engine that still holds the run answers idempotently and its
+                # events keep their attempt; a restarted engine resumes it from its newest
+                # checkpoint and numbers events from 0 again, hence the sequence reset.
+                await self.store.set_attempt(run.run_id, run.attempt)
+                await self.submit(run)
+            except Exception as exc:
+                log.info("training run %s not resubmitted: %s", run.run_id, exc)
 
     # ------------------------------------------------------------------ engine events
 

@@ -36,6 +36,8 @@ __all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
 
 log = logging.getLogger(__name__)
 
+# on_step(step, total, preview PIL image or None). A callback with a ``wants_preview(step, total)``
+# attribute gets a preview only at the steps where it returns True (previews cost a GPU sync).
 OnStep = Callable[[int, int, Any], None]
 ShouldCancel = Callable[[], bool]
 Rater = Callable[[Any], tuple[str, dict[str, float]]]
@@ -402,11 +404,15 @@ class Generator:
             # Raising here stops sampling at once: no VAE decode, no file (unlike pipe._interrupt).
             if should_cancel is not None and should_cancel():
                 raise JobCanceled(f"job {_batch_name(items)} canceled at step {step + 1}")
+            total = pipe.num_timesteps
             for item, off in zip(items, offsets):
-                if item.on_step is not None:
-                    latents = tensors["latents"][off : off + 1]  # the job's first image
-                    preview = imaging.latent_preview(latents) if previews else None
-                    item.on_step(step + 1, pipe.num_timesteps, preview)
+                if item.on_step is None:
+                    continue
+                # A preview copies latents off the GPU (a sync per step): only when one is wanted.
+                preview = None
+                if previews and _wants_preview(item.on_step, step + 1, total):
+                    preview = imaging.latent_preview(tensors["latents"][off : off + 1])  # the job's first image
+                item.on_step(step + 1, total, preview)
             return {}
 
         return callback
@@ -461,6 +467,12 @@ class Generator:
             path=str(path), seed=seed, width=picture.width, height=picture.height,
             sha256=digest, rating=rating, rating_scores=scores,
         )
+
+
+def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:
+    """Whether ``on_step`` would use a preview at this step (its optional ``wants_preview(step, total)``)."""
+    wants = getattr(on_step, "wants_preview", None)
+    return wants is None or bool(wants(step, total))
 
 
 def _check_job_id(job_id: str) -> None:

@@ -18,6 +18,7 @@ after its JSON header, so metadata edits do not change it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
+@functools.cache  # importlib.metadata scans site-packages (~1 ms); called twice per image
 def arcae_version() -> str:
     """"arcae-<version>" as written into the infotext's ``Version`` field."""
     try:

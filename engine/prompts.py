@@ -224,10 +224,6 @@ class SDXLPromptEncoder:
         with torch.set_grad_enabled(train_text_encoders):
             return self._encode_texts(list(captions))
 
-    def clear_cache(self) -> None:
-        """Forget cached embeddings (the cache already notices LoRA mix and weight changes)."""
-        self._cache.clear()
-
     def _encoder_state(self) -> tuple:
         """What the embeddings depend on besides the text: active LoRAs, scales, weights.
 

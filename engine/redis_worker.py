@@ -26,7 +26,7 @@ from engine import protocol
 from engine.errors import EngineError
 from engine.job_executor import RETRYABLE_CODES, JobExecutor
 from engine.redis_files import FILE_TTL_S, decode_file, encode_file, output_key, source_key, store_file
-from engine.redis_keys import CONTROL_MAXLEN, JOBS_GROUP, RedisKeys, WorkerInfo, cancel_tasks, ensure_group
+from engine.redis_keys import JOBS_GROUP, RedisKeys, WorkerInfo, cancel_tasks, ensure_group
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +370,3 @@ class RedisWorker:
                 log.warning("adapter reload failed: %s", exc)
             await self._publish_adapters()
             await self._heartbeat_once()
-
-
-async def send_control(client: Any, keys: RedisKeys, worker: str, request: Any) -> None:
-    """Queue a control request (cancel, reload) for one worker."""
-    await client.xadd(keys.control(worker), {"request": protocol.encode(request)}, maxlen=CONTROL_MAXLEN)

@@ -43,12 +43,17 @@ class _Connection:
         self.ws = ws
         self.outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self.sender = asyncio.create_task(self._send_loop())
+        self.dropped = False  # too far behind: closed, and nothing more is queued for it
 
     def send(self, message: Any) -> None:
         self.send_text(protocol.encode(message))
 
     def send_text(self, text: str) -> None:
+        if self.dropped:
+            return
         if self.outbox.qsize() >= MAX_PENDING_SENDS:
+            # Once: later events would otherwise each log again and schedule another close.
+            self.dropped = True
             log.warning("dropping a client that stopped reading")
             self.outbox.put_nowait(None)
             asyncio.ensure_future(self.ws.close(code=1008, message=b"too slow"))

@@ -109,8 +109,6 @@ class GpuWorker(BatchingMixin):
         self.scheduler = FairScheduler(config.engine.queue_limit)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        # Held while the adapter registry changes (reload) or is read from another thread.
-        self._registry_lock = threading.Lock()
         self._emit: EmitFn = lambda event: None
         self._jobs: dict[str, _JobRecord] = {}
         self._running: _JobRecord | None = None
@@ -202,8 +200,9 @@ class GpuWorker(BatchingMixin):
         return self.call_between_jobs(self._reload_now)
 
     def list_adapters(self) -> list[protocol.AdapterInfo]:
-        with self._registry_lock:
-            return list(self.generator.registry.list())
+        # The registry's list()/get() are thread-safe and never wait for a reload in progress
+        # (callers include the server's event loop).
+        return list(self.generator.registry.list())
 
     def describe(self) -> dict[str, Any]:
         """The generator's description plus the queue: a plain dict for status displays."""
@@ -289,12 +288,10 @@ class GpuWorker(BatchingMixin):
                 raise SourceNotFound(f"image {request.source} is not in the engine's outputs; generate it first")
             # The full parameters are only known once the source's stored request is merged in
             # (on the worker thread); the adapter names can be checked now.
-            with self._registry_lock:
-                for adapter in params.adapters:
-                    self.generator.registry.get(adapter.name)
+            for adapter in params.adapters:
+                self.generator.registry.get(adapter.name)
             return
-        with self._registry_lock:
-            self.generator.resolve(params)
+        self.generator.resolve(params)  # reads the registry through its thread-safe get()
 
     def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:
         """Accept a training run; it is built on the worker thread (it changes the pipeline).
@@ -344,6 +341,10 @@ class GpuWorker(BatchingMixin):
         self._jobs.pop(record.job_id, None)
         if self._training is record:
             self._training = None
+        if self._running is record:
+            # A status asked right after this event must not show the job as running; the
+            # worker loop clears it only after the action returns.
+            self._running = next((r for r in self._batch if r.job_id in self._jobs), None)
         if not record.shutdown:  # interrupted by a shutdown: the bot may run it again
             self._finished[record.job_id] = event
             while len(self._finished) > _FINISHED_MEMORY:
@@ -399,8 +400,7 @@ class GpuWorker(BatchingMixin):
         return run
 
     def _reload_now(self) -> dict[str, Any]:
-        with self._registry_lock:
-            return self.generator.registry.reload()
+        return self.generator.registry.reload()
 
     def _run_job(self, record: _JobRecord, *, started: bool = False) -> None:
         request = record.request
@@ -477,10 +477,12 @@ class GpuWorker(BatchingMixin):
     def _progress_callback(self, record: _JobRecord) -> Callable[[int, int, Any], None]:
         previews = self.config.engine.previews
 
+        def progress_due(step: int, total: int, now: float) -> bool:
+            return step >= total or now - record.last_progress >= PROGRESS_INTERVAL_S
+
         def on_step(step: int, total: int, image: Any = None) -> None:
             now = time.monotonic()
-            last = step >= total
-            if not last and now - record.last_progress < PROGRESS_INTERVAL_S:
+            if not progress_due(step, total, now):
                 return
             record.last_progress = now
             preview = None
@@ -491,6 +493,12 @@ class GpuWorker(BatchingMixin):
                 record, protocol.Progress, step=max(0, int(step)), total=max(1, int(total)), preview_jpeg_b64=preview
             )
 
+        def wants_preview(step: int, total: int) -> bool:
+            # Asked by the Generator before it builds a preview: one a second, not one a step.
+            now = time.monotonic()
+            return previews and progress_due(step, total, now) and now - record.last_preview >= PREVIEW_INTERVAL_S
+
+        on_step.wants_preview = wants_preview  # type: ignore[attr-defined]
         return on_step
 
     def _training_step(self, record: _JobRecord) -> None:

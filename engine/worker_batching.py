@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine import protocol
 from engine.errors import EngineError, JobCanceled
+from engine.params import random_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.worker import GpuWorker, _JobRecord
@@ -65,10 +66,14 @@ class BatchingMixin:
             return self.generator.batch_key(request.params)
         except EngineError:  # e.g. an adapter removed since it was queued: it fails alone
             return None
+        except Exception:  # runs in the worker loop's locked section: never let it end the thread
+            log.exception("batch key of job %s failed; it runs alone", request.job_id)
+            return None
 
     def _run_batch(self: "GpuWorker", batch: list["_JobRecord"]) -> None:
         """Run ``batch`` as one pipeline call; see the module docstring for cancel and failure."""
         for record in batch:
+            _pin_seed(record)
             self._emit_job(record, protocol.Started, worker=self.name)
         pending = list(batch)
         while pending:
@@ -86,9 +91,7 @@ class BatchingMixin:
                     if flag:
                         self._canceled_event(record)
                 pending = [r for r, flag in zip(pending, canceled) if not flag]
-                with self._lock:
-                    self._running = pending[0] if pending else self._running
-                if pending:
+                if pending:  # (each Canceled moved the worker's running job on to the first of these)
                     log.info("batch canceled in part; rerunning %s", ", ".join(r.job_id for r in pending))
                 continue
             except Exception as exc:
@@ -107,3 +110,12 @@ class BatchingMixin:
                 )
             log.info("batch of %d jobs completed: %s", len(pending), ", ".join(r.job_id for r in pending))
             return
+
+
+def _pin_seed(record: "_JobRecord") -> None:
+    """Give a job without a seed its random seed now, so that a rerun (after a partial cancel or
+    a failed shared call) makes the same images instead of drawing new seeds."""
+    params = record.request.params
+    if params.seed is None:
+        pinned = params.model_copy(update={"seed": random_seed(params.count)})
+        record.request = record.request.model_copy(update={"params": pinned})

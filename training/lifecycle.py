@@ -102,7 +102,7 @@ def promote(
     record = read_run(run_dir)
     source_file, step = _source_file(run_dir, record, checkpoint_step)
     data = source_file.read_bytes()
-    _check_weights(source_file)
+    _check_weights(source_file, data)
     sha = hashlib.sha256(data).hexdigest()
     sidecar = {
         "kind": kind or record.get("kind", "other"),
@@ -174,6 +174,25 @@ def delete(name: str, adapters_dir: Path) -> LifecycleResult:
     return LifecycleResult(name, None, current, None)
 
 
+def set_default_weight(name: str, weight: float, adapters_dir: Path) -> None:
+    """Rewrite the live sidecar's ``default_weight``, and its stored version's (so a rollback keeps it)."""
+    check_name(name)
+    if not (-4.0 <= weight <= 4.0):
+        raise LifecycleError(f"default weight must be between -4 and 4 (got {weight})")
+    adapters_dir = Path(adapters_dir)
+    if not (adapters_dir / f"{name}{SUFFIX}").is_file():
+        raise LifecycleError(f"Adapter `{name}` is not live.")
+    with _locked(adapters_dir):
+        sidecar = adapters_dir / f"{name}.json"
+        meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+        write_json_atomic(sidecar, {**meta, "default_weight": float(weight)})
+        live = _read_history(adapters_dir, name)["live"]
+        stored = _versions_dir(adapters_dir, name) / f"v{int(live):04d}.json" if live is not None else None
+        if stored is not None and stored.is_file():
+            data = json.loads(stored.read_text(encoding="utf-8"))
+            write_json_atomic(stored, {**data, "default_weight": float(weight)})
+
+
 def versions(name: str, adapters_dir: Path) -> list[AdapterVersion]:
     """Every stored version of ``name``, oldest first."""
     check_name(name)
@@ -207,8 +226,9 @@ def _source_file(run_dir: Path, record: dict[str, Any], step: int | None) -> tup
     return path, int(step)
 
 
-def _check_weights(path: Path) -> None:
-    """Refuse a file that is not safetensors, has no LoRA keys, or holds NaN/inf weights.
+def _check_weights(path: Path, raw: bytes) -> None:
+    """Refuse a file (``raw``, read from ``path``) that is not safetensors, has no LoRA keys, or
+    holds NaN/inf weights.
 
     Parsed by hand with numpy (bf16 included) so that the torch-free bot can promote too.
     """
@@ -218,7 +238,6 @@ def _check_weights(path: Path) -> None:
 
     dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
     try:
-        raw = path.read_bytes()
         (header_len,) = struct.unpack("<Q", raw[:8])
         header = json.loads(raw[8 : 8 + header_len])
     except (OSError, ValueError, struct.error) as exc:

@@ -10,8 +10,6 @@ promoted version is kept for rollback), then the engine rescans its adapters bet
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -43,33 +41,10 @@ def lifecycle_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def set_default_weight(adapters_dir: Path, name: str, weight: float) -> None:
-    """Rewrite the live sidecar's ``default_weight`` (and its stored version's, so rollback keeps it).
+    """Rewrite the live adapter's ``default_weight`` (``training.lifecycle``, under its lock)."""
+    from training import lifecycle
 
-    Uses the layout documented in ``training.lifecycle`` and its lock file, so it never races a
-    promote or rollback.
-    """
-    from training.lifecycle import SUFFIX, VERSIONS_DIR, check_name
-    from training.run_record import write_json_atomic
-
-    lifecycle_call(check_name, name)
-    if not (adapters_dir / f"{name}{SUFFIX}").is_file():
-        raise InvalidOption(f"Adapter `{name}` is not live.")
-    lock_dir = adapters_dir / VERSIONS_DIR
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / ".lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            sidecar = adapters_dir / f"{name}.json"
-            meta = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-            write_json_atomic(sidecar, {**meta, "default_weight": float(weight)})
-            history = lock_dir / name / "history.json"
-            live = json.loads(history.read_text(encoding="utf-8")).get("live") if history.is_file() else None
-            stored = lock_dir / name / f"v{int(live):04d}.json" if live is not None else None
-            if stored is not None and stored.is_file():
-                data = json.loads(stored.read_text(encoding="utf-8"))
-                write_json_atomic(stored, {**data, "default_weight": float(weight)})
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    lifecycle_call(lifecycle.set_default_weight, name, weight, adapters_dir)
 
 
 class AdapterAdmin(commands.Cog):

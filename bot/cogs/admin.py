@@ -8,7 +8,7 @@ Training commands (/train, /adapter) arrive as their own cog and follow this pat
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -48,21 +48,14 @@ class Admin(commands.Cog):
             embed.add_field(name="Running", value=f"`{status.running_job}`" if status.running_job else "idle")
             embed.add_field(name="Loaded adapters", inline=False,
                             value=embeds.truncate(", ".join(status.loaded_adapters) or "none", 1024))
-        workers = getattr(engine, "workers", None)  # the Redis dispatcher (scale-out mode)
-        if workers is not None:
-            embed.add_field(name="Workers", value=await self._workers_text(workers), inline=False)
+        workers_text = getattr(engine, "workers_text", None)  # the Redis dispatcher (scale-out mode)
+        if workers_text is not None:
+            try:
+                text = await workers_text(1024)
+            except Exception as exc:
+                text = embeds.truncate(f"unavailable: {exc}", 1024)
+            embed.add_field(name="Workers", value=text, inline=False)
         await reply(interaction, "", embed=embed)
-
-    @staticmethod
-    async def _workers_text(workers: Any) -> str:
-        try:
-            found = await workers()
-        except Exception as exc:
-            return embeds.truncate(f"unavailable: {exc}", 1024)
-        lines = [f"**{w.name}** {'up' if getattr(w, 'alive', True) else 'DOWN'} · {w.gpu or w.device} · "
-                 f"jobs: {', '.join(getattr(w, 'assigned', []) or w.jobs) or 'none'} · "
-                 f"adapters: {', '.join(w.loaded_adapters) or 'none'}" for w in found]
-        return embeds.truncate("\n".join(lines) or "no workers", 1024)
 
     @app_commands.command(name="audit", description="Recent admin actions (admins)")
     @app_commands.guild_only()

@@ -48,6 +48,8 @@ class Jobs(commands.Cog):
         else:
             job = await load_job(self.bot, job_id.strip())
         require_owner_or_admin(interaction, job, "cancel it")
+        # Canceling is a round trip to the engine (or Redis), which may be slow to answer: acknowledge first.
+        await interaction.response.defer(ephemeral=True, thinking=True)
         if not await self.bot.jobs.cancel(job.job_id):
             raise Refused(f"Job `{job.job_id}` has already finished ({job.status}).")
         if interaction.user.id != job.user_id:

@@ -122,16 +122,7 @@ class Training(commands.Cog):
         self._starting = asyncio.Lock()
 
     async def cog_load(self) -> None:
-        # Engine events reach the bot through JobManager.on_event (the link is built after the
-        # cogs load); training events pass through to the flow as well. JobManager ignores them.
-        jobs = self.bot.jobs
-        following = jobs.on_event
-
-        async def on_event(event: Any) -> None:
-            await following(event)
-            await self.flow.on_event(event)
-
-        jobs.on_event = on_event  # type: ignore[method-assign]
+        # Engine events and reconnects reach the flow through JobManager's listeners.
         await self.flow.start()
 
     async def cog_unload(self) -> None:

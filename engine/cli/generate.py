@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         bar.n = step
         bar.refresh()
 
+    on_step.wants_preview = lambda step, total: False  # type: ignore[attr-defined]  # a bar shows no image
     job_id = f"cli-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000:06d}"
     try:
         output = generator.generate(params, job_id=job_id, on_step=on_step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import sqlite3
@@ -44,6 +45,25 @@ def test_no_token_exits_with_what_to_do(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "ARCAE_DISCORD_TOKEN" in out.stderr and "Reset Token" in out.stderr and "Developer Portal" in out.stderr
+
+
+async def test_the_engine_child_gets_its_secret_but_not_the_discord_token(tmp_path, monkeypatch):
+    from bot.engine_link import READY_PREFIX, EngineSupervisor
+
+    monkeypatch.setenv("ARCAE_DISCORD_TOKEN", "discord-token-value")
+    fake_python = tmp_path / "python"  # stands in for `python -m engine serve`: records its environment
+    fake_python.write_text(f"#!/bin/sh\nenv > {tmp_path / 'env.txt'}\necho '{READY_PREFIX} ws://127.0.0.1:1/ws'\n"
+                           "exec sleep 30\n")
+    fake_python.chmod(0o755)
+    (tmp_path / "config.toml").write_text("", encoding="utf-8")
+    supervisor = EngineSupervisor(tmp_path / "config.toml", parse_config({}), python=str(fake_python), grace_s=5)
+    try:
+        assert await supervisor.start() == "ws://127.0.0.1:1/ws"
+    finally:
+        await supervisor.close()
+    env = (tmp_path / "env.txt").read_text()
+    assert f"ARCAE_ENGINE_SECRET={supervisor.secret}" in env
+    assert "discord-token-value" not in env
 
 
 async def test_bad_token_exits_with_what_to_do(tmp_path):
@@ -101,6 +121,24 @@ async def test_database_migrates_once_in_wal_and_keeps_results_idempotently(tmp_
         await db.close()
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+async def test_concurrent_transactions_on_the_shared_connection_do_not_collide(tmp_path):
+    # A result arriving while the adapter catalog is saved: both open a transaction on the one
+    # connection; without serializing them the second BEGIN fails and the result is lost.
+    db = await Database.open(tmp_path / "tx.sqlite3")
+    try:
+        for n in range(5):
+            await db.insert_job(job_id=f"j{n}", user_id=1, guild_id=2, channel_id=3, kind="txt2img",
+                                params=protocol.GenerationParams(prompt="1girl"), nsfw_channel=False)
+        adapters = [protocol.AdapterInfo(name=f"style{n}", kind="style") for n in range(20)]
+        results = await asyncio.gather(db.save_adapters(adapters),
+                                       *(db.record_completion(f"j{n}", completed(f"j{n}")) for n in range(5)))
+        assert results[1:] == [True] * 5
+        assert [(await db.get_job(f"j{n}")).status for n in range(5)] == ["completed"] * 5
+        assert len(await db.load_adapters()) == 20
+    finally:
+        await db.close()
 
 
 async def test_failed_migration_changes_nothing(tmp_path, monkeypatch):

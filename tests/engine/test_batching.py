@@ -178,6 +178,108 @@ def test_canceling_one_job_of_a_batch_leaves_the_others_completing(env, unet_bat
         assert diff.max() <= 1
 
 
+def test_a_job_without_a_seed_keeps_its_seed_when_the_batch_reruns(env, unet_batches):
+    # A random seed is drawn once: the rerun after a partial cancel makes the picture whose
+    # previews the user already saw, and the seed the result reports is the one that ran.
+    jobs = [request(f"u{i}", f"user{i}", None, steps=4) for i in (1, 2, 3)]
+    seeds_per_call: list[dict] = []
+    real = env.worker.generator.generate_batch
+
+    def spy(batch, **kwargs):
+        seeds_per_call.append({job_id: params.seed for job_id, params in batch})
+        return real(batch, **kwargs)
+
+    def cancel_u2_mid_run(event) -> None:
+        if isinstance(event, p.Progress) and event.job_id == "u2" and event.step == 1:
+            env.worker.cancel("u2")
+
+    env.worker.generator.generate_batch = spy
+    env.on_event = cancel_u2_mid_run
+    try:
+        release = env.hold()
+        for job in jobs:
+            env.worker.submit(job)
+        release.set()
+        ends = env.wait_terminal(["u1", "u2", "u3"])
+    finally:
+        env.on_event = None
+        del env.worker.generator.generate_batch
+    assert isinstance(ends["u2"], p.Canceled)
+    assert len(seeds_per_call) == 2 and set(seeds_per_call[1]) == {"u1", "u3"}
+    for job_id in ("u1", "u3"):
+        assert isinstance(ends[job_id], p.Completed)
+        assert seeds_per_call[0][job_id] == seeds_per_call[1][job_id] == ends[job_id].images[0].seed
+    unet_batches.clear()
+
+
+def test_the_worker_asks_for_a_preview_only_when_it_would_send_one(env):
+    from engine.worker import _JobRecord
+
+    assert env.config.engine.previews
+    on_step = env.worker._progress_callback(_JobRecord("preview-ask", 1))
+    assert on_step.wants_preview(1, 10)  # nothing sent yet
+    on_step(1, 10, Image.new("RGB", (16, 16)))
+    [sent] = env.of("preview-ask", p.Progress)
+    assert sent.preview_jpeg_b64
+    # Within PROGRESS_INTERVAL_S (and PREVIEW_INTERVAL_S) of that event, no preview would be sent.
+    assert not on_step.wants_preview(2, 10) and not on_step.wants_preview(10, 10)
+
+
+def test_listing_and_submitting_do_not_wait_for_an_adapter_reload(env):
+    # The server calls list_adapters and submit on its event loop: a reload (hashing files,
+    # loading LoRA weights) running on the worker thread must not stall them.
+    entered, release = threading.Event(), threading.Event()
+    registry = env.worker.generator.registry
+    real_reload = registry.reload
+
+    def slow_reload():
+        entered.set()
+        release.wait(30)
+        return real_reload()
+
+    registry.reload = slow_reload
+    try:
+        future = env.worker.reload_adapters_later()
+        assert entered.wait(30)
+        answers: list = []
+        caller = threading.Thread(
+            target=lambda: answers.append((env.worker.list_adapters(), env.worker.submit(request("rl1", "rita", 41)))),
+            daemon=True,
+        )
+        caller.start()
+        caller.join(10)
+        assert answers and isinstance(answers[0][1], p.Queued), "list_adapters/submit waited for the reload"
+        release.set()
+        assert future.result(30) == {"added": [], "removed": [], "changed": []}
+        assert isinstance(env.wait_terminal(["rl1"])["rl1"], p.Completed)
+    finally:
+        release.set()
+        del registry.reload
+
+
+def test_a_finished_job_is_no_longer_reported_running(env):
+    # A status asked as soon as a job's end is heard (here: in the event callback itself) shows
+    # the job as running no more; in a batch, a job that is still unfinished is shown instead.
+    running_at_end: dict = {}
+
+    def record_status(event) -> None:
+        if isinstance(event, p.TERMINAL_EVENT_TYPES):
+            running_at_end[event.job_id] = env.worker.describe()["running_job"]
+
+    env.on_event = record_status
+    try:
+        release = env.hold()
+        env.worker.submit(request("st1", "sara", 51))
+        env.worker.submit(request("st2", "tom", 52))
+        release.set()
+        env.wait_terminal(["st1", "st2"])
+        env.worker.submit(request("st3", "sara", 53))
+        env.wait_terminal(["st3"])
+    finally:
+        env.on_event = None
+    assert running_at_end == {"st1": "st2", "st2": None, "st3": None}
+
+
 def test_a_failing_batched_call_reruns_each_job_alone(env, unet_batches):
     def refuse_batches(module, args):
         if args[0].shape[0] > 2:

@@ -160,6 +160,23 @@ def test_long_prompts_and_weighting_reach_the_image(env):
     assert not np.array_equal(plain, weighted)
 
 
+def test_a_step_callback_gets_a_preview_only_when_it_wants_one(env, monkeypatch):
+    from engine import imaging
+
+    built: list[int] = []
+    real = imaging.latent_preview
+    monkeypatch.setattr(imaging, "latent_preview", lambda latents: built.append(1) or real(latents))
+    seen: list = []
+
+    def on_step(step, total, preview):
+        seen.append((step, preview))
+
+    on_step.wants_preview = lambda step, total: step == 2
+    env.generate(GenerationParams(prompt="1girl", steps=3, seed=5), job_id="want-preview", on_step=on_step)
+    assert [s for s, _ in seen] == [1, 2, 3] and len(built) == 1
+    assert seen[0][1] is None and isinstance(seen[1][1], Image.Image) and seen[2][1] is None
+
+
 def test_cancel_stops_before_last_step_without_decode_or_file(env):
     seen: list[int] = []
     decodes: list[int] = []

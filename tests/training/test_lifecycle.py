@@ -151,3 +151,20 @@ def test_refuses_bad_names_and_broken_files(runs, tmp_path):
     assert not (adapters / "x.safetensors").exists()
     with pytest.raises(LifecycleError, match="not live"):
         delete("x", adapters)
+
+
+def test_set_default_weight_survives_a_rollback_and_refuses_what_is_not_live(runs, tmp_path):
+    from training.lifecycle import set_default_weight
+
+    adapters = tmp_path / "adapters"
+    with pytest.raises(LifecycleError, match="not live"):
+        set_default_weight("hkw", 0.5, adapters)
+    promote(runs["a"], None, "hkw", adapters)
+    set_default_weight("hkw", 0.5, adapters)
+    with pytest.raises(LifecycleError, match="between -4 and 4"):
+        set_default_weight("hkw", 9.0, adapters)
+    assert json.loads((adapters / "hkw.json").read_text())["default_weight"] == 0.5
+    promote(runs["b"], None, "hkw", adapters)
+    assert json.loads((adapters / "hkw.json").read_text())["default_weight"] == 1.0
+    rollback("hkw", adapters)  # v1 is live again, with the weight set on it
+    assert json.loads((adapters / "hkw.json").read_text())["default_weight"] == 0.5
