@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Any
 
 # subcommand -> module
 COMMANDS: dict[str, str] = {
@@ -25,6 +26,16 @@ COMMANDS: dict[str, str] = {
 
 class CliError(Exception):
     """Bad input on the command line: printed as one line, exit status 2."""
+
+
+def load_cli_config(path: str | None) -> Any:
+    """``load_config(path)`` for a command: a bad or missing file becomes a ``CliError``."""
+    from engine.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 def build_parser(prog: str, commands: dict[str, str]) -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import CliError
+from engine.cli import CliError, load_cli_config
 
 HELP = "serve the engine for the bot over a websocket (prints 'ARCAE_ENGINE_READY <url>' when ready)"
 
@@ -24,12 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from engine.config import ConfigError, Secrets, load_config
+    from engine.config import Secrets
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
+    config = load_cli_config(args.config)
     secrets = Secrets.from_env(config)
     secret = secrets.engine_secret.get_secret_value() if secrets.engine_secret else None
     if secret is None and not args.insecure_no_secret:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import CliError
+from engine.cli import CliError, load_cli_config
 
 HELP = "serve jobs from Redis as one scale-out GPU worker (prints 'ARCAE_WORKER_READY <name>' when ready)"
 READY_PREFIX = "ARCAE_WORKER_READY"
@@ -37,13 +37,10 @@ def run(args: argparse.Namespace) -> int:
     import re
     import socket
 
-    from engine.config import ConfigError, Secrets, load_config
+    from engine.config import Secrets
     from engine.redis_keys import RedisConfigError, check_redis_url
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
+    config = load_cli_config(args.config)
     secrets = Secrets.from_env(config)
     password = secrets.redis_password.get_secret_value() if secrets.redis_password else None
     url = args.redis or config.engine.redis_url

@@ -14,16 +14,6 @@ from training.errors import LifecycleError
 from training.lifecycle import delete, promote, rollback, versions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     from training.tiny_tagger import make_tiny_tagger

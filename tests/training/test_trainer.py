@@ -11,17 +11,6 @@ import pytest
 from tests.training.train_helpers import TRIGGER, generate, make_dataset, tiny_options, tiny_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast and immune to a loaded machine's contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     from training.tiny_tagger import make_tiny_tagger
