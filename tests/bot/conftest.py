@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -44,13 +45,14 @@ global_max_queued = 20
 {extra}"""
 
 
-def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int) -> Path:
+def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int, *,
+                       extra: str = "", rate_outputs: bool = False) -> Path:
     """One config file shared by the engine and the bot (remote mode on a fixed loopback port)."""
-    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port))
+    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra))
     text = path.read_text(encoding="utf-8").replace(
         "[engine]\ndevice = \"cpu\"\nport = 0\n",
         f"[engine]\ndevice = \"cpu\"\nmode = \"remote\"\nhost = \"127.0.0.1\"\nport = {engine_port}\n"
-        "rate_outputs = false\n")
+        f"rate_outputs = {'true' if rate_outputs else 'false'}\n")
     assert f"port = {engine_port}" in text, "tests/conftest.py's [engine] section changed"
     path.write_text(text, encoding="utf-8")
     return path
@@ -120,15 +122,16 @@ class Stack:
         await self.bot.start(READY_LINE)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tiny_model_dir, tmp_path_factory):
-    """Double + real engine (tiny model) + real bot process, shared by a test module."""
-    tmp = tmp_path_factory.mktemp("bot-stack")
+@contextlib.asynccontextmanager
+async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_outputs: bool = False):
+    """Start the double, the real engine (tiny model) and the real bot process; stop them after.
+
+    ``extra`` is TOML for sections the base config lacks (e.g. [tagger], [training], [content]).
+    """
     double = DiscordDouble()
     await double.start()
     port = free_port()
-    config = write_stack_config(tmp, tiny_model_dir, double, port)
-    make_adapters(tmp / "adapters")
+    config = write_stack_config(tmp, model_dir, double, port, extra=extra, rate_outputs=rate_outputs)
     env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     s = Stack(double, config, env, tmp)
@@ -146,3 +149,12 @@ async def stack(tiny_model_dir, tmp_path_factory):
         for name in ("bot.log", "engine.log"):
             if (tmp / name).exists():
                 (keep / name).write_bytes((tmp / name).read_bytes())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tiny_model_dir, tmp_path_factory):
+    """Double + real engine (tiny model) + real bot process, shared by a test module."""
+    tmp = tmp_path_factory.mktemp("bot-stack")
+    make_adapters(tmp / "adapters")
+    async with running_stack(tmp, tiny_model_dir) as s:
+        yield s

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
 import sqlite3
 import time
@@ -22,9 +21,8 @@ import pytest
 import pytest_asyncio
 from PIL import Image, ImageDraw
 
-from tests.bot.conftest import READY_LINE, Stack, bot_config_text, free_port
+from tests.bot.conftest import Stack, running_stack
 from tests.bot.discord_double import DiscordDouble
-from tests.conftest import write_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -56,26 +54,8 @@ async def stack(tiny_model_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("train-stack")
     tagger_dir = make_tiny_tagger(tmp / "tagger")
-    double = DiscordDouble()
-    await double.start()
-    port = free_port()
-    path = write_config(tmp, tiny_model_dir, bot_config_text(double, port, extra=training_extra(tagger_dir)))
-    text = path.read_text(encoding="utf-8").replace(
-        "[engine]\ndevice = \"cpu\"\nport = 0\n",
-        f"[engine]\ndevice = \"cpu\"\nmode = \"remote\"\nhost = \"127.0.0.1\"\nport = {port}\nrate_outputs = false\n")
-    assert f"port = {port}" in text, "tests/conftest.py's [engine] section changed"
-    path.write_text(text, encoding="utf-8")
-    env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    s = Stack(double, path, env, tmp)
-    try:
-        await s.engine.start("ARCAE_ENGINE_READY", timeout=120)
-        await s.bot.start(READY_LINE)
+    async with running_stack(tmp, tiny_model_dir, extra=training_extra(tagger_dir)) as s:
         yield s
-    finally:
-        await s.bot.stop()
-        await s.engine.stop()
-        await double.close()
 
 
 # ---------------------------------------------------------------------- helpers
