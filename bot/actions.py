@@ -115,7 +115,7 @@ async def _share(interaction: discord.Interaction, job: Job) -> None:
     await interaction.response.defer(ephemeral=True, thinking=True)
     message_id = await bot.jobs.post_to_gallery(job.job_id)
     if message_id is None:
-        raise Refused("Nothing to share: the image is withheld from the gallery channel by its content rules.")
+        raise Refused("Nothing to share: none of this job's images could be posted to the gallery channel.")
     await reply(interaction, f"Shared to <#{bot.config.gallery.channel_id}>.")
 
 
@@ -200,7 +200,7 @@ async def handle_remix_submit(interaction: discord.Interaction, job_id: str, val
         cfg = _parse_number(values["cfg"], "cfg", float)
         prompt = values["prompt"].strip()
         check_ranges(bot.config, prompt=prompt, steps=cast(int | None, steps), cfg=cfg, count=1,
-                     seed=cast(int | None, seed), weights={})
+                     seed=cast(int | None, seed), weights={}, negative=values["negative"] or None)
         check_access(interaction, bot.config)
         params = job.params.model_copy(update={"prompt": prompt, "negative_prompt": values["negative"] or None,
                                                "seed": seed, "steps": steps, "cfg": cfg, "count": 1})

@@ -63,6 +63,7 @@ class ArcaeBot(commands.Bot):
         self.supervisor: Any = None
         self._engine_task: asyncio.Task[None] | None = None
         self._resumed = False
+        self._rating_warned = False
         self._background: set[asyncio.Task[None]] = set()
 
     async def setup_hook(self) -> None:
@@ -75,6 +76,8 @@ class ArcaeBot(commands.Bot):
         for cog in COGS:
             await self.load_extension(cog)
         await self._sync_commands()
+        if not self.config.engine.rate_outputs:
+            self._warn_unrated(False)
         await self._connect_engine()
 
     async def _sync_commands(self) -> None:
@@ -138,8 +141,26 @@ class ArcaeBot(commands.Bot):
         except Exception:
             log.exception("the engine did not start; jobs stay queued until it does")
 
+    def _warn_unrated(self, rates_outputs: bool | None) -> None:
+        from bot.policy import rating_status
+
+        if not self._rating_warned:
+            self._rating_warned = True
+            log.warning("output rating is %s", rating_status(rates_outputs, self.config))
+
+    async def _check_rating(self) -> None:
+        """Warn the operator once when the engine reports that it does not rate outputs (e.g. the tagger failed)."""
+        try:
+            status = await self.jobs.engine.status()
+        except Exception as exc:  # the warning is advisory; /status asks again
+            log.info("could not ask the engine whether it rates outputs: %s", exc)
+            return
+        if status.rates_outputs is False:
+            self._warn_unrated(False)
+
     async def _on_engine_connect(self) -> None:
         log.info("engine connected; resubmitting unfinished jobs")
+        await self._check_rating()
         await self.catalog.refresh()
         await self.jobs.resubmit_unfinished()
         await self.jobs.notify_connect()

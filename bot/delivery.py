@@ -22,7 +22,8 @@ from PIL import Image as PILImage
 
 from bot import embeds
 from bot.db import Image, Job
-from bot.policy import ContentRules, channel_is_nsfw, content_rules
+from bot.errors import Refused
+from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
 from bot.views import gallery_view, result_view
 
 if TYPE_CHECKING:
@@ -123,8 +124,9 @@ class Delivery:
         files, notes = [], []
         withheld = [img for img in images if rules.withheld(img.rating)]
         if withheld:
-            ratings = ", ".join(sorted({img.rating or "?" for img in withheld}))
-            notes.append(f"🔞 {len(withheld)} image(s) withheld: rated {ratings}, and this channel is not "
+            ratings = ", ".join(sorted({f"rated {img.rating}" if img.rating else "not rated (the content rater is off)"
+                                        for img in withheld}))
+            notes.append(f"🔞 {len(withheld)} image(s) withheld: {ratings}, and this channel is not "
                          "age-restricted. Run it in an age-restricted channel to see it.")
         for img in images:
             if img in withheld:
@@ -193,14 +195,33 @@ class Delivery:
             allowed_mentions=discord.AllowedMentions(users=True, roles=False, everyone=False))
         return msg.id
 
+    async def _gallery_channel(self, channel_id: int) -> object | None:
+        """The gallery channel from the cache, else from Discord; None when it cannot be learnt."""
+        channel = self.bot.get_channel(channel_id)
+        if channel is not None:
+            return channel
+        try:
+            return await self.bot.fetch_channel(channel_id)
+        except (discord.HTTPException, discord.InvalidData) as exc:
+            log.warning("gallery channel %s cannot be fetched (%s); treating it as not age-restricted", channel_id, exc)
+            return None
+
     async def post_gallery(self, job: Job, images: list[Image], author: str) -> int | None:
-        """Post a finished job to the gallery channel; None when nothing may be shown there."""
+        """Post a finished job to the gallery channel; None when nothing could be shown there.
+
+        Raises ``Refused`` (saying why) when the content rules keep the job out of the gallery. A gallery
+        whose age restriction cannot be learnt counts as not age-restricted: the rules fail closed.
+        """
         channel_id = self.config.gallery.channel_id
         if not channel_id:
             return None
-        gallery = self.bot.get_channel(channel_id)
-        rules = content_rules(channel_is_nsfw(gallery), self.config)
-        target = gallery or self.bot.get_partial_messageable(channel_id)
+        gallery = await self._gallery_channel(channel_id)
+        gallery_nsfw = channel_is_nsfw(gallery)
+        refusal = gallery_refusal(job, images, gallery_nsfw, self.config)
+        if refusal:
+            raise Refused(refusal)
+        rules = content_rules(gallery_nsfw, self.config)
+        target = gallery if isinstance(gallery, discord.abc.Messageable) else self.bot.get_partial_messageable(channel_id)
         shown = [i for i in images if not rules.withheld(i.rating)]
         files, _ = await asyncio.to_thread(self.prepare, job, shown, rules, DEFAULT_UPLOAD_LIMIT)
         if not files:

@@ -254,6 +254,9 @@ class Dispatcher(LeaseKeeper):
             running_job=next(iter(self._inflight), None),
             loaded_adapters=loaded,
             worker=f"{len(workers)} worker(s) via Redis",
+            # One worker without a rater is enough for unrated outputs.
+            rates_outputs=(False if any(w.rates_outputs is False for w in workers)
+                           else True if workers and all(w.rates_outputs for w in workers) else None),
         )
 
     async def workers(self) -> list[WorkerStatus]:

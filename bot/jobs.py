@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from bot import embeds
 from bot.db import Job
 from bot.delivery import Delivery
+from bot.errors import Refused
 from bot.views import progress_view
 from engine import protocol
 
@@ -338,7 +339,10 @@ class JobManager:
         await self.db.mark_delivered(job_id, message_id)
         log.info("job %s delivered (%d image(s))", job_id, len(images))
         if self.config.gallery.post == "all" and self.config.gallery.channel_id:
-            await self.post_to_gallery(job_id)
+            try:
+                await self.post_to_gallery(job_id)
+            except Refused as exc:  # the gallery's content rules keep this job out: nothing to tell anyone
+                log.info("job %s not posted to the gallery: %s", job_id, exc.message)
 
     async def _deliver_failure(self, job_id: str, text: str) -> None:
         if job_id in self._delivering:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import re
 import time
+import unicodedata
 from dataclasses import dataclass
 
 import discord
 
-from bot.db import Database
+from bot.db import Database, Image, Job
 from bot.errors import InvalidOption, NotAllowed, Refused
 from engine import protocol
 from engine.config import ArcaeConfig
@@ -106,13 +107,33 @@ async def check_limits(db: Database, user_id: int, admin: bool, config: ArcaeCon
                       "Please try again in a few minutes.")
 
 
+# Characters that render as nothing: format (zero-width space/joiners, word joiner, BOM, tags),
+# controls, separators, lone combining marks, and letters Unicode draws as blank (Hangul fillers,
+# the blank Braille pattern), which hostile users paste to make "empty" text.
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"}
+_BLANK_LETTERS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
+
+
+def has_visible_text(text: str) -> bool:
+    """True when ``text`` has at least one character that renders as something."""
+    return any(not ch.isspace() and ch not in _BLANK_LETTERS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES
+               for ch in text)
+
+
+def _normalized(text: str) -> str:
+    # Full-width letters and the like fold to ASCII, and zero-width characters vanish, so that
+    # "ｎｕｄｅ" or "nu\u200bde" cannot slip past a blocked tag.
+    folded = unicodedata.normalize("NFKC", text)
+    return "".join(ch for ch in folded if unicodedata.category(ch) != "Cf").lower()
+
+
 def _tag_pattern(tag: str) -> re.Pattern[str]:
     return re.compile(r"(?<![a-z0-9])" + re.escape(tag.lower()).replace(r"\ ", r"[\s_]+") + r"(?![a-z0-9])")
 
 
 def blocked_tags_in(prompt: str, config: ArcaeConfig) -> list[str]:
-    """Configured blocked tags the prompt contains (whole words, '_' same as space)."""
-    text = prompt.lower()
+    """Configured blocked tags the prompt contains (whole words, '_' same as space, invisible characters ignored)."""
+    text = _normalized(prompt)
     return [t for t in config.content.blocked_tags if _tag_pattern(t).search(text)]
 
 
@@ -124,18 +145,57 @@ class ContentRules:
     safety_negative: str
     flagged: tuple[str, ...]
     action: str
+    unrated: str = "withhold"  # for images without a rating (rater off or not loaded)
+
+    def _action_for(self, rating: str | None) -> str:
+        if not self.sfw:
+            return "show"
+        if rating is None:
+            return self.unrated
+        return self.action if rating in self.flagged else "show"
 
     def withheld(self, rating: str | None) -> bool:
-        return self.sfw and rating in self.flagged and self.action == "withhold"
+        return self._action_for(rating) == "withhold"
 
     def spoilered(self, rating: str | None) -> bool:
-        return self.sfw and rating in self.flagged and self.action == "spoiler"
+        return self._action_for(rating) == "spoiler"
 
 
 def content_rules(nsfw_channel: bool, config: ArcaeConfig) -> ContentRules:
     c = config.content
     return ContentRules(sfw=not nsfw_channel, safety_negative=c.safety_negative if not nsfw_channel else "",
-                        flagged=tuple(c.flagged_ratings), action=c.sfw_action)
+                        flagged=tuple(c.flagged_ratings), action=c.sfw_action, unrated=c.unrated_action)
+
+
+def rating_status(rates_outputs: bool | None, config: ArcaeConfig) -> str:
+    """What /status and the start-up warning say about output rating."""
+    if rates_outputs:
+        return "on (WD tagger)"
+    action = config.content.unrated_action
+    effect = {"withhold": "withheld", "spoiler": "spoilered", "show": "shown"}[action]
+    state = "OFF" if rates_outputs is False else "unknown (the engine did not say)"
+    return (f"{state}: images are unrated, and unrated images in channels and galleries that are not "
+            f"age-restricted are {effect} ([content] unrated_action = \"{action}\")")
+
+
+def gallery_refusal(job: Job, images: list[Image], gallery_nsfw: bool, config: ArcaeConfig) -> str | None:
+    """Why a job may not be posted to the gallery channel, or None when it may."""
+    if gallery_nsfw:
+        return None
+    if job.nsfw_channel:
+        return ("This image was made in an age-restricted channel, and the gallery channel is not "
+                "age-restricted, so it cannot be shared there.")
+    prompts = [job.params.prompt] + ([job.resolved.prompt] if job.resolved else [])
+    found = sorted({t for p in prompts for t in blocked_tags_in(p, config)})
+    if found:
+        return (f"The prompt has tags that are not allowed in the gallery channel (it is not age-restricted): "
+                f"{', '.join(found)}.")
+    rules = content_rules(False, config)
+    if images and all(rules.withheld(i.rating) for i in images):
+        ratings = ", ".join(sorted({i.rating or "not rated" for i in images}))
+        return (f"The gallery channel is not age-restricted, and its content rules withhold this image "
+                f"({ratings}).")
+    return None
 
 
 def check_content(prompt: str, nsfw_channel: bool, config: ArcaeConfig) -> None:
@@ -149,22 +209,43 @@ def check_content(prompt: str, nsfw_channel: bool, config: ArcaeConfig) -> None:
 
 
 def with_safety_negative(negative: str | None, rules: ContentRules, config: ArcaeConfig) -> str | None:
-    """Append the configured safety negative prompt in SFW channels (to the default negative if none given)."""
+    """Append the configured safety negative prompt in SFW channels (to the default negative if none given).
+
+    Refused when the result would exceed ``max_prompt_chars``: the engine would only fail the job later.
+    """
     if not rules.safety_negative:
         return negative
     base = config.generation.negative_prompt if negative is None else negative
-    return f"{base}, {rules.safety_negative}" if base.strip() else rules.safety_negative
+    combined = f"{base}, {rules.safety_negative}" if base.strip() else rules.safety_negative
+    limit = config.generation.max_prompt_chars
+    if len(combined) > limit and negative is None:
+        raise InvalidOption("Not started: the configured default negative prompt plus the safety negative are "
+                            f"longer than [generation] max_prompt_chars ({limit}); please tell an admin.")
+    if len(combined) > limit:
+        room = max(0, limit - len(rules.safety_negative) - 2)
+        raise InvalidOption(f"Not started: in a channel that is not age-restricted the negative prompt must be at "
+                            f"most {room} characters (it has {len(base)}), because the safety negative "
+                            f"is added to it.")
+    return combined
+
+
+def _text_problems(name: str, text: str, limit: int) -> list[str]:
+    problems = []
+    if not has_visible_text(text):
+        problems.append(f"{name} must contain visible text (it is empty, or only spaces or invisible characters "
+                        "such as zero-width spaces)")
+    if len(text) > limit:
+        problems.append(f"{name} must be at most {limit} characters (it has {len(text)})")
+    return problems
 
 
 def check_ranges(config: ArcaeConfig, *, prompt: str, steps: int | None, cfg: float | None, count: int,
-                 seed: int | None, weights: dict[str, float | None]) -> None:
+                 seed: int | None, weights: dict[str, float | None], negative: str | None = None) -> None:
     """Options outside the configured limits get a message saying what is allowed."""
     g = config.generation
-    problems = []
-    if not prompt.strip():
-        problems.append("prompt must not be empty")
-    if len(prompt) > g.max_prompt_chars:
-        problems.append(f"prompt must be at most {g.max_prompt_chars} characters (it has {len(prompt)})")
+    problems = _text_problems("prompt", prompt, g.max_prompt_chars)
+    if negative is not None:
+        problems += _text_problems("negative", negative, g.max_prompt_chars)
     if steps is not None and not g.min_steps <= steps <= g.max_steps:
         problems.append(f"steps must be between {g.min_steps} and {g.max_steps} (got {steps})")
     if cfg is not None and not g.min_cfg <= cfg <= g.max_cfg:

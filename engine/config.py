@@ -215,6 +215,8 @@ class ContentConfig(_Section):
     safety_negative: str = "nsfw, nude, explicit, sexual, nipples"
     sfw_action: Literal["spoiler", "withhold"] = "withhold"
     flagged_ratings: list[Literal["general", "sensitive", "questionable", "explicit"]] = ["questionable", "explicit"]
+    # Outputs without a rating (rating off, or the tagger failed to load): fail closed by default.
+    unrated_action: Literal["withhold", "spoiler", "show"] = "withhold"
 
 
 class ArcaeConfig(_Section):

@@ -272,6 +272,7 @@ class Generator:
             "loaded_adapters": list(getattr(self.registry, "loaded", [])),
             "vram_used_mb": None,
             "vram_total_mb": None,
+            "rates_outputs": self.rater is not None,
         }
         if self.model.device == "cuda" and torch.cuda.is_available():
             info["vram_used_mb"] = torch.cuda.memory_allocated() / 2**20

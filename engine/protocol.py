@@ -262,6 +262,8 @@ class EngineStatus(_Msg):
     loaded_adapters: list[str] = Field(default_factory=list)
     worker: str = ""
     training_run: str | None = None
+    # Whether outputs get a content rating (WD tagger); None: not said (an older engine).
+    rates_outputs: bool | None = None
 
 
 class Ack(_Msg):

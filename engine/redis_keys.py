@@ -195,6 +195,7 @@ class WorkerInfo(BaseModel):
     started_at: float = Field(default_factory=_now)
     seen_at: float = Field(default_factory=_now)
     protocol_version: int = 1
+    rates_outputs: bool | None = None
 
 
 async def cancel_tasks(tasks: list[Any], *, patience_s: float = 10.0) -> None:

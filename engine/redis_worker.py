@@ -295,6 +295,7 @@ class RedisWorker:
             vram_used_mb=desc.get("vram_used_mb"),
             vram_total_mb=desc.get("vram_total_mb"),
             protocol_version=protocol.PROTOCOL_VERSION,
+            rates_outputs=desc.get("rates_outputs"),
         )
 
     async def _heartbeat_once(self) -> None:

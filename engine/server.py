@@ -292,6 +292,8 @@ def _peek_version(text: str) -> Any:
 def load_rater(config: ArcaeConfig) -> Any:
     """The WD tagger's ``rate`` when output rating is on and the tagger loads, else None."""
     if not config.engine.rate_outputs:
+        log.warning("output rating is off ([engine] rate_outputs = false): outputs are unrated, and the bot "
+                    "applies [content] unrated_action to them in channels that are not age-restricted")
         return None
     try:
         from training.tagger import WDTagger

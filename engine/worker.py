@@ -233,6 +233,7 @@ class GpuWorker(BatchingMixin):
             loaded_adapters=[str(a) for a in info.get("loaded_adapters") or []],
             worker=self.name,
             training_run=info["training_run"],
+            rates_outputs=info.get("rates_outputs"),
         )
 
     def stop(self, timeout: float = 30.0) -> None:

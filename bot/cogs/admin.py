@@ -15,7 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import embeds
-from bot.policy import require_admin
+from bot.policy import rating_status, require_admin
 from bot.replies import reply
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ class Admin(commands.Cog):
             embed.add_field(name="Running", value=f"`{status.running_job}`" if status.running_job else "idle")
             embed.add_field(name="Loaded adapters", inline=False,
                             value=embeds.truncate(", ".join(status.loaded_adapters) or "none", 1024))
+            embed.add_field(name="Output rating", inline=False,
+                            value=embeds.truncate(rating_status(status.rates_outputs, self.bot.config), 1024))
         workers_text = getattr(engine, "workers_text", None)  # the Redis dispatcher (scale-out mode)
         if workers_text is not None:
             try:

@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import embeds
+from bot.policy import blocked_tags_in, channel_is_nsfw
 from bot.replies import reply
 
 if TYPE_CHECKING:
@@ -40,7 +41,10 @@ class Gallery(commands.Cog):
 
     @gallery.command(name="top", description="The most starred gallery posts")
     async def top(self, interaction: discord.Interaction) -> None:
-        rows = await self.bot.db.top_gallery(self.bot.config.gallery.top_count)
+        count = self.bot.config.gallery.top_count
+        # Fetch extra rows: some may be left out of a channel that is not age-restricted.
+        rows = [r for r in await self.bot.db.top_gallery(count * 4)
+                if await self._listable(r, channel_is_nsfw(interaction.channel))][:count]
         if not rows:
             await reply(interaction, "The gallery is empty so far.")
             return
@@ -53,6 +57,16 @@ class Gallery(commands.Cog):
         embed = discord.Embed(title="Gallery: most starred", colour=embeds.COLOR,
                               description=embeds.truncate("\n".join(lines), embeds.DESCRIPTION_LIMIT))
         await reply(interaction, "", embed=embed)
+
+    async def _listable(self, row: object, nsfw_here: bool) -> bool:
+        """Age-restricted jobs and prompts with blocked tags are listed only in age-restricted channels."""
+        if nsfw_here:
+            return True
+        job = await self.bot.db.get_job(row["job_id"])  # type: ignore[index]
+        if job is None or job.nsfw_channel:
+            return False
+        prompts = [job.params.prompt] + ([job.resolved.prompt] if job.resolved else [])
+        return not any(blocked_tags_in(p, self.bot.config) for p in prompts)
 
 
 async def setup(bot: "ArcaeBot") -> None:

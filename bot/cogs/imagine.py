@@ -110,7 +110,7 @@ class Imagine(commands.Cog):
         config = self.bot.config
         settings = await self.bot.db.settings(interaction.user.id)
         check_access(interaction, config)
-        check_ranges(config, prompt=prompt, steps=steps, cfg=cfg, count=count, seed=seed,
+        check_ranges(config, prompt=prompt, steps=steps, cfg=cfg, count=count, seed=seed, negative=negative,
                      weights={"style_weight": style_weight, "character_weight": character_weight})
         catalog = self.bot.catalog
         styles = resolve_adapters(catalog, config, split_names(style or settings.style), "style", style_weight)

@@ -12,6 +12,7 @@ from bot import embeds
 from bot.cogs.imagine import ASPECT_CHOICES, list_autocomplete
 from bot.db import UserSettings
 from bot.errors import InvalidOption
+from bot.policy import has_visible_text
 from bot.replies import reply
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class Settings(commands.Cog):
         current = UserSettings() if reset else await db.settings(interaction.user.id)
         if negative is not None and len(negative) > self.bot.config.generation.max_prompt_chars:
             raise InvalidOption(f"negative must be at most {self.bot.config.generation.max_prompt_chars} characters.")
+        if negative is not None and not has_visible_text(negative):
+            raise InvalidOption("negative must contain visible text (it is only spaces or invisible characters); "
+                                "use '-' to clear it.")
         if style not in (None, "-") and self.bot.catalog.all() and self.bot.catalog.get(style.strip()) is None:
             raise InvalidOption(f"Unknown style adapter {style!r} (see /adapters).")
         updated = UserSettings(

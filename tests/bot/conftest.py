@@ -45,9 +45,24 @@ global_max_queued = 20
 {extra}"""
 
 
+def with_unrated_action(extra: str, unrated_action: str | None) -> str:
+    """``extra`` with ``[content] unrated_action`` set (None: left to the default, "withhold")."""
+    if unrated_action is None:
+        return extra
+    line = f'unrated_action = "{unrated_action}"\n'
+    if "[content]\n" in extra:
+        return extra.replace("[content]\n", "[content]\n" + line, 1)
+    return extra + "\n[content]\n" + line
+
+
 def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int, *,
-                       extra: str = "", rate_outputs: bool = False) -> Path:
-    """One config file shared by the engine and the bot (remote mode on a fixed loopback port)."""
+                       extra: str = "", rate_outputs: bool = False, unrated_action: str | None = "show") -> Path:
+    """One config file shared by the engine and the bot (remote mode on a fixed loopback port).
+
+    The tiny model's outputs are unrated unless ``rate_outputs``; most tests want to see them in
+    any channel, so ``unrated_action`` defaults to "show" here (the product's default is "withhold").
+    """
+    extra = with_unrated_action(extra, unrated_action)
     path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra))
     text = path.read_text(encoding="utf-8").replace(
         "[engine]\ndevice = \"cpu\"\nport = 0\n",
@@ -123,15 +138,18 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_outputs: bool = False):
+async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_outputs: bool = False,
+                        unrated_action: str | None = "show"):
     """Start the double, the real engine (tiny model) and the real bot process; stop them after.
 
-    ``extra`` is TOML for sections the base config lacks (e.g. [tagger], [training], [content]).
+    ``extra`` is TOML for sections the base config lacks (e.g. [tagger], [training], [content]);
+    ``unrated_action`` None leaves ``[content] unrated_action`` at the product default ("withhold").
     """
     double = DiscordDouble()
     await double.start()
     port = free_port()
-    config = write_stack_config(tmp, model_dir, double, port, extra=extra, rate_outputs=rate_outputs)
+    config = write_stack_config(tmp, model_dir, double, port, extra=extra, rate_outputs=rate_outputs,
+                                unrated_action=unrated_action)
     env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     s = Stack(double, config, env, tmp)
