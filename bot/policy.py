@@ -173,9 +173,9 @@ def rating_status(rates_outputs: bool | None, config: ArcaeConfig) -> str:
         return "on (WD tagger)"
     action = config.content.unrated_action
     effect = {"withhold": "withheld", "spoiler": "spoilered", "show": "shown"}[action]
-    state = "OFF" if rates_outputs is False else "unknown (the engine did not say)"
-    return (f"{state}: images are unrated, and unrated images in channels and galleries that are not "
-            f"age-restricted are {effect} ([content] unrated_action = \"{action}\")")
+    state = "OFF: images are unrated" if rates_outputs is False else "unknown (the engine did not say)"
+    return (f"{state}; unrated images in channels and galleries that are not age-restricted are {effect} "
+            f"([content] unrated_action = \"{action}\")")
 
 
 def gallery_refusal(job: Job, images: list[Image], gallery_nsfw: bool, config: ArcaeConfig) -> str | None:

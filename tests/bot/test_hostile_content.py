@@ -36,7 +36,7 @@ async def _refusal(d, user, channel, options: dict) -> str:
     inter = await d.invoke_slash(user, channel, "imagine", options)
     await d.wait_for(lambda: inter.callbacks, timeout=10)
     answer = ephemeral_reply(inter)
-    assert answer is not None, f"/imagine {options!r} was accepted (callback {inter.callbacks[0]['type']})"
+    assert answer is not None, f"/imagine {str(options)[:200]} was accepted (callback {inter.callbacks[0]['type']})"
     return answer["content"]
 
 
