@@ -81,12 +81,12 @@ async def test_an_age_restricted_job_is_never_shared_to_a_normal_gallery(hostile
     inter = await d.invoke_slash(d.bob, d.nsfw_channel, "imagine", {"prompt": NSFW_PROMPT, "steps": 2, "seed": 9})
     msg = await d.wait_for(lambda: finished(d, inter), timeout=90)
     job = job_id_of(msg)
+    before = {m["id"] for m in d.channel_messages(d.gallery_channel)}
     share = await d.click(d.bob, msg, f"arcae:share:{job}")
     answer = await d.wait_for(lambda: d.followups(share), timeout=20)
     assert "age-restricted" in answer[0]["content"] and "Shared" not in answer[0]["content"], answer[0]["content"]
-    posted = [m for m in d.channel_messages(d.gallery_channel) if f"arcae:remix:{job}" in buttons(m)]
+    posted = [m for m in d.channel_messages(d.gallery_channel) if m["id"] not in before]
     assert not posted, "an image from an age-restricted channel was posted to a gallery that is not"
-    assert not any("nude" in str(m.get("embeds")) for m in d.channel_messages(d.gallery_channel))
 
 
 async def test_gallery_top_lists_age_restricted_posts_only_in_age_restricted_channels(hostile_stack):
