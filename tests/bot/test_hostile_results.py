@@ -241,3 +241,27 @@ async def test_a_genuine_result_still_arrives(hostile):
     assert not leaks(hostile.double)
     stored = sorted(p.name for p in hostile.outputs.iterdir() if not p.is_symlink())
     assert any(name.endswith("-0.png") for name in stored), stored
+
+
+async def test_delivery_reads_only_regular_files_inside_the_outputs_folder(tmp_path):
+    # What the bot stored is read back by plain name from its outputs folder: a symlink or a
+    # FIFO planted there under a result's name, or a stored path pointing elsewhere, is refused.
+    from bot.results import ResultLimits, ResultRejected, read_result
+
+    limits = ResultLimits(max_bytes=1 << 20, max_pixels=65536)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    good = png((8, 8))
+    (outputs / "j-0.png").write_bytes(good)
+    assert read_result(outputs, str(tmp_path / "elsewhere" / "j-0.png"), limits) == good
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(good)
+    (outputs / "j-1.png").symlink_to(secret)
+    with pytest.raises(OSError):
+        read_result(outputs, "j-1.png", limits)
+    os.mkfifo(outputs / "j-2.png")
+    with pytest.raises(ResultRejected, match="not a regular file"):
+        read_result(outputs, "j-2.png", limits)
+    (outputs / "j-3.png").write_bytes(f"SECRET={CANARY}".encode())
+    with pytest.raises(ResultRejected, match="only PNG or JPEG|not a complete"):
+        read_result(outputs, "j-3.png", limits)
