@@ -14,7 +14,6 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import discord
@@ -24,6 +23,7 @@ from bot import embeds
 from bot.db import Image, Job
 from bot.errors import Refused
 from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
+from bot.results import ResultLimits, ResultRejected, read_result, result_suffix
 from bot.views import gallery_view, result_view
 
 if TYPE_CHECKING:
@@ -115,9 +115,10 @@ class Delivery:
                 return False
             raise
 
-    def image_path(self, image: Image) -> Path:
-        p = Path(image.path)
-        return p if p.is_absolute() else self.config.path(self.config.storage.outputs_dir) / p
+    def image_bytes(self, image: Image) -> bytes:
+        """A stored result, read only from inside the outputs folder and checked (``bot.results``)."""
+        return read_result(self.config.path(self.config.storage.outputs_dir), image.path,
+                           ResultLimits.from_config(self.config))
 
     def prepare(self, job: Job, images: list[Image], rules: ContentRules, limit: int) -> tuple[list[Prepared], list[str]]:
         """Files to upload, and notes for the user (withheld, missing, re-encoded)."""
@@ -132,11 +133,13 @@ class Delivery:
             if img in withheld:
                 continue
             try:
-                data = self.image_path(img).read_bytes()
-            except OSError:
+                data = self.image_bytes(img)
+            except (OSError, ResultRejected) as exc:
+                log.warning("job %s image %d not shown: %s", job.job_id, img.idx + 1,
+                            exc if isinstance(exc, ResultRejected) else type(exc).__name__)
                 notes.append(f"⚠️ Image {img.idx + 1} is missing on the server (seed {img.seed}).")
                 continue
-            name = f"arcae_{job.job_id}_{img.idx + 1}.png"
+            name = f"arcae_{job.job_id}_{img.idx + 1}{result_suffix(img.path)}"
             prepared = Prepared(name, data, spoiler=rules.spoilered(img.rating))
             if len(data) > limit:
                 prepared = Prepared(name[:-4] + ".jpg", fit_to_limit(data, limit), prepared.spoiler, True)

@@ -378,8 +378,14 @@ class Dispatcher(LeaseKeeper):
     async def _apply(self, event: Any, worker: str) -> None:
         """Apply one worker event exactly once per (job_id, attempt, seq)."""
         d = self._inflight.get(getattr(event, "job_id", ""))
-        if d is None or event.attempt != d.attempt or event.seq <= d.last_seq:
-            log.debug("ignoring %s of job %s attempt %s seq %s from %s (stale or duplicate)",
+        if d is not None and (worker != d.worker or event.attempt != d.attempt):
+            # Only the lease owner's current attempt speaks for a job: a stale or foreign worker's
+            # result (Redis entries are untrusted) must not become the user's image.
+            log.warning("ignoring %s of job %s attempt %s from worker %.64r: the job's attempt %s is held by %.64r",
+                        event.type, d.request.job_id, event.attempt, worker, d.attempt, d.worker)
+            return
+        if d is None or event.seq <= d.last_seq:
+            log.debug("ignoring %s of job %s attempt %s seq %s from %.64r (stale or duplicate)",
                       event.type, getattr(event, "job_id", "?"), getattr(event, "attempt", "?"),
                       getattr(event, "seq", "?"), worker)
             return
@@ -393,7 +399,7 @@ class Dispatcher(LeaseKeeper):
         if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
             self._refresh_due = True  # the worker's record now shows what it has loaded
             if isinstance(event, protocol.Completed):
-                event = await receive_outputs(self.client, self.keys.prefix, self.outputs_dir, event)
+                event = await receive_outputs(self.client, self.keys.prefix, event)
             await self._finish(d)
         if d.shown_attempt > event.attempt:
             event = event.model_copy(update={"attempt": d.shown_attempt})

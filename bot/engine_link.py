@@ -41,7 +41,8 @@ engine_log = logging.getLogger("arcae.engine")
 READY_PREFIX = "ARCAE_ENGINE_READY"
 HANDSHAKE_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
-MAX_EVENT_BYTES = 16 << 20
+# A Completed carries its images (base64): the protocol bounds it.
+MAX_EVENT_BYTES = protocol.MAX_COMPLETED_CHARS
 STABLE_RUN_S = 60.0  # a child that ran this long restarts from the shortest backoff again
 
 

@@ -20,6 +20,7 @@ from bot import embeds
 from bot.db import Job
 from bot.delivery import Delivery
 from bot.errors import Refused
+from bot.results import ResultLimits, ResultRejected, accept_completed
 from bot.views import progress_view
 from engine import protocol
 
@@ -249,12 +250,25 @@ class JobManager:
             live.state, live.step, live.total = "running", event.step, event.total
             self._schedule(job.job_id)
         elif completed:
-            if await self.db.record_completion(job.job_id, event):
-                self._spawn(self._deliver(job.job_id))
+            await self._on_completed(job, event)
         elif isinstance(event, protocol.Failed):
             await self._on_failed(job, event)
         elif isinstance(event, protocol.Canceled):
             await self._canceled(job.job_id)
+
+    async def _on_completed(self, job: Job, event: protocol.Completed) -> None:
+        """Keep the result only as checked image bytes (``bot.results``); a bad one fails the job."""
+        outputs_dir = self.config.path(self.config.storage.outputs_dir)
+        try:
+            event = await asyncio.to_thread(accept_completed, event, job.job_id, outputs_dir,
+                                            ResultLimits.from_config(self.config))
+        except ResultRejected as exc:
+            log.warning("job %s: refused the engine's result: %s", job.job_id, exc)
+            await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: the engine sent a result that is not a "
+                             "valid image. Please try again.", error=f"result refused: {exc}")
+            return
+        if await self.db.record_completion(job.job_id, event):
+            self._spawn(self._deliver(job.job_id))
 
     async def _on_failed(self, job: Job, event: protocol.Failed) -> None:
         if event.retryable and job.attempt < MAX_ATTEMPTS:

@@ -15,6 +15,7 @@ seeds seed..seed+N-1, one ``torch.Generator`` each, so image i reproduces alone 
 
 from __future__ import annotations
 
+import base64
 import gc
 import logging
 import re
@@ -464,9 +465,11 @@ class Generator:
         path = self.outputs_dir / f"{job_id}-{index}.png"
         digest = infotext.write_png_atomic(path, picture, text, request)
         rating, scores = self.rater(picture) if self.rater is not None else (None, None)
+        # The bytes travel in the event: the bot may be on another host, and never reads a path.
+        data_b64 = base64.b64encode(path.read_bytes()).decode("ascii")
         return ImageResult(
             path=str(path), seed=seed, width=picture.width, height=picture.height,
-            sha256=digest, rating=rating, rating_scores=scores,
+            sha256=digest, rating=rating, rating_scores=scores, data_b64=data_b64,
         )
 
 

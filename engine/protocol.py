@@ -26,6 +26,11 @@ MAX_PROMPT_CHARS = 20_000
 MAX_ADAPTERS_PER_REQUEST = 32
 MAX_COUNT = 8
 MAX_SEED = 2**32 - 1
+# A result image travels as base64 inside its Completed event (see ImageResult): at most this
+# many bytes per image, so one Completed is at most MAX_COMPLETED_CHARS of JSON.
+MAX_RESULT_IMAGE_BYTES = 32 << 20
+MAX_RESULT_IMAGE_B64_CHARS = 4 * ((MAX_RESULT_IMAGE_BYTES + 2) // 3)
+MAX_COMPLETED_CHARS = MAX_COUNT * MAX_RESULT_IMAGE_B64_CHARS + (1 << 20)
 
 
 class _Msg(BaseModel):
@@ -201,13 +206,18 @@ class Progress(_JobEvent):
 
 
 class ImageResult(_Msg):
-    path: str
+    """One output image. ``data_b64`` is the image itself (PNG or JPEG, base64): the bot keeps
+    only those bytes, after checking them, and never reads ``path`` (the engine's own file,
+    informational; it may be on another host)."""
+
+    path: str = Field(max_length=4096)
     seed: int
     width: int
     height: int
     sha256: str
     rating: Literal["general", "sensitive", "questionable", "explicit"] | None = None
     rating_scores: dict[str, float] | None = None
+    data_b64: str | None = Field(None, max_length=MAX_RESULT_IMAGE_B64_CHARS, repr=False)
 
 
 class Completed(_JobEvent):

@@ -2,17 +2,17 @@
 
 A worker writes its output PNGs on its own disk; the bot's host may not see that disk (a
 friend's PC at home). So a worker attaches each output's bytes to its ``Completed`` event
-(``P:file:<job>:<attempt>:<name>``, TTL one day) and the dispatcher stores them in the bot's
-``[storage] outputs_dir`` before it hands the event on, with the local path in it. The other
+(``P:file:<job>:<attempt>:<name>``, TTL one day; kept out of the events stream so entries stay
+small) and the dispatcher puts them back into the event's images (``data_b64``) before it
+hands the event on; the bot checks and stores them (``bot.results``). The other
 way, the dispatcher attaches an img2img request's source image
 (``P:file:<job>:src:<name>``), and the worker stores it in its outputs dir before running the
-job. Files are checked against their sha256 where the event carries one and written
-atomically (temp file, fsync, rename). Imports only the standard library.
+job (checked against its sha256 where known, written atomically). Imports only the standard
+library and ``engine.protocol``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import logging
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.fsutil import write_bytes_atomic
+from engine.protocol import MAX_RESULT_IMAGE_B64_CHARS, MAX_RESULT_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +64,20 @@ def store_file(directory: str | Path, name: str, data: bytes, sha256: str = "") 
     return target
 
 
-async def receive_outputs(client: Any, prefix: str, outputs_dir: Path, event: Any) -> Any:
-    """Store the output files a worker attached to ``event`` (a Completed) in ``outputs_dir``.
+async def receive_outputs(client: Any, prefix: str, event: Any) -> Any:
+    """Put the output bytes a worker attached to ``event`` (a Completed) back into its images.
 
-    Returns the event with each image's path pointing at the local copy. Images without an
-    attachment (shared disk, same host) keep their path.
+    Nothing is written or read on disk here: the bot checks the bytes and stores them itself
+    (``bot.results``). An image whose attachment is missing or too large gets no bytes, and the
+    bot refuses it; a path in the event is never read.
     """
     images = []
     for image in event.images:
-        name = Path(image.path).name
-        key = output_key(prefix, event.job_id, event.attempt, name)
+        key = output_key(prefix, event.job_id, event.attempt, Path(image.path).name)
         data = await client.get(key)
-        if data is None:
-            images.append(image)
-            continue
-        try:
-            path = await asyncio.to_thread(store_file, outputs_dir, name, decode_file(data), image.sha256)
-            images.append(image.model_copy(update={"path": str(path)}))
-        except (OSError, ValueError) as exc:
-            log.error("cannot store output %s of job %s: %s", name, event.job_id, exc)
-            images.append(image)
+        if data is not None and len(data) > MAX_RESULT_IMAGE_B64_CHARS:
+            log.warning("output %s of job %s is over %d bytes; refused", key, event.job_id, MAX_RESULT_IMAGE_BYTES)
+            data = None
+        images.append(image.model_copy(update={"data_b64": data}))
         await client.delete(key)
     return event.model_copy(update={"images": images})

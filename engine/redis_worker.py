@@ -229,9 +229,14 @@ class RedisWorker:
         if isinstance(event, protocol.Started):
             update["worker"] = self.name
         event = event.model_copy(update=update)
+        files: dict[str, str] = {}
+        if isinstance(event, protocol.Completed):
+            # The image bytes go in keys of their own (the events stream stays small); the
+            # dispatcher puts them back into the event.
+            files = await asyncio.to_thread(self._attach_outputs, event)
+            event = event.model_copy(update={"images": [i.model_copy(update={"data_b64": None}) for i in event.images]})
         fields = {"event": protocol.encode(event), "worker": self.name}
         if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
-            files = await asyncio.to_thread(self._attach_outputs, event) if isinstance(event, protocol.Completed) else {}
             await self._finish_entry(held.entry_id, fields, files)
             self._held.pop(event.job_id, None)
             self._slot_free.set()
@@ -245,8 +250,8 @@ class RedisWorker:
         for image in event.images:
             try:
                 files[output_key(self.keys.prefix, event.job_id, event.attempt, Path(image.path).name)] = (
-                    encode_file(image.path))
-            except (OSError, ValueError) as exc:  # the bot may still see the file on a shared disk
+                    image.data_b64 or encode_file(image.path))
+            except (OSError, ValueError) as exc:  # the bot refuses the image without its bytes
                 log.warning("cannot attach %s of job %s: %s", image.path, event.job_id, exc)
         return files
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import os
 import sqlite3
@@ -229,12 +230,14 @@ def test_sfw_rules_withhold_or_spoiler_flagged_images(tmp_path):
         paths[-1].write_bytes(_png(8))
     images = [Image("j", i, str(p), i, 8, 8, "0" * 64, rating, None, None, 0)
               for i, (p, rating) in enumerate(zip(paths, ["general", "explicit"]))]
-    delivery = Delivery(SimpleNamespace(config=CONFIG))
-    files, notes = delivery.prepare(_job("x"), images, content_rules(False, CONFIG), 10_000_000)
+    # Results are read only from the outputs folder.
+    config = parse_config({"storage": {"outputs_dir": str(tmp_path)}})
+    delivery = Delivery(SimpleNamespace(config=config))
+    files, notes = delivery.prepare(_job("x"), images, content_rules(False, config), 10_000_000)
     assert len(files) == 1 and "withheld" in notes[0] and "explicit" in notes[0]
-    files, notes = delivery.prepare(_job("x"), images, content_rules(True, CONFIG), 10_000_000)
+    files, notes = delivery.prepare(_job("x"), images, content_rules(True, config), 10_000_000)
     assert len(files) == 2 and not notes, "age-restricted channels get everything"
-    spoiler = parse_config({"content": {"sfw_action": "spoiler"}})
+    spoiler = parse_config({"content": {"sfw_action": "spoiler"}, "storage": {"outputs_dir": str(tmp_path)}})
     files, _ = Delivery(SimpleNamespace(config=spoiler)).prepare(_job("x"), images, content_rules(False, spoiler), 10**7)
     assert [f.spoiler for f in files] == [False, True]
 
@@ -272,7 +275,8 @@ async def test_restart_resubmits_running_jobs_once_then_fails_them_honestly(tmp_
                                 params=protocol.GenerationParams(prompt="x"), nsfw_channel=False)
             await db.set_attempt(job_id, attempt)
             await db.mark_running(job_id, attempt, 0)
-        jobs = JobManager(SimpleNamespace(config=CONFIG, db=db))  # no engine yet: jobs stay pending
+        config = parse_config({"storage": {"outputs_dir": str(tmp_path / "outputs")}})
+        jobs = JobManager(SimpleNamespace(config=config, db=db))  # no engine yet: jobs stay pending
         await jobs.resubmit_unfinished()
         first, second = await db.get_job("first"), await db.get_job("second")
         assert (first.status, first.attempt) == ("pending", 2), "a job that was running gets a second attempt"
@@ -282,8 +286,12 @@ async def test_restart_resubmits_running_jobs_once_then_fails_them_honestly(tmp_
         assert (await db.get_job("first")).status == "pending"
         await jobs.on_event(protocol.Started(job_id="first", attempt=2, seq=1))
         assert (await db.get_job("first")).status == "running"
-        await jobs.on_event(completed("first", seq=4).model_copy(update={"attempt": 2}))
-        await jobs.on_event(completed("first", seq=4).model_copy(update={"attempt": 2}))
+        # A result is its image bytes (the path in the event is never read).
+        result = completed("first", seq=4)
+        image = result.images[0].model_copy(update={"sha256": "", "data_b64": base64.b64encode(_png(8)).decode()})
+        result = result.model_copy(update={"attempt": 2, "images": [image]})
+        await jobs.on_event(result)
+        await jobs.on_event(result)
         assert (await db.get_job("first")).status == "completed" and len(await db.images("first")) == 1
     finally:
         await db.close()

@@ -9,6 +9,7 @@ dead-letter and fairness are covered with in-process workers in test_redis_layer
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from bot.dispatcher import Dispatcher
+from bot.results import ResultLimits, accept_completed
 from engine import protocol
 from engine.config import load_config
 from engine.redis_keys import RedisKeys, make_client
@@ -138,8 +140,11 @@ async def test_workers_advertise_and_jobs_spread_by_affinity(scaleout, bot_side)
     done = await r.wait_for("aff-1", (protocol.Completed, protocol.Failed), timeout=120)
     assert isinstance(done, protocol.Completed), done
     holder = r.of("aff-1", protocol.Started)[0].worker
-    # The PNG came through Redis into the bot's outputs dir, intact.
-    png = Path(done.images[0].path)
+    # The PNG came through Redis in the event, intact; the bot checks and stores it (as JobManager does).
+    assert hashlib.sha256(base64.b64decode(done.images[0].data_b64)).hexdigest() == done.images[0].sha256
+    config = load_config(scaleout["config_path"])
+    stored = accept_completed(done, "aff-1", scaleout["bot_outputs"], ResultLimits.from_config(config))
+    png = Path(stored.images[0].path)
     assert png.parent == scaleout["bot_outputs"] and hashlib.sha256(png.read_bytes()).hexdigest() == done.images[0].sha256
     # The worker that loaded style-a gets the next style-a job, although every worker is idle
     # and another would win the tie by name; a job without adapters goes to a worker that has
@@ -162,7 +167,7 @@ async def test_workers_advertise_and_jobs_spread_by_affinity(scaleout, bot_side)
                                            params=protocol.GenerationParams(prompt="1girl, solo", steps=2)))
     varied = await r.wait_for("vary-1", (protocol.Completed, protocol.Failed), timeout=120)
     assert isinstance(varied, protocol.Completed), varied
-    assert Path(varied.images[0].path).is_file()
+    assert varied.images[0].data_b64
 
 
 async def test_cancel_running_job_on_a_worker(scaleout, bot_side):
@@ -202,7 +207,7 @@ async def test_bot_restart_while_workers_keep_running(scaleout, bot_side):
     await d2.start()
     try:
         done = await later.wait_for("while-away", protocol.Completed, timeout=120)
-        assert done.attempt == 1 and Path(done.images[0].path).is_file()
+        assert done.attempt == 1 and done.images[0].data_b64
         await asyncio.sleep(0.5)
         assert len(later.of("while-away", protocol.Started)) == 0, "the job was not run a second time"
     finally:
@@ -222,7 +227,7 @@ async def test_killed_worker_job_finishes_on_another_worker(scaleout, bot_side):
     assert done.attempt == 2
     second = [e for e in r.of("survive-kill", protocol.Started) if e.attempt == 2]
     assert second and second[0].worker != victim
-    assert Path(done.images[0].path).is_file()
+    assert done.images[0].data_b64
     # Anything the dead worker's attempt still had in flight is ignored.
     delivered = len(r.of("survive-kill"))
     client = make_client(scaleout["url"], None, block_ms=100)
