@@ -99,8 +99,12 @@ class TrainOptions(BaseModel):
         return self.sample_every or self.save_every
 
 
-def from_config(training_config: Any, **overrides: Any) -> TrainOptions:
-    """Options with defaults from ``[training]`` (an ``engine.config.TrainingConfig``) and overrides."""
+def from_config(training_config: Any, *, enforce_caps: bool = True, **overrides: Any) -> TrainOptions:
+    """Options with defaults from ``[training]`` (an ``engine.config.TrainingConfig``) and overrides.
+
+    The caps (``check_caps``) hold for everything that arrives from Discord or the engine link;
+    the operator's own CLI passes ``enforce_caps=False``.
+    """
     base = {
         key: getattr(training_config, key)
         for key in (
@@ -112,7 +116,8 @@ def from_config(training_config: Any, **overrides: Any) -> TrainOptions:
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     options = parse_options(base)
-    check_caps(options, training_config)
+    if enforce_caps:
+        check_caps(options, training_config)
     return options
 
 
