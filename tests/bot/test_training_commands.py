@@ -43,6 +43,7 @@ steps = 6
 rank = 4
 resolution = 64
 save_every = 3
+min_save_every = 1
 optimizer = "adamw"
 """
 
