@@ -12,6 +12,8 @@ Two levels of refusal, by design:
 
 - The whole import is refused (``IntakeRefused``; nothing is kept) when the container itself is
   unsafe or over a limit: an upload over ``max_upload_bytes``, a file that is not a readable zip,
+  more entries than ``max_files`` allows (read from the end record and the raw directory before
+  ``zipfile`` parses it: ``training.upload_checks``),
   a zip entry with an absolute path or ``..`` (zip-slip), a symlink entry, an encrypted entry,
   more than ``max_files`` images (or caption files), a declared total over
   ``max_uncompressed_bytes``, an entry whose compression ratio is over ``max_compression_ratio``
@@ -34,13 +36,14 @@ import io
 import os
 import re
 import stat
-import struct
 import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from training.upload_checks import TruncatedData, ZipRefused, check_png_complete, precheck_zip
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -53,10 +56,6 @@ CAPTION_SUFFIX = ".txt"
 RATIO_CHECK_MIN_BYTES = 64 * 1024
 MAX_CAPTION_BYTES = 64 * 1024
 _CHUNK = 1 << 20
-_EOCD_SIG = b"PK\x05\x06"
-_EOCD_SIZE = 22
-# A directory entry is 46 bytes plus its name, extra field and comment; 4 KiB is generous.
-_MAX_CD_ENTRY_BYTES = 46 + 4096
 # Files an Arcae dataset folder holds besides its pairs; re-importing a dataset skips them.
 DATASET_METADATA_FILES = frozenset({"manifest.json", "tag_frequency.png", "dataset.toml"})
 
@@ -163,44 +162,15 @@ def open_image_checked(data: bytes, limits: IntakeLimits) -> "Image.Image":
             raise ImageRefused(f"corrupt or truncated image ({exc})") from None
         if im.format == "PNG":
             # PIL stops quietly where a PNG's compressed pixel data ends, and fills the rest.
-            _check_png_complete(data, w, h)
+            try:
+                check_png_complete(data, w, h)
+            except TruncatedData as exc:
+                raise ImageRefused(str(exc)) from None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # unreadable EXIF: keep the pixels as stored, as most viewers do
         pass
     return flatten_on_white(im)
-
-
-# PNG colour type -> channels; Adam7 passes as (x0, y0, dx, dy).
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
-
-
-def _check_png_complete(data: bytes, width: int, height: int) -> None:
-    """Refuse a PNG whose IDAT data inflates to fewer bytes than its header's rows need."""
-    depth, colour, interlace = data[24], data[25], data[28]
-    bits = _PNG_CHANNELS.get(colour, 4) * depth
-    if interlace:
-        passes = [(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in _ADAM7]
-        needed = sum(ph * (1 + -(-pw * bits // 8)) for pw, ph in passes if pw > 0 and ph > 0)
-    else:
-        needed = height * (1 + -(-width * bits // 8))
-    inflater, got, pos = zlib.decompressobj(), 0, 8
-    while pos + 8 <= len(data) and got < needed:
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        if kind == b"IDAT":
-            chunk = data[pos + 8 : pos + 8 + length]
-            while chunk and got < needed:  # bounded steps: never holds the whole image twice
-                got += len(inflater.decompress(chunk, _CHUNK))
-                chunk = inflater.unconsumed_tail
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if got < needed:
-        row_bytes = needed / max(1, height)
-        raise ImageRefused(
-            f"truncated image: its pixel data ends after about {int(got / row_bytes)} of {height} rows"
-        )
 
 
 def flatten_on_white(im: "Image.Image") -> "Image.Image":
@@ -296,7 +266,10 @@ def _rel(path: Path, folder: Path) -> str:
 
 
 def _open_zip(fileobj, label: str, limits: IntakeLimits) -> zipfile.ZipFile:
-    _precheck_zip(fileobj, label, limits)  # before zipfile builds one object per entry
+    try:
+        precheck_zip(fileobj, label, limits.max_files)  # before zipfile builds one object per entry
+    except ZipRefused as exc:
+        raise IntakeRefused(str(exc)) from None
     try:
         zf = zipfile.ZipFile(fileobj)
     except (zipfile.BadZipFile, OSError, ValueError):
@@ -307,69 +280,6 @@ def _open_zip(fileobj, label: str, limits: IntakeLimits) -> zipfile.ZipFile:
         zf.close()
         raise
     return zf
-
-
-def max_zip_entries(limits: IntakeLimits) -> int:
-    """Entries an archive may hold: the images, as many captions, and room for folders."""
-    return 3 * limits.max_files + 16
-
-
-def _precheck_zip(fileobj, label: str, limits: IntakeLimits) -> None:
-    """Refuse an archive with too many entries from its end record and a walk over the raw
-    central directory, before ``zipfile`` parses it (300k empty entries cost it 254 MiB)."""
-    fileobj.seek(0, io.SEEK_END)
-    size = fileobj.tell()
-    tail_start = max(0, size - _EOCD_SIZE - 0xFFFF)  # the record, then a comment of up to 64 KiB
-    fileobj.seek(tail_start)
-    tail = fileobj.read()
-    pos = tail.rfind(_EOCD_SIG)
-    if pos < 0 or len(tail) - pos < _EOCD_SIZE:
-        fileobj.seek(0)
-        return  # not a zip: zipfile says so
-    count, cd_size, cd_offset = struct.unpack("<xxxxxxxxxxHII", tail[pos : pos + 20])
-    eocd_at = tail_start + pos
-    cd_end = eocd_at
-    if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
-        count, cd_size, cd_end = _zip64_counts(fileobj, eocd_at, count, cd_size, cd_end)
-    allowed = max_zip_entries(limits)
-    if count > allowed:
-        raise IntakeRefused(
-            f"{label} holds {count:,} entries; at most {allowed:,} ({limits.max_files} images, as many "
-            "captions, and folders); archive refused"
-        )
-    if cd_size > allowed * _MAX_CD_ENTRY_BYTES:
-        raise IntakeRefused(f"{label}: its directory of files is {_mib(cd_size)}, too large for {allowed:,} entries; archive refused")
-    fileobj.seek(max(0, cd_end - cd_size))
-    _count_cd_entries(fileobj.read(cd_size), label, allowed)
-    fileobj.seek(0)
-
-
-def _zip64_counts(fileobj, eocd_at: int, count: int, cd_size: int, cd_end: int) -> tuple[int, int, int]:
-    """(entries, directory size, where the directory ends) from the zip64 end record, if any."""
-    if eocd_at < 20:
-        return count, cd_size, cd_end
-    fileobj.seek(eocd_at - 20)
-    locator = fileobj.read(20)
-    if locator[:4] != b"PK\x06\x07":
-        return count, cd_size, cd_end
-    record_at = eocd_at - 20 - 56  # the zip64 end record sits right before its locator
-    fileobj.seek(max(0, record_at))
-    record = fileobj.read(56)
-    if record_at < 0 or record[:4] != b"PK\x06\x06":
-        return count, cd_size, cd_end
-    total, size = struct.unpack("<QQ", record[32:48])
-    return total, size, record_at
-
-
-def _count_cd_entries(directory: bytes, label: str, allowed: int) -> None:
-    """Count central directory headers by their lengths alone (entries the end record did not own up to)."""
-    pos, count = 0, 0
-    while pos + 46 <= len(directory) and directory[pos : pos + 4] == b"PK\x01\x02":
-        count += 1
-        if count > allowed:
-            raise IntakeRefused(f"{label} holds more than {allowed:,} entries; archive refused")
-        name_len, extra_len, comment_len = struct.unpack("<HHH", directory[pos + 28 : pos + 34])
-        pos += 46 + name_len + extra_len + comment_len
 
 
 def _check_zip(zf: zipfile.ZipFile, label: str, limits: IntakeLimits) -> None:
