@@ -166,20 +166,18 @@ def test_add_images_counts_only_the_new_images_and_keeps_the_old_files(tmp_path,
 
 # ---------------------------------------------------------------------- training options
 
-class _Caps:
-    """A ``[training]`` section as ``engine.config.TrainingConfig`` parses it."""
+def training_section(**values):
+    """A ``[training]`` section as ``load_config`` parses it."""
+    from engine.config import TrainingConfig
 
-    def __new__(cls, **values):
-        from engine.config import TrainingConfig
-
-        return TrainingConfig(**values)
+    return TrainingConfig(**values)
 
 
 def test_training_options_over_the_configured_caps_are_refused_with_what_is_allowed(tmp_path):
     from training.errors import InvalidTrainingOptions
     from training.train_config import from_config
 
-    caps = _Caps(max_steps=3000, max_rank=64, max_resolution=1536, max_sample_steps=40, min_save_every=100)
+    caps = training_section(max_steps=3000, max_rank=64, max_resolution=1536, max_sample_steps=40, min_save_every=100)
     base = {"dataset": tmp_path, "kind": "style", "trigger": "x"}
     assert from_config(caps, **base, steps=3000, rank=64, resolution=1536, sample_steps=40, save_every=100)
     with pytest.raises(InvalidTrainingOptions) as err:
