@@ -111,36 +111,42 @@ class TrainingFlow:
                                                        base_dir=self.config.base_dir)
             return self._tagger
 
+    async def _tagger_or_refuse(self) -> Any:
+        try:
+            return await self.tagger()
+        except Exception as exc:  # a missing or broken model: say which, keep the bot up
+            log.warning("the WD tagger could not be loaded: %s", exc)
+            raise Refused(f"Captioning is unavailable: the WD tagger `{self.config.tagger.model}` could not be "
+                          f"loaded ({str(exc)[:300]}). Check [tagger] model in config.toml.") from None
+
     async def import_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]],
                             *, replace: bool = False) -> Any:
         """Intake + captions into ``datasets_dir/name`` (atomic); ``Refused`` says why nothing was kept."""
         from training.dataset import import_with_config
         from training.intake import IntakeRefused
 
-        try:
-            tagger = await self.tagger()
-        except Exception as exc:  # a missing or broken model: say which, keep the bot up
-            log.warning("the WD tagger could not be loaded: %s", exc)
-            raise Refused(f"Captioning is unavailable: the WD tagger `{self.config.tagger.model}` could not be "
-                          f"loaded ({str(exc)[:300]}). Check [tagger] model in config.toml.") from None
+        tagger = await self._tagger_or_refuse()
         try:
             return await asyncio.to_thread(import_with_config, self.config, files, name=name, kind=kind,
                                            trigger=trigger, tagger=tagger, replace=replace)
         except IntakeRefused as exc:
             raise Refused(f"No images imported: {exc.reason}") from None
 
-    def dataset_files(self, name: str) -> list[tuple[str, bytes]]:
-        """A dataset's images and captions as (name, bytes): re-imported with new images by add-images."""
-        from training.intake import CAPTION_SUFFIX, DATASET_METADATA_FILES, IMAGE_SUFFIXES
+    async def add_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]]) -> Any:
+        """Append new images to dataset ``name``: only they pass intake and count against the caps;
+        the dataset's own images are kept byte for byte. ``Refused`` says why nothing changed."""
+        from training.captions import CaptionRecipe
+        from training.dataset_add import add_images
+        from training.intake import IntakeLimits, IntakeRefused
 
-        folder = self.datasets_dir / name
-        files = []
-        for path in sorted(folder.iterdir()):
-            suffix = path.suffix.lower()
-            if path.is_file() and path.name not in DATASET_METADATA_FILES and (
-                    suffix in IMAGE_SUFFIXES or suffix == CAPTION_SUFFIX):
-                files.append((path.name, path.read_bytes()))
-        return files
+        tagger = await self._tagger_or_refuse()
+        try:
+            return await asyncio.to_thread(
+                add_images, files, name=name, datasets_dir=self.datasets_dir, tagger=tagger,
+                recipe=CaptionRecipe.from_config(self.config.tagger, kind, trigger=trigger),
+                limits=IntakeLimits.from_config(self.config.intake))
+        except IntakeRefused as exc:
+            raise Refused(f"No images added: {exc.reason}") from None
 
     def datasets(self) -> list[str]:
         from training.dataset import list_datasets

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "ARCAE_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -178,6 +178,23 @@ class TrainingConfig(_Section):
     noise_offset: float = Field(0.0357, ge=0.0, le=1.0)
     save_every: int = Field(200, ge=1)
     max_concurrent_runs: int = Field(1, ge=1, le=8)
+    # Caps on what an admin may ask for from Discord (or any TrainRequest); the defaults above must fit.
+    max_steps: int = Field(10_000, ge=1, le=1_000_000)
+    max_rank: int = Field(128, ge=1, le=512)
+    max_resolution: int = Field(2048, ge=64, le=4096)
+    max_sample_steps: int = Field(50, ge=1, le=150)
+    min_save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(5, ge=1, le=1000)  # the newest K, plus the recommended/chosen ones
+    min_free_disk_mb: int = Field(2048, ge=0)  # checked before a run and before each checkpoint
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> "TrainingConfig":
+        for name, cap, word in (("steps", "max_steps", "over"), ("rank", "max_rank", "over"),
+                                ("resolution", "max_resolution", "over"), ("save_every", "min_save_every", "under")):
+            value, limit = getattr(self, name), getattr(self, cap)
+            if (value > limit) if word == "over" else (value < limit):
+                raise ValueError(f"{name} = {value} is {word} {cap} = {limit}; change one of them")
+        return self
 
 
 class StorageConfig(_Section):

@@ -481,5 +481,5 @@ def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:
 
 def _check_job_id(job_id: str) -> None:
     # The job id becomes a file name: keep it to the protocol's safe characters.
-    if not _JOB_ID.match(job_id or ""):
+    if not _JOB_ID.fullmatch(job_id or ""):
         raise InvalidRequest(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")

@@ -155,7 +155,7 @@ def parse_infotext(text: str) -> dict[str, str]:
         value = value.strip()
         if value[:1] == '"' and value[-1:] == '"':
             value = unquote(value)
-        size = _RE_IMAGESIZE.match(value)
+        size = _RE_IMAGESIZE.fullmatch(value)
         if size is not None:
             result[f"{key}-1"] = size.group(1)
             result[f"{key}-2"] = size.group(2)

@@ -209,7 +209,7 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str], bool]:
         ),
         "description": (lambda v: isinstance(v, str), "a string"),
         "base_model": (lambda v: isinstance(v, str), "a string"),
-        "sha256": (lambda v: isinstance(v, str) and bool(_HEX64_RE.match(v.lower())), "64 hex digits"),
+        "sha256": (lambda v: isinstance(v, str) and bool(_HEX64_RE.fullmatch(v.lower())), "64 hex digits"),
     }
     for key, value in data.items():
         check = checks.get(key)
@@ -263,7 +263,7 @@ def _top_tags(tag_frequency_json: str) -> list[str]:
 
 def adapter_name_problem(stem: str) -> str | None:
     """Why ``stem`` cannot be an adapter name, or None when it can."""
-    if _NAME_RE.match(stem):
+    if _NAME_RE.fullmatch(stem):
         return None
     return (
         "adapter names are 1-64 characters: letters, digits, '_', '.', '-', "

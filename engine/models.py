@@ -85,7 +85,7 @@ def model_display_name(config: ArcaeConfig) -> str:
 
 def looks_like_repo_id(source: str) -> bool:
     """True for ``owner/name`` (a hub repository id), False for anything path-like."""
-    return bool(_REPO_ID.match(source)) and not source.startswith(".") and not source.endswith(".safetensors")
+    return bool(_REPO_ID.fullmatch(source)) and not source.startswith(".") and not source.endswith(".safetensors")
 
 
 def load_base_pipeline(config: ArcaeConfig, secrets: Secrets | None = None) -> LoadedModel:

@@ -41,7 +41,7 @@ def parse_size(text: str) -> tuple[int, int]:
     key = text.strip().lower()
     if key in SIZE_PRESETS:
         return SIZE_PRESETS[key]
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if not match:
         presets = ", ".join(f"{n} ({w}x{h})" for n, (w, h) in SIZE_PRESETS.items())
         raise InvalidRequest(f"bad size {text!r}: use WIDTHxHEIGHT (e.g. 832x1216) or a preset: {presets}")

@@ -50,7 +50,7 @@ def escape_tag(tag: str) -> str:
 def normalize_tag(tag: str) -> str:
     """A tag's identity for matching: no weight, unescaped, lower case, spaces for underscores."""
     t = tag.strip()
-    m = _WEIGHTED.match(t)
+    m = _WEIGHTED.fullmatch(t)
     if m:
         t = m.group(1).strip()
     t = t.replace("\\(", "(").replace("\\)", ")").lower()

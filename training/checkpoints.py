@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.errors import RunNotFound, TrainingError
+from training.errors import DiskSpaceLow, RunNotFound, TrainingError
 from training.run_record import list_checkpoints, read_run, update_run, write_atomic
 from training.train_data import normalize_tag
 
@@ -153,7 +155,51 @@ def score_run(run_dir: Path, tag_fn: TagFn | None) -> list[CheckpointScore]:
     if scores:
         update_run(run_dir, scores=[asdict(s) for s in scores], recommended_checkpoint=recommend(scores).step,
                    scored_with="tagger" if tag_fn else "pixels")
+    keep = (record.get("options") or {}).get("keep_checkpoints")
+    if keep:
+        prune_checkpoints(run_dir, int(keep))
     return scores
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` checkpoints and the recommended and chosen ones; return
+    the steps deleted. The newest stays, so a resume always finds its state."""
+    try:
+        record = read_run(run_dir)
+    except RunNotFound:
+        record = {}
+    found = list_checkpoints(run_dir)
+    spared = {s for s, _ in found[-keep:]} if keep > 0 else set()
+    spared |= {record.get("recommended_checkpoint"), record.get("chosen_checkpoint")}
+    deleted = []
+    for step, folder in found:
+        if step not in spared:
+            # Renamed away first: list_checkpoints never sees a half-deleted checkpoint.
+            trash = folder.with_name(f".{folder.name}.{os.getpid()}.deleted")
+            shutil.rmtree(trash, ignore_errors=True)  # left by a crash mid-delete
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            deleted.append(step)
+    return deleted
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def check_free_disk(where: Path, min_free_mb: int, when: str, extra_bytes: int = 0) -> None:
+    """``DiskSpaceLow`` unless ``where``'s disk has ``min_free_mb`` MiB free beyond ``extra_bytes``."""
+    if min_free_mb <= 0 and extra_bytes <= 0:
+        return
+    free = shutil.disk_usage(where).free
+    needed = min_free_mb * 2**20 + extra_bytes
+    if free < needed:
+        raise DiskSpaceLow(
+            f"not enough free disk {when}: {free / 2**20:,.0f} MiB free where training runs are written, "
+            f"{needed / 2**20:,.0f} MiB needed ([training] min_free_disk_mb = {min_free_mb} plus the checkpoint); "
+            "earlier checkpoints are kept"
+        )
 
 
 def choose_checkpoint(run_dir: Path, step: int) -> None:

@@ -72,7 +72,7 @@ class DatasetResult:
 
 def check_dataset_name(name: str) -> str:
     """``name`` if it is a safe folder name, else ``ValueError`` saying what is allowed."""
-    if not NAME_RE.match(name) or name.endswith("."):
+    if not NAME_RE.fullmatch(name) or name.endswith("."):
         raise ValueError(
             f"invalid dataset name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )

@@ -35,6 +35,10 @@ class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite; the run stopped and its last checkpoint is kept."""
 
 
+class DiskSpaceLow(TrainingError):
+    """Less free disk than ``[training] min_free_disk_mb`` (plus a checkpoint's size) where a run writes."""
+
+
 class TrainingCanceled(TrainingError, JobCanceled):
     """Control flow, not a failure: the run was canceled; nothing live changed."""
 

@@ -12,6 +12,8 @@ Two levels of refusal, by design:
 
 - The whole import is refused (``IntakeRefused``; nothing is kept) when the container itself is
   unsafe or over a limit: an upload over ``max_upload_bytes``, a file that is not a readable zip,
+  more entries than ``max_files`` allows (read from the end record and the raw directory before
+  ``zipfile`` parses it: ``training.upload_checks``),
   a zip entry with an absolute path or ``..`` (zip-slip), a symlink entry, an encrypted entry,
   more than ``max_files`` images (or caption files), a declared total over
   ``max_uncompressed_bytes``, an entry whose compression ratio is over ``max_compression_ratio``
@@ -40,6 +42,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+from training.upload_checks import TruncatedData, ZipRefused, check_png_complete, precheck_zip
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -156,6 +160,12 @@ def open_image_checked(data: bytes, limits: IntakeLimits) -> "Image.Image":
             im.load()
         except Exception as exc:  # truncated data, bad CRC, zlib errors, ...
             raise ImageRefused(f"corrupt or truncated image ({exc})") from None
+        if im.format == "PNG":
+            # PIL stops quietly where a PNG's compressed pixel data ends, and fills the rest.
+            try:
+                check_png_complete(data, w, h)
+            except TruncatedData as exc:
+                raise ImageRefused(str(exc)) from None
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # unreadable EXIF: keep the pixels as stored, as most viewers do
@@ -256,6 +266,10 @@ def _rel(path: Path, folder: Path) -> str:
 
 
 def _open_zip(fileobj, label: str, limits: IntakeLimits) -> zipfile.ZipFile:
+    try:
+        precheck_zip(fileobj, label, limits.max_files)  # before zipfile builds one object per entry
+    except ZipRefused as exc:
+        raise IntakeRefused(str(exc)) from None
     try:
         zf = zipfile.ZipFile(fileobj)
     except (zipfile.BadZipFile, OSError, ValueError):

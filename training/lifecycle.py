@@ -66,7 +66,7 @@ class LifecycleResult:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name or "") or name.endswith(".") or name in RESERVED_ADAPTER_NAMES:
+    if not _NAME_RE.fullmatch(name or "") or name.endswith(".") or name in RESERVED_ADAPTER_NAMES:
         raise LifecycleError(
             f"invalid adapter name {name!r}: 1-64 letters, digits, '_', '.', '-', starting with a letter "
             f"or digit, not {' or '.join(RESERVED_ADAPTER_NAMES)}"

@@ -59,6 +59,8 @@ class TrainOptions(BaseModel):
     shuffle_tags: bool = True
     keep_tokens: int | None = Field(None, ge=0, le=100)  # None = the dataset manifest's, else 1
     save_every: int = Field(200, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1)  # None = keep every checkpoint
+    min_free_disk_mb: int = Field(0, ge=0)  # free disk needed before the run and each checkpoint
     sample_every: int | None = Field(None, ge=1)  # None = with every checkpoint
     sample_prompts: list[str] = Field(default_factory=list, max_length=32)
     sample_steps: int = Field(20, ge=1, le=150)
@@ -97,18 +99,50 @@ class TrainOptions(BaseModel):
         return self.sample_every or self.save_every
 
 
-def from_config(training_config: Any, **overrides: Any) -> TrainOptions:
-    """Options with defaults from ``[training]`` (an ``engine.config.TrainingConfig``) and overrides."""
+def from_config(training_config: Any, *, enforce_caps: bool = True, **overrides: Any) -> TrainOptions:
+    """Options with defaults from ``[training]`` (an ``engine.config.TrainingConfig``) and overrides.
+
+    The caps (``check_caps``) hold for everything that arrives from Discord or the engine link;
+    the operator's own CLI passes ``enforce_caps=False``.
+    """
     base = {
         key: getattr(training_config, key)
         for key in (
             "steps", "rank", "alpha", "lr", "resolution", "batch_size", "grad_accum", "optimizer",
             "lr_scheduler", "warmup", "min_snr_gamma", "noise_offset", "save_every",
+            "keep_checkpoints", "min_free_disk_mb",
         )
         if hasattr(training_config, key)
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_options(base)
+    options = parse_options(base)
+    if enforce_caps:
+        check_caps(options, training_config)
+    return options
+
+
+# (option, cap key in [training], the cap's direction); the caps keep one admin's run from
+# filling the disk or holding the GPU for days.
+CAPS = (
+    ("steps", "max_steps", "at most"),
+    ("rank", "max_rank", "at most"),
+    ("resolution", "max_resolution", "at most"),
+    ("sample_steps", "max_sample_steps", "at most"),
+    ("save_every", "min_save_every", "at least"),
+)
+
+
+def check_caps(options: TrainOptions, training_config: Any) -> None:
+    """Raise ``InvalidTrainingOptions`` naming each option outside the ``[training]`` caps."""
+    problems = []
+    for name, cap_key, word in CAPS:
+        cap = getattr(training_config, cap_key, None)
+        value = getattr(options, name)
+        if cap is None or (value <= cap if word == "at most" else value >= cap):
+            continue
+        problems.append(f"--{name.replace('_', '-')} must be {word} {cap} (got {value}; [training] {cap_key})")
+    if problems:
+        raise InvalidTrainingOptions("; ".join(problems))
 
 
 def parse_options(data: dict[str, Any]) -> TrainOptions:

@@ -44,15 +44,16 @@ from training.lora import (
 from training.run_record import (
     atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_atomic,
 )
+from training.safe_state import load_state, save_state
 from training.train_config import TrainOptions
 from training.train_data import TrainingDataset
 from training.training_math import TrainingMath, build_optimizer
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "training_state.pt"
 # Options that may differ on --resume (they do not change what the saved state means).
-_RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "sample_prompts", "sample_steps", "sample_cfg", "model"}
+_RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "sample_prompts", "sample_steps", "sample_cfg", "model",
+                      "keep_checkpoints", "min_free_disk_mb"}
 
 
 class _StepTuple(NamedTuple):
@@ -97,6 +98,7 @@ class TrainingRun:
         self._released = False
         self.last_loss: float | None = None
         self._check_run_dir(resume)
+        ckpt.check_free_disk(self.run_dir, options.min_free_disk_mb, "before the run starts")
         self.dataset = TrainingDataset(
             options.dataset, trigger=options.trigger, resolution=options.resolution,
             batch_size=options.batch_size, seed=options.seed,
@@ -266,9 +268,12 @@ class TrainingRun:
     # ------------------------------------------------------------------ files
     def checkpoint(self) -> Path:
         """Save adapter, training state, fixed-seed samples and grid for the current step."""
-        import torch
-
         final = checkpoint_dir(self.run_dir, self.step_index)
+        # Room for this checkpoint (about the size of the last one) and the margin, or a clear failure
+        # now: a disk that fills mid-write leaves only the temp folder, which atomic_dir removes.
+        previous = list_checkpoints(self.run_dir)
+        ckpt.check_free_disk(self.run_dir, self.options.min_free_disk_mb, f"before checkpoint {self.step_index}",
+                             extra_bytes=ckpt.folder_bytes(previous[-1][1]) if previous else 0)
         with atomic_dir(final) as tmp:
             save_adapter_file(tmp / "adapter.safetensors", self.pipe.unet, self.options.adapter_name, self.text_encoders)
             state = {
@@ -278,10 +283,12 @@ class TrainingRun:
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             }
-            torch.save(state, tmp / STATE_FILE)
+            save_state(state, tmp)  # no pickle: runs_dir may be shared, its files are not trusted
             due = self.step_index % self.options.effective_sample_every == 0 or self.step_index >= self.options.steps
             if due and self.sample_prompts:
                 self._write_samples(tmp / "samples")
+        if self.options.keep_checkpoints:
+            ckpt.prune_checkpoints(self.run_dir, self.options.keep_checkpoints)
         ckpt.plot_loss(self.run_dir)
         checkpoints = [{"step": s, "path": str(p.relative_to(self.run_dir))} for s, p in list_checkpoints(self.run_dir)]
         self._write_record(checkpoints=checkpoints)
@@ -301,7 +308,7 @@ class TrainingRun:
     def _load_state(self, folder: Path) -> None:
         import torch
 
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(folder)
         with torch.no_grad():
             for name, value in state["params"].items():
                 self.params[name].copy_(value.to(self.params[name].device))

@@ -61,6 +61,22 @@ def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, capt
                             f"{max_bytes / 2**20:.0f} MiB in all.")
 
 
+def check_caption_uploads(attachments: list[discord.Attachment]) -> None:
+    """Refuse, before downloading, caption uploads that are not ``.txt`` files or are over the caption cap."""
+    from training.intake import CAPTION_SUFFIX, MAX_CAPTION_BYTES
+
+    bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() != CAPTION_SUFFIX]
+    if bad:
+        raise InvalidOption(f"No captions changed: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a "
+                            f"{CAPTION_SUFFIX} file; upload NAME.txt files (UTF-8 text) to replace the captions "
+                            "of NAME.png.")
+    big = [a.filename for a in attachments if a.size > MAX_CAPTION_BYTES]
+    if big:
+        raise InvalidOption(f"No captions changed: {', '.join(big)} {'is' if len(big) == 1 else 'are'} over "
+                            f"{MAX_CAPTION_BYTES // 1024} KiB; a caption file may be at most "
+                            f"{MAX_CAPTION_BYTES // 1024} KiB.")
+
+
 async def download(attachments: list[discord.Attachment]) -> list[tuple[str, bytes]]:
     """The attachments' bytes as (file name, bytes); a failed download is a message, not a crash."""
     files = []
@@ -186,9 +202,10 @@ class Training(commands.Cog):
     @app_commands.describe(
         name="Adapter (and dataset) name: letters, digits, _ . -", kind="What the adapter learns",
         trigger="Trigger word the captions start with", image1="An image, or a .zip of images",
-        steps="Optimizer steps (default from config)", rank="LoRA rank, 1-512", lr="Learning rate, e.g. 0.0001",
-        resolution="Training resolution in px, 64-4096", save_every="Checkpoint every N steps",
-        seed="Seed (same seed, same run)", sample_steps="Sampling steps of checkpoint sample images")
+        steps="Optimizer steps (default and cap from config)", rank="LoRA rank (capped by config)",
+        lr="Learning rate, e.g. 0.0001", resolution="Training resolution in px (capped by config)",
+        save_every="Checkpoint every N steps (at least the configured minimum)", seed="Seed (same seed, same run)",
+        sample_steps="Sampling steps of checkpoint sample images (capped by config)")
     @app_commands.choices(kind=KINDS)
     async def start(self, interaction: discord.Interaction, name: str, kind: str, trigger: str,
                     image1: Optional[discord.Attachment] = None, image2: Optional[discord.Attachment] = None,
@@ -284,17 +301,14 @@ class Training(commands.Cog):
         if any(r.dataset == dataset for r in await self.flow.store.active()):
             raise Refused(f"Dataset `{dataset}` is being trained on; add images once the run has ended.")
         await interaction.response.defer(ephemeral=True, thinking=True)
-        before = len(manifest.get("images", []))
         new = await download(attachments)
-        existing = await asyncio.to_thread(self.flow.dataset_files, dataset)
-        result = await self.flow.import_images(dataset, manifest.get("kind", "character"),
-                                               manifest.get("trigger", ""), existing + new, replace=True)
-        added = len(result.report.images) - before
+        result = await self.flow.add_images(dataset, manifest.get("kind", "character"),
+                                            manifest.get("trigger", ""), new)
+        added = len(result.report.images)
         await self._audit(interaction, "train.add_images", dataset, files=[a.filename for a in attachments],
                           added=added)
-        text = f"Added {added} image(s) to dataset `{dataset}` (now {len(result.report.images)})."
-        new_names = {n for n, _ in new}
-        refused = [r for r in result.report.refused if r.name in new_names or "duplicate" in r.reason]
+        text = f"Added {added} image(s) to dataset `{dataset}` (now {len(result.manifest['images'])})."
+        refused = result.report.refused
         if refused:
             text += f"\nRefused {len(refused)} file(s):\n{refused_summary(refused)}"
         await interaction.followup.send(embeds.truncate(text, 2000), ephemeral=True)
@@ -321,6 +335,7 @@ class Training(commands.Cog):
 
         manifest = self._manifest(dataset, read_manifest)
         uploads = attachment_list(file1, file2, file3, file4, file5)
+        check_caption_uploads(uploads)  # like /train start: nothing is downloaded before its checks
         await interaction.response.defer(ephemeral=True, thinking=True)
         if uploads:
             await self._edit_captions(interaction, dataset, manifest, uploads)

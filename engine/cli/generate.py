@@ -67,7 +67,7 @@ def _adapter_mix(values: list[str]) -> list[Any]:
 
     mix = []
     for value in values:
-        match = _ADAPTER.match(value.strip())
+        match = _ADAPTER.fullmatch(value.strip())
         if not match:
             raise CliError(f"bad --adapter {value!r}: use NAME or NAME:WEIGHT (e.g. mystyle:0.8)")
         weight = match.group("weight")

@@ -84,6 +84,7 @@ class DiscordDouble:
         self.interactions: dict[str, Interaction] = {}
         self.commands: dict[str, dict[str, Any]] = {}
         self.attachments: dict[int, bytes] = {}
+        self.cdn_fetches: list[int] = []  # attachment ids the bot downloaded, in order
         self.identifies = 0
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
@@ -479,6 +480,7 @@ class DiscordDouble:
         return _json(self.public(msg))
 
     async def _cdn(self, request: web.Request) -> web.Response:
+        self.cdn_fetches.append(int(request.match_info["aid"]))
         data = self.attachments.get(int(request.match_info["aid"]))
         if data is None:
             return web.Response(status=404)

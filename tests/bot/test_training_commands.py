@@ -43,6 +43,7 @@ steps = 6
 rank = 4
 resolution = 64
 save_every = 3
+min_save_every = 1
 optimizer = "adamw"
 """
 
@@ -414,7 +415,7 @@ def test_the_bot_side_of_training_never_imports_torch():
     code = ("import sys\n"
             "import bot.cogs.training, bot.cogs.adapter_admin, bot.training_flow, bot.training_views\n"
             "import training.intake, training.dataset, training.lifecycle, training.checkpoints, training.tagger\n"
-            "import training.train_config, training.run_record\n"
+            "import training.train_config, training.run_record, training.dataset_add, training.upload_checks\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -80,7 +80,7 @@ def build_options(args: argparse.Namespace, config: Any) -> tuple[Any, Path, boo
             raise CliError(str(exc)) from None
         merged = {**saved, **given}
         try:
-            return from_config(config.training, **merged), run_dir, True
+            return from_config(config.training, enforce_caps=False, **merged), run_dir, True
         except TrainingError as exc:
             raise CliError(str(exc)) from None
     missing = [f"--{n}" for n in ("dataset", "kind", "trigger", "out") if not getattr(args, n)]
@@ -89,7 +89,7 @@ def build_options(args: argparse.Namespace, config: Any) -> tuple[Any, Path, boo
     if not given.get("model") and config.model.source:
         given["model"] = config.model.source
     try:
-        return from_config(config.training, **given), Path(args.out), False
+        return from_config(config.training, enforce_caps=False, **given), Path(args.out), False
     except TrainingError as exc:
         raise CliError(str(exc)) from None
 
