@@ -39,7 +39,9 @@ def test_loss_falls_on_a_fixed_batch(trained):
     # Every step sees the same images, captions, noise and timesteps, so each step's loss is
     # the loss of that one batch before the step's update: it must fall as the LoRA learns.
     assert losses[0] == pytest.approx(before, rel=1e-6)
-    assert losses[-1] < 0.8 * losses[0], losses
+    # On these four similar red images 30 steps take the loss down ~17%, every step lower (measured;
+    # the old 0.8 bound held only while the dataset's tag chart was trained as a fifth image).
+    assert losses[-1] < 0.85 * losses[0], losses
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25, losses
 
 
