@@ -228,4 +228,5 @@ def test_older_arcae_files_without_text_model_still_load_and_convert(exported, t
     # Converting an old checkpoint to kohya's format writes the standard names.
     write_kohya_file(adapters / "old.safetensors", tmp_path / "converted.safetensors", 2.0, {})
     converted = _keys(tmp_path / "converted.safetensors")
+    assert sum(k.startswith("lora_te1_text_model_encoder_layers_") for k in converted) == 3 * 12
     assert sorted(converted) == sorted(_keys(folder / "adapter.kohya.safetensors"))
