@@ -174,7 +174,7 @@ def _training_metadata(
         "ss_num_train_images": str(len(dataset.items)),
         "ss_mixed_precision": options.mixed_precision,
         "ss_network_train_unet_only": str(not options.train_text_encoders),
-        "ss_tag_frequency": json.dumps(kohya_tag_frequency(dataset), ensure_ascii=False),
+        "ss_tag_frequency": json.dumps(kohya_tag_frequency(dataset)),
         "ss_dataset_dirs": json.dumps({dataset_dir: {"n_repeats": 1, "img_count": len(dataset.items)}}),
         "ss_dataset_hash": dataset_hash,
     }
