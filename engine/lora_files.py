@@ -7,10 +7,10 @@ optional ``NAME.json`` sidecar::
     {"kind": "style", "triggers": ["watercolor"], "default_weight": 0.8,
      "description": "...", "base_model": "animagine-xl-3.1", "sha256": "<64 hex>"}
 
-Without a sidecar (or where it leaves a field out) the adapter is kind ``other`` (``lcm`` when
-it is the configured LCM adapter), weighs the configured default, and takes its description,
-trigger words and base model from the kohya/A1111 metadata in the safetensors header (``ss_*``,
-``modelspec.*``) when there is some.
+Without a sidecar (or where it leaves a field out) the adapter weighs the configured default and
+takes its kind (``arcae.kind``, written by Arcae's exports), description, trigger words and base
+model from the metadata in the safetensors header (``ss_*``, ``modelspec.*``) when there is some;
+with no kind there it is ``other`` (``lcm`` when it is the configured LCM adapter).
 """
 
 from __future__ import annotations
@@ -139,6 +139,36 @@ def detect_format(keys: Any) -> str:
     return "none"
 
 
+# ------------------------------------------------------------------ key names
+
+# transformers 5.x ``CLIPTextModel`` (CLIP-L) has no ``text_model`` level, so LoRA keys taken from
+# its live module names lack it; A1111, ComfyUI, kohya (and diffusers' own docs) name CLIP modules
+# as in the original layout, ``text_model.encoder.layers.N...``. Only these top-level parts live
+# under ``text_model`` (``text_projection`` of CLIP-G sits beside it).
+_TEXT_MODEL_PARTS = ("encoder.", "embeddings.", "final_layer_norm.")
+_KOHYA_TEXT_MODEL_PARTS = ("encoder_", "embeddings_", "final_layer_norm")
+_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
+_KOHYA_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_")
+
+
+def standard_lora_key(key: str) -> str:
+    """A LoRA key with the text-encoder module path every tool expects (``text_model`` level added).
+
+    Handles diffusers-file keys (``text_encoder.encoder.layers.0...`` ->
+    ``text_encoder.text_model.encoder.layers.0...``) and kohya keys (``lora_te1_encoder_layers_0_...``
+    -> ``lora_te1_text_model_encoder_layers_0_...``); every other key is returned unchanged.
+    """
+    for prefix in _TEXT_ENCODER_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            return prefix + "text_model." + rest if rest.startswith(_TEXT_MODEL_PARTS) else key
+    for prefix in _KOHYA_TEXT_ENCODER_PREFIXES:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            return prefix + "text_model_" + rest if rest.startswith(_KOHYA_TEXT_MODEL_PARTS) else key
+    return key
+
+
 # ------------------------------------------------------------------ hashes
 
 
@@ -223,8 +253,12 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str], bool]:
 
 
 def defaults_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
-    """Description, triggers and base model from kohya (``ss_*``) / modelspec header metadata."""
+    """Kind, description, triggers and base model from Arcae (``arcae.kind``), kohya (``ss_*``) and
+    modelspec header metadata."""
     out: dict[str, Any] = {}
+    kind = metadata.get("arcae.kind", "").strip()
+    if kind in KINDS:
+        out["kind"] = kind
     desc = metadata.get("modelspec.description") or metadata.get("modelspec.title") or metadata.get("ss_output_name")
     if desc:
         out["description"] = desc.strip()[:500]

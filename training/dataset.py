@@ -6,9 +6,14 @@ A dataset is one folder ``<datasets_dir>/<name>/`` holding, flat:
   this with ``--dataset_config dataset.toml`` or as a fine-tuning folder; OneTrainer takes the
   folder as a concept with "from text file per sample" captions);
 - ``manifest.json``: see ``build_manifest`` (hashes, per-image tags with scores, rating,
-  keep_tokens, kind, trigger, tag statistics, signature tags);
-- ``tag_frequency.png``: a bar chart of the most frequent tags, for admins;
+  keep_tokens, kind, trigger, tag statistics, signature tags); its ``images`` are exactly the
+  images a training run takes (``training.train_data``);
 - ``dataset.toml``: a kohya dataset config pointing at the folder, with keep_tokens.
+
+Reports for admins live beside the dataset, never in it, since kohya, OneTrainer and any tool that
+takes "every image in the folder" would train them: ``<datasets_dir>/.reports/NAME/tag_frequency.png``
+(a bar chart of the most frequent tags; ``chart_path``; the manifest's ``chart`` is that path
+relative to the dataset folder).
 
 The folder is built in a hidden staging folder beside it (``.staging-NAME-*``) and renamed into
 place only once everything is written and synced: a reader sees no dataset or a whole one, never
@@ -58,6 +63,7 @@ CHART = "tag_frequency.png"
 KOHYA_CONFIG = "dataset.toml"
 assert {MANIFEST, CHART, KOHYA_CONFIG} == DATASET_METADATA_FILES  # intake skips these on re-import
 MANIFEST_VERSION = 1
+REPORTS_DIR = ".reports"  # in datasets_dir; a "." name is never a dataset (skipped, and not a valid name)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -115,12 +121,12 @@ def import_dataset(
             (staging / im.file).with_suffix(".txt").write_text(cap.text + "\n", encoding="utf-8")
         manifest = build_manifest(name, report, results, captions, recipe, tagger)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _write_chart(staging, manifest, results)
         _write_kohya_config(staging, final, manifest)
         _commit(staging, final, replace=replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _write_chart(final, manifest, results)
     log.info("dataset %s: %d images accepted, %d refused", name, len(report.images), len(report.refused))
     return DatasetResult(path=final, manifest=manifest, report=report)
 
@@ -223,7 +229,7 @@ def build_manifest(
             "blacklist": list(recipe.blacklist),
             "always_drop": list(recipe.always_drop),
         },
-        "chart": CHART,
+        "chart": f"../{REPORTS_DIR}/{name}/{CHART}",
         "images": images,
         "refused": [{"name": r.name, "reason": r.reason} for r in report.refused],
         "stats": stats,
@@ -278,11 +284,26 @@ def _rounded(scores: dict[str, float]) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in scores.items()}
 
 
-def _write_chart(staging: Path, manifest: dict[str, Any], results: Sequence[TagResult]) -> None:
+def chart_path(dataset_dir: Path) -> Path:
+    """Where the tag-frequency chart of the dataset in ``dataset_dir`` is (beside it, not in it)."""
+    dataset_dir = Path(dataset_dir)
+    return dataset_dir.parent / REPORTS_DIR / dataset_dir.name / CHART
+
+
+def _write_chart(dataset_dir: Path, manifest: dict[str, Any], results: Sequence[TagResult]) -> None:
+    """Draw the chart into the reports folder, atomically; a failure costs the chart, not the dataset."""
     general = tag_counts([t for t, _ in r.general] for r in results)
     character = tag_counts([t for t, _ in r.character] for r in results)
     title = f"{manifest['name']}: tag frequency ({len(results)} images)"
-    draw_tag_chart(general, character, len(results), staging / CHART, title=title)
+    path = chart_path(dataset_dir)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_tag_chart(general, character, len(results), tmp, title=title)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("dataset %s: tag chart not written (%s)", manifest["name"], exc)
 
 
 def _write_kohya_config(staging: Path, final: Path, manifest: dict[str, Any]) -> None:

@@ -127,11 +127,33 @@ def remove_adapter(model: Any, name: str) -> None:
         model.delete_adapter(name)
 
 
-def lora_state_dict(model: Any, name: str) -> dict[str, Any]:
+def lora_state_dict(model: Any, name: str, *, to_cpu: bool = True) -> dict[str, Any]:
     """The adapter's weights with peft keys and no adapter name (raw ``get_peft_model_state_dict``)."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    if not to_cpu:  # e.g. a model on the meta device, where only the names exist
+        return dict(state)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _text_encoder_state(model: Any, name: str, to_cpu: bool) -> dict[str, Any]:
+    """A text encoder's adapter weights under the module names other tools use (``text_model.`` level)."""
+    from engine.lora_files import standard_lora_key
+
+    prefix = "text_encoder."  # any text-encoder prefix: only the part after it is rewritten
+    return {standard_lora_key(prefix + k)[len(prefix):]: v for k, v in lora_state_dict(model, name, to_cpu=to_cpu).items()}
+
+
+def adapter_file_tensors(
+    unet: Any, name: str, text_encoders: dict[str, Any] | None = None, *, to_cpu: bool = True
+) -> dict[str, Any]:
+    """The tensors of the adapter file by key, as ``save_adapter_file`` writes them (``unet.…``,
+    ``text_encoder.text_model.…``, ``text_encoder_2.text_model.…``)."""
+    tensors = {f"unet.{k}": v for k, v in lora_state_dict(unet, name, to_cpu=to_cpu).items()}
+    for component, model in (text_encoders or {}).items():
+        tensors.update({f"{component}.{k}": v for k, v in _text_encoder_state(model, name, to_cpu).items()})
+    return tensors
 
 
 def save_adapter_file(path: Path, unet: Any, name: str, text_encoders: dict[str, Any] | None = None) -> None:
@@ -139,7 +161,9 @@ def save_adapter_file(path: Path, unet: Any, name: str, text_encoders: dict[str,
 
     Saved from the raw peft state dict with the adapter config as metadata (NOTES: passing it
     through ``convert_state_dict_to_diffusers`` drops keys; without the metadata an alpha other
-    than the rank reloads with the wrong scale).
+    than the rank reloads with the wrong scale). Text-encoder keys get the ``text_model.`` level
+    that transformers 5 dropped from CLIP-L, so A1111 and ComfyUI find them; diffusers strips it
+    again when loading into a model without that level.
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -148,7 +172,7 @@ def save_adapter_file(path: Path, unet: Any, name: str, text_encoders: dict[str,
         "unet_lora_adapter_metadata": unet.peft_config[name].to_dict(),
     }
     for component, model in (text_encoders or {}).items():
-        kwargs[f"{component}_lora_layers"] = lora_state_dict(model, name)
+        kwargs[f"{component}_lora_layers"] = _text_encoder_state(model, name, True)
         kwargs[f"{component}_lora_adapter_metadata"] = model.peft_config[name].to_dict()
     path = Path(path)
     StableDiffusionXLPipeline.save_lora_weights(str(path.parent), weight_name=path.name, safe_serialization=True, **kwargs)

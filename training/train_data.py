@@ -2,7 +2,9 @@
 
 Reads a kohya-style folder (images with same-stem ``.txt`` captions, optionally in ``N_name``
 sub-folders repeated N times, and ``manifest.json`` with ``signature_tags`` and ``keep_tokens``
-as written by ``training.dataset``). Every random choice (batch order, tag shuffle, dropout) is
+as written by ``training.dataset``). When the manifest lists its images, exactly those are the
+training items: any other picture in the folder (an old tag chart, a file copied in by hand) is
+not trained. Without a manifest every image in the folder is. Every random choice (batch order, tag shuffle, dropout) is
 derived from (seed, epoch) or (seed, step) rather than from a running generator, so a resumed or
 interleaved run draws exactly what an uninterrupted one draws, with no RNG state to save.
 """
@@ -118,10 +120,13 @@ class TrainingDataset:
     def _load_items(self) -> tuple[list[DatasetItem], list[int]]:
         if not self.root.is_dir():
             raise DatasetError(f"dataset folder not found: {self.root}")
-        paths = sorted(
-            p for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
-        )
+        paths = self._manifest_images()
+        if paths is None:
+            paths = sorted(
+                p for p in self.root.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+            )
         if not paths:
             raise DatasetError(f"dataset folder {self.root} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         items, repeats, any_caption = [], [], False
@@ -144,6 +149,26 @@ class TrainingDataset:
             )
         return items, repeats
 
+    def _manifest_images(self) -> list[Path] | None:
+        """The manifest's images (sorted), or None when it lists none; a listed file that is
+        missing, or outside the folder, is an error naming it."""
+        listed = self.manifest.get("images")
+        if not isinstance(listed, list) or not listed:
+            return None
+        root = self.root.resolve()
+        paths = []
+        for entry in listed:
+            name = entry.get("file") if isinstance(entry, dict) else None
+            path = (self.root / name) if isinstance(name, str) and name else None
+            if path is None or not path.resolve().is_relative_to(root):
+                raise DatasetError(f"{self.root / MANIFEST_NAME}: bad image entry {str(entry)[:100]!r} (expected a file in the folder)")
+            if not path.is_file():
+                raise DatasetError(
+                    f"image {name} listed in {self.root / MANIFEST_NAME} is missing; put it back or re-import the dataset"
+                )
+            paths.append(path)
+        return sorted(paths)
+
     # ------------------------------------------------------------------ what the captions say
     def keep_tokens(self, override: int | None) -> int:
         """Leading tags kept in place: the option, else the manifest's, else 1 (the trigger)."""
@@ -153,7 +178,8 @@ class TrainingDataset:
         return max(1, int(value)) if isinstance(value, int) else 1
 
     def tag_frequency(self) -> dict[str, int]:
-        """Normalized tag -> number of images whose caption has it (kohya's ss_tag_frequency)."""
+        """Normalized tag -> number of images whose caption has it (for signature tags; the exported
+        ``ss_tag_frequency`` keeps tags as written: ``training.kohya_export.kohya_tag_frequency``)."""
         counts: Counter[str] = Counter()
         for item in self.items:
             counts.update({normalize_tag(t) for t in item.tags})

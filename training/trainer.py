@@ -42,7 +42,7 @@ from training.lora import (
     TEXT_ENCODER_TARGETS, AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, unet_targets,
 )
 from training.run_record import (
-    atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_atomic,
+    atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run,
 )
 from training.safe_state import load_state, save_state
 from training.train_config import TrainOptions
@@ -330,11 +330,13 @@ class TrainingRun:
         log.info("resumed %s at step %d", self.run_dir, self.step_index)
 
     def _finish(self) -> None:
-        from training.kohya_export import kohya_metadata, write_kohya_file
+        from training.kohya_export import kohya_metadata, write_diffusers_file, write_kohya_file
 
         last = checkpoint_dir(self.run_dir, self.step_index) / "adapter.safetensors"
-        write_atomic(self.run_dir / "adapter.safetensors", lambda tmp: tmp.write_bytes(last.read_bytes()))
-        metadata = kohya_metadata(self.options, self.dataset, self.step_index, self.base_model, self.dataset_hash())
+        metadata = kohya_metadata(self.options, self.dataset, self.step_index, self.base_model, self.dataset_hash(),
+                                  prediction_type=self.math.prediction_type)
+        # Both exports carry the header, so a copy without its sidecar keeps its kind and trigger.
+        write_diffusers_file(last, self.run_dir / "adapter.safetensors", metadata)
         write_kohya_file(last, self.run_dir / "adapter.kohya.safetensors", self.options.alpha, metadata)
         self.status = "completed"
         self._write_record(status="completed")

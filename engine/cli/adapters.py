@@ -6,9 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "list LoRA adapters: name, kind, trigger words, default weight, file format, hash"
+HELP = "list LoRA adapters: name, kind, trigger words, default weight, file format, hashes"
 
-_COLUMNS = ("NAME", "KIND", "TRIGGERS", "WEIGHT", "FORMAT", "HASH")
+# HASH: the file's sha256 (first 10 hex); A1111: the 12-hex hash A1111 and Civitai show and put in
+# "Lora hashes" (sha256 of the tensor data after the header, so metadata edits keep it).
+_COLUMNS = ("NAME", "KIND", "TRIGGERS", "WEIGHT", "FORMAT", "HASH", "A1111")
 _MAX_TRIGGERS_CHARS = 48
 
 
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"adapters directory {adapters_dir} does not exist (set [adapters] dir or pass --adapters-dir)")
     entries = scan_directory(adapters_dir, default_weight=default_weight, lcm_adapter=lcm_adapter)
     if args.json:
-        print(json.dumps([e.to_info().model_dump() for e in entries.values()], indent=2, ensure_ascii=False))
+        listed = [{**e.to_info().model_dump(), "a1111_hash": e.addnet_hash[:12]} for e in entries.values()]
+        print(json.dumps(listed, indent=2, ensure_ascii=False))
         return 0
     if not entries:
         print(f"no adapters in {adapters_dir}")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [list(_COLUMNS)]
     for e in entries.values():
         triggers = _shorten(", ".join(e.triggers), _MAX_TRIGGERS_CHARS) or "-"
-        rows.append([e.name, e.kind, triggers, f"{e.default_weight:g}", e.format, e.sha256[:10]])
+        rows.append([e.name, e.kind, triggers, f"{e.default_weight:g}", e.format, e.sha256[:10], e.addnet_hash[:12] or "-"])
     print(format_table(rows))
     for e in entries.values():
         if e.problem:

@@ -363,10 +363,12 @@ def test_cli_lists_adapters(pipe, adapters_dir, tmp_path, tiny_model_dir, capsys
     assert main(["adapters", "--config", str(config)]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "KIND", "TRIGGERS", "WEIGHT", "FORMAT", "HASH"]
+    assert lines[0].split() == ["NAME", "KIND", "TRIGGERS", "WEIGHT", "FORMAT", "HASH", "A1111"]
     rows = {line.split()[0]: line for line in lines[1:]}
-    sha = hashlib.sha256((adapters_dir / "inkwash.safetensors").read_bytes()).hexdigest()[:10]
-    assert rows["inkwash"].split() == ["inkwash", "style", "ink", "wash", "0.8", "peft", sha]
+    raw = (adapters_dir / "inkwash.safetensors").read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()[:10]
+    a1111 = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()[:12]  # A1111/Civitai hash
+    assert rows["inkwash"].split() == ["inkwash", "style", "ink", "wash", "0.8", "peft", sha, a1111]
     assert rows["alice"].split()[1:5] == ["character", "alice", "1", "kohya"]
     assert rows["sgm"].split()[1:5] == ["other", "-", "1", "kohya-sgm"]
     assert "broken" in rows and "broken.safetensors" in err and "cannot be used" in err
@@ -374,6 +376,8 @@ def test_cli_lists_adapters(pipe, adapters_dir, tmp_path, tiny_model_dir, capsys
     assert main(["adapters", "--adapters-dir", str(adapters_dir), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [a["name"] for a in listed] == ["alice", "broken", "inkwash", "sgm"]
+    inkwash = next(a for a in listed if a["name"] == "inkwash")
+    assert (inkwash["sha256"][:10], inkwash["a1111_hash"]) == (sha, a1111)
 
     assert main(["adapters", "--adapters-dir", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -50,9 +50,9 @@ def test_dataset_folder_manifest_and_chart(tmp_path, tagger):
         red_blue_attachments(), name="hikari", datasets_dir=tmp_path, tagger=tagger, recipe=recipe, limits=LIMITS
     )
     folder = tmp_path / "hikari"
-    assert result.path == folder and [p.name for p in tmp_path.iterdir()] == ["hikari"]
+    assert result.path == folder and list_datasets(tmp_path) == ["hikari"]
     # kohya-style: every image has a same-name caption
-    pngs = sorted(p.stem for p in folder.glob("*.png") if p.name != "tag_frequency.png")
+    pngs = sorted(p.stem for p in folder.glob("*.png"))
     assert pngs == ["blue", "red0", "red1", "red2"]
     assert all((folder / f"{s}.txt").is_file() for s in pngs)
     assert (folder / "red0.txt").read_text() == (
@@ -75,7 +75,7 @@ def test_dataset_folder_manifest_and_chart(tmp_path, tagger):
     assert stats["tags_per_caption"]["min"] >= 6
     # signature: in >= half the images, not generic (1girl, solo, open mouth ...), not dropped
     assert m["signature_tags"] == ["hikari (arcaea)", "long hair", "red theme"]
-    chart = Image.open(folder / "tag_frequency.png")
+    chart = Image.open(folder / m["chart"])  # a report beside the dataset (the bot opens it this way)
     assert chart.format == "PNG" and chart.width == 820 and chart.height > 200
     assert 'keep_tokens = 2' in (folder / "dataset.toml").read_text()
 
@@ -86,15 +86,46 @@ def test_existing_name_is_refused_unless_replaced(tmp_path, tagger):
     import_dataset([("a.png", png((255, 0, 0)))], **kw)
     with pytest.raises(IntakeRefused, match="already exists"):
         import_dataset([("b.png", png((0, 0, 255)))], **kw)
-    assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == ["a.png", "tag_frequency.png"]
+    assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == ["a.png"]
     import_dataset([("b.png", png((0, 0, 255)))], replace=True, **kw)
-    assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == ["b.png", "tag_frequency.png"]
-    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no staging or trash left
+    assert sorted(p.name for p in (tmp_path / "set").glob("*.png")) == ["b.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".reports", "set"]  # no staging or trash left
     assert list_datasets(tmp_path) == ["set"]
     # re-importing a dataset folder keeps its captions and skips its metadata files
     again = import_dataset(tmp_path / "set", **{**kw, "name": "set2", "datasets_dir": tmp_path / "more"})
     assert [(i["file"], i["caption_source"]) for i in again.manifest["images"]] == [("b.png", "override")]
-    assert sorted(r.name for r in again.report.refused) == ["dataset.toml", "manifest.json", "tag_frequency.png"]
+    assert sorted(r.name for r in again.report.refused) == ["dataset.toml", "manifest.json"]
+
+
+def test_dataset_folder_holds_only_images_and_captions_and_training_takes_the_manifest(tmp_path, tagger):
+    """The tag chart is a report beside the dataset, never a training item; stray files are not trained."""
+    from training.errors import DatasetError
+    from training.train_data import TrainingDataset
+
+    recipe = CaptionRecipe(kind="character", trigger="hkr")
+    result = import_dataset(red_blue_attachments(), name="hikari", datasets_dir=tmp_path, tagger=tagger,
+                            recipe=recipe, limits=LIMITS)
+    folder = result.path
+    images = sorted(e["file"] for e in result.manifest["images"])
+    captions = [f.rsplit(".", 1)[0] + ".txt" for f in images]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(images + captions + ["dataset.toml", "manifest.json"])
+    chart = (folder / result.manifest["chart"]).resolve()
+    assert chart.is_file() and folder.resolve() not in chart.parents
+    assert Image.open(chart).format == "PNG"
+
+    def trained_images() -> list[str]:
+        data = TrainingDataset(folder, trigger="hkr", resolution=64, batch_size=2, seed=0)
+        assert int(data.manifest["stats"]["images"]) == len(data.items)
+        return sorted(i.image_path.name for i in data.items)
+
+    assert trained_images() == images
+    # An image that is not in the manifest (an old in-folder chart, a file copied in by hand) is not trained.
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(folder / "tag_frequency.png")
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(folder / "stray.png")
+    assert trained_images() == images
+    (folder / images[0]).unlink()
+    with pytest.raises(DatasetError, match=images[0]):
+        trained_images()
 
 
 def test_caption_command_writes_txt_beside_images(tmp_path, tagger_dir, capsys):

@@ -151,8 +151,8 @@ def test_bad_images_are_refused_one_by_one_with_reasons(tmp_path, tagger):
     assert reasons["copy.png"] == "duplicate of a.png (same pixels)"
     assert reasons["copy2.bmp"] == "duplicate of a.png (same pixels)"
     files = sorted(p.name for p in (datasets / "ds").iterdir())
-    assert files == ["a.png", "a.txt", "b.png", "b.txt", "dataset.toml", "manifest.json", "tag_frequency.png"]
-    assert [p.name for p in datasets.iterdir()] == ["ds"]
+    assert files == ["a.png", "a.txt", "b.png", "b.txt", "dataset.toml", "manifest.json"]  # the chart is a report
+    assert sorted(p.name for p in datasets.iterdir()) == [".reports", "ds"]
 
 
 def test_pil_own_bomb_guard_is_a_refusal_too(tmp_path):

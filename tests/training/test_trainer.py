@@ -39,7 +39,9 @@ def test_loss_falls_on_a_fixed_batch(trained):
     # Every step sees the same images, captions, noise and timesteps, so each step's loss is
     # the loss of that one batch before the step's update: it must fall as the LoRA learns.
     assert losses[0] == pytest.approx(before, rel=1e-6)
-    assert losses[-1] < 0.8 * losses[0], losses
+    # On these four similar red images 30 steps take the loss down ~17%, every step lower (measured;
+    # the old 0.8 bound held only while the dataset's tag chart was trained as a fifth image).
+    assert losses[-1] < 0.85 * losses[0], losses
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25, losses
 
 
@@ -97,6 +99,93 @@ def test_kohya_file_keys_and_metadata(trained):
     frequency = json.loads(meta["ss_tag_frequency"])
     assert next(iter(frequency.values()))["1girl"] == 4
     assert len(meta["ss_dataset_hash"]) == 64
+
+
+def _header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def _kohya_tag_frequency(folder: Path) -> dict[str, int]:
+    """kohya's set_tag_frequency, restated: each caption split at commas, stripped, lower-cased, nothing else."""
+    counts: dict[str, int] = {}
+    for caption_file in sorted(folder.glob("*.txt")):
+        tags = [t.strip().lower() for t in caption_file.read_text().split(",") if t.strip()]
+        for tag in tags if TRIGGER in tags else [TRIGGER, *tags]:  # Arcae puts a missing trigger first
+            counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def test_tag_frequency_records_caption_tags_as_written(dataset, tmp_path):
+    """A1111 shows these as the LoRA's training tags: they must be what a prompt has to type."""
+    import shutil
+
+    from training.kohya_export import kohya_metadata
+    from training.train_data import TrainingDataset
+
+    copy = tmp_path / "hikari"
+    shutil.copytree(dataset, copy)
+    (copy / "img0.txt").write_text("hikari_arc, hikari \\(arcaea\\), (smile:1.2), Long_Hair, 1girl\n")
+    data = TrainingDataset(copy, trigger=TRIGGER, resolution=64, batch_size=2, seed=0)
+    meta = kohya_metadata(tiny_options(copy), data, 1, "tiny-sdxl", "0" * 64)
+    frequency = json.loads(meta["ss_tag_frequency"])
+    assert frequency == {"hikari": _kohya_tag_frequency(copy)}
+    tags = frequency["hikari"]
+    assert tags["hikari_arc"] == 1 and tags["hikari \\(arcaea\\)"] == 1 and tags["(smile:1.2)"] == 1
+    assert tags["long_hair"] == 1 and tags[TRIGGER] == 4
+    assert "hikari arc" not in tags and "hikari (arcaea)" not in tags and "smile" not in tags
+
+
+def test_exports_carry_what_kohya_trained_files_carry(trained, dataset):
+    """Tags as the captions write them, kohya's precomputed hashes, model spec 1.0.1, buckets, clip skip."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    _, run_dir, _, _ = trained
+    expected = _kohya_tag_frequency(dataset)
+    for name in ("adapter.kohya.safetensors", "adapter.safetensors"):
+        path = run_dir / name
+        meta = _header(path)
+        assert json.loads(meta["ss_tag_frequency"]) == {dataset.name: expected}, name
+        # sshs_*: kohya's train_util definitions, restated.
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw = save(tensors, metadata={k: v for k, v in meta.items() if k.startswith("ss_")})
+        n = int.from_bytes(raw[:8], "little")
+        assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n :]).hexdigest()
+        assert meta["sshs_legacy_hash"] == hashlib.sha256(raw[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+        on_disk = path.read_bytes()  # A1111 trusts sshs_model_hash: it must be the file's addnet hash
+        assert meta["sshs_model_hash"] == hashlib.sha256(on_disk[8 + int.from_bytes(on_disk[:8], "little") :]).hexdigest()
+        assert meta["modelspec.sai_model_spec"] == "1.0.1"
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+        assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+        assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.prediction_type"] == "epsilon"
+        assert meta["ss_clip_skip"] == "None"
+        buckets = json.loads(meta["ss_bucket_info"])
+        # At 64 px the only bucket is 64x64: the 256x384 image is off by |1 - 256/384| in aspect ratio.
+        assert [(b["resolution"], b["count"]) for b in buckets["buckets"].values()] == [([64, 64], 4)]
+        assert buckets["mean_img_ar_error"] == pytest.approx((1 - 256 / 384) / 4)
+    assert "lora_adapter_metadata" in _header(run_dir / "adapter.safetensors")  # diffusers' own key kept
+
+
+def test_copied_exports_without_sidecar_keep_kind_and_trigger(trained, tmp_path):
+    import shutil
+
+    from engine.lora_files import scan_directory
+
+    _, run_dir, _, _ = trained
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    shutil.copy(run_dir / "adapter.safetensors", adapters / "hikari.safetensors")
+    shutil.copy(run_dir / "adapter.kohya.safetensors", adapters / "hikari_kohya.safetensors")
+    entries = scan_directory(adapters)
+    for name in ("hikari", "hikari_kohya"):
+        assert not entries[name].has_sidecar
+        assert (entries[name].kind, entries[name].triggers) == ("character", (TRIGGER,)), name
 
 
 def test_text_encoder_ff_and_conv_lora_export_alike(dataset, tmp_path):

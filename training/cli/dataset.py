@@ -56,5 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tags per caption: mean {stats['tags_per_caption']['mean']}, keep_tokens {m['keep_tokens']}")
     print(f"top tags: {format_top(stats['top_tags']['character'] + stats['top_tags']['general'])}")
     print(f"signature tags: {', '.join(m['signature_tags']) or '(none)'}")
-    print(f"tag chart: {result.path / 'tag_frequency.png'}")
+    from training.dataset import chart_path
+
+    print(f"tag chart: {chart_path(result.path)}")
     return 0
