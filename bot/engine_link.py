@@ -615,7 +615,8 @@ class _LineReader:
                     self._buffer = b""
                 continue
             *lines, self._buffer = self._BREAK.split(self._buffer + chunk)
-            self._lines.extend(lines)
+            for line in lines:
+                self._lines.extend(line[i : i + MAX_LOG_LINE_BYTES] for i in range(0, len(line), MAX_LOG_LINE_BYTES))
             while len(self._buffer) > MAX_LOG_LINE_BYTES:
                 self._lines.append(self._buffer[:MAX_LOG_LINE_BYTES])
                 self._buffer = self._buffer[MAX_LOG_LINE_BYTES:]
