@@ -1,20 +1,21 @@
 """The bot's side of the engine: ``EngineLink`` (the client) and ``EngineSupervisor`` (the child).
 
-Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.protocol`` and
-``engine.config``.
+Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.protocol``,
+``engine.config`` and ``bot.engine_child``.
 
 - ``EngineLink`` keeps one websocket to the engine, reconnects in the background with backoff,
   and calls ``on_connect`` after every successful handshake (the bot resubmits its unfinished
   jobs there) and ``on_disconnect`` when an established connection is lost. The handshake is a
-  challenge-response over the shared secret (see ``engine.server``): the secret never crosses the
-  wire, and a peer that cannot prove it knows the secret is refused before any request is sent. Requests carry a ``rid`` that the engine echoes, so calls await their reply while
-  job events stream to ``on_event`` on the same socket. Every way of not reaching the engine
+  challenge-response over the shared secret (see ``engine.server``): the secret never crosses
+  the wire, and a peer that cannot prove it knows the secret is refused before any request is
+  sent. Requests carry a ``rid`` that the engine echoes, so calls await their reply while job
+  events stream to ``on_event`` on the same socket. Every way of not reaching the engine
   surfaces as one ``EngineUnavailable``; a typed refusal as ``EngineRejected(code, message)``.
 - ``EngineSupervisor`` runs ``python -m engine serve`` as a child with a fresh random secret in
   its environment (never on its command line) and only the environment it needs (an allow-list:
-  no Discord token, no Redis password), waits for its ready line, forwards its stderr to the log
-  (in chunks: progress bars write ``\r`` without newlines), restarts it with backoff when it dies,
-  and stops it with SIGTERM (then SIGKILL).
+  no Discord token, no Redis password), waits for its ready line, forwards its stderr to the
+  log (in chunks: progress bars write carriage returns without newlines), restarts it with
+  backoff when it dies, and stops it with SIGTERM (then SIGKILL).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import secrets as secrets_module
 import signal
 import ssl
@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
+from bot.engine_child import LineReader, child_env
 from engine import protocol
 from engine.config import ArcaeConfig, Secrets
 
@@ -49,19 +50,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 MAX_EVENT_BYTES = 16 << 20
 STABLE_RUN_S = 60.0  # a child that ran this long restarts from the shortest backoff again
-MAX_LOG_LINE_BYTES = 8192  # a longer run of child output without a line break is logged in pieces
 AUTH_FAILED = "engine authentication failed: check {name} on both sides"
-# What the engine child may inherit from the bot: what Python, torch, CUDA and the hub need.
-CHILD_ENV_NAMES = frozenset({
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "TERM",
-    "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-    "ARCAE_CONFIG",
-})
-CHILD_ENV_PREFIXES = (
-    "LC_", "XDG_", "PYTHON", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
-    "CUDA", "CUBLAS_", "CUDNN_", "NCCL_", "NVIDIA_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "ORT_",
-)
 
 
 class EngineLinkError(Exception):
@@ -355,7 +344,8 @@ class EngineLink:
         try:
             reply = protocol.decode_event(msg.data)
         except protocol.ProtocolError as exc:
-            raise EngineRejected("unauthorized", f"{self._auth_failed} (bad handshake reply: {exc.message[:200]})") from None
+            detail = f"{self._auth_failed} (bad handshake reply: {exc.message[:200]})"
+            raise EngineRejected("unauthorized", detail) from None
         if isinstance(reply, protocol.ErrorResponse):
             message = self._auth_failed if reply.code == "unauthorized" else reply.message
             raise EngineRejected(reply.code, message)
@@ -436,7 +426,7 @@ class EngineSupervisor:
         self._io_tasks: set[asyncio.Task] = set()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._closing = False
-        self._stdout: _LineReader | None = None
+        self._stdout: LineReader | None = None
         self._port = 0
         self.url = ""
         self.restarts = 0
@@ -485,7 +475,8 @@ class EngineSupervisor:
         return proc.returncode
 
     async def _spawn(self, port: int) -> str:
-        env = {**self._child_env(), **self._extra_env, self.config.engine.secret_env: self.secret, "PYTHONUNBUFFERED": "1"}
+        env = {**child_env(self.config), **self._extra_env, "PYTHONUNBUFFERED": "1"}
+        env[self.config.engine.secret_env] = self.secret
         cmd = [self._python, "-m", "engine", "serve", "--config", str(self.config_path)]
         cmd += ["--host", self.config.engine.host, "--port", str(port)]
         self._stderr_tail.clear()
@@ -498,7 +489,7 @@ class EngineSupervisor:
             preexec_fn=_die_with_parent,
         )
         self._proc = proc
-        self._stdout = _LineReader(proc.stdout)
+        self._stdout = LineReader(proc.stdout)
         self._start_io(self._forward_stderr(proc))
         timeout = self.config.engine.startup_timeout_s
         try:
@@ -542,19 +533,6 @@ class EngineSupervisor:
                     log.error("engine restart failed: %s", exc)
                     self._port = 0  # the old port may be taken: let the next start pick a free one
 
-    def _child_env(self) -> dict[str, str]:
-        """The bot's environment, reduced to what the engine needs (allow-list, not deny-list).
-
-        The Discord token and the Redis password are removed even if a prefix would admit them;
-        the hub token (``[model] hub_token_env``) stays: the engine downloads the model.
-        """
-        keep = {self.config.model.hub_token_env}
-        drop = {self.config.discord.token_env, self.config.engine.redis_password_env}
-        return {
-            name: value for name, value in os.environ.items()
-            if name not in drop and (name in CHILD_ENV_NAMES or name in keep or name.startswith(CHILD_ENV_PREFIXES))
-        }
-
     async def _read_ready_line(self, proc: asyncio.subprocess.Process) -> str | None:
         while True:
             text = await self._stdout.next_line()
@@ -567,14 +545,14 @@ class EngineSupervisor:
                 engine_log.info("%s", text)
 
     async def _forward_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        reader = _LineReader(proc.stderr)
+        reader = LineReader(proc.stderr)
         while (text := await reader.next_line()) is not None:
             text = text.rstrip()
             if text:
                 self._stderr_tail.append(text)
                 engine_log.info("%s", text)
 
-    async def _drain_stdout(self, reader: "_LineReader") -> None:
+    async def _drain_stdout(self, reader: "LineReader") -> None:
         while (text := await reader.next_line()) is not None:
             if text.strip():
                 engine_log.info("%s", text.rstrip())
@@ -583,44 +561,6 @@ class EngineSupervisor:
         task = asyncio.ensure_future(coro)
         self._io_tasks.add(task)
         task.add_done_callback(self._io_tasks.discard)
-
-
-class _LineReader:
-    """Lines of a child's output, read in chunks and split on ``\n`` and ``\r``.
-
-    ``StreamReader.readline`` raises on a line over 64 KiB, and progress bars write ``\r``
-    without newlines: a reader that died there would leave the child blocked on a full pipe.
-    A run of output without any break is returned in pieces of ``MAX_LOG_LINE_BYTES``.
-    """
-
-    _BREAK = re.compile(rb"[\r\n]")
-
-    def __init__(self, stream: asyncio.StreamReader | None) -> None:
-        assert stream is not None
-        self._stream = stream
-        self._buffer = b""
-        self._lines: collections.deque[bytes] = collections.deque()
-        self._eof = False
-
-    async def next_line(self) -> str | None:
-        """The next line (without its break), or None at end of output."""
-        while not self._lines:
-            if self._eof:
-                return None
-            chunk = await self._stream.read(65536)
-            if not chunk:
-                self._eof = True
-                if self._buffer:
-                    self._lines.append(self._buffer)
-                    self._buffer = b""
-                continue
-            *lines, self._buffer = self._BREAK.split(self._buffer + chunk)
-            for line in lines:
-                self._lines.extend(line[i : i + MAX_LOG_LINE_BYTES] for i in range(0, len(line), MAX_LOG_LINE_BYTES))
-            while len(self._buffer) > MAX_LOG_LINE_BYTES:
-                self._lines.append(self._buffer[:MAX_LOG_LINE_BYTES])
-                self._buffer = self._buffer[MAX_LOG_LINE_BYTES:]
-        return self._lines.popleft().decode("utf-8", "replace")
 
 
 def _die_with_parent() -> None:

@@ -16,7 +16,6 @@ and the server, print ``ARCAE_ENGINE_READY <url>``, then run until SIGTERM/SIGIN
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import signal
@@ -212,15 +211,18 @@ class EngineServer:
         try:
             msg = await conn.ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            conn.send(protocol.ErrorResponse(code="bad_request", message="no handshake message within 10 s; " + help_text))
+            message = "no handshake message within 10 s; " + help_text
+            conn.send(protocol.ErrorResponse(code="bad_request", message=message))
             return None
         if msg.type != WSMsgType.TEXT:
-            if kind is protocol.HelloProof and msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            closed = msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+            if kind is protocol.HelloProof and closed:
                 log.warning("a client left during the handshake (it did not accept this engine's proof: "
                             "do the engine secrets differ?)")
             return None
         if len(msg.data) > MAX_HANDSHAKE_BYTES:
-            log.warning("refused a connection: handshake message of %d bytes (at most %d)", len(msg.data), MAX_HANDSHAKE_BYTES)
+            log.warning("refused a connection: handshake message of %d bytes (at most %d)",
+                        len(msg.data), MAX_HANDSHAKE_BYTES)
             conn.send(protocol.ErrorResponse(
                 code="bad_request", message=f"handshake message too large (at most {MAX_HANDSHAKE_BYTES} bytes)"))
             return None
