@@ -107,8 +107,8 @@ class ArcaeBot(commands.Bot):
             try:
                 await link.start()
             except EngineRejected as exc:
-                raise StartupError(f"the engine at {engine_url(self.config)} refused the bot: {exc.message} "
-                                   f"(check that {self.config.engine.secret_env} is the same for both)") from None
+                # The message says what to fix: the secret on both sides, or the protocol version.
+                raise StartupError(f"the engine at {engine_url(self.config)} refused the bot: {exc.message}") from None
         else:
             self.supervisor = EngineSupervisor(self.config_path, self.config, self.secrets)
             link = EngineLink(lambda: self.supervisor.url, self.supervisor.secret, self.jobs.on_event,

@@ -6,6 +6,7 @@ import json
 import ssl
 
 import aiohttp
+from aiohttp import web
 
 from engine import protocol as p
 
@@ -48,3 +49,43 @@ async def authenticated(url: str, secret: str, *, ssl_context: ssl.SSLContext | 
         await session.close()
         raise
     return session, ws
+
+
+class Squatter:
+    """A websocket server on the engine's port that does not know the secret; records every frame."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer  # "hello_ok": trusts anyone; "challenge": a made-up proof
+        self.frames: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/ws", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"ws://127.0.0.1:{self.runner.addresses[0][1]}/ws"
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+            self.frames.append(msg.data)
+            data = json.loads(msg.data)
+            if data.get("type") != "hello":
+                continue
+            if self.answer == "hello_ok":
+                await ws.send_str(json.dumps({"type": "hello_ok", "rid": data.get("rid"), "engine": "squatter"}))
+            else:
+                reply = {"type": "challenge", "rid": data.get("rid"), "nonce": "00" * 32, "proof": "11" * 32}
+                await ws.send_str(json.dumps(reply))
+        return ws
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
