@@ -50,6 +50,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 MAX_EVENT_BYTES = 16 << 20
 STABLE_RUN_S = 60.0  # a child that ran this long restarts from the shortest backoff again
+MAX_HANDSHAKE_REPLY_BYTES = 4096  # a challenge is ~300 bytes
 AUTH_FAILED = "engine authentication failed: check {name} on both sides"
 
 
@@ -321,8 +322,7 @@ class EngineLink:
         client_nonce = protocol.new_nonce()
         await ws.send_str(protocol.encode(protocol.Hello(nonce=client_nonce, client=self._client_name, rid="hello")))
         challenge = await self._handshake_reply(ws)
-        if not isinstance(challenge, protocol.Challenge):
-            log.error("the peer at %s answered the handshake without proving it knows the secret", self._url())
+        if not isinstance(challenge, protocol.Challenge):  # e.g. a bare "hello_ok": it proved nothing
             raise EngineRejected("unauthorized", self._auth_failed)
         expected = protocol.handshake_proof(self._secret, "engine", client_nonce, challenge.nonce)
         if not protocol.proof_matches(expected, challenge.proof):
@@ -339,7 +339,7 @@ class EngineLink:
         msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise EngineUnavailable("the engine closed the connection during the handshake")
-        if len(msg.data) > 4096:
+        if len(msg.data) > MAX_HANDSHAKE_REPLY_BYTES:
             raise EngineRejected("unauthorized", self._auth_failed + " (oversized handshake reply)")
         try:
             reply = protocol.decode_event(msg.data)
@@ -534,6 +534,7 @@ class EngineSupervisor:
                     self._port = 0  # the old port may be taken: let the next start pick a free one
 
     async def _read_ready_line(self, proc: asyncio.subprocess.Process) -> str | None:
+        assert self._stdout is not None
         while True:
             text = await self._stdout.next_line()
             if text is None:
