@@ -87,9 +87,16 @@ def client_ssl_context(config: ArcaeConfig) -> ssl.SSLContext | None:
     if ca_file is not None and not ca_file.is_file():
         raise EngineLinkError(f"[engine] tls_ca_file {ca_file} does not exist")
     try:
-        return ssl.create_default_context(cafile=ca_file)
+        context = ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise EngineLinkError(f"cannot load [engine] tls_ca_file {ca_file}: {exc}") from None
+    if config.engine.tls_client_cert_file:  # mutual TLS: the engine asks for this certificate
+        cert, key = config.path(config.engine.tls_client_cert_file), config.path(config.engine.tls_client_key_file)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineLinkError(f"cannot load the client certificate {cert} / key {key}: {exc}") from None
+    return context
 
 
 EventCallback = Callable[[Any], Awaitable[None]]

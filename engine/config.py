@@ -77,6 +77,11 @@ class EngineConfig(_Section):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    # Optional mutual TLS: the engine accepts only clients with a certificate signed by
+    # tls_client_ca_file; the bot presents tls_client_cert_file / tls_client_key_file.
+    tls_client_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password_env: str = "ARCAE_REDIS_PASSWORD"
     worker_name: str = ""
@@ -89,8 +94,11 @@ class EngineConfig(_Section):
     def _tls_keys_agree(self) -> "EngineConfig":
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("[engine] tls_cert_file and tls_key_file go together: set both or neither")
-        if self.tls_cert_file and not self.tls:
-            raise ValueError("[engine] tls_cert_file is set but tls = false: set tls = true to serve wss://")
+        if bool(self.tls_client_cert_file) != bool(self.tls_client_key_file):
+            raise ValueError("[engine] tls_client_cert_file and tls_client_key_file go together: set both or neither")
+        tls_files = (self.tls_cert_file, self.tls_client_ca_file, self.tls_client_cert_file)
+        if any(tls_files) and not self.tls:
+            raise ValueError("[engine] TLS files are set but tls = false: set tls = true to use wss://")
         return self
 
 

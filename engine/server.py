@@ -379,6 +379,13 @@ def server_ssl_context(config: ArcaeConfig) -> ssl.SSLContext | None:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise EngineError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from None
+    if engine.tls_client_ca_file:  # mutual TLS: only clients with a certificate from this CA
+        client_ca = config.path(engine.tls_client_ca_file)
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineError(f"cannot load [engine] tls_client_ca_file {client_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
