@@ -105,20 +105,31 @@ class ArcaeBot(commands.Bot):
             self._engine_task = asyncio.create_task(self._start_quietly(link.start()))
         elif mode == "remote":
             link = EngineLink(engine_url(self.config), self.secrets.engine_secret, self.jobs.on_event,
-                              self._on_engine_connect)
+                              self._on_engine_connect, **self._link_options())
             self.jobs.engine = link
             try:
                 await link.start()
             except EngineRejected as exc:
-                raise StartupError(f"the engine at {engine_url(self.config)} refused the bot: {exc.message} "
-                                   f"(check that {self.config.engine.secret_env} is the same for both)") from None
+                # The message says what to fix: the secret on both sides, or the protocol version.
+                raise StartupError(f"the engine at {engine_url(self.config)} refused the bot: {exc.message}") from None
         else:
             self.supervisor = EngineSupervisor(self.config_path, self.config, self.secrets)
             link = EngineLink(lambda: self.supervisor.url, self.supervisor.secret, self.jobs.on_event,
-                              self._on_engine_connect)
+                              self._on_engine_connect, **self._link_options())
             self.jobs.engine = link
             # Loading the model takes minutes on a cold disk; Discord must not wait for it.
             self._engine_task = asyncio.create_task(self._start_quietly(self._start_local(link)))
+
+    def _link_options(self) -> dict[str, Any]:
+        """What both engine-link modes share: TLS verification, restart notices, the secret's name."""
+        from bot.engine_link import EngineLinkError, client_ssl_context
+
+        try:
+            ssl_context = client_ssl_context(self.config)
+        except EngineLinkError as exc:
+            raise StartupError(str(exc)) from None
+        return {"ssl_context": ssl_context, "on_disconnect": self.jobs.notify_disconnect,
+                "secret_name": self.config.engine.secret_env}
 
     async def _start_local(self, link: Any) -> None:
         """Start the child engine, retrying with the configured backoff until it comes up."""

@@ -76,6 +76,8 @@ def status_line(job_id: str, state: str, *, position: int | None = None, step: i
         text = f"⏳ Queued ({where}) · `{job_id}`"
     elif state == "unavailable":
         text = f"⏳ Queued: the engine is restarting; your job starts when it is back · `{job_id}`"
+    elif state == "restarting":
+        text = f"🔄 Engine restarting — your job will resume · `{job_id}`"
     elif state == "running" and step is not None and total:
         text = f"🎨 Generating… step {step}/{total} {progress_bar(step, total)} · `{job_id}`"
     elif state == "running":

@@ -1,16 +1,21 @@
 """The bot's side of the engine: ``EngineLink`` (the client) and ``EngineSupervisor`` (the child).
 
-Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.protocol`` and
-``engine.config``.
+Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.protocol``,
+``engine.config`` and ``bot.engine_child``.
 
 - ``EngineLink`` keeps one websocket to the engine, reconnects in the background with backoff,
   and calls ``on_connect`` after every successful handshake (the bot resubmits its unfinished
-  jobs there). Requests carry a ``rid`` that the engine echoes, so calls await their reply while
-  job events stream to ``on_event`` on the same socket. Every way of not reaching the engine
+  jobs there) and ``on_disconnect`` when an established connection is lost. The handshake is a
+  challenge-response over the shared secret (see ``engine.server``): the secret never crosses
+  the wire, and a peer that cannot prove it knows the secret is refused before any request is
+  sent. Requests carry a ``rid`` that the engine echoes, so calls await their reply while job
+  events stream to ``on_event`` on the same socket. Every way of not reaching the engine
   surfaces as one ``EngineUnavailable``; a typed refusal as ``EngineRejected(code, message)``.
 - ``EngineSupervisor`` runs ``python -m engine serve`` as a child with a fresh random secret in
-  its environment (never on its command line), waits for its ready line, forwards its stderr
-  to the log, restarts it with backoff when it dies, and stops it with SIGTERM (then SIGKILL).
+  its environment (never on its command line) and only the environment it needs (an allow-list:
+  no Discord token, no Redis password), waits for its ready line, forwards its stderr to the
+  log (in chunks: progress bars write carriage returns without newlines), restarts it with
+  backoff when it dies, and stops it with SIGTERM (then SIGKILL).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import os
 import secrets as secrets_module
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,6 +38,7 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
+from bot.engine_child import LineReader, child_env
 from engine import protocol
 from engine.config import ArcaeConfig, Secrets
 
@@ -44,6 +51,8 @@ RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 # A Completed carries its images (base64): the protocol bounds it.
 MAX_EVENT_BYTES = protocol.MAX_COMPLETED_CHARS
 STABLE_RUN_S = 60.0  # a child that ran this long restarts from the shortest backoff again
+MAX_HANDSHAKE_REPLY_BYTES = 4096  # a challenge is ~300 bytes
+AUTH_FAILED = "engine authentication failed: check {name} on both sides"
 
 
 class EngineLinkError(Exception):
@@ -64,14 +73,36 @@ class EngineRejected(EngineLinkError):
 
 
 def engine_url(config: ArcaeConfig) -> str:
-    """The websocket URL of a remote engine (``[engine] mode = "remote"``)."""
+    """The websocket URL of a remote engine (``[engine] mode = "remote"``; ``wss`` with ``tls``)."""
     host = config.engine.host
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"ws://{host}:{config.engine.port}/ws"
+    scheme = "wss" if config.engine.tls else "ws"
+    return f"{scheme}://{host}:{config.engine.port}/ws"
+
+
+def client_ssl_context(config: ArcaeConfig) -> ssl.SSLContext | None:
+    """How the bot verifies the engine's certificate (``[engine] tls``); None without TLS."""
+    if not config.engine.tls:
+        return None
+    ca_file = config.path(config.engine.tls_ca_file) if config.engine.tls_ca_file else None
+    if ca_file is not None and not ca_file.is_file():
+        raise EngineLinkError(f"[engine] tls_ca_file {ca_file} does not exist")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise EngineLinkError(f"cannot load [engine] tls_ca_file {ca_file}: {exc}") from None
+    if config.engine.tls_client_cert_file:  # mutual TLS: the engine asks for this certificate
+        cert, key = config.path(config.engine.tls_client_cert_file), config.path(config.engine.tls_client_key_file)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineLinkError(f"cannot load the client certificate {cert} / key {key}: {exc}") from None
+    return context
 
 
 EventCallback = Callable[[Any], Awaitable[None]]
 ConnectCallback = Callable[[], Awaitable[None]]
+DisconnectCallback = Callable[[], Awaitable[None]]
 
 
 class EngineLink:
@@ -92,8 +123,14 @@ class EngineLink:
         request_timeout_s: float = 30.0,
         reload_timeout_s: float = 600.0,
         backoff_s: Sequence[float] = RECONNECT_BACKOFF_S,
+        ssl_context: ssl.SSLContext | None = None,
+        on_disconnect: DisconnectCallback | None = None,
+        secret_name: str = "ARCAE_ENGINE_SECRET",
     ) -> None:
         self._url = url if callable(url) else (lambda: url)
+        self._ssl = ssl_context
+        self._on_disconnect = on_disconnect
+        self._auth_failed = AUTH_FAILED.format(name=secret_name)
         self._secret = secret.get_secret_value() if isinstance(secret, SecretStr) else (secret or "")
         self._on_event = on_event
         self._on_connect = on_connect
@@ -236,17 +273,24 @@ class EngineLink:
                 await self._connect_and_read()
                 failures = 0
             except EngineRejected as exc:
-                log.error("the engine refused this bot: %s", exc.message)
-                self.rejected = exc
-                self._first_attempt.set()
-                return
+                if self.connections == 0:  # first contact: wrong secret or version, retrying would not help
+                    log.error("the engine refused this bot: %s", exc.message)
+                    self.rejected = exc
+                    self._first_attempt.set()
+                    return
+                # Was connected before: the engine may be restarting, or a stranger holds its port.
+                if failures == 0:
+                    log.error("%s; retrying in the background", exc.message)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, EngineUnavailable) as exc:
                 if failures == 0:
                     log.warning("engine not reachable (%s); retrying in the background", _describe(exc))
             finally:
                 self._ws = None
+                was_connected = self._connected.is_set()
                 self._connected.clear()
                 self._fail_pending("lost the connection to the engine")
+                if was_connected and not self._closing and self._on_disconnect is not None:
+                    self._spawn(self._call_on_disconnect())
             self._first_attempt.set()
             if self._closing:
                 return
@@ -255,18 +299,11 @@ class EngineLink:
 
     async def _connect_and_read(self) -> None:
         assert self._session is not None
-        ws = await self._session.ws_connect(self._url(), heartbeat=20.0, max_msg_size=MAX_EVENT_BYTES)
+        ws = await self._session.ws_connect(
+            self._url(), heartbeat=20.0, max_msg_size=MAX_EVENT_BYTES, ssl=self._ssl if self._ssl else True
+        )
         try:
-            hello = protocol.Hello(secret=self._secret, client=self._client_name, rid="hello")
-            await ws.send_str(protocol.encode(hello))
-            msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                raise EngineUnavailable("the engine closed the connection during the handshake")
-            reply = protocol.decode_event(msg.data)
-            if isinstance(reply, protocol.ErrorResponse):
-                raise EngineRejected(reply.code, reply.message)
-            if not isinstance(reply, protocol.HelloOk):
-                raise EngineUnavailable(f"unexpected handshake reply {reply.type!r}")
+            reply = await self._handshake(ws)
             self._ws = ws
             self.connections += 1
             self._connected.set()
@@ -281,10 +318,46 @@ class EngineLink:
                     break
             if not self._closing:
                 log.warning("lost the connection to the engine")
-        except protocol.ProtocolError as exc:
-            raise EngineUnavailable(f"bad handshake reply: {exc.message}") from None
         finally:
             await ws.close()
+
+    async def _handshake(self, ws: aiohttp.ClientWebSocketResponse) -> protocol.HelloOk:
+        """Prove both ways that each side knows the secret, without sending it (see ``engine.server``).
+
+        The engine proves itself first: a peer that cannot (a stranger on the engine's port) is
+        refused before this side sends its own proof or any request.
+        """
+        client_nonce = protocol.new_nonce()
+        await ws.send_str(protocol.encode(protocol.Hello(nonce=client_nonce, client=self._client_name, rid="hello")))
+        challenge = await self._handshake_reply(ws)
+        if not isinstance(challenge, protocol.Challenge):  # e.g. a bare "hello_ok": it proved nothing
+            raise EngineRejected("unauthorized", self._auth_failed)
+        expected = protocol.handshake_proof(self._secret, "engine", client_nonce, challenge.nonce)
+        if not protocol.proof_matches(expected, challenge.proof):
+            await ws.close(code=4401, message=b"engine authentication failed")
+            raise EngineRejected("unauthorized", self._auth_failed)
+        proof = protocol.handshake_proof(self._secret, "client", client_nonce, challenge.nonce)
+        await ws.send_str(protocol.encode(protocol.HelloProof(proof=proof, rid="hello")))
+        reply = await self._handshake_reply(ws)
+        if not isinstance(reply, protocol.HelloOk):
+            raise EngineUnavailable(f"unexpected handshake reply {reply.type!r}")
+        return reply
+
+    async def _handshake_reply(self, ws: aiohttp.ClientWebSocketResponse) -> Any:
+        msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise EngineUnavailable("the engine closed the connection during the handshake")
+        if len(msg.data) > MAX_HANDSHAKE_REPLY_BYTES:
+            raise EngineRejected("unauthorized", self._auth_failed + " (oversized handshake reply)")
+        try:
+            reply = protocol.decode_event(msg.data)
+        except protocol.ProtocolError as exc:
+            detail = f"{self._auth_failed} (bad handshake reply: {exc.message[:200]})"
+            raise EngineRejected("unauthorized", detail) from None
+        if isinstance(reply, protocol.ErrorResponse):
+            message = self._auth_failed if reply.code == "unauthorized" else reply.message
+            raise EngineRejected(reply.code, message)
+        return reply
 
     def _route(self, text: str) -> None:
         try:
@@ -310,6 +383,12 @@ class EngineLink:
                 await self._on_event(event)
             except Exception:
                 log.exception("on_event failed for %s", type(event).__name__)
+
+    async def _call_on_disconnect(self) -> None:
+        try:
+            await self._on_disconnect()  # type: ignore[misc]
+        except Exception:
+            log.exception("on_disconnect failed")
 
     async def _call_on_connect(self) -> None:
         try:
@@ -355,6 +434,7 @@ class EngineSupervisor:
         self._io_tasks: set[asyncio.Task] = set()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._closing = False
+        self._stdout: LineReader | None = None
         self._port = 0
         self.url = ""
         self.restarts = 0
@@ -403,8 +483,8 @@ class EngineSupervisor:
         return proc.returncode
 
     async def _spawn(self, port: int) -> str:
-        env = {**os.environ, **self._extra_env, self.config.engine.secret_env: self.secret, "PYTHONUNBUFFERED": "1"}
-        env.pop(self.config.discord.token_env, None)  # the engine never talks to Discord: keep the token out
+        env = {**child_env(self.config), **self._extra_env, "PYTHONUNBUFFERED": "1"}
+        env[self.config.engine.secret_env] = self.secret
         cmd = [self._python, "-m", "engine", "serve", "--config", str(self.config_path)]
         cmd += ["--host", self.config.engine.host, "--port", str(port)]
         self._stderr_tail.clear()
@@ -417,6 +497,7 @@ class EngineSupervisor:
             preexec_fn=_die_with_parent,
         )
         self._proc = proc
+        self._stdout = LineReader(proc.stdout)
         self._start_io(self._forward_stderr(proc))
         timeout = self.config.engine.startup_timeout_s
         try:
@@ -429,7 +510,7 @@ class EngineSupervisor:
             await asyncio.sleep(0.1)  # let the stderr forwarder catch the last lines
             tail = " | ".join(self._stderr_tail) or "no output"
             raise EngineUnavailable(f"the engine exited during start-up (status {status}): {tail[-600:]}")
-        self._start_io(self._drain_stdout(proc))
+        self._start_io(self._drain_stdout(self._stdout))
         self._port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
         log.info("engine started (pid %d) at %s", proc.pid, url)
         return url
@@ -461,30 +542,29 @@ class EngineSupervisor:
                     self._port = 0  # the old port may be taken: let the next start pick a free one
 
     async def _read_ready_line(self, proc: asyncio.subprocess.Process) -> str | None:
-        assert proc.stdout is not None
+        assert self._stdout is not None
         while True:
-            line = await proc.stdout.readline()
-            if not line:
+            text = await self._stdout.next_line()
+            if text is None:
                 return None
-            text = line.decode("utf-8", "replace").strip()
+            text = text.strip()
             if text.startswith(READY_PREFIX + " "):
                 return text[len(READY_PREFIX) + 1 :].strip()
-            engine_log.info("%s", text)
+            if text:
+                engine_log.info("%s", text)
 
     async def _forward_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        while True:
-            line = await proc.stderr.readline()
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
-            self._stderr_tail.append(text)
-            engine_log.info("%s", text)
+        reader = LineReader(proc.stderr)
+        while (text := await reader.next_line()) is not None:
+            text = text.rstrip()
+            if text:
+                self._stderr_tail.append(text)
+                engine_log.info("%s", text)
 
-    async def _drain_stdout(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            engine_log.info("%s", line.decode("utf-8", "replace").rstrip())
+    async def _drain_stdout(self, reader: "LineReader") -> None:
+        while (text := await reader.next_line()) is not None:
+            if text.strip():
+                engine_log.info("%s", text.rstrip())
 
     def _start_io(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -125,7 +125,7 @@ class JobManager:
         except rejected as exc:
             await self._fail(job.job_id, f"❌ Not started: {exc.message}", error=f"{exc.code}: {exc.message}")
             return
-        if live.state in ("queued", "unavailable"):
+        if live.state in ("queued", "unavailable", "restarting"):
             live.state = "queued"
             live.position = getattr(queued, "position", None)
             self._schedule(job.job_id)
@@ -180,7 +180,7 @@ class JobManager:
             return f"running, step {live.step}/{live.total}"
         if live.state == "queued" and live.position is not None:
             return "next" if live.position == 0 else f"queued, position {live.position + 1}"
-        if live.state == "unavailable":
+        if live.state in ("unavailable", "restarting"):
             return "waiting for the engine to restart"
         return live.state
 
@@ -196,6 +196,17 @@ class JobManager:
     def add_connect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         """Call ``listener`` after every (re)connection to the engine, after jobs were resubmitted."""
         self._connect_listeners.append(listener)
+
+    async def notify_disconnect(self) -> None:
+        """The engine link dropped (engine killed or restarting): say so on every waiting or running job.
+
+        Without this a running job's message kept its last "Generating… step N/M" until the
+        engine was back; the job is resubmitted on reconnect (``resubmit_unfinished``).
+        """
+        for job_id, live in list(self._live.items()):
+            if not live.final and live.state in ("queued", "running", "unavailable"):
+                live.state = "restarting"
+                self._schedule(job_id)
 
     async def notify_connect(self) -> None:
         for listener in self._connect_listeners:
@@ -239,7 +250,7 @@ class JobManager:
             return
         live.last_seq = max(live.last_seq, event.seq)
         if isinstance(event, protocol.Queued):
-            if live.state in ("queued", "unavailable"):
+            if live.state in ("queued", "unavailable", "restarting"):
                 live.state, live.position = "queued", event.position
                 self._schedule(job.job_id)
         elif isinstance(event, protocol.Started):

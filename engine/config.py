@@ -71,6 +71,17 @@ class EngineConfig(_Section):
     previews: bool = True
     restart_backoff_s: list[float] = [1.0, 2.0, 5.0, 10.0, 30.0]
     startup_timeout_s: float = Field(3600.0, gt=0)
+    # TLS for the engine link (remote mode): the engine serves wss:// with its certificate and
+    # key; the bot verifies that certificate against tls_ca_file (empty: the system's CAs).
+    tls: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    # Optional mutual TLS: the engine accepts only clients with a certificate signed by
+    # tls_client_ca_file; the bot presents tls_client_cert_file / tls_client_key_file.
+    tls_client_ca_file: str = ""
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password_env: str = "ARCAE_REDIS_PASSWORD"
     worker_name: str = ""
@@ -78,6 +89,17 @@ class EngineConfig(_Section):
     max_attempts: int = Field(3, ge=1, le=20)
     accepts_training: bool = True
     worker_capacity: int = Field(2, ge=1, le=2)
+
+    @model_validator(mode="after")
+    def _tls_keys_agree(self) -> "EngineConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("[engine] tls_cert_file and tls_key_file go together: set both or neither")
+        if bool(self.tls_client_cert_file) != bool(self.tls_client_key_file):
+            raise ValueError("[engine] tls_client_cert_file and tls_client_key_file go together: set both or neither")
+        tls_files = (self.tls_cert_file, self.tls_client_ca_file, self.tls_client_cert_file)
+        if any(tls_files) and not self.tls:
+            raise ValueError("[engine] TLS files are set but tls = false: set tls = true to use wss://")
+        return self
 
 
 class ModelConfig(_Section):

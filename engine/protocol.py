@@ -11,16 +11,23 @@ events idempotently and ignore events from an older attempt.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+# 2: challenge-response handshake (Hello / Challenge / HelloProof); the secret never travels.
+PROTOCOL_VERSION = 2
 
 # Adapter names are file stems: no path separators, no leading dot, bounded length.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+# Handshake nonces: 32 random bytes as hex; proofs: HMAC-SHA256 as hex.
+NONCE_PATTERN = r"^[0-9a-f]{64}$"
+PROOF_PATTERN = r"^[0-9a-f]{64}$"
 # Hard ceilings of the wire format; configured limits (engine.config) are usually tighter.
 MAX_PROMPT_CHARS = 20_000
 MAX_ADAPTERS_PER_REQUEST = 32
@@ -86,13 +93,25 @@ Priority = Literal["interactive", "batch"]
 
 
 class Hello(_Msg):
-    """First message on a connection: version handshake and shared secret."""
+    """First message on a connection: the client's protocol version and a fresh random nonce.
+
+    The shared secret never travels: the engine answers with ``Challenge`` (its own nonce and
+    its proof that it knows the secret), the client checks it and answers ``HelloProof``.
+    """
 
     type: Literal["hello"] = "hello"
     rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     version: int = PROTOCOL_VERSION
-    secret: str = ""
-    client: str = ""
+    nonce: str = Field(pattern=NONCE_PATTERN)
+    client: str = Field("", max_length=200)
+
+
+class HelloProof(_Msg):
+    """The client's answer to ``Challenge``: HMAC proof that it knows the shared secret."""
+
+    type: Literal["hello_proof"] = "hello_proof"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
+    proof: str = Field(pattern=PROOF_PATTERN)
 
 
 class GenerateRequest(_Msg):
@@ -157,6 +176,7 @@ class TrainRequest(_Msg):
 Request = Annotated[
     Union[
         Hello,
+        HelloProof,
         GenerateRequest,
         Img2ImgRequest,
         CancelRequest,
@@ -175,6 +195,16 @@ class _JobEvent(_Msg):
     job_id: str
     attempt: int = 1
     seq: int = 0
+
+
+class Challenge(_Msg):
+    """The engine's answer to ``Hello``: its nonce and its HMAC proof that it knows the secret."""
+
+    type: Literal["challenge"] = "challenge"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
+    version: int = PROTOCOL_VERSION
+    nonce: str = Field(pattern=NONCE_PATTERN)
+    proof: str = Field(pattern=PROOF_PATTERN)
 
 
 class HelloOk(_Msg):
@@ -311,6 +341,7 @@ class ErrorResponse(_Msg):
 
 Event = Annotated[
     Union[
+        Challenge,
         HelloOk,
         Queued,
         Started,
@@ -364,6 +395,22 @@ def decode_request(data: str | bytes | dict[str, Any]) -> Any:
 def decode_event(data: str | bytes | dict[str, Any]) -> Any:
     """Parse and validate one event; raise ``ProtocolError`` with a short reason."""
     return _decode(_event_adapter, data)
+
+
+def new_nonce() -> str:
+    """A fresh handshake nonce (32 random bytes, hex)."""
+    return secrets.token_hex(32)
+
+
+def handshake_proof(secret: str, role: Literal["engine", "client"], client_nonce: str, engine_nonce: str) -> str:
+    """HMAC-SHA256 over both nonces, labelled by who proves: a proof never serves the other side."""
+    text = f"arcae-engine-link v{PROTOCOL_VERSION} {role} {client_nonce} {engine_nonce}"
+    return hmac.new(secret.encode("utf-8"), text.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def proof_matches(expected: str, given: str) -> bool:
+    """Constant-time comparison of two proofs."""
+    return hmac.compare_digest(expected.encode("ascii", "replace"), given.encode("ascii", "replace"))
 
 
 def encode(message: BaseModel) -> str:

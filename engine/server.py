@@ -1,7 +1,10 @@
 """The engine's websocket server: one transport in front of the ``GpuWorker``.
 
-``ws://HOST:PORT/ws`` (aiohttp). Each connection starts with ``Hello`` (protocol version and
-shared secret, compared in constant time); then JSON requests from ``engine.protocol``.
+``ws://HOST:PORT/ws`` (aiohttp; ``wss://`` with ``[engine] tls``). Each connection starts with a
+challenge-response handshake over the shared secret, which never crosses the wire: the client
+sends ``Hello`` (version, nonce), the engine answers ``Challenge`` (its nonce and its HMAC proof),
+the client answers ``HelloProof`` (its HMAC proof, compared in constant time), the engine
+``HelloOk``. Then JSON requests from ``engine.protocol``.
 Replies echo the request's ``rid`` so a client can await them while job events (broadcast to
 every authenticated connection, without ``rid``) stream on the same socket. A request that
 fails validation gets ``ErrorResponse`` and the connection stays usable.
@@ -13,10 +16,10 @@ and the server, print ``ARCAE_ENGINE_READY <url>``, then run until SIGTERM/SIGIN
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import signal
+import ssl
 from typing import Any, TextIO
 
 from aiohttp import WSMsgType, web
@@ -33,7 +36,9 @@ HANDSHAKE_TIMEOUT_S = 10.0
 MAX_MESSAGE_BYTES = 1 << 20  # requests are small; a 1 MiB frame is already hostile
 MAX_PENDING_SENDS = 10_000  # a client this far behind is dropped rather than buffered forever
 _ERROR_CODES = set(protocol.ErrorCode.__args__)  # type: ignore[attr-defined]
-_HANDSHAKE_HELP = 'the first message must be {"type": "hello", "version": %d, "secret": "..."}'
+MAX_HANDSHAKE_BYTES = 4096  # a hello is ~200 bytes; anything bigger is refused before parsing
+_HANDSHAKE_HELP = 'the first message must be {"type": "hello", "version": %d, "nonce": "<64 hex digits>"}'
+AUTH_FAILED = "engine authentication failed: check %s on both sides"
 
 
 class _Connection:
@@ -81,9 +86,17 @@ class _Connection:
 class EngineServer:
     """Serves ``worker`` over websockets; ``secret`` None means no authentication (dev only)."""
 
-    def __init__(self, worker: GpuWorker, *, secret: str | None, engine_name: str = "arcae-engine") -> None:
+    def __init__(
+        self,
+        worker: GpuWorker,
+        *,
+        secret: str | None,
+        engine_name: str = "arcae-engine",
+        secret_name: str = "ARCAE_ENGINE_SECRET",
+    ) -> None:
         self.worker = worker
-        self._secret = secret.encode("utf-8") if secret is not None else None
+        self._secret = secret
+        self._secret_name = secret_name
         self.engine_name = engine_name
         self._connections: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,18 +107,19 @@ class EngineServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str, port: int) -> str:
-        """Start the worker thread and listen; return the websocket URL."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Start the worker thread and listen (TLS with ``ssl_context``); return the websocket URL."""
         self._loop = asyncio.get_running_loop()
         app = web.Application()
         app.router.add_get("/ws", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port)
+        self._site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await self._site.start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.url = f"ws://{shown_host}:{bound_port}/ws"
+        scheme = "wss" if ssl_context is not None else "ws"
+        self.url = f"{scheme}://{shown_host}:{bound_port}/ws"
         if not self.worker.alive:
             self.worker.start(self.emit_threadsafe)
         return self.url
@@ -156,42 +170,77 @@ class EngineServer:
                     conn.send(protocol.ErrorResponse(code="bad_request", message="send JSON text frames, not binary"))
                 else:
                     break
+        except (RecursionError, ValueError) as exc:  # hostile input must not cost a traceback per connection
+            log.warning("closed a connection after an undecodable message (%s)", type(exc).__name__)
         finally:
             self._connections.discard(conn)
             await conn.close()
         return ws
 
     async def _handshake(self, conn: _Connection) -> bool:
-        """Read and check ``Hello``; answer ``HelloOk`` or a typed error. Never echoes the secret."""
+        """Challenge-response over the shared secret; answer ``HelloOk`` or a typed error.
+
+        The engine proves itself first (a client learns nothing it could replay), then checks
+        the client's proof in constant time. Neither the secret nor a proof is ever echoed.
+        """
+        hello = await self._receive_handshake(conn, protocol.Hello)
+        if hello is None:
+            return False
+        if hello.version != protocol.PROTOCOL_VERSION:
+            conn.send(_version_error(hello.version, rid=hello.rid))
+            return False
+        key = self._secret or ""  # no secret (dev only): proofs over the empty key, not checked
+        engine_nonce = protocol.new_nonce()
+        proof = protocol.handshake_proof(key, "engine", hello.nonce, engine_nonce)
+        conn.send(protocol.Challenge(nonce=engine_nonce, proof=proof, rid=hello.rid))
+        answer = await self._receive_handshake(conn, protocol.HelloProof)
+        if answer is None:
+            return False
+        expected = protocol.handshake_proof(key, "client", hello.nonce, engine_nonce)
+        if self._secret is not None and not protocol.proof_matches(expected, answer.proof):
+            log.warning("refused a connection: wrong proof of the engine secret (client %r)", hello.client[:64])
+            message = AUTH_FAILED % self._secret_name
+            conn.send(protocol.ErrorResponse(code="unauthorized", message=message, rid=answer.rid))
+            return False
+        conn.send(protocol.HelloOk(engine=self.engine_name, rid=answer.rid))
+        return True
+
+    async def _receive_handshake(self, conn: _Connection, kind: type) -> Any:
+        """One handshake message of type ``kind``, or None after answering why it was refused."""
         help_text = _HANDSHAKE_HELP % protocol.PROTOCOL_VERSION
         try:
             msg = await conn.ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            conn.send(protocol.ErrorResponse(code="bad_request", message="no hello within 10 s; " + help_text))
-            return False
+            message = "no handshake message within 10 s; " + help_text
+            conn.send(protocol.ErrorResponse(code="bad_request", message=message))
+            return None
         if msg.type != WSMsgType.TEXT:
-            return False
+            closed = msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED)
+            if kind is protocol.HelloProof and closed:
+                log.warning("a client left during the handshake (it did not accept this engine's proof: "
+                            "do the engine secrets differ?)")
+            return None
+        if len(msg.data) > MAX_HANDSHAKE_BYTES:
+            log.warning("refused a connection: handshake message of %d bytes (at most %d)",
+                        len(msg.data), MAX_HANDSHAKE_BYTES)
+            conn.send(protocol.ErrorResponse(
+                code="bad_request", message=f"handshake message too large (at most {MAX_HANDSHAKE_BYTES} bytes)"))
+            return None
         try:
-            hello = protocol.decode_request(msg.data)
+            message = protocol.decode_request(msg.data)
         except protocol.ProtocolError as exc:
             version = _peek_version(msg.data)
             if version is not None and version != protocol.PROTOCOL_VERSION:
                 conn.send(_version_error(version))
             else:
                 conn.send(protocol.ErrorResponse(code="bad_request", message=f"{exc.message}; {help_text}"))
-            return False
-        if not isinstance(hello, protocol.Hello):
-            conn.send(protocol.ErrorResponse(code="bad_request", message=help_text))
-            return False
-        if hello.version != protocol.PROTOCOL_VERSION:
-            conn.send(_version_error(hello.version, rid=hello.rid))
-            return False
-        if self._secret is not None and not hmac.compare_digest(hello.secret.encode("utf-8"), self._secret):
-            log.warning("refused a connection with a wrong secret (client %r)", hello.client[:64])
-            conn.send(protocol.ErrorResponse(code="unauthorized", message="wrong or missing engine secret", rid=hello.rid))
-            return False
-        conn.send(protocol.HelloOk(engine=self.engine_name, rid=hello.rid))
-        return True
+            return None
+        if not isinstance(message, kind):
+            expected = "hello" if kind is protocol.Hello else "hello_proof"
+            conn.send(protocol.ErrorResponse(
+                code="bad_request", message=f"expected {expected}, got {message.type}; {help_text}", rid=message.rid))
+            return None
+        return message
 
     async def _handle_text(self, conn: _Connection, text: str) -> None:
         try:
@@ -211,7 +260,7 @@ class EngineServer:
         """The reply to one decoded request (any ``EngineError`` becomes an ``ErrorResponse``)."""
         rid = request.rid
         try:
-            if isinstance(request, protocol.Hello):
+            if isinstance(request, (protocol.Hello, protocol.HelloProof)):
                 return protocol.ErrorResponse(code="bad_request", message="already authenticated", rid=rid)
             if isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest, protocol.TrainRequest)):
                 return self.worker.submit(request).model_copy(update={"rid": rid})
@@ -270,7 +319,7 @@ def _version_error(version: Any, rid: str | None = None) -> protocol.ErrorRespon
 def _peek_json(text: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # deeply nested input is hostile, not a bug
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -319,6 +368,29 @@ def load_rater(config: ArcaeConfig) -> Any:
     return tagger.rate
 
 
+def server_ssl_context(config: ArcaeConfig) -> ssl.SSLContext | None:
+    """The engine's TLS context when ``[engine] tls`` is on (``EngineError`` naming a bad file)."""
+    engine = config.engine
+    if not engine.tls:
+        return None
+    if not engine.tls_cert_file or not engine.tls_key_file:
+        raise EngineError("[engine] tls = true: set tls_cert_file and tls_key_file on the engine's host")
+    cert, key = config.path(engine.tls_cert_file), config.path(engine.tls_key_file)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise EngineError(f"cannot load the TLS certificate {cert} / key {key}: {exc}") from None
+    if engine.tls_client_ca_file:  # mutual TLS: only clients with a certificate from this CA
+        client_ca = config.path(engine.tls_client_ca_file)
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineError(f"cannot load [engine] tls_client_ca_file {client_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def build_worker(config: ArcaeConfig, secrets: Secrets) -> GpuWorker:
     """Load the model, adapters and rater once and wrap them in a GpuWorker (not started)."""
     from engine.generator import Generator
@@ -342,10 +414,15 @@ async def serve(
     ready_stream: TextIO,
 ) -> int:
     """Run the engine until SIGTERM/SIGINT; print the ready line on ``ready_stream``; return 0."""
+    tls = server_ssl_context(config)  # before the model loads: a bad certificate fails in seconds
     worker = await asyncio.to_thread(build_worker, config, secrets)
     info = worker.describe()
-    server = EngineServer(worker, secret=secret, engine_name=f"arcae-engine {info.get('model', '')}".strip())
-    url = await server.start(host, port)
+    server = EngineServer(worker, secret=secret, engine_name=f"arcae-engine {info.get('model', '')}".strip(),
+                          secret_name=config.engine.secret_env)
+    if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("the engine link on %s is not encrypted: set [engine] tls = true with a certificate, "
+                    "or reach it through an SSH/WireGuard tunnel (README, Security model)", host)
+    url = await server.start(host, port, ssl_context=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

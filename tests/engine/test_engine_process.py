@@ -24,6 +24,7 @@ from bot.engine_link import EngineLink, EngineRejected, EngineSupervisor, Engine
 from engine import protocol as p
 from engine.config import load_config
 from tests.conftest import write_config
+from tests.engine.link_helpers import authenticated
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -234,7 +235,7 @@ async def _raw_connect(engine, hello: dict):
 
 
 async def test_adapter_reload_waits_for_the_running_job(engine):
-    session, ws = await _raw_connect(engine, {"type": "hello", "version": 1, "secret": engine.supervisor.secret})
+    session, ws = await authenticated(engine.supervisor.url, engine.supervisor.secret)
     try:
         seen: list[dict] = []
 
@@ -245,7 +246,6 @@ async def test_adapter_reload_waits_for_the_running_job(engine):
                 if predicate(message):
                     return message
 
-        await read_until(lambda m: m["type"] == "hello_ok")
         await engine.submit("under-reload", steps=12)
         await read_until(lambda m: m["type"] == "progress" and m["job_id"] == "under-reload")
         await ws.send_str(json.dumps({"type": "status", "rid": "st"}))
@@ -270,9 +270,8 @@ async def _ask(ws, text: str) -> dict:
 
 
 async def test_hostile_messages_get_errors_and_the_connection_stays_usable(engine):
-    session, ws = await _raw_connect(engine, {"type": "hello", "version": 1, "secret": engine.supervisor.secret})
+    session, ws = await authenticated(engine.supervisor.url, engine.supervisor.secret)
     try:
-        assert json.loads((await ws.receive(timeout=10)).data)["type"] == "hello_ok"
         generate = {"type": "generate", "job_id": "h1", "owner": "mallory", "rid": "x"}
         cases = [
             ("{garbage", "invalid"),
@@ -281,7 +280,8 @@ async def test_hostile_messages_get_errors_and_the_connection_stays_usable(engin
             (json.dumps({**generate, "params": {"prompt": "x", "count": 1000}}), "params.count"),
             (json.dumps({**generate, "params": {"prompt": "x", "adapters": [{"name": "../../etc/passwd"}]}}), "name"),
             (json.dumps({**generate, "job_id": "../../x", "params": {"prompt": "x"}}), "job_id"),
-            (json.dumps({"type": "hello", "version": 1, "secret": "again", "rid": "x"}), "already authenticated"),
+            (json.dumps({"type": "hello", "version": p.PROTOCOL_VERSION, "nonce": "ab" * 32, "rid": "x"}),
+             "already authenticated"),
         ]
         for text, fragment in cases:
             reply = await _ask(ws, text)
@@ -301,9 +301,9 @@ async def test_hostile_messages_get_errors_and_the_connection_stays_usable(engin
 @pytest.mark.parametrize(
     "hello, code",
     [
-        ({"type": "hello", "version": 1, "secret": "guessed"}, "unauthorized"),
-        ({"type": "hello", "version": 1}, "unauthorized"),
-        ({"type": "hello", "version": 99, "secret": "whatever"}, "version_mismatch"),
+        ({"type": "hello", "version": 1, "secret": "guessed"}, "version_mismatch"),  # a protocol-1 bot
+        ({"type": "hello", "version": p.PROTOCOL_VERSION}, "bad_request"),  # no nonce
+        ({"type": "hello", "version": 99, "nonce": "ab" * 32}, "version_mismatch"),
         ({"type": "status"}, "bad_request"),
     ],
 )

@@ -38,7 +38,8 @@ ADAPTER = p.AdapterInfo(
 )
 
 REQUESTS = [
-    p.Hello(secret="s3cret", client="test", rid="hello"),
+    p.Hello(nonce="ab" * 32, client="test", rid="hello"),
+    p.HelloProof(proof="cd" * 32, rid="hello"),
     p.GenerateRequest(job_id="job-1", owner="user:1", priority="batch", attempt=2, params=PARAMS, rid="r1"),
     p.Img2ImgRequest(job_id="job_2", owner="u", mode="variation", source="job-1-0.png", strength=0.5, params=PARAMS),
     p.CancelRequest(job_id="job-1", rid="r2"),
@@ -48,6 +49,7 @@ REQUESTS = [
     p.TrainRequest(job_id="train-1", owner="admin", options={"steps": 10, "rank": 4, "name": "x"}),
 ]
 EVENTS = [
+    p.Challenge(nonce="12" * 32, proof="ef" * 32, rid="hello"),
     p.HelloOk(engine="arcae-engine tiny", rid="hello"),
     p.Queued(job_id="job-1", attempt=2, seq=0, position=3, rid="r1"),
     p.Started(job_id="job-1", attempt=2, seq=1, worker="gpu-worker"),
