@@ -40,7 +40,7 @@ class Gallery(commands.Cog):
 
     @gallery.command(name="top", description="The most starred gallery posts")
     async def top(self, interaction: discord.Interaction) -> None:
-        rows = await self.bot.db.top_gallery(self.bot.config.gallery.top_count)
+        rows = await self.bot.db.top_gallery(self.bot.config.gallery.top_count, interaction.guild_id)
         if not rows:
             await reply(interaction, "The gallery is empty so far.")
             return

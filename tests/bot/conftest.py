@@ -24,11 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "") -> str:
-    """The [discord]/[gallery]/[limits] sections pointing the bot at the double and the engine."""
+def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "", servers: str | None = None) -> str:
+    """The [discord]/[gallery]/[limits] sections pointing the bot at the double and the engine.
+
+    ``servers`` replaces the default ``guild_ids = [<the double's home guild>]`` line of [discord].
+    """
+    servers = f"guild_ids = [{double.guild_id}]" if servers is None else servers
     return f"""
 [discord]
-guild_ids = [{double.guild_id}]
+{servers}
 admin_role_ids = [{double.admin_role}]
 progress_edit_interval_s = 1.0
 api_base = "{double.api_base}"
@@ -46,9 +50,9 @@ global_max_queued = 20
 
 
 def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int, *,
-                       extra: str = "", rate_outputs: bool = False) -> Path:
+                       extra: str = "", rate_outputs: bool = False, servers: str | None = None) -> Path:
     """One config file shared by the engine and the bot (remote mode on a fixed loopback port)."""
-    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra))
+    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra, servers=servers))
     text = path.read_text(encoding="utf-8").replace(
         "[engine]\ndevice = \"cpu\"\nport = 0\n",
         f"[engine]\ndevice = \"cpu\"\nmode = \"remote\"\nhost = \"127.0.0.1\"\nport = {engine_port}\n"
