@@ -1,7 +1,8 @@
 """Admin commands: engine status and the audit log.
 
-Hidden from members by default permissions, and checked server-side with
-``require_admin`` because a server owner can re-grant commands to anyone.
+Registered to the home servers only (``bot.app``), hidden from members by default permissions,
+and checked server-side with ``require_admin`` because a server owner can re-grant commands to
+anyone (and a stale or forged command may arrive from any server).
 Training commands (/train, /adapter) arrive as their own cog and follow this pattern.
 """
 

@@ -4,8 +4,8 @@ The real bot process and the real engine (tiny model) over the Discord double, w
 two servers: the home server (the config's ``guild_ids``, so Arcae's home server) and a
 stranger's server the bot was invited to, whose owner must not become an Arcae admin.
 Commands the stranger's server would have under a public bot's global sync are invoked with
-``anywhere=True`` (Discord would deliver them; the bot must refuse them itself). Tests run in
-file order on one stack and build on each other's jobs.
+``anywhere=True`` (Discord would deliver them; the bot must refuse them itself). One stack serves
+the module; the jobs several tests use are made by whichever test needs them first.
 """
 
 from __future__ import annotations
@@ -64,6 +64,24 @@ async def imagine(d, user, channel, prompt: str, **options) -> dict:
     return await d.wait_for(lambda: finished(d, inter), timeout=60)
 
 
+async def bob_result(stack) -> dict:
+    """bob's finished result in the home server (made once per module, by whichever test needs it first)."""
+    if getattr(stack, "bob_result", None) is None:
+        d = stack.double
+        stack.bob_result = await imagine(d, d.bob, d.channel, "1boy, private sketch", seed=424242)
+    return stack.bob_result
+
+
+async def long_job(stack):
+    """bob's 60-step job, waiting or running in the home server: (job id, its interaction)."""
+    if getattr(stack, "long_job", None) is None:
+        d = stack.double
+        inter = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": "1boy, long wait", "steps": 60})
+        await d.wait_for(lambda: (m := d.original(inter)) and "arcae:cancel:" in str(buttons(m)), timeout=20)
+        stack.long_job = (job_id_of(d.original(inter)), inter)
+    return stack.long_job
+
+
 async def test_the_owner_of_another_server_is_not_an_admin(stack):
     d = stack.double
     for command, options in (("status", {}), ("audit", {}), ("adapter delete", {"name": "hero-a"}),
@@ -99,9 +117,7 @@ async def test_audit_and_training_runs_show_only_this_server(stack):
 
 async def test_info_shows_only_your_own_jobs(stack):
     d = stack.double
-    msg = await imagine(d, d.bob, d.channel, "1boy, private sketch", seed=424242)
-    job = job_id_of(msg)
-    stack.bob_result = msg
+    job = job_id_of(await bob_result(stack))
     for query in (job, "424242"):
         spy = await d.invoke_slash(d.alice, d.channel, "info", {"query": query})
         text = await answered(d, spy)
@@ -114,7 +130,7 @@ async def test_info_shows_only_your_own_jobs(stack):
     assert "private sketch" in await answered(d, admin), "a home server's admin sees its jobs"
 
 
-async def test_queue_and_gallery_show_only_this_server(stack):
+async def test_gallery_top_shows_only_this_server(stack):
     d = stack.double
     shared = await imagine(d, d.alice, d.channel, "1girl, gallery piece", seed=77)
     job = job_id_of(shared)
@@ -127,10 +143,10 @@ async def test_queue_and_gallery_show_only_this_server(stack):
     home_top = await d.invoke_slash(d.bob, d.channel, "gallery top")
     assert "gallery piece" in await answered(d, home_top)
 
-    long = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": "1boy, long wait", "steps": 60})
-    await d.wait_for(lambda: (m := d.original(long)) and "arcae:cancel:" in str(buttons(m)), timeout=20)
-    stack.long_job = job_id_of(d.original(long))
-    stack.long_interaction = long
+
+async def test_queue_shows_only_this_server(stack):
+    d = stack.double
+    await long_job(stack)
     queue = await d.invoke_slash(d.stranger, d.other_channel, "queue", anywhere=True)
     text = await answered(d, queue)
     assert "**0**" in text and "**1**" not in text, text
@@ -138,21 +154,21 @@ async def test_queue_and_gallery_show_only_this_server(stack):
 
 async def test_cancel_of_another_servers_job_is_refused(stack):
     d = stack.double
-    job = stack.long_job
+    job, interaction = await long_job(stack)
     forged = await d.invoke_slash(d.stranger, d.other_channel, "cancel", {"job_id": job}, anywhere=True)
     text = await answered(d, forged)
     assert "Canceling" not in text, text
     other_user = await d.invoke_slash(d.alice, d.channel, "cancel", {"job_id": job})
     assert "Canceling" not in await answered(d, other_user)
-    assert "canceled" not in (d.original(stack.long_interaction).get("content") or "")
+    assert "canceled" not in (d.original(interaction).get("content") or "")
     admin = await d.invoke_slash(d.admin, d.channel, "cancel", {"job_id": job})
     assert "Canceling" in await answered(d, admin), "a home server's admin may cancel its jobs"
-    await d.wait_for(lambda: "canceled" in (d.original(stack.long_interaction).get("content") or ""), timeout=30)
+    await d.wait_for(lambda: "canceled" in (d.original(interaction).get("content") or ""), timeout=30)
 
 
 async def test_a_button_acts_only_on_the_message_of_its_job(stack):
     d = stack.double
-    bob_msg = stack.bob_result
+    bob_msg = await bob_result(stack)
     bob_job = job_id_of(bob_msg)
     alice_msg = await imagine(d, d.alice, d.channel, "1girl, mine", seed=5)
     alice_job = job_id_of(alice_msg)
@@ -175,7 +191,7 @@ async def test_a_button_acts_only_on_the_message_of_its_job(stack):
 
 async def test_reroll_of_someone_elses_result_is_the_clickers_job(stack):
     d = stack.double
-    bob_msg = stack.bob_result
+    bob_msg = await bob_result(stack)
     reroll = await d.click(d.alice, bob_msg, f"arcae:reroll:{job_id_of(bob_msg)}")
     msg = await d.wait_for(lambda: finished(d, reroll), timeout=60)
     new_job = job_id_of(msg)
