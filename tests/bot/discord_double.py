@@ -258,7 +258,12 @@ class DiscordDouble:
                    "attachment_size_limit": self.attachment_size_limit}
         return record, payload
 
-    def _command(self, name: str, guild_id: str, *, anywhere: bool = False) -> tuple[dict[str, Any], str | None]:
+    def _command(self, name: str) -> dict[str, Any]:
+        """The synced command ``name`` as the home server sees it."""
+        return self._resolve_command(name, self.guild_id)[0]
+
+    def _resolve_command(self, name: str, guild_id: str, *,
+                         anywhere: bool = False) -> tuple[dict[str, Any], str | None]:
         """The command a user in ``guild_id`` invokes, and the guild it is registered to (None: global).
 
         ``anywhere``: also a command registered only to another server, as a forged or stale invocation
@@ -294,7 +299,7 @@ class DiscordDouble:
                            anywhere: bool = False) -> Interaction:
         """Run ``/command`` (``"gallery top"`` for a subcommand); ``focused`` makes it an autocomplete."""
         root, _, sub = command.partition(" ")
-        cmd, registered_to = self._command(root, channel["guild_id"], anywhere=anywhere)
+        cmd, registered_to = self._resolve_command(root, channel["guild_id"], anywhere=anywhere)
         record, payload = self._interaction_base(user, channel, 4 if focused else 2)
         if attachment_size_limit is not None:
             payload["attachment_size_limit"] = record.attachment_size_limit = attachment_size_limit
