@@ -213,7 +213,8 @@ class DiscordDouble:
         members.append({**self._member(self.bot_user), "permissions": ADMIN_PERMISSIONS})
         return {"id": self.guild_id, "name": "Arcae Test Server", "owner_id": self.owner["id"],
                 "unavailable": False, "member_count": len(members), "large": False, "roles": roles,
-                "emojis": [], "stickers": [], "features": [], "channels": [c for c in self.channels.values() if c["guild_id"] == self.guild_id],
+                "emojis": [], "stickers": [], "features": [],
+                "channels": [c for c in self.channels.values() if c["guild_id"] == self.guild_id],
                 "threads": [], "members": members, "voice_states": [], "presences": [],
                 "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
                 "icon": None, "splash": None, "mfa_level": 0, "verification_level": 0,
