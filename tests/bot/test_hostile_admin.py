@@ -60,7 +60,7 @@ def database(stack) -> sqlite3.Connection:
 
 
 async def imagine(d, user, channel, prompt: str, **options) -> dict:
-    inter = await d.invoke_slash(user, channel, "imagine", {"prompt": prompt, "steps": 2, **options})
+    inter = await d.invoke_slash(user, channel, "imagine", {"prompt": prompt, "steps": 2, **options}, anywhere=True)
     return await d.wait_for(lambda: finished(d, inter), timeout=60)
 
 
@@ -142,6 +142,15 @@ async def test_gallery_top_shows_only_this_server(stack):
     assert "gallery piece" not in text and "empty" in text, text
     home_top = await d.invoke_slash(d.bob, d.channel, "gallery top")
     assert "gallery piece" in await answered(d, home_top)
+
+
+async def test_share_from_another_server_does_not_reach_the_home_gallery(stack):
+    d = stack.double
+    elsewhere = await imagine(d, d.alice, d.other_channel, "1girl, made elsewhere", seed=78)
+    job = job_id_of(elsewhere)
+    share = await d.click(d.alice, elsewhere, f"arcae:share:{job}")
+    assert "another server" in await answered(d, share)
+    assert not [m for m in d.channel_messages(d.gallery_channel) if f"arcae:remix:{job}" in buttons(m)]
 
 
 async def test_queue_shows_only_this_server(stack):
