@@ -3,7 +3,11 @@
 ``start_job`` is the one path every new job takes (/imagine, Reroll, Variations, Upscale,
 Remix): acknowledge first (Discord allows 3 s), then check limits, persist, submit.
 Button handlers load the job from the database, so they work on messages older than the
-bot's current process.
+bot's current process. Every press is first checked against the message it was made on: a
+custom id naming a job that message does not show is refused. Reroll, Variations, Upscale and
+Remix may be pressed by anyone who can see the result: the new job is the clicker's, under the
+clicker's limits and the channel's content rules; Share, Delete and Cancel stay with the job's
+author and the admins of the home server the job was made in.
 """
 
 from __future__ import annotations
@@ -72,9 +76,14 @@ async def load_job(bot: "ArcaeBot", job_id: str) -> Job:
     return job
 
 
-def require_owner_or_admin(interaction: discord.Interaction, job: Job, what: str) -> None:
+def require_owner_or_admin(interaction: discord.Interaction, job: Job, what: str, *,
+                           where: int | None = None) -> None:
+    """The job's author, or an admin of the home server it belongs to (``where``: default the job's server)."""
     bot = bot_of(interaction)
-    if interaction.user.id != job.user_id and not is_admin(interaction.user, interaction.guild, bot.config):
+    if interaction.user.id == job.user_id:
+        return
+    server = job.guild_id if where is None else where
+    if server != interaction.guild_id or not is_admin(interaction.user, interaction.guild, bot.config):
         raise NotAllowed(f"Only the person who made this image, or an admin, can {what}.")
 
 
@@ -112,6 +121,10 @@ async def _share(interaction: discord.Interaction, job: Job) -> None:
     require_owner_or_admin(interaction, job, "share it")
     if not bot.config.gallery.channel_id or bot.config.gallery.post == "off":
         raise Refused("No gallery channel is configured on this server.")
+    gallery = bot.get_channel(bot.config.gallery.channel_id)
+    if getattr(getattr(gallery, "guild", None), "id", None) != interaction.guild_id:
+        # The gallery is one channel of one server: results made elsewhere are not posted into it.
+        raise Refused("The gallery channel is on another server; results made here cannot be shared to it.")
     await interaction.response.defer(ephemeral=True, thinking=True)
     message_id = await bot.jobs.post_to_gallery(job.job_id)
     if message_id is None:
@@ -145,7 +158,8 @@ async def _remix(interaction: discord.Interaction, job: Job) -> None:
 
 
 async def _gallery_delete(interaction: discord.Interaction, job: Job) -> None:
-    require_owner_or_admin(interaction, job, "remove it from the gallery")
+    # The gallery post's server decides (the job may come from another home server).
+    require_owner_or_admin(interaction, job, "remove it from the gallery", where=interaction.guild_id)
     await interaction.response.send_message("Removed from the gallery.", ephemeral=True)
     if interaction.message is not None:
         await interaction.message.delete()
@@ -171,10 +185,29 @@ _BUTTONS: dict[str, Callable[[discord.Interaction, Job], Awaitable[None]]] = {
 }
 
 
+# Buttons under a gallery post; all others sit under the job's own message.
+_GALLERY_ACTIONS = frozenset({"remix", "gdel"})
+
+
+async def check_message_shows(interaction: discord.Interaction, action: str, job: Job) -> None:
+    """Refuse a press whose message is not the job's own (or its gallery post): a forged or stale custom id."""
+    message_id = interaction.message.id if interaction.message is not None else None
+    if action in _GALLERY_ACTIONS:
+        shown = {i.gallery_message_id for i in await bot_of(interaction).db.images(job.job_id)}
+    else:
+        shown = {job.message_id}
+    if message_id is None or message_id not in shown:
+        log.warning("button %s:%s pressed by user %s on message %s, which is not that job's", action, job.job_id,
+                    interaction.user.id, message_id)
+        raise Refused(f"This button does not belong to job `{job.job_id}`; use the buttons under that job's "
+                      "own message.")
+
+
 async def handle_button(interaction: discord.Interaction, action: str, job_id: str) -> None:
     """Every persistent button lands here (see ``bot.views.JobButton``)."""
     try:
         job = await load_job(bot_of(interaction), job_id)
+        await check_message_shows(interaction, action, job)
         await _BUTTONS[action](interaction, job)
     except Exception as exc:
         await report_error(interaction, exc, job_id=job_id)

@@ -18,7 +18,7 @@ from discord.ext import commands
 
 from bot.catalog import AdapterCatalog
 from bot.db import Database
-from bot.errors import StartupError
+from bot.errors import NotAllowed, StartupError
 from bot.jobs import JobManager
 from bot.replies import report_error
 from bot.views import JobButton
@@ -43,6 +43,9 @@ class ArcaeTree(app_commands.CommandTree):
     """The one place command errors are handled: user-facing ones become ephemeral replies."""
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        if isinstance(error, app_commands.CommandNotFound):
+            # E.g. an admin command Discord still shows from an older global sync: not registered here.
+            error = NotAllowed(f"/{error.name} is not available in this server.")
         await report_error(interaction, error)
 
 
@@ -80,15 +83,31 @@ class ArcaeBot(commands.Bot):
             self._warn_unrated(False)
         await self._connect_engine()
 
+    def _home_only_commands(self) -> None:
+        """Register the admin cogs' commands to the home servers only (none when there are none)."""
+        homes = [discord.Object(id=g) for g in sorted(self.config.discord.home_guilds)]
+        for cog in self.cogs.values():
+            if not getattr(cog, "admin_only", False):
+                continue
+            for command in cog.get_app_commands():
+                self.tree.remove_command(command.name)
+                if homes:
+                    self.tree.add_command(command, guilds=homes)
+        if not homes:
+            log.warning("no home servers configured ([discord] home_guild_ids or guild_ids): admin commands "
+                        "(/status, /audit, /train, /adapter) are off")
+
     async def _sync_commands(self) -> None:
+        """User commands globally or to ``guild_ids``; admin commands only to the home servers."""
+        self._home_only_commands()
         guild_ids = self.config.discord.guild_ids
         if not guild_ids:
             synced = await self.tree.sync()
             log.info("synced %d commands globally (Discord may take up to an hour to show them)", len(synced))
-            return
-        for guild_id in guild_ids:
+        for guild_id in sorted(set(guild_ids) | self.config.discord.home_guilds):
             guild = discord.Object(id=guild_id)
-            self.tree.copy_global_to(guild=guild)
+            if guild_ids:
+                self.tree.copy_global_to(guild=guild)
             synced = await self.tree.sync(guild=guild)
             log.info("synced %d commands to guild %s", len(synced), guild_id)
 

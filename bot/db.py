@@ -204,11 +204,20 @@ class Database:
         rows = await self._all(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY created_at", statuses)
         return [Job.from_row(r) for r in rows]
 
-    async def user_jobs(self, user_id: int, statuses: tuple[str, ...] = ACTIVE) -> list[Job]:
+    async def user_jobs(self, user_id: int, statuses: tuple[str, ...] = ACTIVE, *,
+                        guild_id: int | None = None) -> list[Job]:
+        """A user's jobs (in one server when ``guild_id`` is given), oldest first."""
         marks = ",".join("?" * len(statuses))
-        rows = await self._all(f"SELECT * FROM jobs WHERE user_id = ? AND status IN ({marks}) ORDER BY created_at",
-                               (user_id, *statuses))
+        where = "" if guild_id is None else " AND guild_id = ?"
+        rows = await self._all(f"SELECT * FROM jobs WHERE user_id = ? AND status IN ({marks}){where}"
+                               " ORDER BY created_at", (user_id, *statuses, *(() if guild_id is None else (guild_id,))))
         return [Job.from_row(r) for r in rows]
+
+    async def count_active_in(self, guild_id: int | None) -> int:
+        """Jobs waiting or running that were started in one server."""
+        row = await self._one("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running') AND guild_id IS ?",
+                              (guild_id,))
+        return int(row[0]) if row else 0
 
     async def count_active(self, user_id: int | None = None) -> int:
         if user_id is None:
@@ -276,9 +285,13 @@ class Database:
         rows = await self._all("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (job_id,))
         return [Image(**dict(r)) for r in rows]
 
-    async def jobs_by_seed(self, seed: int, limit: int = 5) -> list[Job]:
+    async def jobs_by_seed(self, seed: int, limit: int = 5, *, user_id: int | None = None,
+                           guild_id: int | None = None) -> list[Job]:
+        """Jobs with an image of this seed, newest first: of one user, or of one server (``guild_id``)."""
+        owner = "jobs.user_id = ?" if user_id is not None else "jobs.guild_id IS ?"
         rows = await self._all("SELECT DISTINCT jobs.* FROM jobs JOIN images USING (job_id) WHERE images.seed = ?"
-                               " ORDER BY jobs.created_at DESC LIMIT ?", (seed, limit))
+                               f" AND {owner} ORDER BY jobs.created_at DESC LIMIT ?",
+                               (seed, user_id if user_id is not None else guild_id, limit))
         return [Job.from_row(r) for r in rows]
 
     async def set_gallery_message(self, job_id: str, channel_id: int | None, message_id: int | None) -> None:
@@ -299,12 +312,13 @@ class Database:
         await self._write("UPDATE images SET stars = ? WHERE gallery_message_id = ?", (stars, message_id))
         return stars
 
-    async def top_gallery(self, limit: int) -> list[sqlite3.Row]:
+    async def top_gallery(self, limit: int, guild_id: int | None) -> list[sqlite3.Row]:
+        """The most starred gallery posts of images made in one server."""
         return await self._all(
             "SELECT images.job_id, images.gallery_channel_id, images.gallery_message_id, MAX(images.stars) AS stars,"
             " jobs.user_id, jobs.params_json, jobs.guild_id FROM images JOIN jobs USING (job_id)"
-            " WHERE images.gallery_message_id IS NOT NULL GROUP BY images.gallery_message_id"
-            " ORDER BY stars DESC, jobs.created_at DESC LIMIT ?", (limit,))
+            " WHERE images.gallery_message_id IS NOT NULL AND jobs.guild_id IS ? GROUP BY images.gallery_message_id"
+            " ORDER BY stars DESC, jobs.created_at DESC LIMIT ?", (guild_id, limit))
 
     # ------------------------------------------------------------------ settings, adapters, audit
 
@@ -345,5 +359,7 @@ class Database:
                           " VALUES (?, ?, ?, ?, ?, ?)",
                           (time.time(), user_id, guild_id, action, target, json.dumps(detail or {})))
 
-    async def audit_entries(self, limit: int = 50) -> list[sqlite3.Row]:
-        return await self._all("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
+    async def audit_entries(self, guild_id: int | None, limit: int = 50) -> list[sqlite3.Row]:
+        """The newest admin actions taken in one server."""
+        return await self._all("SELECT * FROM audit_log WHERE guild_id IS ? ORDER BY id DESC LIMIT ?",
+                               (guild_id, limit))

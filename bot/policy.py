@@ -45,21 +45,33 @@ def aspect_size(aspect: str, config: ArcaeConfig) -> tuple[int, int]:
     return max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8)
 
 
+def is_home(guild_id: int | None, config: ArcaeConfig) -> bool:
+    """One of Arcae's home servers (the only ones with admin commands)."""
+    return guild_id is not None and guild_id in config.discord.home_guilds
+
+
 def is_admin(user: discord.abc.User, guild: discord.Guild | None, config: ArcaeConfig) -> bool:
-    """Configured admin users and roles, and the guild owner. Checked server-side on every admin action."""
-    if user.id in config.discord.admin_user_ids:
-        return True
-    if guild is not None and guild.owner_id == user.id:
+    """An Arcae admin here: in a home server only, a configured admin user or role, or that server's owner.
+
+    The owner of any other server the bot was invited to is not an admin: adapters, training and
+    the queue are shared by every server, so only the operator's servers may change them.
+    """
+    if guild is None or not is_home(guild.id, config):
+        return False
+    if user.id in config.discord.admin_user_ids or guild.owner_id == user.id:
         return True
     roles = getattr(user, "roles", None) or []
     return any(role.id in config.discord.admin_role_ids for role in roles)
 
 
 def require_admin(interaction: discord.Interaction, config: ArcaeConfig) -> None:
-    """Raise ``NotAllowed`` unless the interaction's user is an Arcae admin."""
+    """Raise ``NotAllowed`` unless the interaction's user is an Arcae admin of this (home) server."""
+    if not is_home(interaction.guild_id, config):
+        raise NotAllowed("Admin commands work only in Arcae's home servers (chosen by the bot's operator), "
+                         "and this server is not one of them.")
     if not is_admin(interaction.user, interaction.guild, config):
         raise NotAllowed("This command is for Arcae admins only (configured admin roles or users, "
-                         "or the server owner).")
+                         "or the owner of this home server).")
 
 
 def channel_is_nsfw(channel: object) -> bool:

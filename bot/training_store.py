@@ -144,19 +144,18 @@ class TrainingStore:
                                   " ORDER BY created_at")
         return [RunRow.from_row(r) for r in rows]
 
-    async def latest(self, statuses: tuple[str, ...] | None = None) -> RunRow | None:
-        """The newest run (with one of ``statuses`` when given)."""
-        if statuses:
-            marks = ",".join("?" * len(statuses))
-            row = await self.db._one(f"SELECT * FROM training_runs WHERE status IN ({marks})"
-                                     " ORDER BY created_at DESC, rowid DESC LIMIT 1", statuses)
-        else:
-            row = await self.db._one("SELECT * FROM training_runs ORDER BY created_at DESC, rowid DESC LIMIT 1")
+    async def latest(self, statuses: tuple[str, ...] | None = None, *, guild_id: int | None) -> RunRow | None:
+        """The newest run started in server ``guild_id`` (with one of ``statuses`` when given)."""
+        statuses = statuses or TERMINAL + ("pending", "running")
+        marks = ",".join("?" * len(statuses))
+        row = await self.db._one(f"SELECT * FROM training_runs WHERE status IN ({marks}) AND guild_id IS ?"
+                                 " ORDER BY created_at DESC, rowid DESC LIMIT 1", (*statuses, guild_id))
         return RunRow.from_row(row) if row else None
 
-    async def recent(self, limit: int = 25) -> list[RunRow]:
-        rows = await self.db._all("SELECT * FROM training_runs ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                                  (limit,))
+    async def recent(self, limit: int = 25, *, guild_id: int | None) -> list[RunRow]:
+        """The newest runs started in server ``guild_id``."""
+        rows = await self.db._all("SELECT * FROM training_runs WHERE guild_id IS ?"
+                                  " ORDER BY created_at DESC, rowid DESC LIMIT ?", (guild_id, limit))
         return [RunRow.from_row(r) for r in rows]
 
     async def audit(self, *, user_id: int, guild_id: int | None, action: str, target: str = "",

@@ -44,6 +44,8 @@ class DiscordConfig(_Section):
 
     token_env: str = "ARCAE_DISCORD_TOKEN"
     guild_ids: list[int] = []
+    # Servers where admin commands exist and work; empty = the guild_ids (see ``home_guilds``).
+    home_guild_ids: list[int] = []
     admin_role_ids: list[int] = []
     admin_user_ids: list[int] = []
     allowed_channel_ids: list[int] = []
@@ -54,6 +56,19 @@ class DiscordConfig(_Section):
     api_base: str = ""
     # For a gateway proxy; empty = the URL Discord announces.
     gateway_url: str = ""
+
+    @field_validator("guild_ids", "home_guild_ids")
+    @classmethod
+    def _server_ids(cls, value: list[int]) -> list[int]:
+        bad = [v for v in value if v <= 0]
+        if bad:
+            raise ValueError(f"server ids are positive Discord ids (right-click the server, Copy Server ID); got {bad}")
+        return value
+
+    @property
+    def home_guilds(self) -> frozenset[int]:
+        """Arcae's home servers: ``home_guild_ids``, else ``guild_ids``; empty means admin commands are off."""
+        return frozenset(self.home_guild_ids or self.guild_ids)
 
 
 class EngineConfig(_Section):

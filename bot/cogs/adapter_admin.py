@@ -50,6 +50,8 @@ def set_default_weight(adapters_dir: Path, name: str, weight: float) -> None:
 class AdapterAdmin(commands.Cog):
     """The /adapter command group."""
 
+    admin_only = True  # its commands are registered to the home servers only (bot.app)
+
     adapter = app_commands.Group(name="adapter", description="Manage live LoRA adapters (admins)",
                                  guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
 
@@ -84,7 +86,10 @@ class AdapterAdmin(commands.Cog):
         require_admin(interaction, self.bot.config)
         from training import lifecycle
 
-        row = await self.flow.store.get(run) if run else await self.flow.store.latest(("completed",))
+        store = self.flow.store
+        row = await store.get(run) if run else await store.latest(("completed",), guild_id=interaction.guild_id)
+        if row is not None and row.guild_id != interaction.guild_id:
+            row = None  # another server's run is not shown, even by id
         if row is None:
             raise InvalidOption(f"No training run `{run}`." if run else "No completed training run to promote.")
         if row.active:
@@ -206,7 +211,7 @@ class AdapterAdmin(commands.Cog):
             return []
         from bot.cogs.training import run_choices
 
-        runs: list[RunRow] = [r for r in await self.flow.store.recent() if not r.active]
+        runs: list[RunRow] = [r for r in await self.flow.store.recent(guild_id=interaction.guild_id) if not r.active]
         return run_choices(runs, current)
 
     for _command in (rollback, delete, info, set_weight):

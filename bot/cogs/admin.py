@@ -1,7 +1,8 @@
 """Admin commands: engine status and the audit log.
 
-Hidden from members by default permissions, and checked server-side with
-``require_admin`` because a server owner can re-grant commands to anyone.
+Registered to the home servers only (``bot.app``), hidden from members by default permissions,
+and checked server-side with ``require_admin`` because a server owner can re-grant commands to
+anyone (and a stale or forged command may arrive from any server).
 Training commands (/train, /adapter) arrive as their own cog and follow this pattern.
 """
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 class Admin(commands.Cog):
     """Engine status and audit log, for admins."""
+
+    admin_only = True  # its commands are registered to the home servers only (bot.app)
 
     def __init__(self, bot: "ArcaeBot") -> None:
         self.bot = bot
@@ -64,7 +67,7 @@ class Admin(commands.Cog):
     @app_commands.default_permissions(manage_guild=True)
     async def audit(self, interaction: discord.Interaction) -> None:
         require_admin(interaction, self.bot.config)
-        rows = await self.bot.db.audit_entries(20)
+        rows = await self.bot.db.audit_entries(interaction.guild_id, 20)  # this server's actions only
         lines = [f"<t:{int(r['at'])}:R> <@{r['user_id']}> {r['action']} `{r['target']}` "
                  f"{embeds.truncate(json.dumps(json.loads(r['detail_json'])), 200)}" for r in rows]
         await reply(interaction, embeds.truncate("\n".join(lines) or "No admin actions recorded.", 2000))

@@ -43,7 +43,7 @@ class Gallery(commands.Cog):
     async def top(self, interaction: discord.Interaction) -> None:
         count = self.bot.config.gallery.top_count
         # Fetch extra rows: some may be left out of a channel that is not age-restricted.
-        rows = [r for r in await self.bot.db.top_gallery(count * 4)
+        rows = [r for r in await self.bot.db.top_gallery(count * 4, interaction.guild_id)
                 if await self._listable(r, channel_is_nsfw(interaction.channel))][:count]
         if not rows:
             await reply(interaction, "The gallery is empty so far.")

@@ -1,4 +1,8 @@
-"""/queue, /cancel and /info: where a user's jobs stand, stopping one, and full parameters."""
+"""/queue, /cancel and /info: where a user's jobs stand, stopping one, and full parameters.
+
+All three see only the server they are asked in, and /info only the asker's own jobs (a home
+server's admins: that server's jobs), so no one reads another user's prompts by guessing ids or seeds.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from discord.ext import commands
 
 from bot import embeds
 from bot.actions import load_job, require_owner_or_admin
+from bot.db import Job
 from bot.errors import JobNotFound, Refused
+from bot.policy import is_admin
 from bot.replies import reply
 
 if TYPE_CHECKING:
@@ -26,13 +32,13 @@ class Jobs(commands.Cog):
     @app_commands.command(name="queue", description="Your jobs and their place in the queue")
     @app_commands.guild_only()
     async def queue(self, interaction: discord.Interaction) -> None:
-        mine = await self.bot.db.user_jobs(interaction.user.id)
-        total = await self.bot.db.count_active()
+        mine = await self.bot.db.user_jobs(interaction.user.id, guild_id=interaction.guild_id)
+        total = await self.bot.db.count_active_in(interaction.guild_id)
         lines = []
         for job in mine:
             lines.append(f"`{job.job_id}` · {self.bot.jobs.describe_state(job)} · "
                          f"{embeds.truncate(job.params.prompt, 60)}")
-        head = f"**{total}** job(s) waiting or running in all."
+        head = f"**{total}** job(s) waiting or running on this server."
         body = "\n".join(lines) if lines else "You have no jobs waiting or running."
         await reply(interaction, f"{head}\n{body}")
 
@@ -41,7 +47,7 @@ class Jobs(commands.Cog):
     @app_commands.describe(job_id="The job to cancel (default: your latest waiting or running job)")
     async def cancel(self, interaction: discord.Interaction, job_id: Optional[str] = None) -> None:
         if job_id is None:
-            mine = await self.bot.db.user_jobs(interaction.user.id)
+            mine = await self.bot.db.user_jobs(interaction.user.id, guild_id=interaction.guild_id)
             if not mine:
                 raise Refused("You have no job waiting or running.")
             job = mine[-1]
@@ -62,16 +68,33 @@ class Jobs(commands.Cog):
     @app_commands.describe(query="A job id, or a seed")
     async def info(self, interaction: discord.Interaction, query: str) -> None:
         query = query.strip()
-        job = await self.bot.db.get_job(query)
-        if job is None and query.isdigit():
-            found = await self.bot.db.jobs_by_seed(int(query), limit=1)
-            job = found[0] if found else None
+        job = await self._visible_job(interaction, query)
         if job is None:
-            raise JobNotFound(f"No job with id or seed `{embeds.truncate(query, 80)}`.")
+            # The same answer whether the job does not exist or is someone else's: ids and seeds reveal nothing.
+            raise JobNotFound(f"No job of yours with id or seed `{embeds.truncate(query, 80)}`.")
         embed = embeds.params_embed(job, title=f"Job {job.job_id} · {job.status}")
         if job.error:
             embed.add_field(name="Error", value=embeds.truncate(job.error, embeds.FIELD_LIMIT), inline=False)
         await reply(interaction, "", embed=embed)
+
+    async def _visible_job(self, interaction: discord.Interaction, query: str) -> Job | None:
+        """The job ``query`` names (id, else seed) if the asker may read it: their own, or, for a home
+        server's admins, any job started in that server."""
+        admin = is_admin(interaction.user, interaction.guild, self.bot.config)
+
+        def visible(job: Job | None) -> bool:
+            return job is not None and (job.user_id == interaction.user.id
+                                        or (admin and job.guild_id == interaction.guild_id))
+
+        job = await self.bot.db.get_job(query)
+        if visible(job):
+            return job
+        if not query.isdigit():
+            return None
+        found = await self.bot.db.jobs_by_seed(int(query), limit=1, user_id=interaction.user.id)
+        if not found and admin:
+            found = await self.bot.db.jobs_by_seed(int(query), limit=1, guild_id=interaction.guild_id)
+        return found[0] if found and visible(found[0]) else None
 
 
 async def setup(bot: "ArcaeBot") -> None:

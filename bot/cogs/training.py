@@ -127,6 +127,8 @@ def run_choices(runs: list[RunRow], current: str) -> list[app_commands.Choice[st
 class Training(commands.Cog):
     """The /train command group."""
 
+    admin_only = True  # its commands are registered to the home servers only (bot.app)
+
     train = app_commands.Group(name="train", description="Train LoRA adapters from images (admins)",
                                guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
 
@@ -146,10 +148,14 @@ class Training(commands.Cog):
 
     # ------------------------------------------------------------------ helpers
 
-    async def _run(self, run_id: Optional[str], *, statuses: tuple[str, ...] | None = None,
+    async def _run(self, interaction: discord.Interaction, run_id: Optional[str], *,
+                   statuses: tuple[str, ...] | None = None,
                    none: str = "No training run yet; start one with /train start.") -> RunRow:
+        """A run of this server (another server's runs are not shown, even by id)."""
         store = self.flow.store
-        run = await store.get(run_id) if run_id else await store.latest(statuses)
+        run = await store.get(run_id) if run_id else await store.latest(statuses, guild_id=interaction.guild_id)
+        if run is not None and run.guild_id != interaction.guild_id:
+            run = None
         if run is None:
             raise InvalidOption(f"No training run `{run_id}` (see /train status)." if run_id else none)
         return run
@@ -158,7 +164,7 @@ class Training(commands.Cog):
                                  current: str) -> list[app_commands.Choice[str]]:
         if not is_admin(interaction.user, interaction.guild, self.bot.config):
             return []
-        return run_choices(await self.flow.store.recent(), current)
+        return run_choices(await self.flow.store.recent(guild_id=interaction.guild_id), current)
 
     async def _autocomplete_datasets(self, interaction: discord.Interaction,
                                      current: str) -> list[app_commands.Choice[str]]:
@@ -363,7 +369,7 @@ class Training(commands.Cog):
     @app_commands.describe(run="Run id (default: the newest run)")
     async def status(self, interaction: discord.Interaction, run: Optional[str] = None) -> None:
         require_admin(interaction, self.bot.config)
-        row = await self._run(run)
+        row = await self._run(interaction, run)
         await interaction.response.defer(ephemeral=True, thinking=True)
         from bot.training_views import status_embed
 
@@ -374,7 +380,8 @@ class Training(commands.Cog):
     @app_commands.describe(run="Run id (default: the active run)")
     async def cancel(self, interaction: discord.Interaction, run: Optional[str] = None) -> None:
         require_admin(interaction, self.bot.config)
-        row = await self._run(run, statuses=("pending", "running"), none="No training run is being trained now.")
+        row = await self._run(interaction, run, statuses=("pending", "running"),
+                              none="No training run is being trained now.")
         if not row.active:
             raise Refused(f"Training run `{row.run_id}` has already ended ({row.status}).")
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -390,7 +397,7 @@ class Training(commands.Cog):
     async def checkpoints(self, interaction: discord.Interaction, run: Optional[str] = None,
                           choose: Optional[int] = None) -> None:
         require_admin(interaction, self.bot.config)
-        row = await self._run(run)
+        row = await self._run(interaction, run)
         await interaction.response.defer(ephemeral=True, thinking=True)
         from bot.training_views import checkpoint_page, choose_step
         from training.run_record import read_run

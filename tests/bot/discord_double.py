@@ -77,7 +77,15 @@ class DiscordDouble:
         self.channel = self._channel("general", nsfw=False)
         self.nsfw_channel = self._channel("after-dark", nsfw=True)
         self.gallery_channel = self._channel("gallery", nsfw=False)
-        self.channels = {c["id"]: c for c in (self.channel, self.nsfw_channel, self.gallery_channel)}
+        # A second server the bot was invited to, owned by a stranger: not one of Arcae's home servers.
+        # alice is a member of both.
+        self.other_guild_id = self.snowflake()
+        self.stranger = self._user("stranger")
+        self.other_channel = self._channel("elsewhere", nsfw=False, guild_id=self.other_guild_id)
+        self.channels = {c["id"]: c for c in (self.channel, self.nsfw_channel, self.gallery_channel,
+                                              self.other_channel)}
+        # Synced commands by scope, as Discord keeps them: "global", or a guild id; each PUT replaces one scope.
+        self.command_scopes: dict[str, dict[str, dict[str, Any]]] = {}
         self.calls: list[Call] = []
         self.messages: dict[int, dict[str, Any]] = {}
         self.deleted: set[int] = set()
@@ -102,14 +110,17 @@ class DiscordDouble:
         return {"id": uid or self.snowflake(), "username": name, "discriminator": "0",
                 "global_name": name, "avatar": None, "bot": bot, "public_flags": 0}
 
-    def _channel(self, name: str, *, nsfw: bool) -> dict[str, Any]:
-        return {"id": self.snowflake(), "type": 0, "guild_id": self.guild_id, "name": name,
+    def _channel(self, name: str, *, nsfw: bool, guild_id: str | None = None) -> dict[str, Any]:
+        return {"id": self.snowflake(), "type": 0, "guild_id": guild_id or self.guild_id, "name": name,
                 "position": 0, "nsfw": nsfw, "topic": None, "parent_id": None,
                 "permission_overwrites": [], "rate_limit_per_user": 0, "last_message_id": None}
 
-    def _member(self, user: dict[str, Any]) -> dict[str, Any]:
-        admin = user["id"] in (self.owner["id"], self.admin["id"])
-        return {"user": user, "roles": self.roles.get(user["id"], []), "flags": 0, "nick": None,
+    def _member(self, user: dict[str, Any], guild_id: str | None = None) -> dict[str, Any]:
+        if guild_id is not None and guild_id != self.guild_id:  # the stranger's server: only he is an admin
+            admin, roles = user["id"] == self.stranger["id"], []
+        else:
+            admin, roles = user["id"] in (self.owner["id"], self.admin["id"]), self.roles.get(user["id"], [])
+        return {"user": user, "roles": roles, "flags": 0, "nick": None,
                 "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False, "mute": False,
                 "pending": False, "avatar": None,
                 "permissions": ADMIN_PERMISSIONS if admin else MEMBER_PERMISSIONS}
@@ -184,10 +195,12 @@ class DiscordDouble:
         self.identifies += 1
         self._seq = 0
         ready = {"v": 10, "user": self.bot_user, "session_id": f"session-{self.identifies}",
-                 "resume_gateway_url": self.gateway_url, "guilds": [{"id": self.guild_id, "unavailable": True}],
+                 "resume_gateway_url": self.gateway_url, "guilds": [{"id": self.guild_id, "unavailable": True},
+                                                                  {"id": self.other_guild_id, "unavailable": True}],
                  "application": {"id": self.app_id, "flags": 0}, "shard": [0, 1]}
         await self._send(ws, "READY", ready)
         await self._send(ws, "GUILD_CREATE", self._guild_payload())
+        await self._send(ws, "GUILD_CREATE", self._other_guild_payload())
         self._touch()
 
     def _guild_payload(self) -> dict[str, Any]:
@@ -201,13 +214,26 @@ class DiscordDouble:
         members.append({**self._member(self.bot_user), "permissions": ADMIN_PERMISSIONS})
         return {"id": self.guild_id, "name": "Arcae Test Server", "owner_id": self.owner["id"],
                 "unavailable": False, "member_count": len(members), "large": False, "roles": roles,
-                "emojis": [], "stickers": [], "features": [], "channels": list(self.channels.values()),
+                "emojis": [], "stickers": [], "features": [],
+                "channels": [c for c in self.channels.values() if c["guild_id"] == self.guild_id],
                 "threads": [], "members": members, "voice_states": [], "presences": [],
                 "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
                 "icon": None, "splash": None, "mfa_level": 0, "verification_level": 0,
                 "explicit_content_filter": 0, "default_message_notifications": 0,
                 "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0,
                 "joined_at": "2024-01-01T00:00:00+00:00", "system_channel_id": None}
+
+    def _other_guild_payload(self) -> dict[str, Any]:
+        """The stranger's server: he owns it; alice is a member."""
+        gid = self.other_guild_id
+        payload = self._guild_payload()
+        members = [self._member(u, gid) for u in (self.stranger, self.alice)]
+        members.append({**self._member(self.bot_user, gid), "permissions": ADMIN_PERMISSIONS})
+        payload.update({"id": gid, "name": "Stranger's Server", "owner_id": self.stranger["id"],
+                        "roles": [{**payload["roles"][0], "id": gid}], "members": members,
+                        "member_count": len(members),
+                        "channels": [c for c in self.channels.values() if c["guild_id"] == gid]})
+        return payload
 
     async def _send(self, ws: web.WebSocketResponse, event: str, data: Any) -> None:
         self._seq += 1
@@ -225,18 +251,38 @@ class DiscordDouble:
         token = f"itok-{iid}"
         record = Interaction(int(iid), token, user, int(channel["id"]), kind)
         self.interactions[token] = record
+        gid = channel["guild_id"]
         payload = {"id": iid, "application_id": self.app_id, "type": kind, "token": token, "version": 1,
-                   "guild_id": self.guild_id, "channel_id": channel["id"], "channel": channel,
-                   "member": self._member(user), "locale": "en-US", "guild_locale": "en-US",
+                   "guild_id": gid, "channel_id": channel["id"], "channel": channel,
+                   "member": self._member(user, gid), "locale": "en-US", "guild_locale": "en-US",
                    "app_permissions": ADMIN_PERMISSIONS, "entitlements": [],
-                   "authorizing_integration_owners": {"0": self.guild_id}, "context": 0,
+                   "authorizing_integration_owners": {"0": gid}, "context": 0,
                    "attachment_size_limit": self.attachment_size_limit}
         return record, payload
 
     def _command(self, name: str) -> dict[str, Any]:
-        if name not in self.commands:
-            raise AssertionError(f"command {name!r} was never synced; synced: {sorted(self.commands)}")
-        return self.commands[name]
+        """The synced command ``name`` as the home server sees it."""
+        return self._resolve_command(name, self.guild_id)[0]
+
+    def _resolve_command(self, name: str, guild_id: str, *,
+                         anywhere: bool = False) -> tuple[dict[str, Any], str | None]:
+        """The command a user in ``guild_id`` invokes, and the guild it is registered to (None: global).
+
+        ``anywhere``: also a command registered only to another server, as a forged or stale invocation
+        (Discord would not offer it there, but the bot must refuse it if it arrives anyway).
+        """
+        for scope in (guild_id, "global"):
+            if name in self.command_scopes.get(scope, {}):
+                return self.command_scopes[scope][name], (None if scope == "global" else scope)
+        if name in self.commands and anywhere:
+            cmd = self.commands[name]
+            return cmd, cmd.get("guild_id")
+        raise AssertionError(f"command {name!r} was never synced to server {guild_id} or globally; "
+                             f"synced: {sorted(self.commands)}")
+
+    def commands_in(self, scope: str) -> set[str]:
+        """Names of the commands synced to ``scope`` ("global" or a guild id)."""
+        return set(self.command_scopes.get(scope, {}))
 
     def _options(self, spec: list[dict], values: dict[str, Any], focused: str | None) -> list[dict]:
         by_name = {o["name"]: o for o in spec}
@@ -251,10 +297,11 @@ class DiscordDouble:
         return out
 
     async def invoke_slash(self, user: dict, channel: dict, command: str, options: dict[str, Any] | None = None,
-                           *, focused: str | None = None, attachment_size_limit: int | None = None) -> Interaction:
+                           *, focused: str | None = None, attachment_size_limit: int | None = None,
+                           anywhere: bool = False) -> Interaction:
         """Run ``/command`` (``"gallery top"`` for a subcommand); ``focused`` makes it an autocomplete."""
         root, _, sub = command.partition(" ")
-        cmd = self._command(root)
+        cmd, registered_to = self._resolve_command(root, channel["guild_id"], anywhere=anywhere)
         record, payload = self._interaction_base(user, channel, 4 if focused else 2)
         if attachment_size_limit is not None:
             payload["attachment_size_limit"] = record.attachment_size_limit = attachment_size_limit
@@ -264,7 +311,9 @@ class DiscordDouble:
             opts = [{"name": sub, "type": 1, "options": self._options(sub_spec.get("options", []), options or {}, focused)}]
         else:
             opts = self._options(spec, options or {}, focused)
-        payload["data"] = {"id": cmd["id"], "name": root, "type": 1, "options": opts, "guild_id": self.guild_id}
+        payload["data"] = {"id": cmd["id"], "name": root, "type": 1, "options": opts}
+        if registered_to is not None:  # Discord names the guild of a guild command, none for a global one
+            payload["data"]["guild_id"] = registered_to
         await self.dispatch("INTERACTION_CREATE", payload)
         return record
 
@@ -289,7 +338,8 @@ class DiscordDouble:
         """Add a unicode emoji reaction as ``user``."""
         await self.dispatch("MESSAGE_REACTION_ADD", {
             "user_id": user["id"], "channel_id": str(message["channel_id"]), "message_id": message["id"],
-            "guild_id": self.guild_id, "emoji": {"id": None, "name": emoji}, "member": self._member(user),
+            "guild_id": self.channels[str(message["channel_id"])]["guild_id"], "emoji": {"id": None, "name": emoji},
+            "member": self._member(user, self.channels[str(message["channel_id"])]["guild_id"]),
             "burst": False, "type": 0})
 
     def expire(self, interaction: Interaction) -> None:
@@ -347,7 +397,8 @@ class DiscordDouble:
                 return ok({"message": "401: Unauthorized", "code": 0}, status=401)
             return ok(self.bot_user)
         if p[0] == "users" and len(p) == 2:
-            user = next((u for u in (self.owner, self.alice, self.bob, self.admin) if u["id"] == p[1]), None)
+            user = next((u for u in (self.owner, self.alice, self.bob, self.admin, self.stranger) if u["id"] == p[1]),
+                        None)
             return ok(user) if user else ok({"message": "Unknown User", "code": 10013}, status=404)
         if p == ["oauth2", "applications", "@me"]:
             return ok({"id": self.app_id, "name": "Arcae", "description": "", "icon": None, "bot_public": True,
@@ -357,7 +408,8 @@ class DiscordDouble:
             return ok({"url": self.gateway_url, "shards": 1,
                        "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}})
         if p[0] == "applications" and p[-1] == "commands":
-            return self._commands_route(method, body)
+            scope = p[3] if len(p) == 5 and p[2] == "guilds" else "global"
+            return self._commands_route(method, body, scope)
         if p[0] == "interactions":
             return self._callback(p[1], p[2], body, files)
         if p[0] == "webhooks":
@@ -368,20 +420,27 @@ class DiscordDouble:
 
     token = "test-token"
 
-    def _commands_route(self, method: str, body: Any) -> web.Response:
+    def _commands_route(self, method: str, body: Any, scope: str = "global") -> web.Response:
+        """Bulk overwrite (PUT) or list the commands of one scope; ``commands`` keeps every scope's, by name."""
         if method == "PUT":
-            out = []
+            out, replaced = [], {}
             for cmd in body or []:
-                stored = {**cmd, "id": self.commands.get(cmd["name"], {}).get("id") or self.snowflake(),
-                          "application_id": self.app_id, "version": "1", "guild_id": self.guild_id}
+                old = self.command_scopes.get(scope, {}).get(cmd["name"], {})
+                stored = {**cmd, "id": old.get("id") or self.snowflake(), "application_id": self.app_id,
+                          "version": "1"}
+                if scope != "global":
+                    stored["guild_id"] = scope
+                replaced[cmd["name"]] = stored
                 self.commands[cmd["name"]] = stored
                 out.append(stored)
+            self.command_scopes[scope] = replaced
             return _json(out)
-        return _json(list(self.commands.values()))
+        return _json(list(self.command_scopes.get(scope, {}).values()))
 
     def _new_message(self, channel_id: str, body: dict, files: list, *, interaction: Interaction | None = None) -> dict:
         mid = self.snowflake()
-        msg = {"id": mid, "channel_id": channel_id, "guild_id": self.guild_id, "type": 0 if interaction is None else 20,
+        guild_id = self.channels[channel_id]["guild_id"] if channel_id in self.channels else self.guild_id
+        msg = {"id": mid, "channel_id": channel_id, "guild_id": guild_id, "type": 0 if interaction is None else 20,
                "author": self.bot_user, "content": "", "embeds": [], "components": [], "attachments": [],
                "mentions": [], "mention_roles": [], "mention_everyone": False, "pinned": False, "tts": False,
                "timestamp": "2024-01-01T00:00:00+00:00", "edited_timestamp": None, "flags": 0,

@@ -195,7 +195,7 @@ async def test_settings_are_used_and_info_shows_parameters(stack):
     assert "custom-negative" in field(msg, "Negative")
     job = job_id_of(msg)
     for query in (job, "21"):
-        info = await d.invoke_slash(d.alice, d.channel, "info", {"query": query})
+        info = await d.invoke_slash(d.bob, d.channel, "info", {"query": query})
         await d.wait_for(lambda: info.callbacks, timeout=5)
         embed = ephemeral_reply(info)["embeds"][0]
         assert job in embed["title"] and any(f["value"] == "21" for f in embed["fields"])

@@ -110,14 +110,18 @@ async def test_database_migrates_once_in_wal_and_keeps_results_idempotently(tmp_
         job = await db.get_job("j1")
         assert job.status == "completed" and job.resolved.seed == 11 and job.delivered_at is None
         assert [j.job_id for j in await db.undelivered()] == ["j1"], "undelivered results survive a restart"
-        assert [j.job_id for j in await db.jobs_by_seed(11)] == ["j1"]
+        assert [j.job_id for j in await db.jobs_by_seed(11, user_id=1)] == ["j1"]
+        assert await db.jobs_by_seed(11, user_id=9) == [], "another user's seed finds nothing"
+        assert [j.job_id for j in await db.jobs_by_seed(11, guild_id=2)] == ["j1"]
+        assert await db.jobs_by_seed(11, guild_id=8) == [], "another server's seed finds nothing"
         await db.save_settings(1, UserSettings(fast=True, aspect="2:3"))
         assert await db.settings(1) == UserSettings(fast=True, aspect="2:3")
         await db.set_gallery_message("j1", 5, 77)
         assert await db.add_star(77, 100) == 1 and await db.add_star(77, 100) == 1 and await db.add_star(77, 101) == 2
         assert await db.add_star(78, 100) is None, "a reaction on another message is not a star"
         await db.audit(user_id=9, guild_id=2, action="cancel_job", target="j1")
-        assert (await db.audit_entries())[0]["action"] == "cancel_job"
+        assert (await db.audit_entries(2))[0]["action"] == "cancel_job"
+        assert await db.audit_entries(8) == [], "another server's audit log is its own"
     finally:
         await db.close()
     mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]

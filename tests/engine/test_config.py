@@ -92,3 +92,12 @@ def test_negative_cfg_in_a_file_names_file_key_and_rule(tmp_path):
         load_config(bad)
     assert str(bad) in str(info.value)
     assert "[generation] cfg = -1" in str(info.value) and "greater than or equal to 0" in str(info.value)
+
+
+def test_home_servers_default_to_the_synced_guilds_and_refuse_bad_ids():
+    assert parse_config({}).discord.home_guilds == frozenset(), "no home server: admin commands are off"
+    assert parse_config({"discord": {"guild_ids": [11, 12]}}).discord.home_guilds == {11, 12}
+    public = parse_config({"discord": {"guild_ids": [], "home_guild_ids": [11]}})
+    assert public.discord.home_guilds == {11}
+    with pytest.raises(ConfigError, match=r"home_guild_ids.*positive Discord ids"):
+        parse_config({"discord": {"home_guild_ids": [0]}})
