@@ -121,10 +121,6 @@ async def _share(interaction: discord.Interaction, job: Job) -> None:
     require_owner_or_admin(interaction, job, "share it")
     if not bot.config.gallery.channel_id or bot.config.gallery.post == "off":
         raise Refused("No gallery channel is configured on this server.")
-    gallery = bot.get_channel(bot.config.gallery.channel_id)
-    if getattr(getattr(gallery, "guild", None), "id", None) != interaction.guild_id:
-        # The gallery is one channel of one server: results made elsewhere are not posted into it.
-        raise Refused("The gallery channel is on another server; results made here cannot be shared to it.")
     await interaction.response.defer(ephemeral=True, thinking=True)
     message_id = await bot.jobs.post_to_gallery(job.job_id)
     if message_id is None:

@@ -206,19 +206,24 @@ class Delivery:
         try:
             return await self.bot.fetch_channel(channel_id)
         except (discord.HTTPException, discord.InvalidData) as exc:
-            log.warning("gallery channel %s cannot be fetched (%s); treating it as not age-restricted", channel_id, exc)
+            log.warning("gallery channel %s cannot be fetched (%s); nothing is posted there", channel_id, exc)
             return None
 
     async def post_gallery(self, job: Job, images: list[Image], author: str) -> int | None:
         """Post a finished job to the gallery channel; None when nothing could be shown there.
 
-        Raises ``Refused`` (saying why) when the content rules keep the job out of the gallery. A gallery
-        whose age restriction cannot be learnt counts as not age-restricted: the rules fail closed.
+        Raises ``Refused`` (saying why) when the job was made in another server than the gallery's, or the
+        content rules keep it out. A gallery channel that cannot be looked up takes nothing: the rules fail closed.
         """
         channel_id = self.config.gallery.channel_id
         if not channel_id:
             return None
         gallery = await self._gallery_channel(channel_id)
+        gallery_guild = getattr(getattr(gallery, "guild", None), "id", None)
+        if gallery_guild is None or gallery_guild != job.guild_id:
+            # The gallery is one channel of one server: results made in another server (or in a
+            # gallery whose server cannot be learnt) never go there, shared or posted automatically.
+            raise Refused("The gallery channel is on another server; results made here cannot be shared to it.")
         gallery_nsfw = channel_is_nsfw(gallery)
         refusal = gallery_refusal(job, images, gallery_nsfw, self.config)
         if refusal:

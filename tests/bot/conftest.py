@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "") -> str:
+def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "", gallery_post: str = "shared") -> str:
     """The [discord]/[gallery]/[limits] sections pointing the bot at the double and the engine."""
     return f"""
 [discord]
@@ -36,7 +36,7 @@ gateway_url = "{double.gateway_url}"
 
 [gallery]
 channel_id = {double.gallery_channel["id"]}
-post = "shared"
+post = "{gallery_post}"
 
 [limits]
 max_queued_per_user = 3
@@ -56,14 +56,15 @@ def with_unrated_action(extra: str, unrated_action: str | None) -> str:
 
 
 def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int, *,
-                       extra: str = "", rate_outputs: bool = False, unrated_action: str | None = "show") -> Path:
+                       extra: str = "", rate_outputs: bool = False, unrated_action: str | None = "show",
+                       gallery_post: str = "shared") -> Path:
     """One config file shared by the engine and the bot (remote mode on a fixed loopback port).
 
     The tiny model's outputs are unrated unless ``rate_outputs``; most tests want to see them in
     any channel, so ``unrated_action`` defaults to "show" here (the product's default is "withhold").
     """
     extra = with_unrated_action(extra, unrated_action)
-    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra))
+    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra, gallery_post=gallery_post))
     text = path.read_text(encoding="utf-8").replace(
         "[engine]\ndevice = \"cpu\"\nport = 0\n",
         f"[engine]\ndevice = \"cpu\"\nmode = \"remote\"\nhost = \"127.0.0.1\"\nport = {engine_port}\n"
@@ -139,7 +140,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_outputs: bool = False,
-                        unrated_action: str | None = "show"):
+                        unrated_action: str | None = "show", gallery_post: str = "shared"):
     """Start the double, the real engine (tiny model) and the real bot process; stop them after.
 
     ``extra`` is TOML for sections the base config lacks (e.g. [tagger], [training], [content]);
@@ -149,7 +150,7 @@ async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_out
     await double.start()
     port = free_port()
     config = write_stack_config(tmp, model_dir, double, port, extra=extra, rate_outputs=rate_outputs,
-                                unrated_action=unrated_action)
+                                unrated_action=unrated_action, gallery_post=gallery_post)
     env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     s = Stack(double, config, env, tmp)

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.bot.conftest import READY_LINE
+from tests.bot.conftest import READY_LINE, running_stack
 from tests.bot.test_bot_e2e import buttons, ephemeral_reply, field, finished, job_id_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -232,3 +232,17 @@ async def test_public_deployment_syncs_admin_commands_only_to_home_servers(stack
     assert "home server" in await answered(d, inter)
     inter = await d.invoke_slash(d.admin, d.channel, "status")
     assert "Jobs waiting or running" in await answered(d, inter)
+
+
+async def test_automatic_gallery_posts_take_only_the_gallery_servers_results(tiny_model_dir, tmp_path):
+    """With ``post = "all"``, a result made in a stranger's server never reaches the home gallery."""
+    async with running_stack(tmp_path, tiny_model_dir, gallery_post="all") as s:
+        d = s.double
+        # The stranger's job first: its automatic post is decided before the home job even finishes.
+        elsewhere = await imagine(d, d.alice, d.other_channel, "1girl, made elsewhere", seed=12)
+        home = await imagine(d, d.bob, d.channel, "1boy, made at home", seed=11)
+        home_job, other_job = job_id_of(home), job_id_of(elsewhere)
+        await d.wait_for(lambda: any(f"arcae:remix:{home_job}" in buttons(m)
+                                     for m in d.channel_messages(d.gallery_channel)), timeout=30)
+        posted = [m for m in d.channel_messages(d.gallery_channel) if f"arcae:remix:{other_job}" in buttons(m)]
+        assert not posted, "a stranger's server's result was posted into the home gallery"
