@@ -18,7 +18,7 @@ import yarl
 from discord.gateway import DiscordWebSocket
 
 from bot.errors import StartupError
-from engine.config import ArcaeConfig, ConfigError, Secrets, load_config, resolve_config_path
+from engine.contract.config import ArcaeConfig, ConfigError, Secrets, load_config, resolve_config_path
 
 TOKEN_HELP = (
     "set {env} to your bot's token: Discord Developer Portal (https://discord.com/developers/applications)"

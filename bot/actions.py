@@ -19,12 +19,12 @@ import discord
 
 from bot.db import Job
 from bot.errors import InvalidOption, JobNotFound, NotAllowed, Refused, UserFacingError
-from bot.jobs import new_job_id
+from bot.job_manager import new_job_id
 from bot.policy import (channel_is_nsfw, check_access, check_content, check_limits, check_ranges, content_rules,
                         is_admin, with_safety_negative)
 from bot.replies import reply, report_error
 from bot.views import RemixModal
-from engine import protocol
+from engine.contract import protocol
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot

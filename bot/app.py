@@ -19,10 +19,10 @@ from discord.ext import commands
 from bot.catalog import AdapterCatalog
 from bot.db import Database
 from bot.errors import NotAllowed, StartupError
-from bot.jobs import JobManager
+from bot.job_manager import JobManager
 from bot.replies import report_error
 from bot.views import JobButton
-from engine.config import ArcaeConfig, Secrets
+from engine.contract.config import ArcaeConfig, Secrets
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class ArcaeBot(commands.Bot):
 
         mode = self.config.engine.mode
         if mode == "redis":
-            from bot.dispatcher import Dispatcher
+            from engine.scaleout.dispatcher import Dispatcher
 
             link: Any = Dispatcher(self.config, self.secrets, on_event=self.jobs.on_event,
                                    on_connect=self._on_engine_connect)

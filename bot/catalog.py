@@ -11,7 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from engine import protocol
+from engine.contract import protocol
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot

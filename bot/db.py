@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterable
 
 import aiosqlite
 
-from engine import protocol
+from engine.contract import protocol
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 ACTIVE = ("pending", "running")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import discord
 
 from bot.db import Job
-from engine import protocol
+from engine.contract import protocol
 
 DESCRIPTION_LIMIT = 4096
 FIELD_LIMIT = 1024

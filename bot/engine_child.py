@@ -13,7 +13,7 @@ import collections
 import os
 import re
 
-from engine.config import ArcaeConfig
+from engine.contract.config import ArcaeConfig
 
 MAX_LOG_LINE_BYTES = 8192  # a longer run of child output without a line break is logged in pieces
 # What the engine child may inherit from the bot: what Python, torch, CUDA and the hub need.

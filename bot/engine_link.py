@@ -1,12 +1,12 @@
 """The bot's side of the engine: ``EngineLink`` (the client) and ``EngineSupervisor`` (the child).
 
-Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.protocol``,
-``engine.config`` and ``bot.engine_child``.
+Torch-free: imports only the standard library, aiohttp, pydantic, ``engine.contract.protocol``,
+``engine.contract.config`` and ``bot.engine_child``.
 
 - ``EngineLink`` keeps one websocket to the engine, reconnects in the background with backoff,
   and calls ``on_connect`` after every successful handshake (the bot resubmits its unfinished
   jobs there) and ``on_disconnect`` when an established connection is lost. The handshake is a
-  challenge-response over the shared secret (see ``engine.server``): the secret never crosses
+  challenge-response over the shared secret (see ``engine.service.server``): the secret never crosses
   the wire, and a peer that cannot prove it knows the secret is refused before any request is
   sent. Requests carry a ``rid`` that the engine echoes, so calls await their reply while job
   events stream to ``on_event`` on the same socket. Every way of not reaching the engine
@@ -39,8 +39,8 @@ import aiohttp
 from pydantic import SecretStr
 
 from bot.engine_child import LineReader, child_env
-from engine import protocol
-from engine.config import ArcaeConfig, Secrets
+from engine.contract import protocol
+from engine.contract.config import ArcaeConfig, Secrets
 
 log = logging.getLogger(__name__)
 engine_log = logging.getLogger("arcae.engine")
@@ -322,7 +322,7 @@ class EngineLink:
             await ws.close()
 
     async def _handshake(self, ws: aiohttp.ClientWebSocketResponse) -> protocol.HelloOk:
-        """Prove both ways that each side knows the secret, without sending it (see ``engine.server``).
+        """Prove both ways that each side knows the secret, without sending it (see ``engine.service.server``).
 
         The engine proves itself first: a peer that cannot (a stranger on the engine's port) is
         refused before this side sends its own proof or any request.

@@ -17,8 +17,8 @@ import discord
 
 from bot.db import Database, Image, Job
 from bot.errors import InvalidOption, NotAllowed, Refused
-from engine import protocol
-from engine.config import ArcaeConfig
+from engine.contract import protocol
+from engine.contract.config import ArcaeConfig
 
 # SDXL's trained buckets (width x height) by aspect label.
 SDXL_PRESETS: dict[str, tuple[int, int]] = {

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
-from engine import protocol
-from engine.config import ArcaeConfig
+from engine.contract import protocol
+from engine.contract.config import ArcaeConfig
 from engine.fsutil import write_bytes_atomic
 
 # Decoded format -> the suffix the bot stores it under.

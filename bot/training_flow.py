@@ -3,18 +3,18 @@
 The flow of one run (``/train start``):
 
 1. the bot downloads the attachments (sizes checked against ``[intake]`` first);
-2. ``training.dataset`` checks every file by content, captions the images with the WD tagger
+2. ``training.data.dataset_folder`` checks every file by content, captions the images with the WD tagger
    (onnxruntime, in a worker thread: the event loop never waits on it) and makes the dataset
    ``<datasets_dir>/<adapter name>`` visible in one rename;
 3. the run is recorded in SQLite (``training_runs``) and a ``TrainRequest`` goes to the engine,
    whose GPU worker runs it as preemptible steps between generation jobs;
 4. engine events update the row (progress, loss); ``Completed`` makes the bot score every
-   checkpoint (``training.checkpoints.score_run``: tagger recall of the dataset's signature tags
+   checkpoint (``training.data.checkpoints.score_run``: tagger recall of the dataset's signature tags
    against collapse) and tell the admin which checkpoint it recommends.
 
 Promotion (``/adapter promote``) is a separate, explicit step, so a failed or canceled run
-never changes what is live. The bot never imports torch: ``training.dataset``,
-``training.checkpoints`` and ``training.lifecycle`` are torch-free.
+never changes what is live. The bot never imports torch: ``training.data.dataset_folder``,
+``training.data.checkpoints`` and ``training.data.lifecycle`` are torch-free.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from bot.errors import InvalidOption, Refused
 from bot.training_store import RunRow, TrainingStore
-from engine import protocol
+from engine.contract import protocol
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -105,7 +105,7 @@ class TrainingFlow:
         """The WD tagger (loaded once, in a thread: onnxruntime session start takes seconds)."""
         async with self._tagger_lock:
             if self._tagger is None:
-                from training.tagger import WDTagger
+                from training.data.tagger import WDTagger
 
                 self._tagger = await asyncio.to_thread(WDTagger.from_config, self.config.tagger,
                                                        base_dir=self.config.base_dir)
@@ -122,8 +122,8 @@ class TrainingFlow:
     async def import_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]],
                             *, replace: bool = False) -> Any:
         """Intake + captions into ``datasets_dir/name`` (atomic); ``Refused`` says why nothing was kept."""
-        from training.dataset import import_with_config
-        from training.intake import IntakeRefused
+        from training.data.dataset_folder import import_with_config
+        from training.data.intake import IntakeRefused
 
         tagger = await self._tagger_or_refuse()
         try:
@@ -135,9 +135,9 @@ class TrainingFlow:
     async def add_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]]) -> Any:
         """Append new images to dataset ``name``: only they pass intake and count against the caps;
         the dataset's own images are kept byte for byte. ``Refused`` says why nothing changed."""
-        from training.captions import CaptionRecipe
-        from training.dataset_add import add_images
-        from training.intake import IntakeLimits, IntakeRefused
+        from training.data.captions import CaptionRecipe
+        from training.data.dataset_add import add_images
+        from training.data.intake import IntakeLimits, IntakeRefused
 
         tagger = await self._tagger_or_refuse()
         try:
@@ -149,7 +149,7 @@ class TrainingFlow:
             raise Refused(f"No images added: {exc.reason}") from None
 
     def datasets(self) -> list[str]:
-        from training.dataset import list_datasets
+        from training.data.dataset_folder import list_datasets
 
         return list_datasets(self.datasets_dir)
 
@@ -157,8 +157,8 @@ class TrainingFlow:
 
     def build_options(self, *, dataset: Path, kind: str, trigger: str, **overrides: Any) -> dict[str, Any]:
         """The ``TrainRequest.options``, validated here exactly as the engine will validate them."""
-        from training.errors import TrainingError
-        from training.train_config import from_config
+        from engine.contract.training_errors import TrainingError
+        from engine.contract.training_options import from_config
 
         given = {k: v for k, v in overrides.items() if k in DISCORD_OPTIONS and v is not None}
         options = {"dataset": str(dataset), "kind": kind, "trigger": trigger, **given}
@@ -282,7 +282,7 @@ class TrainingFlow:
 
     async def score(self, run: RunRow) -> int | None:
         """Score the run's checkpoints (tagger in a thread); store and return the recommended step."""
-        from training import checkpoints
+        from training.data import checkpoints
 
         run_dir = self.run_dir(run)
         try:

@@ -68,7 +68,7 @@ def caption_page(folder: Path, manifest: dict[str, Any], image: str | None) -> t
 def write_captions(folder: Path, manifest: dict[str, Any], uploads: list[tuple[str, bytes]]
                    ) -> tuple[list[str], list[tuple[str, str]]]:
     """Replace captions from uploaded ``NAME.txt`` files; return (updated images, refused files)."""
-    from training.run_record import write_atomic, write_json_atomic
+    from training.data.run_record import write_atomic, write_json_atomic
 
     by_stem = {Path(e["file"]).stem: e for e in manifest.get("images", [])}
     updated: list[str] = []
@@ -108,7 +108,7 @@ def _bar(step: int, total: int) -> str:
 
 
 def latest_grid(run_dir: Path) -> tuple[int, Path] | None:
-    from training.run_record import list_checkpoints
+    from training.data.run_record import list_checkpoints
 
     for step, folder in reversed(list_checkpoints(run_dir)):
         if (folder / "grid.png").is_file():
@@ -118,7 +118,7 @@ def latest_grid(run_dir: Path) -> tuple[int, Path] | None:
 
 def status_embed(run: RunRow, run_dir: Path, eta: str) -> tuple[discord.Embed, list[discord.File]]:
     """The run's progress, ETA, loss, checkpoints; the loss plot and latest sample grid attached."""
-    from training.run_record import list_checkpoints
+    from training.data.run_record import list_checkpoints
 
     embed = discord.Embed(title=f"Training run {run.run_id}", colour=embeds.COLOR)
     embed.add_field(name="Adapter", value=f"**{run.adapter_name}** ({run.kind}) · trigger `{run.trigger}`",
@@ -156,8 +156,8 @@ def _shown(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def choose_step(run_dir: Path, step: int) -> None:
-    from training.checkpoints import choose_checkpoint
-    from training.errors import TrainingError
+    from training.data.checkpoints import choose_checkpoint
+    from engine.contract.training_errors import TrainingError
 
     try:
         choose_checkpoint(run_dir, step)
@@ -168,8 +168,8 @@ def choose_step(run_dir: Path, step: int) -> None:
 def checkpoint_page(run: RunRow, run_dir: Path, record: dict[str, Any], max_grids: int
                     ) -> tuple[str, list[discord.File]]:
     """The score table (recommended *, chosen >) and the sample grids, best ones first."""
-    from training.checkpoints import CheckpointScore, format_table
-    from training.run_record import list_checkpoints
+    from training.data.checkpoints import CheckpointScore, format_table
+    from training.data.run_record import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:

@@ -10,7 +10,7 @@ Rules, in order:
 3. Within one owner, first in, first out.
 4. Bounded: ``push`` beyond ``limit`` raises ``errors.QueueFull`` instead of growing.
 
-Pure Python and NOT thread-safe: the owner (``engine.worker.GpuWorker``) guards every call
+Pure Python and NOT thread-safe: the owner (``engine.service.gpu_worker.GpuWorker``) guards every call
 with its own lock, so that a submit, the worker's pop and a cancel never interleave.
 """
 
@@ -21,7 +21,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from engine.errors import QueueFull
+from engine.contract.errors import QueueFull
 
 PRIORITIES = ("interactive", "batch")
 # Owners remembered for fairness after their queue emptied; older ones are forgotten (they

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny SDXL pipeline on disk (diffusers format), seed 0."""
-    from engine.tiny import make_tiny_model
+    from engine.generation.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sdxl", seed=0)
 

@@ -1,7 +1,7 @@
 """/adapter: promote a run's checkpoint to a live adapter, roll back, delete, info, set-weight.
 
 Admins only (hidden by default permissions and checked server-side), every change audit-logged.
-Changes go through ``training.lifecycle`` (atomic: a half-written adapter is never live; every
+Changes go through ``training.data.lifecycle`` (atomic: a half-written adapter is never live; every
 promoted version is kept for rollback), then the engine rescans its adapters between jobs
 (``ReloadAdaptersRequest``): the adapter is live without a restart. The bot and the engine share
 ``[adapters] dir`` (same host, or shared storage).
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def lifecycle_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a ``training.lifecycle`` function; its refusals become messages for the admin."""
-    from training.errors import TrainingError
+    """Run a ``training.data.lifecycle`` function; its refusals become messages for the admin."""
+    from engine.contract.training_errors import TrainingError
 
     try:
         return fn(*args, **kwargs)
@@ -41,8 +41,8 @@ def lifecycle_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def set_default_weight(adapters_dir: Path, name: str, weight: float) -> None:
-    """Rewrite the live adapter's ``default_weight`` (``training.lifecycle``, under its lock)."""
-    from training import lifecycle
+    """Rewrite the live adapter's ``default_weight`` (``training.data.lifecycle``, under its lock)."""
+    from training.data import lifecycle
 
     lifecycle_call(lifecycle.set_default_weight, name, weight, adapters_dir)
 
@@ -84,7 +84,7 @@ class AdapterAdmin(commands.Cog):
                       checkpoint: Optional[int] = None, name: Optional[str] = None,
                       weight: Optional[float] = None) -> None:
         require_admin(interaction, self.bot.config)
-        from training import lifecycle
+        from training.data import lifecycle
 
         store = self.flow.store
         row = await store.get(run) if run else await store.latest(("completed",), guild_id=interaction.guild_id)
@@ -119,7 +119,7 @@ class AdapterAdmin(commands.Cog):
     @app_commands.describe(name="Adapter name")
     async def rollback(self, interaction: discord.Interaction, name: str) -> None:
         require_admin(interaction, self.bot.config)
-        from training import lifecycle
+        from training.data import lifecycle
 
         await interaction.response.defer(ephemeral=True, thinking=True)
         result = await asyncio.to_thread(lifecycle_call, lifecycle.rollback, name, self.flow.adapters_dir)
@@ -134,7 +134,7 @@ class AdapterAdmin(commands.Cog):
     @app_commands.describe(name="Adapter name")
     async def delete(self, interaction: discord.Interaction, name: str) -> None:
         require_admin(interaction, self.bot.config)
-        from training import lifecycle
+        from training.data import lifecycle
 
         await interaction.response.defer(ephemeral=True, thinking=True)
         result = await asyncio.to_thread(lifecycle_call, lifecycle.delete, name, self.flow.adapters_dir)
@@ -149,7 +149,7 @@ class AdapterAdmin(commands.Cog):
     @app_commands.describe(name="Adapter name")
     async def info(self, interaction: discord.Interaction, name: str) -> None:
         require_admin(interaction, self.bot.config)
-        from training import lifecycle
+        from training.data import lifecycle
 
         await interaction.response.defer(ephemeral=True, thinking=True)
         await self.bot.catalog.refresh()

@@ -14,8 +14,8 @@ from bot.catalog import AdapterCatalog
 from bot.errors import InvalidOption
 from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access, check_content, check_ranges,
                         content_rules, with_safety_negative)
-from engine import protocol
-from engine.config import ArcaeConfig
+from engine.contract import protocol
+from engine.contract.config import ArcaeConfig
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot

@@ -25,11 +25,11 @@ from discord.ext import commands
 
 from bot import embeds
 from bot.errors import InvalidOption, Refused
-from bot.jobs import new_job_id
+from bot.job_manager import new_job_id
 from bot.policy import is_admin, require_admin
 from bot.training_flow import TrainingFlow, flow_for
 from bot.training_store import RunRow
-from engine import protocol
+from engine.contract import protocol
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -48,7 +48,7 @@ def attachment_list(*items: Optional[discord.Attachment]) -> list[discord.Attach
 
 def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, captions_ok: bool = True) -> None:
     """Refuse, before downloading, files that cannot be training images and uploads over the cap."""
-    from training.intake import CAPTION_SUFFIX, IMAGE_SUFFIXES
+    from training.data.intake import CAPTION_SUFFIX, IMAGE_SUFFIXES
 
     allowed = set(IMAGE_SUFFIXES) | {".zip"} | ({CAPTION_SUFFIX} if captions_ok else set())
     bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() not in allowed]
@@ -63,7 +63,7 @@ def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, capt
 
 def check_caption_uploads(attachments: list[discord.Attachment]) -> None:
     """Refuse, before downloading, caption uploads that are not ``.txt`` files or are over the caption cap."""
-    from training.intake import CAPTION_SUFFIX, MAX_CAPTION_BYTES
+    from training.data.intake import CAPTION_SUFFIX, MAX_CAPTION_BYTES
 
     bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() != CAPTION_SUFFIX]
     if bad:
@@ -89,8 +89,8 @@ async def download(attachments: list[discord.Attachment]) -> list[tuple[str, byt
 
 
 def check_adapter_name(name: str) -> str:
-    from training.errors import LifecycleError
-    from training.lifecycle import check_name
+    from engine.contract.training_errors import LifecycleError
+    from training.data.lifecycle import check_name
 
     try:
         return check_name(name)
@@ -299,7 +299,7 @@ class Training(commands.Cog):
                          image9: Optional[discord.Attachment] = None,
                          image10: Optional[discord.Attachment] = None) -> None:
         require_admin(interaction, self.bot.config)
-        from training.dataset import read_manifest
+        from training.data.dataset_folder import read_manifest
 
         attachments = attachment_list(image1, image2, image3, image4, image5, image6, image7, image8, image9, image10)
         manifest = self._manifest(dataset, read_manifest)
@@ -337,7 +337,7 @@ class Training(commands.Cog):
                        file3: Optional[discord.Attachment] = None, file4: Optional[discord.Attachment] = None,
                        file5: Optional[discord.Attachment] = None) -> None:
         require_admin(interaction, self.bot.config)
-        from training.dataset import read_manifest
+        from training.data.dataset_folder import read_manifest
 
         manifest = self._manifest(dataset, read_manifest)
         uploads = attachment_list(file1, file2, file3, file4, file5)
@@ -400,7 +400,7 @@ class Training(commands.Cog):
         row = await self._run(interaction, run)
         await interaction.response.defer(ephemeral=True, thinking=True)
         from bot.training_views import checkpoint_page, choose_step
-        from training.run_record import read_run
+        from training.data.run_record import read_run
 
         run_dir = self.flow.run_dir(row)
         if choose is not None:

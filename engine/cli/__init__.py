@@ -30,7 +30,7 @@ class CliError(Exception):
 
 def load_cli_config(path: str | None) -> Any:
     """``load_config(path)`` for a command: a bad or missing file becomes a ``CliError``."""
-    from engine.config import ConfigError, load_config
+    from engine.contract.config import ConfigError, load_config
 
     try:
         return load_config(path)

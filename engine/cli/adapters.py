@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace) -> tuple[Path, float, str]:
     """(adapters dir, default weight, LCM adapter name) from the arguments and the config."""
     from engine.cli import CliError
-    from engine.config import ConfigError, load_config
+    from engine.contract.config import ConfigError, load_config
 
     if args.adapters_dir and not args.config:
         return Path(args.adapters_dir), 1.0, ""
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from engine.cli import CliError
-    from engine.lora_files import scan_directory
+    from engine.generation.lora_files import scan_directory
 
     adapters_dir, default_weight, lcm_adapter = _settings(args)
     if not adapters_dir.is_dir():

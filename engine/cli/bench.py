@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gpu:
         import torch
 
-        from engine.bench_gpu import run_gpu_bench
+        from engine.benchmarks.gpu_bench import run_gpu_bench
 
         if not args.tiny and not torch.cuda.is_available():
             raise CliError("--gpu needs a CUDA device (torch.cuda.is_available() is False); use --gpu --tiny for a CPU smoke run")
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.table())
         print(f"\nJSON: {out}")
         return 0
-    from engine.bench import run_cpu_bench
+    from engine.benchmarks.cpu_bench import run_cpu_bench
 
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     run_cpu_bench(trials=args.trials, only=only or None, out=args.out)

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_config(args: argparse.Namespace) -> Any:
     """The config file (when given or present) with the command-line overrides applied."""
-    from engine.config import ConfigError, load_config, parse_config, resolve_config_path
+    from engine.contract.config import ConfigError, load_config, parse_config, resolve_config_path
 
     path = resolve_config_path(args.config)
     try:
@@ -63,7 +63,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def _adapter_mix(values: list[str]) -> list[Any]:
-    from engine.protocol import AdapterWeight
+    from engine.contract.protocol import AdapterWeight
 
     mix = []
     for value in values:
@@ -80,7 +80,7 @@ def _adapter_mix(values: list[str]) -> list[Any]:
 
 def _range_message(config: Any, field: str, value: Any, fast: bool) -> str | None:
     """The configured range for steps/CFG/count, for values beyond even the protocol's bounds."""
-    from engine.params import FAST_MAX_CFG, FAST_MAX_STEPS
+    from engine.generation.params import FAST_MAX_CFG, FAST_MAX_STEPS
 
     gen = config.generation
     ranges = {
@@ -97,9 +97,9 @@ def _range_message(config: Any, field: str, value: Any, fast: bool) -> str | Non
 def _request(args: argparse.Namespace, config: Any) -> Any:
     from pydantic import ValidationError
 
-    from engine.errors import InvalidRequest
-    from engine.params import parse_size
-    from engine.protocol import GenerationParams
+    from engine.contract.errors import InvalidRequest
+    from engine.generation.params import parse_size
+    from engine.contract.protocol import GenerationParams
 
     width = height = None
     try:
@@ -122,8 +122,8 @@ def _request(args: argparse.Namespace, config: Any) -> Any:
 
 def _precheck(config: Any, params: Any) -> None:
     """Reject bad values before spending time on loading the model."""
-    from engine.errors import EngineError
-    from engine.params import fast_lcm_missing_message, resolve_params
+    from engine.contract.errors import EngineError
+    from engine.generation.params import fast_lcm_missing_message, resolve_params
 
     adapters_dir = config.path(config.adapters.dir)
     known = sorted(p.stem for p in adapters_dir.glob("*.safetensors")) if adapters_dir.is_dir() else []
@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from engine.errors import EngineError
-    from engine.generator import Generator
+    from engine.contract.errors import EngineError
+    from engine.generation.generator import Generator
 
     try:
         generator = Generator.from_config(config)

@@ -14,11 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.tiny import make_tiny_model
+    from engine.generation.tiny import make_tiny_model
 
     import sys
 
-    from engine.tiny import write_tiny_config
+    from engine.generation.tiny import write_tiny_config
 
     path = make_tiny_model(args.dir, seed=args.seed)
     config = write_tiny_config(path, path, name=DEMO_CONFIG)

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from engine.config import Secrets
+    from engine.contract.config import Secrets
 
     config = load_cli_config(args.config)
     secrets = Secrets.from_env(config)
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= port <= 65535:
         raise CliError(f"--port must be between 0 and 65535, got {port}")
 
-    from engine.errors import EngineError
-    from engine.server import serve
+    from engine.contract.errors import EngineError
+    from engine.service.server import serve
 
     # stdout carries exactly one line, the ready line: anything a library prints goes to stderr.
     ready_stream = sys.stdout

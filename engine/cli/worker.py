@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import re
     import socket
 
-    from engine.config import Secrets
-    from engine.redis_keys import RedisConfigError, check_redis_url
+    from engine.contract.config import Secrets
+    from engine.scaleout.redis_keys import RedisConfigError, check_redis_url
 
     config = load_cli_config(args.config)
     secrets = Secrets.from_env(config)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         "prefix": args.prefix,
     }
 
-    from engine.errors import EngineError
+    from engine.contract.errors import EngineError
 
     # stdout carries exactly one line, the ready line: anything a library prints goes to stderr.
     ready_stream = sys.stdout
@@ -78,12 +78,12 @@ async def _serve(config, secrets, url, password, where, options, ready_stream) -
     import logging
     import signal
 
-    from engine.redis_keys import RedisKeys, make_client
-    from engine.redis_worker import BLOCK_MS, RedisWorker
-    from engine.server import build_worker
-    from engine.training_hook import training_factory
+    from engine.scaleout.redis_keys import RedisKeys, make_client
+    from engine.scaleout.redis_worker import BLOCK_MS, RedisWorker
+    from engine.service.server import build_worker
+    from engine.service.training_hook import training_factory
 
-    log = logging.getLogger("engine.worker")
+    log = logging.getLogger("engine.service.gpu_worker")
     client = make_client(url, password, block_ms=BLOCK_MS)
     try:
         await client.ping()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest_asyncio
 
-from tests.bot.discord_double import DiscordDouble
+from engine.benchmarks.discord_double import DiscordDouble
 from tests.conftest import PYTHON, REPO, write_config
 
 READY_LINE = "Arcae bot ready"
@@ -76,8 +76,8 @@ def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, e
 
 def make_adapters(adapters_dir: Path) -> None:
     """Random LoRAs for the tiny model: one style, two characters with trigger words."""
-    from engine.lora_synth import make_lora
-    from engine.tiny import build_tiny_components
+    from engine.benchmarks.lora_synth import make_lora
+    from engine.generation.tiny import build_tiny_components
 
     unet = build_tiny_components(0)["unet"]
     adapters_dir.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ from bot.delivery import Delivery, Prepared, batches, fit_to_limit
 from bot.embeds import params_embed, truncate
 from bot.errors import InvalidOption, Refused
 from bot.policy import aspect_size, blocked_tags_in, check_content, check_limits, check_ranges, content_rules
-from engine import protocol
-from engine.config import parse_config
-from tests.bot.discord_double import DiscordDouble
+from engine.contract import protocol
+from engine.contract.config import parse_config
+from engine.benchmarks.discord_double import DiscordDouble
 from tests.conftest import PYTHON, REPO
 
 CONFIG = parse_config({"generation": {"size": "64x64", "min_side": 32, "max_side": 256, "max_pixels": 65536}})
@@ -270,7 +270,7 @@ async def test_limits_refuse_with_the_reason_and_spare_admins(tmp_path):
 
 
 async def test_restart_resubmits_running_jobs_once_then_fails_them_honestly(tmp_path):
-    from bot.jobs import JobManager
+    from bot.job_manager import JobManager
 
     db = await Database.open(tmp_path / "resume.sqlite3")
     try:

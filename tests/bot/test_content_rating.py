@@ -18,7 +18,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def rated_stack(tiny_model_dir, tmp_path_factory):
-    from training.tiny_tagger import make_tiny_tagger
+    from tests.training.tiny_tagger import make_tiny_tagger
 
     tmp = tmp_path_factory.mktemp("rated-stack")
     tagger = make_tiny_tagger(tmp / "tagger")

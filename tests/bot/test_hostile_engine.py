@@ -7,9 +7,9 @@ import json
 import os
 import subprocess
 
-from tests.bot.discord_double import DiscordDouble
+from engine.benchmarks.discord_double import DiscordDouble
 from tests.conftest import PYTHON, REPO
-from tests.engine.link_helpers import Squatter
+from tests.engine.service.link_helpers import Squatter
 
 
 async def test_the_bot_refuses_an_engine_that_cannot_prove_the_secret(tmp_path):

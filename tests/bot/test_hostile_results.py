@@ -1,6 +1,6 @@
 """Hostile results: a forged or broken ``Completed`` never puts a file into a Discord channel.
 
-The engine here is the real engine server (``engine.server.EngineServer``) in front of a
+The engine here is the real engine server (``engine.service.server.EngineServer``) in front of a
 scripted worker that answers each job with whatever events a test hands it, as a process that
 took the engine's port, or a compromised engine, would. The bot is the real process over the
 local Discord double; every assertion is on what the double received. Each case sends its
@@ -27,10 +27,10 @@ import pytest_asyncio
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from engine import protocol
-from engine.server import EngineServer
+from engine.contract import protocol
+from engine.service.server import EngineServer
 from tests.bot.conftest import READY_LINE, Process, free_port, write_stack_config
-from tests.bot.discord_double import DiscordDouble
+from engine.benchmarks.discord_double import DiscordDouble
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -22,7 +22,7 @@ import pytest_asyncio
 from PIL import Image, ImageDraw
 
 from tests.bot.conftest import Stack, running_stack
-from tests.bot.discord_double import DiscordDouble
+from engine.benchmarks.discord_double import DiscordDouble
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -51,7 +51,7 @@ optimizer = "adamw"
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tiny_model_dir, tmp_path_factory):
     """Double + engine + bot, configured with the tiny tagger and tiny training defaults."""
-    from training.tiny_tagger import make_tiny_tagger
+    from tests.training.tiny_tagger import make_tiny_tagger
 
     tmp = tmp_path_factory.mktemp("train-stack")
     tagger_dir = make_tiny_tagger(tmp / "tagger")
@@ -414,8 +414,8 @@ def test_the_bot_side_of_training_never_imports_torch():
 
     code = ("import sys\n"
             "import bot.cogs.training, bot.cogs.adapter_admin, bot.training_flow, bot.training_views\n"
-            "import training.intake, training.dataset, training.lifecycle, training.checkpoints, training.tagger\n"
-            "import training.train_config, training.run_record, training.dataset_add, training.upload_checks\n"
+            "import training.data.intake, training.data.dataset_folder, training.data.lifecycle, training.data.checkpoints, training.data.tagger\n"
+            "import engine.contract.training_options, training.data.run_record, training.data.dataset_add, training.data.upload_checks\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tiny_model_dir, tmp_path_factory):
     """Double + engine + bot with the tiny tagger, 32 px images and at most 3 images per upload."""
-    from training.tiny_tagger import make_tiny_tagger
+    from tests.training.tiny_tagger import make_tiny_tagger
 
     tmp = tmp_path_factory.mktemp("train-uploads")
     tagger_dir = make_tiny_tagger(tmp / "tagger")
@@ -33,10 +33,10 @@ async def stack(tiny_model_dir, tmp_path_factory):
 
 def make_dataset(stack, name: str) -> Path:
     """A captioned 3-image dataset in the bot's datasets folder, as /train start would leave it."""
-    from training.captions import CaptionRecipe
-    from training.dataset import import_dataset
-    from training.intake import IntakeLimits
-    from training.tagger import WDTagger
+    from training.data.captions import CaptionRecipe
+    from training.data.dataset_folder import import_dataset
+    from training.data.intake import IntakeLimits
+    from training.data.tagger import WDTagger
 
     files = [(f"a{i}.png", png((200, 20 + 40 * i, 30), 4 + 2 * i)) for i in range(3)]
     return import_dataset(files, name=name, datasets_dir=stack.tmp / "data" / "datasets",

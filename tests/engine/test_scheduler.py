@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import QueueFull
+from engine.contract.errors import QueueFull
 from engine.scheduler import FairScheduler, ScheduledJob
 
 
@@ -148,9 +148,9 @@ class CountingRun:
 
 @pytest.fixture(scope="module")
 def worker_setup(tmp_path_factory, tiny_model_dir):
-    from engine.config import load_config
-    from engine.generator import Generator
-    from engine.worker import GpuWorker
+    from engine.contract.config import load_config
+    from engine.generation.generator import Generator
+    from engine.service.gpu_worker import GpuWorker
     from tests.conftest import write_config
 
     root = tmp_path_factory.mktemp("worker")
@@ -192,7 +192,7 @@ def _terminal(events, job_id):
 
 
 def _generate(job_id: str, owner: str):
-    from engine import protocol as p
+    from engine.contract import protocol as p
 
     return p.GenerateRequest(job_id=job_id, owner=owner, params=p.GenerationParams(prompt="1girl", steps=2, seed=3))
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.intake import IntakeLimits, IntakeRefused, open_image_checked, stage_attachments
+from training.data.intake import IntakeLimits, IntakeRefused, open_image_checked, stage_attachments
 
 LIMITS = IntakeLimits(max_files=10, max_image_pixels=2_000_000, min_side=32)
 
@@ -113,10 +113,10 @@ def test_truncated_pngs_are_refused_one_by_one_and_whole_ones_kept(tmp_path):
 # ---------------------------------------------------------------------- names
 
 def test_names_with_a_trailing_newline_are_refused():
-    from engine.lora_files import adapter_name_problem
-    from training.dataset import check_dataset_name
-    from training.errors import LifecycleError
-    from training.lifecycle import check_name
+    from engine.generation.lora_files import adapter_name_problem
+    from training.data.dataset_folder import check_dataset_name
+    from engine.contract.training_errors import LifecycleError
+    from training.data.lifecycle import check_name
 
     with pytest.raises(ValueError, match="invalid dataset name"):
         check_dataset_name("hikari\n")
@@ -130,16 +130,16 @@ def test_names_with_a_trailing_newline_are_refused():
 
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory):
-    from training.tagger import WDTagger
-    from training.tiny_tagger import make_tiny_tagger
+    from training.data.tagger import WDTagger
+    from tests.training.tiny_tagger import make_tiny_tagger
 
     return WDTagger.load(make_tiny_tagger(tmp_path_factory.mktemp("tagger") / "wd"))
 
 
 def test_add_images_counts_only_the_new_images_and_keeps_the_old_files(tmp_path, tagger):
-    from training.captions import CaptionRecipe
-    from training.dataset import import_dataset
-    from training.dataset_add import add_images
+    from training.data.captions import CaptionRecipe
+    from training.data.dataset_folder import import_dataset
+    from training.data.dataset_add import add_images
 
     limits = IntakeLimits(max_files=3, min_side=32)
     recipe = CaptionRecipe(kind="character", trigger="hkr")
@@ -168,14 +168,14 @@ def test_add_images_counts_only_the_new_images_and_keeps_the_old_files(tmp_path,
 
 def training_section(**values):
     """A ``[training]`` section as ``load_config`` parses it."""
-    from engine.config import TrainingConfig
+    from engine.contract.config import TrainingConfig
 
     return TrainingConfig(**values)
 
 
 def test_training_options_over_the_configured_caps_are_refused_with_what_is_allowed(tmp_path):
-    from training.errors import InvalidTrainingOptions
-    from training.train_config import from_config
+    from engine.contract.training_errors import InvalidTrainingOptions
+    from engine.contract.training_options import from_config
 
     caps = training_section(max_steps=3000, max_rank=64, max_resolution=1536, max_sample_steps=40, min_save_every=100)
     base = {"dataset": tmp_path, "kind": "style", "trigger": "x"}
@@ -194,7 +194,7 @@ def test_training_options_over_the_configured_caps_are_refused_with_what_is_allo
 def test_a_config_whose_defaults_break_its_own_caps_is_refused(tmp_path):
     from tests.conftest import write_config
 
-    from engine.config import ConfigError, load_config
+    from engine.contract.config import ConfigError, load_config
 
     path = write_config(tmp_path, tmp_path, "[training]\nsteps = 5000\nmax_steps = 4000\n")
     with pytest.raises(ConfigError, match="steps = 5000 is over max_steps = 4000"):
@@ -206,7 +206,7 @@ def test_a_config_whose_defaults_break_its_own_caps_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     from tests.training.train_helpers import make_dataset
-    from training.tiny_tagger import make_tiny_tagger
+    from tests.training.tiny_tagger import make_tiny_tagger
 
     root = tmp_path_factory.mktemp("hostile-data")
     return make_dataset(root, make_tiny_tagger(root / "tagger"))
@@ -224,8 +224,8 @@ class _Plant:
 
 def test_a_pickle_planted_in_a_checkpoint_never_runs(dataset, tmp_path):
     from tests.training.train_helpers import tiny_options, tiny_pipeline
-    from training.errors import TrainingError
-    from training.trainer import TrainingRun
+    from engine.contract.training_errors import TrainingError
+    from training.learning.trainer import TrainingRun
 
     options = tiny_options(dataset, steps=4, save_every=2, sample_every=1000, batch_size=1)
     run = TrainingRun(tiny_pipeline(), options, tmp_path / "run")
@@ -244,8 +244,8 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(dataset, tmp_path):
 
 def test_checkpoints_are_pruned_to_the_newest_and_the_recommended(dataset, tmp_path):
     from tests.training.train_helpers import tiny_options, tiny_pipeline
-    from training.run_record import list_checkpoints, update_run
-    from training.trainer import TrainingRun
+    from training.data.run_record import list_checkpoints, update_run
+    from training.learning.trainer import TrainingRun
 
     options = tiny_options(dataset, steps=5, save_every=1, sample_every=1000, batch_size=1, keep_checkpoints=2)
     run = TrainingRun(tiny_pipeline(), options, tmp_path / "run")
@@ -263,9 +263,9 @@ def test_low_disk_stops_a_run_before_it_starts_and_before_a_checkpoint(dataset, 
     import shutil
 
     from tests.training.train_helpers import tiny_options, tiny_pipeline
-    from training.errors import DiskSpaceLow
-    from training.run_record import list_checkpoints
-    from training.trainer import TrainingRun
+    from engine.contract.training_errors import DiskSpaceLow
+    from training.data.run_record import list_checkpoints
+    from training.learning.trainer import TrainingRun
 
     free_mb = shutil.disk_usage(tmp_path).free // 2**20
     huge = tiny_options(dataset, steps=2, save_every=1, min_free_disk_mb=free_mb * 4)

@@ -20,10 +20,10 @@ def paint(rgb: tuple[int, int, int], seed: int, size: int = 256) -> Any:
 
 
 def make_dataset(root: Path, tagger_dir: Path, *, count: int = 4, name: str = "hkr") -> Path:
-    """A real dataset folder: images tagged by the tiny WD tagger through ``training.dataset``."""
-    from training.captions import CaptionRecipe
-    from training.dataset import import_dataset
-    from training.tagger import WDTagger
+    """A real dataset folder: images tagged by the tiny WD tagger through ``training.data.dataset_folder``."""
+    from training.data.captions import CaptionRecipe
+    from training.data.dataset_folder import import_dataset
+    from training.data.tagger import WDTagger
 
     source = root / f"{name}-upload"
     source.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def make_dataset(root: Path, tagger_dir: Path, *, count: int = 4, name: str = "h
 
 def tiny_options(dataset: Path, **overrides: Any) -> Any:
     """Options sized for the tiny model on CPU: 64 px, rank 4, 2-step samples."""
-    from training.train_config import parse_options
+    from engine.contract.training_options import parse_options
 
     values: dict[str, Any] = dict(
         dataset=dataset, kind="character", trigger=TRIGGER, steps=4, rank=4, alpha=4.0, lr=1e-3,
@@ -58,7 +58,7 @@ def tiny_pipeline(seed: int = 0) -> Any:
     """A fresh in-memory tiny SDXL pipeline (same weights for the same seed)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from engine.tiny import build_tiny_components
+    from engine.generation.tiny import build_tiny_components
 
     pipe = StableDiffusionXLPipeline(**build_tiny_components(seed))
     pipe.set_progress_bar_config(disable=True)

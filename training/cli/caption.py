@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_config_or_defaults(path: str | None):
     """The config file named (or found by default), else built-in defaults."""
-    from engine.config import ArcaeConfig, ConfigError, load_config, resolve_config_path
+    from engine.contract.config import ArcaeConfig, ConfigError, load_config, resolve_config_path
 
     if path is None and not resolve_config_path(None).is_file():
         return ArcaeConfig()
@@ -45,8 +45,8 @@ def load_config_or_defaults(path: str | None):
 
 def load_tagger_and_recipe(args: argparse.Namespace, config):
     """The tagger and caption recipe from ``[tagger]`` with command-line overrides."""
-    from training.captions import CaptionError, CaptionRecipe
-    from training.tagger import TaggerError, WDTagger
+    from training.data.captions import CaptionError, CaptionRecipe
+    from training.data.tagger import TaggerError, WDTagger
 
     for name in ("general_threshold", "character_threshold"):
         value = getattr(args, name)
@@ -79,8 +79,8 @@ def format_top(pairs, n: int = 12) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.dataset import caption_folder
-    from training.tag_stats import tag_counts, top_tags
+    from training.data.dataset_folder import caption_folder
+    from training.data.tag_stats import tag_counts, top_tags
 
     folder = Path(args.dir)
     if not folder.is_dir():

@@ -18,11 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import ConfigError, load_config, parse_config
-    from training.checkpoints import CheckpointScore, choose_checkpoint, format_table, score_run, tagger_tag_fn
+    from engine.contract.config import ConfigError, load_config, parse_config
+    from training.data.checkpoints import CheckpointScore, choose_checkpoint, format_table, score_run, tagger_tag_fn
     from training.cli import CliError
-    from training.errors import TrainingError
-    from training.run_record import read_run
+    from engine.contract.training_errors import TrainingError
+    from training.data.run_record import read_run
 
     run_dir = Path(args.run_dir)
     try:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError("no scores yet: pass --tagger DIR_OR_ID (or --config, or --pixels to score without one)")
             tag_fn = None
             if source and not args.pixels:
-                from training.tagger import WDTagger
+                from training.data.tagger import WDTagger
 
                 t = config.tagger
                 try:

@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.dataset import check_dataset_name, import_dataset
-    from training.intake import IntakeLimits, IntakeRefused
+    from training.data.dataset_folder import check_dataset_name, import_dataset
+    from training.data.intake import IntakeLimits, IntakeRefused
 
     source = Path(args.source)
     if not source.exists():
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"tags per caption: mean {stats['tags_per_caption']['mean']}, keep_tokens {m['keep_tokens']}")
     print(f"top tags: {format_top(stats['top_tags']['character'] + stats['top_tags']['general'])}")
     print(f"signature tags: {', '.join(m['signature_tags']) or '(none)'}")
-    from training.dataset import chart_path
+    from training.data.dataset_folder import chart_path
 
     print(f"tag chart: {chart_path(result.path)}")
     return 0

@@ -65,9 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build_options(args: argparse.Namespace, config: Any) -> tuple[Any, Path, bool]:
     """The validated options, the run dir and whether to resume (raises ``CliError``)."""
     from training.cli import CliError
-    from training.errors import TrainingError
-    from training.run_record import read_run
-    from training.train_config import from_config
+    from engine.contract.training_errors import TrainingError
+    from training.data.run_record import read_run
+    from engine.contract.training_options import from_config
 
     given = {name: getattr(args, name) for name in _PASS_THROUGH if getattr(args, name, None) is not None}
     if args.sample_prompts:
@@ -108,7 +108,7 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from engine.config import ConfigError, load_config, parse_config
+    from engine.contract.config import ConfigError, load_config, parse_config
     from training.cli import CliError
 
     try:
@@ -122,9 +122,9 @@ def _load_pipeline(config: Any, model: str) -> Any:
     """The base model through the engine's loader (same code path as serving)."""
     import torch
 
-    from engine.config import Secrets
-    from engine.errors import EngineError
-    from engine.models import load_base_pipeline
+    from engine.contract.config import Secrets
+    from engine.contract.errors import EngineError
+    from engine.generation.models import load_base_pipeline
     from training.cli import CliError
 
     engine = config.engine
@@ -142,8 +142,8 @@ def _load_pipeline(config: Any, model: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from training.cli import CliError
-    from training.errors import TrainingCanceled, TrainingDiverged, TrainingError
-    from training.train_data import TrainingDataset
+    from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
+    from training.data.training_set import TrainingDataset
 
     config = _load_config(args)
     options, run_dir, resume = build_options(args, config)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--resolution must be a multiple of 64 (got {options.resolution})")
 
     loaded = _load_pipeline(config, options.model)
-    from training.trainer import TrainingRun
+    from training.learning.trainer import TrainingRun
 
     try:
         training_run = TrainingRun(loaded.pipe, options, run_dir, resume=resume, base_model=loaded.name)
@@ -195,13 +195,13 @@ def _loop(training_run: Any) -> None:
 
 
 def _score(run_dir: Path, args: argparse.Namespace, config: Any) -> None:
-    from training.checkpoints import format_table, score_run, tagger_tag_fn
+    from training.data.checkpoints import format_table, score_run, tagger_tag_fn
 
     source = args.tagger or (config.tagger.model if args.config else "")
     tag_fn = None
     if source:
         try:
-            from training.tagger import WDTagger
+            from training.data.tagger import WDTagger
 
             t = config.tagger
             tag_fn = tagger_tag_fn(WDTagger.load(source, general_threshold=t.general_threshold,
@@ -212,6 +212,6 @@ def _score(run_dir: Path, args: argparse.Namespace, config: Any) -> None:
         print("no tagger (--tagger or --config): checkpoints scored by pixel similarity only, recall not measured")
     scores = score_run(run_dir, tag_fn)
     if scores:
-        from training.checkpoints import recommend
+        from training.data.checkpoints import recommend
 
         print(format_table(scores, recommend(scores).step))

@@ -1,0 +1,1 @@
+"""The generation library (torch side): model loading, prompts, samplers, adapters, the Generator."""

@@ -1,0 +1,485 @@
+"""The Generator: one loaded SDXL pipeline that turns requests into PNG files.
+
+``Generator.from_config(config, secrets)`` loads the base model (``engine.generation.models``), the adapter
+registry and the prompt encoder once. ``generate`` and ``img2img`` then run one request each:
+
+resolve defaults and limits -> set the adapter mix -> build the sampler -> encode prompts (A1111
+weighting, long prompts) -> denoise (``output_type="latent"``, progress and cancellation from the
+step callback) -> decode each image ourselves (fp16 NaN/black check) -> write PNGs atomically with
+the A1111 infotext and the request JSON.
+
+Not thread-safe: only the engine's GPU worker thread calls it. A count of N is one batch with
+seeds seed..seed+N-1, one ``torch.Generator`` each, so image i reproduces alone with its seed.
+``generate_batch`` runs several compatible jobs (same ``batch_key``) as one such batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from engine.generation import imaging, infotext
+from engine.contract.config import ArcaeConfig, Secrets
+from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
+from engine.generation.models import LoadedModel, load_base_pipeline
+from engine.generation.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
+from engine.generation.prompts import pipe_encoder, tokenize_chunks
+from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
+from engine.generation.samplers import get_sampler, make_scheduler
+
+__all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
+
+log = logging.getLogger(__name__)
+
+# on_step(step, total, preview PIL image or None). A callback with a ``wants_preview(step, total)``
+# attribute gets a preview only at the steps where it returns True (previews cost a GPU sync).
+OnStep = Callable[[int, int, Any], None]
+ShouldCancel = Callable[[], bool]
+Rater = Callable[[Any], tuple[str, dict[str, float]]]
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+@dataclass
+class GenerationOutput:
+    """What one request produced: the written images, the parameters that ran, timings, warnings."""
+
+    images: list[ImageResult]
+    params: ResolvedParams
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _BatchItem:
+    """One job inside a pipeline call: its id, what runs, its warnings and progress callback."""
+
+    job_id: str
+    resolved: ResolvedParams
+    warnings: list[str]
+    on_step: OnStep | None = None
+
+
+def _offsets(items: list[_BatchItem]) -> list[int]:
+    """The batch row of each job's first image."""
+    offsets, row = [], 0
+    for item in items:
+        offsets.append(row)
+        row += item.resolved.count
+    return offsets
+
+
+def _batch_name(items: list[_BatchItem]) -> str:
+    return items[0].job_id if len(items) == 1 else "batch " + ", ".join(item.job_id for item in items)
+
+
+class Generator:
+    """Text-to-image, variations and upscales on one loaded pipeline (see the module docstring)."""
+
+    def __init__(self, config: ArcaeConfig, model: LoadedModel, registry: Any, *, rater: Rater | None = None) -> None:
+        self.config = config
+        self.model = model
+        self.pipe = model.pipe
+        self.registry = registry
+        self.rater = rater
+        self.outputs_dir = config.path(config.storage.outputs_dir)
+        self.encoder = pipe_encoder(self.pipe)  # SDXLPromptEncoder: A1111 weighting, 75-token chunks
+        self._img2img_pipe: Any = None
+        # Samplers are built from the model's own scheduler config, never from the previous
+        # job's scheduler (whose options, e.g. Karras sigmas, would leak into the next sampler).
+        self._scheduler_config = dict(self.pipe.scheduler.config)
+        self._vae_fp32 = False  # set after an fp16 decode failed once: decode in fp32 from then on
+
+    @classmethod
+    def from_config(cls, config: ArcaeConfig, secrets: Secrets | None = None, *, rater: Rater | None = None) -> "Generator":
+        """Load the base model and scan the adapter directory."""
+        model = load_base_pipeline(config, secrets)
+        from engine.generation.adapters import AdapterRegistry
+
+        registry = AdapterRegistry(
+            config.path(config.adapters.dir),
+            model.pipe,
+            lcm_adapter=config.adapters.lcm_adapter,
+            default_weight=config.adapters.default_weight,
+            max_active=config.adapters.max_active,
+        )  # scans the directory
+        return cls(config, model, registry, rater=rater)
+
+    # ------------------------------------------------------------------ requests
+
+    def resolve(
+        self,
+        params: GenerationParams,
+        mode: Literal["txt2img", "variation", "upscale"] = "txt2img",
+        *,
+        extra_negative: str = "",
+        strength: float | None = None,
+        source_image: str | None = None,
+    ) -> ResolvedParams:
+        """Defaults and limits applied (``InvalidRequest``/``UnknownAdapter`` say what is allowed)."""
+        return self._resolve(params, mode, extra_negative=extra_negative, strength=strength, source_image=source_image)[0]
+
+    def _resolve(self, params: GenerationParams, mode: Any, **kwargs: Any) -> tuple[ResolvedParams, list[str]]:
+        fast_adapter = None
+        if params.fast:
+            lcm = self.config.adapters.lcm_adapter
+            try:
+                self.registry.get(lcm)
+            except UnknownAdapter:
+                raise UnknownAdapter(fast_lcm_missing_message(lcm, str(self.config.path(self.config.adapters.dir)))) from None
+            fast_adapter = (lcm, self.config.generation.fast_lcm_weight)
+        return resolve_params(
+            self.config.generation,
+            params,
+            mode=mode,
+            max_active=self.config.adapters.max_active,
+            default_weight=lambda name: self.registry.get(name).default_weight,
+            fast_adapter=fast_adapter,
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        params: GenerationParams,
+        *,
+        job_id: str,
+        on_step: OnStep | None = None,
+        should_cancel: ShouldCancel | None = None,
+        extra_negative: str = "",
+    ) -> GenerationOutput:
+        """Text-to-image. Raises ``JobCanceled`` (nothing decoded or written) or ``OutOfMemory``."""
+        _check_job_id(job_id)
+        resolved, warnings = self._resolve(params, "txt2img", extra_negative=extra_negative)
+        item = _BatchItem(job_id, resolved, warnings, on_step)
+        return self._run(self.pipe, [item], should_cancel=should_cancel)[0]
+
+    def generate_batch(
+        self,
+        jobs: Sequence[tuple[str, GenerationParams]],
+        *,
+        on_steps: Sequence[OnStep | None] | None = None,
+        should_cancel: ShouldCancel | None = None,
+    ) -> list[GenerationOutput]:
+        """Several text-to-image jobs as ONE pipeline call; one output per job, in order.
+
+        The jobs must share ``batch_key`` (else ``InvalidRequest``). Every image is what its job
+        alone would produce (same seeds, one ``torch.Generator`` per image; batched matmuls may
+        round differently by one 8-bit level, as a count of N does). ``on_steps[j]`` gets job
+        j's progress and previews. ``should_cancel`` stops the whole call (``JobCanceled``).
+        """
+        if not jobs:
+            raise InvalidRequest("a batch needs at least one job")
+        steps = list(on_steps) if on_steps is not None else [None] * len(jobs)
+        if len(steps) != len(jobs):
+            raise InvalidRequest(f"{len(jobs)} jobs but {len(steps)} progress callbacks")
+        items = []
+        for (job_id, params), on_step in zip(jobs, steps):
+            _check_job_id(job_id)
+            resolved, warnings = self._resolve(params, "txt2img")
+            items.append(_BatchItem(job_id, resolved, warnings, on_step))
+        if len({item.job_id for item in items}) != len(items):
+            raise InvalidRequest("each job of a batch needs its own job id")
+        if len({self._batch_key(item.resolved) for item in items}) > 1:
+            raise InvalidRequest(
+                "jobs in one batch must share size, steps, CFG, sampler, fast mode, adapter mix and prompt length"
+            )
+        return self._run(self.pipe, items, should_cancel=should_cancel)
+
+    def batch_key(self, params: GenerationParams) -> tuple:
+        """What text-to-image jobs must share to run as one pipeline call (``generate_batch``).
+
+        Size, steps, CFG, sampler, fast mode, the adapter mix with its weights, and the number
+        of 75-token chunks: the prompt encoder pads a batch to its longest prompt, which would
+        change a shorter prompt's image. Raises like ``resolve``.
+        """
+        return self._batch_key(self._resolve(params, "txt2img")[0])
+
+    def _batch_key(self, resolved: ResolvedParams) -> tuple:
+        chunks = max(
+            len(tokenize_chunks(tokenizer, text))
+            for tokenizer in self.encoder.tokenizers
+            for text in (resolved.prompt, resolved.negative_prompt)
+        )
+        mix = tuple((a.name, float(a.weight or 0.0)) for a in resolved.adapters)
+        r = resolved
+        return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, mix, chunks)
+
+    def img2img(
+        self,
+        source: str | Path,
+        mode: Literal["variation", "upscale"],
+        params: GenerationParams | None = None,
+        *,
+        job_id: str,
+        strength: float | None = None,
+        on_step: OnStep | None = None,
+        should_cancel: ShouldCancel | None = None,
+        extra_negative: str = "",
+    ) -> GenerationOutput:
+        """A variation (same request, new seed) or an upscale (hires fix) of an Arcae PNG.
+
+        The request embedded in ``source`` is the starting point; fields set explicitly in
+        ``params`` override it. ``source`` is a path or a file name in the outputs directory.
+        """
+        from PIL import Image
+
+        _check_job_id(job_id)
+        if mode not in ("variation", "upscale"):
+            raise InvalidRequest(f"img2img mode must be 'variation' or 'upscale', not {mode!r}")
+        path, base = self._source_request(source)
+        gen = self.config.generation
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        # Only values that differ from "use the default" override the stored request: a client
+        # that serialises every field (None, count 1, no adapters) must not erase the source's.
+        overrides = params.model_dump(exclude_defaults=True) if params is not None else {}
+        if "prompt" in overrides and overrides["prompt"] != base.get("prompt"):
+            base.pop("add_quality_tags", None)  # a new prompt gets the configured quality tags
+        if mode == "variation":
+            strength = gen.variation_strength if strength is None else strength
+            width, height = image.size
+            # A variation is the same request with a new seed (a client echoing the source's
+            # seed back still gets a new one; only a different explicit seed is kept).
+            if overrides.get("seed") == base.pop("seed", None):
+                overrides.pop("seed", None)
+        else:
+            strength = gen.upscale_strength if strength is None else strength
+            width = max(8, round(image.width * gen.upscale_factor / 8) * 8)
+            height = max(8, round(image.height * gen.upscale_factor / 8) * 8)
+        merged = {**base, **overrides, "width": width, "height": height}
+        merged.setdefault("count", 1)
+        request = GenerationParams.model_validate(merged)
+        resolved, warnings = self._resolve(
+            request, mode, extra_negative=extra_negative, strength=strength, source_image=path.name
+        )
+        init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
+        item = _BatchItem(job_id, resolved, warnings, on_step)
+        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)[0]
+
+    def describe(self) -> dict[str, Any]:
+        """Model, device, dtype, adapters and VRAM use, for status requests."""
+        import torch
+
+        info: dict[str, Any] = {
+            "model": self.model.name,
+            "model_hash": self.model.model_hash,
+            "device": self.model.device,
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "loaded_adapters": list(getattr(self.registry, "loaded", [])),
+            "vram_used_mb": None,
+            "vram_total_mb": None,
+            "rates_outputs": self.rater is not None,
+        }
+        if self.model.device == "cuda" and torch.cuda.is_available():
+            info["vram_used_mb"] = torch.cuda.memory_allocated() / 2**20
+            info["vram_total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
+        return info
+
+    # ------------------------------------------------------------------ internals
+
+    def _img2img(self) -> Any:
+        """The img2img pipeline over the same components (built once; no second copy of the model)."""
+        if self._img2img_pipe is None:
+            from diffusers import StableDiffusionXLImg2ImgPipeline
+
+            # from_pipe casts the shared modules to its dtype (fp32 by default): pass ours.
+            self._img2img_pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe, dtype=self.model.dtype)
+            self._img2img_pipe.set_progress_bar_config(disable=True)
+        return self._img2img_pipe
+
+    def _source_request(self, source: str | Path) -> tuple[Path, dict[str, Any]]:
+        """The source PNG's path and the GenerationParams fields of its embedded request."""
+        path = Path(source)
+        if not path.is_absolute():
+            path = self.outputs_dir / path
+        if not path.is_file():
+            raise InvalidRequest(f"source image {Path(source).name} not found in the outputs directory")
+        try:
+            _, request = infotext.read_png_metadata(path)
+        except OSError:
+            raise InvalidRequest(f"source image {path.name} is not a readable PNG") from None
+        if not request or not isinstance(request.get("params"), dict):
+            raise InvalidRequest(f"source image {path.name} has no Arcae request metadata (not made by Arcae?)")
+        p = request["params"]
+        keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "adapters", "fast")
+        base = {k: p[k] for k in keys if k in p}
+        base["add_quality_tags"] = False  # the stored prompt already has them
+        if base.get("fast"):
+            # fast mode adds the LCM-LoRA itself; the stored mix includes it
+            lcm = self.config.adapters.lcm_adapter
+            base["adapters"] = [a for a in base.get("adapters", []) if a.get("name") != lcm]
+        return path, base
+
+    def _run(
+        self, pipe: Any, items: list[_BatchItem], *, should_cancel: ShouldCancel | None, image: Any = None
+    ) -> list[GenerationOutput]:
+        import torch
+
+        try:
+            return self._run_inner(pipe, items, should_cancel, image)
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            first = items[0].resolved
+            total = sum(item.resolved.count for item in items)
+            raise OutOfMemory(
+                f"out of GPU memory at {first.width}x{first.height} x{total}; "
+                "try a smaller size or fewer images"
+            ) from None
+
+    def _run_inner(
+        self, pipe: Any, items: list[_BatchItem], should_cancel: ShouldCancel | None, image: Any
+    ) -> list[GenerationOutput]:
+        """One pipeline call for every image of ``items`` (which share everything but prompts,
+        seeds and counts): row r of the batch is image i of its job, seeded ``seed + i``."""
+        import torch
+
+        t0 = time.perf_counter()
+        shared: dict[str, float] = {}
+        first = items[0].resolved
+        if should_cancel is not None and should_cancel():
+            raise JobCanceled(f"job {_batch_name(items)} canceled before it started")
+        self.registry.apply_mix([(a.name, float(a.weight or 0.0)) for a in first.adapters])
+        pipe.scheduler = make_scheduler(first.sampler, self._scheduler_config)
+        t1 = time.perf_counter()
+        shared["adapters_s"] = t1 - t0
+        with torch.no_grad():
+            emb = self.encoder.encode([i.resolved.prompt for i in items], [i.resolved.negative_prompt for i in items])
+        # One embedding row per image (what num_images_per_prompt would repeat for one job).
+        rows = [j for j, item in enumerate(items) for _ in range(item.resolved.count)]
+        embeds = {k: v[torch.tensor(rows, device=v.device)] for k, v in emb.as_kwargs().items()}
+        t2 = time.perf_counter()
+        shared["encode_s"] = t2 - t1
+        generators = [
+            torch.Generator(device="cpu").manual_seed(item.resolved.seed + i)
+            for item in items for i in range(item.resolved.count)
+        ]
+        kwargs: dict[str, Any] = dict(
+            **embeds,
+            num_inference_steps=first.steps,
+            guidance_scale=first.cfg,
+            width=first.width,
+            height=first.height,
+            num_images_per_prompt=1,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=self._step_callback(items, should_cancel),
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        if image is not None:
+            kwargs.update(image=image, strength=first.strength)
+        latents = pipe(**kwargs).images
+        t3 = time.perf_counter()
+        shared["denoise_s"] = t3 - t2
+        if not bool(torch.isfinite(latents).all()):
+            raise EngineError(
+                "the model produced invalid values (NaN) while sampling; try another seed or sampler, "
+                "or set [engine] dtype = 'bf16'"
+            )
+        if len(items) > 1:
+            shared["batch_jobs"] = float(len(items))
+        return [self._finish(item, latents[off : off + item.resolved.count], shared, t3 - t0)
+                for item, off in zip(items, _offsets(items))]
+
+    def _finish(self, item: _BatchItem, latents: Any, shared: dict[str, float], elapsed: float) -> GenerationOutput:
+        """Decode and save one job's images; its timings are the shared call's plus its own."""
+        t0 = time.perf_counter()
+        timings = dict(shared)
+        pictures = self._decode(latents, item.warnings)
+        t1 = time.perf_counter()
+        timings["decode_s"] = t1 - t0
+        images = [self._save(picture, item.resolved, i, item.job_id) for i, picture in enumerate(pictures)]
+        timings["save_s"] = time.perf_counter() - t1
+        timings["total_s"] = elapsed + time.perf_counter() - t0
+        return GenerationOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
+
+    def _step_callback(self, items: list[_BatchItem], should_cancel: ShouldCancel | None) -> Callable:
+        previews = self.config.engine.previews
+        offsets = _offsets(items)
+
+        def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            # Raising here stops sampling at once: no VAE decode, no file (unlike pipe._interrupt).
+            if should_cancel is not None and should_cancel():
+                raise JobCanceled(f"job {_batch_name(items)} canceled at step {step + 1}")
+            total = pipe.num_timesteps
+            for item, off in zip(items, offsets):
+                if item.on_step is None:
+                    continue
+                # A preview copies latents off the GPU (a sync per step): only when one is wanted.
+                preview = None
+                if previews and _wants_preview(item.on_step, step + 1, total):
+                    preview = imaging.latent_preview(tensors["latents"][off : off + 1])  # the job's first image
+                item.on_step(step + 1, total, preview)
+            return {}
+
+        return callback
+
+    def _decode(self, latents: Any, warnings: list[str]) -> list[Any]:
+        vae = self.pipe.vae
+        pictures = []
+        for i in range(latents.shape[0]):
+            decoded, fell_back = imaging.decode_latents(vae, latents[i : i + 1].to(vae.device), force_fp32=self._vae_fp32)
+            if fell_back:
+                self._vae_fp32 = True
+                log.warning(
+                    "the VAE produced NaN/black images in fp16; decoding in fp32 from now on (slower). "
+                    "Set [model] vae = 'madebyollin/sdxl-vae-fp16-fix' to avoid it"
+                )
+                warnings.append("the fp16 VAE produced a black image; it was decoded again in fp32")
+            pictures.append(imaging.to_pil(decoded))
+        return pictures
+
+    def _save(self, picture: Any, resolved: ResolvedParams, index: int, job_id: str) -> ImageResult:
+        seed = resolved.seed + index
+        mix = [(a.name, float(a.weight or 0.0)) for a in resolved.adapters]
+        hashes = self.registry.lora_hashes([n for n, _ in mix]) if mix else {}
+        spec = get_sampler(resolved.sampler)
+        fields = infotext.generation_fields(
+            steps=resolved.steps,
+            sampler=spec.infotext_sampler,
+            schedule_type=spec.schedule_type,
+            cfg=resolved.cfg,
+            seed=seed,
+            width=resolved.width,
+            height=resolved.height,
+            model_hash=self.model.model_hash,
+            model_name=self.model.name,
+            lora_hashes=hashes,
+            denoising_strength=resolved.strength,
+            hires_upscale=self.config.generation.upscale_factor if resolved.mode == "upscale" else None,
+        )
+        prompt_line = " ".join(p for p in (resolved.prompt, infotext.lora_prompt_tags(mix)) if p)
+        text = infotext.build_infotext(prompt_line, resolved.negative_prompt, fields)
+        request = {
+            "version": infotext.arcae_version(),
+            "model": self.model.name,
+            "model_hash": self.model.model_hash,
+            "params": resolved.model_copy(update={"seed": seed, "count": 1}).model_dump(mode="json"),
+            "batch": {"seed": resolved.seed, "count": resolved.count, "index": index},
+        }
+        path = self.outputs_dir / f"{job_id}-{index}.png"
+        digest = infotext.write_png_atomic(path, picture, text, request)
+        rating, scores = self.rater(picture) if self.rater is not None else (None, None)
+        # The bytes travel in the event: the bot may be on another host, and never reads a path.
+        data_b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+        return ImageResult(
+            path=str(path), seed=seed, width=picture.width, height=picture.height,
+            sha256=digest, rating=rating, rating_scores=scores, data_b64=data_b64,
+        )
+
+
+def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:
+    """Whether ``on_step`` would use a preview at this step (its optional ``wants_preview(step, total)``)."""
+    wants = getattr(on_step, "wants_preview", None)
+    return wants is None or bool(wants(step, total))
+
+
+def _check_job_id(job_id: str) -> None:
+    # The job id becomes a file name: keep it to the protocol's safe characters.
+    if not _JOB_ID.fullmatch(job_id or ""):
+        raise InvalidRequest(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")

@@ -1,0 +1,209 @@
+"""Request defaults and limits: a user's ``GenerationParams`` becomes the ``ResolvedParams`` that run.
+
+Pure functions over the config (no torch), so the command line can reject bad input before it
+spends time loading a model, and the Generator applies exactly the same rules. Every rejection is
+``errors.InvalidRequest`` with a message that says what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets as _secrets
+from typing import Callable, Literal
+
+from engine.contract.config import GenerationConfig
+from engine.contract.errors import InvalidRequest
+from engine.contract.protocol import MAX_SEED, AdapterWeight, GenerationParams, ResolvedParams
+from engine.generation.samplers import DEFAULT_SAMPLER, FAST_SAMPLER, get_sampler
+
+# SDXL's trained aspect-ratio buckets (about one megapixel each), by the name the bot offers.
+SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square": (1024, 1024),
+    "portrait": (832, 1216),
+    "landscape": (1216, 832),
+    "portrait-3-4": (896, 1152),
+    "landscape-4-3": (1152, 896),
+    "tall": (768, 1344),
+    "wide": (1344, 768),
+}
+# LCM-LoRA works at 4-8 steps and guidance 1-2; fast mode allows up to these unless configured higher.
+FAST_MAX_STEPS = 8
+FAST_MAX_CFG = 2.0
+LCM_LORA_REPO = "latent-consistency/lcm-lora-sdxl"
+
+Mode = Literal["txt2img", "variation", "upscale"]
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"832x1216"`` or a preset name (``"portrait"``) as (width, height)."""
+    key = text.strip().lower()
+    if key in SIZE_PRESETS:
+        return SIZE_PRESETS[key]
+    match = _SIZE.fullmatch(text)
+    if not match:
+        presets = ", ".join(f"{n} ({w}x{h})" for n, (w, h) in SIZE_PRESETS.items())
+        raise InvalidRequest(f"bad size {text!r}: use WIDTHxHEIGHT (e.g. 832x1216) or a preset: {presets}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_size(gen: GenerationConfig, width: int, height: int) -> None:
+    """Sides multiples of 8 within [min_side, max_side], area within max_pixels."""
+    if width % 8 or height % 8:
+        raise InvalidRequest(f"size {width}x{height}: width and height must be multiples of 8")
+    for side in (width, height):
+        if not gen.min_side <= side <= gen.max_side:
+            raise InvalidRequest(
+                f"size {width}x{height}: each side must be between {gen.min_side} and {gen.max_side} pixels"
+            )
+    if width * height > gen.max_pixels:
+        raise InvalidRequest(f"size {width}x{height}: at most {gen.max_pixels} pixels (width x height) allowed")
+
+
+def fast_lcm_missing_message(lcm_adapter: str, adapters_dir: str) -> str:
+    """How to install the LCM-LoRA adapter fast mode needs."""
+    return (
+        f"fast mode needs the LCM-LoRA adapter {lcm_adapter!r}, which is not installed; install it with "
+        f"`hf download {LCM_LORA_REPO} pytorch_lora_weights.safetensors --local-dir /tmp/lcm` and "
+        f"`mv /tmp/lcm/pytorch_lora_weights.safetensors {adapters_dir}/{lcm_adapter}.safetensors`"
+    )
+
+
+def random_seed(count: int = 1) -> int:
+    """A random seed such that seed + count - 1 still fits the protocol's range."""
+    return _secrets.randbelow(MAX_SEED - count + 2)
+
+
+def _check_range(label: str, value: float, low: float, high: float, hint: str = "") -> None:
+    if not low <= value <= high:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        raise InvalidRequest(f"{label} must be between {low:g} and {high:g}{hint} (got {shown})")
+
+
+def _prompt(gen: GenerationConfig, params: GenerationParams) -> str:
+    if len(params.prompt) > gen.max_prompt_chars:
+        raise InvalidRequest(f"prompt is {len(params.prompt)} characters; at most {gen.max_prompt_chars} allowed")
+    if not params.prompt.strip():
+        raise InvalidRequest("prompt is empty")
+    add_tags = gen.add_quality_tags if params.add_quality_tags is None else params.add_quality_tags
+    tags = gen.quality_tags.strip()
+    if add_tags and tags and not params.prompt.lstrip().startswith(tags):
+        return f"{tags}, {params.prompt.strip()}"
+    return params.prompt
+
+
+def _negative(gen: GenerationConfig, params: GenerationParams, *, no_cfg: bool, extra: str) -> str:
+    if params.negative_prompt is not None and len(params.negative_prompt) > gen.max_prompt_chars:
+        raise InvalidRequest(f"negative prompt is too long; at most {gen.max_prompt_chars} characters allowed")
+    if params.negative_prompt is not None:
+        negative = params.negative_prompt.strip()
+    else:
+        # Without CFG the default negative prompt would do nothing: leave it out of the record.
+        negative = "" if no_cfg else gen.negative_prompt
+    extra = extra.strip()
+    if extra and extra not in negative:
+        negative = f"{negative}, {extra}" if negative else extra
+    return negative
+
+
+def _adapters(
+    params: GenerationParams,
+    *,
+    max_active: int,
+    default_weight: Callable[[str], float],
+    fast_adapter: tuple[str, float] | None,
+) -> list[AdapterWeight]:
+    names = [a.name for a in params.adapters]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidRequest(f"adapter {duplicates[0]!r} is named more than once; give each adapter once")
+    if len(params.adapters) > max_active:
+        raise InvalidRequest(f"{len(params.adapters)} adapters requested; at most {max_active} can be mixed")
+    mix = [
+        AdapterWeight(name=a.name, weight=a.weight if a.weight is not None else default_weight(a.name))
+        for a in params.adapters
+    ]
+    if fast_adapter and fast_adapter[0] not in names:
+        mix.append(AdapterWeight(name=fast_adapter[0], weight=fast_adapter[1]))
+    return mix
+
+
+def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams) -> tuple[int, float]:
+    """Steps and CFG with defaults applied, within the normal or the fast-mode (LCM) range."""
+    fast = params.fast
+    steps = params.steps if params.steps is not None else (gen.fast_steps if fast else gen.steps)
+    cfg = params.cfg if params.cfg is not None else (gen.fast_cfg if fast else gen.cfg)
+    if fast:
+        hint = " in fast mode"
+        _check_range("steps", steps, gen.min_steps, max(FAST_MAX_STEPS, gen.fast_steps), hint)
+        _check_range("CFG", cfg, gen.min_cfg, max(FAST_MAX_CFG, gen.fast_cfg), hint)
+    else:
+        _check_range("steps", steps, gen.min_steps, gen.max_steps)
+        _check_range("CFG", cfg, gen.min_cfg, gen.max_cfg)
+    return steps, cfg
+
+
+def resolve_params(
+    gen: GenerationConfig,
+    params: GenerationParams,
+    *,
+    mode: Mode = "txt2img",
+    max_active: int = 8,
+    default_weight: Callable[[str], float] = lambda name: 1.0,
+    fast_adapter: tuple[str, float] | None = None,
+    extra_negative: str = "",
+    strength: float | None = None,
+    source_image: str | None = None,
+) -> tuple[ResolvedParams, list[str]]:
+    """Apply defaults and check limits; return what will run and warnings for the caller.
+
+    ``default_weight(name)`` gives an adapter's default weight (and raises ``UnknownAdapter``);
+    ``fast_adapter`` is the LCM-LoRA (name, weight) fast mode adds to the mix.
+    """
+    warnings: list[str] = []
+    fast = params.fast
+    steps, cfg = _steps_and_cfg(gen, params)
+    width = params.width if params.width is not None else gen.size[0]
+    height = params.height if params.height is not None else gen.size[1]
+    check_size(gen, width, height)
+    _check_range("count", params.count, 1, gen.max_count)
+
+    sampler = get_sampler(params.sampler or gen.sampler or DEFAULT_SAMPLER).name
+    if fast:
+        if params.sampler and sampler != FAST_SAMPLER:
+            warnings.append(f"sampler {sampler!r} is replaced by {FAST_SAMPLER} in fast mode")
+        sampler = FAST_SAMPLER
+    no_cfg = cfg <= 1.0
+    negative = _negative(gen, params, no_cfg=no_cfg, extra=extra_negative)
+    if no_cfg and negative:
+        warnings.append(
+            "negative prompt has no effect in fast mode (CFG 1 = no classifier-free guidance)"
+            if fast else "negative prompt has no effect at CFG <= 1"
+        )
+    if strength is not None:
+        _check_range("strength", strength, 0.01, 1.0)
+        if int(steps * strength) < 1:
+            # img2img runs int(steps * strength) steps: at least one must run.
+            steps = math.ceil(1 / strength - 1e-9)
+            warnings.append(f"steps raised to {steps} so that one denoising step runs at strength {strength:g}")
+    adapters = _adapters(
+        params, max_active=max_active, default_weight=default_weight, fast_adapter=fast_adapter if fast else None
+    )
+    resolved = ResolvedParams(
+        prompt=_prompt(gen, params),
+        negative_prompt=negative,
+        seed=params.seed if params.seed is not None else random_seed(params.count),
+        steps=steps,
+        cfg=float(cfg),
+        width=width,
+        height=height,
+        count=params.count,
+        sampler=sampler,
+        adapters=adapters,
+        fast=fast,
+        mode=mode,
+        strength=strength,
+        source_image=source_image,
+    )
+    return resolved, warnings

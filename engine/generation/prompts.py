@@ -1,0 +1,295 @@
+"""AUTOMATIC1111-style prompts for SDXL: weighting syntax and 75-token chunks.
+
+One module for inference and training, so a weighted caption such as
+``(hikari \\(arcaea\\):1.2), 1girl`` means the same thing in both. It follows A1111's
+``prompt_parser.parse_prompt_attention``, ``sd_hijack_clip`` and ``sd_emphasis`` ("Original"):
+
+- ``(x)`` x1.1, ``[x]`` /1.1, ``(x:w)``; nesting multiplies; ``\\( \\) \\[ \\] \\\\`` are
+  literal; unclosed brackets apply to the end of the prompt; ``BREAK`` starts a new chunk.
+- Prompts are split into chunks of 75 tokens (BOS + 75 + EOS + padding = 77), so nothing is
+  truncated; a chunk that fills moves the text after its last comma (within 20 tokens) on.
+- Each chunk goes through both encoders (penultimate hidden states, concatenated on the
+  feature axis); token embeddings are multiplied by their weight, then rescaled to the
+  chunk's previous mean. Chunks are concatenated on the sequence axis. The pooled embedding
+  is encoder 2's projection of the first chunk, as in A1111 and diffusers.
+- Positive and negative prompts are padded with empty chunks to the same length (for CFG).
+
+Deliberate differences from A1111: the mean rescale is per prompt and chunk, not over the
+whole batch of a chunk (so batching never changes an image), and ``BREAK`` inside brackets
+still breaks (A1111 turns it into the literal word with a negative weight).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.contract.errors import InvalidRequest
+
+CHUNK_LENGTH = 75  # prompt tokens per chunk; each chunk is BOS + 75 + EOS = 77
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+BREAK_WEIGHT = -1.0  # marks a BREAK fragment in parse_prompt_attention's output
+
+_ROUND = 1.1
+_SQUARE = 1 / 1.1
+_RE_ATTENTION = re.compile(
+    r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes, then a lone backslash (dropped, as A1111 does)
+\(|\[|
+:\s*([+-]?[.\d]+)\s*\)|      # (text:1.2)
+\)|]|
+[^\\()\[\]:]+|
+:
+""",
+    re.X,
+)
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split ``text`` into ``(fragment, weight)`` pairs; ``("BREAK", BREAK_WEIGHT)`` marks a break.
+
+    >>> parse_prompt_attention("a (b:1.5) [c]")
+    [('a ', 1.0), ('b', 1.5), (' ', 1.0), ('c', 0.9090909090909091)]
+    """
+    res: list[list[Any]] = []  # [fragment, weight, is_break]
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply_from(start: int, factor: float) -> None:
+        for item in res[start:]:
+            if not item[2]:
+                item[1] *= factor
+
+    for match in _RE_ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0, False])
+        elif token == "(":
+            round_open.append(len(res))
+        elif token == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open and _is_float(weight):
+            multiply_from(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            multiply_from(round_open.pop(), _ROUND)
+        elif token == "]" and square_open:
+            multiply_from(square_open.pop(), _SQUARE)
+        else:
+            for i, part in enumerate(_RE_BREAK.split(token)):
+                if i > 0:
+                    res.append(["BREAK", BREAK_WEIGHT, True])
+                res.append([part, 1.0, False])
+    for start in round_open:  # unclosed brackets reach to the end, as in A1111
+        multiply_from(start, _ROUND)
+    for start in square_open:
+        multiply_from(start, _SQUARE)
+
+    merged: list[list[Any]] = []
+    for item in res:
+        if merged and not item[2] and not merged[-1][2] and merged[-1][1] == item[1]:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    # Empty fragments carry no tokens; dropped after merging, so fragments (and therefore
+    # tokens) stay exactly as A1111 makes them.
+    return [(t, w) for t, w, brk in merged if t or brk] or [("", 1.0)]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _comma_id(tokenizer: Any) -> int | None:
+    """The id of the word-final comma, or None (get_vocab would copy 49k entries per call)."""
+    token_id = tokenizer.convert_tokens_to_ids(",</w>")
+    return token_id if tokenizer.convert_ids_to_tokens(token_id) == ",</w>" else None
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """77 token ids (BOS + 75 + EOS/padding) and one weight per token."""
+
+    tokens: list[int]
+    weights: list[float]
+
+
+def _finish_chunk(tokens: list[int], weights: list[float], tokenizer: Any) -> PromptChunk:
+    """BOS + tokens + EOS, then the tokenizer's pad id (diffusers and A1111 pad the same way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill = CHUNK_LENGTH - len(tokens)
+    return PromptChunk(
+        [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [pad] * fill,
+        [1.0, *weights, 1.0] + [1.0] * fill,
+    )
+
+
+def tokenize_chunks(tokenizer: Any, text: str) -> list[PromptChunk]:
+    """Tokenize a prompt with weights into 77-token chunks the way A1111's tokenize_line does."""
+    parsed = parse_prompt_attention(text)
+    token_lists = tokenizer([t for t, _ in parsed], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    comma = _comma_id(tokenizer)
+    chunks: list[PromptChunk] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+
+    def next_chunk() -> None:
+        nonlocal tokens, weights, last_comma
+        chunks.append(_finish_chunk(tokens, weights, tokenizer))
+        tokens, weights, last_comma = [], [], -1
+
+    for ids, (fragment, weight) in zip(token_lists, parsed):
+        if weight == BREAK_WEIGHT and fragment == "BREAK":
+            next_chunk()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif len(tokens) == CHUNK_LENGTH and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+                # The chunk is full: move the words after its last comma to the next chunk.
+                cut = last_comma + 1
+                moved_tokens, moved_weights = tokens[cut:], weights[cut:]
+                tokens, weights = tokens[:cut], weights[:cut]
+                next_chunk()
+                tokens, weights = moved_tokens, moved_weights
+            if len(tokens) == CHUNK_LENGTH:
+                next_chunk()
+            tokens.append(token)
+            weights.append(weight)
+    if tokens or not chunks:
+        next_chunk()
+    return chunks
+
+
+@dataclass
+class PromptEmbeddings:
+    """Keyword arguments for StableDiffusionXLPipeline; treat the tensors as read-only."""
+
+    prompt_embeds: Any
+    negative_prompt_embeds: Any
+    pooled_prompt_embeds: Any
+    negative_pooled_prompt_embeds: Any
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The four tensors as pipeline keyword arguments."""
+        return dict(self.__dict__)
+
+
+class SDXLPromptEncoder:
+    """Encode A1111-syntax prompts of any length with SDXL's two CLIP text encoders."""
+
+    def __init__(self, tokenizer: Any, tokenizer_2: Any, text_encoder: Any, text_encoder_2: Any, *, cache_size: int = 16) -> None:
+        self.tokenizers = (tokenizer, tokenizer_2)
+        self.text_encoders = (text_encoder, text_encoder_2)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, PromptEmbeddings] = OrderedDict()
+
+    def encode(self, prompt: str | Sequence[str], negative: str | Sequence[str] = "") -> PromptEmbeddings:
+        """Embeddings for a prompt (or a batch) and its negative, padded to the same length."""
+        import torch
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if not prompts or len(negatives) != len(prompts):
+            raise InvalidRequest(f"need one or more prompts and as many negative prompts (got {len(prompts)} and {len(negatives)})")
+        key = (tuple(prompts), tuple(negatives), self._encoder_state())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with torch.no_grad():
+            embeds, pooled = self._encode_texts(prompts + negatives)
+        n = len(prompts)
+        result = PromptEmbeddings(embeds[:n], embeds[n:], pooled[:n], pooled[n:])
+        if self.cache_size > 0:
+            self._cache[key] = result
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return result
+
+    def encode_for_training(self, captions: Sequence[str], *, train_text_encoders: bool = False) -> tuple[Any, Any]:
+        """(prompt_embeds, pooled) for captions; keeps gradients when the text encoders train."""
+        import torch
+
+        if not captions:
+            raise InvalidRequest("need at least one caption to encode")
+        with torch.set_grad_enabled(train_text_encoders):
+            return self._encode_texts(list(captions))
+
+    def _encoder_state(self) -> tuple:
+        """What the embeddings depend on besides the text: active LoRAs, scales, weights.
+
+        A tensor's ``_version`` grows with every in-place change (optimizer steps, LoRA
+        fusing, state-dict loads), so a trained or reloaded adapter never hits a stale entry.
+        """
+        state: list[Any] = []
+        for encoder in self.text_encoders:
+            state.append((encoder.device, encoder.dtype))
+            for module in encoder.modules():
+                if hasattr(module, "active_adapters") and hasattr(module, "scaling"):  # a peft LoRA layer
+                    scales = tuple(sorted(module.scaling.items()))
+                    state.append((tuple(module.active_adapters), scales, bool(module.disable_adapters), tuple(module.merged_adapters)))
+            state.extend((id(p), p._version) for p in encoder.parameters())  # ~1 us per tensor
+        return tuple(state)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[Any, Any]:
+        """(B, 77 * chunks, C1 + C2) embeddings and (B, P) pooled for already-validated texts.
+
+        Every chunk of every text goes through each encoder in one batch (row = chunk * B + text).
+        """
+        import torch
+
+        per_encoder = [[tokenize_chunks(tok, text) for text in texts] for tok in self.tokenizers]
+        n_chunks = max(len(chunks) for batch in per_encoder for chunks in batch)
+        n_texts = len(texts)
+        hidden, pooled = [], None
+        for tok, encoder, batch in zip(self.tokenizers, self.text_encoders, per_encoder):
+            empty = _finish_chunk([], [], tok)  # pads shorter prompts, as A1111's empty_chunk
+            rows = [chunks[i] if i < len(chunks) else empty for i in range(n_chunks) for chunks in batch]
+            out = encoder(torch.tensor([r.tokens for r in rows], device=encoder.device), output_hidden_states=True)
+            z = out.hidden_states[-2]
+            z = _apply_emphasis(z, torch.tensor([r.weights for r in rows], device=z.device, dtype=torch.float32))
+            # (chunks * B, 77, C) -> (B, chunks * 77, C)
+            hidden.append(z.reshape(n_chunks, n_texts, *z.shape[1:]).transpose(0, 1).reshape(n_texts, -1, z.shape[-1]))
+            if encoder is self.text_encoders[1]:
+                pooled = out.text_embeds[:n_texts]  # projection at the first EOS of the first chunk
+        dtype = self.text_encoders[1].dtype
+        return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+
+
+def _apply_emphasis(z: Any, weights: Any) -> Any:
+    """A1111's "Original" emphasis: scale each token by its weight, keep each chunk's mean.
+
+    Computed in float32 (A1111's multipliers are float32 too), so fp16 weights stay exact.
+    """
+    if bool((weights == 1.0).all()):
+        return z  # no syntax: exactly the encoder's output, as diffusers gives it
+    zf = z.float()
+    original_mean = zf.mean(dim=(1, 2), keepdim=True)
+    zf = zf * weights.unsqueeze(-1)
+    return (zf * (original_mean / zf.mean(dim=(1, 2), keepdim=True))).to(z.dtype)
+
+
+_PIPE_ENCODERS: "weakref.WeakKeyDictionary[Any, SDXLPromptEncoder]" = weakref.WeakKeyDictionary()
+
+
+def pipe_encoder(pipe: Any) -> SDXLPromptEncoder:
+    """The prompt encoder for an SDXL pipeline's text components.
+
+    Kept per text encoder, so pipelines made with ``from_pipe`` (img2img) share one encoder
+    and its cache.
+    """
+    parts = (pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2)
+    encoder = _PIPE_ENCODERS.get(pipe.text_encoder_2)
+    if encoder is None or any(a is not b for a, b in zip(encoder.tokenizers + encoder.text_encoders, parts)):
+        encoder = SDXLPromptEncoder(*parts)
+        _PIPE_ENCODERS[pipe.text_encoder_2] = encoder
+    return encoder

@@ -1,0 +1,1 @@
+"""The engine service: websocket server, GPU worker with batching, job executor, training hook."""

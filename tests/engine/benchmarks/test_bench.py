@@ -1,0 +1,55 @@
+"""The benchmarks run: the GPU suite's code on the tiny model, and a CPU case end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.benchmarks.gpu_bench import peak_for, run_gpu_bench
+
+
+def test_gpu_suite_code_runs_on_the_tiny_model(tmp_path):
+    out = tmp_path / "gpu.json"
+    report = run_gpu_bench(tiny=True, dtypes=("fp32",), batches=(1,), trials=1, compile_unet=False, out=out, device="cpu")
+    names = [c.name for c in report.cases]
+    for expected in ("std 4 steps CFG", "VAE decode", "train step", "unfused", "fused", "end to end"):
+        assert any(expected in n for n in names), (expected, names)
+    assert all(c.seconds > 0 for c in report.cases)
+    # SDXL FLOP counts mean nothing for the tiny model: no TFLOP/s is claimed.
+    assert all(c.tflops is None for c in report.cases)
+    saved = json.loads(out.read_text())
+    assert saved["tiny"] is True and len(saved["cases"]) == len(report.cases)
+    assert "case" in report.table().splitlines()[0]
+
+
+def test_device_peaks_are_matched_most_specific_first():
+    assert peak_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_for("NVIDIA H200") == 989.0
+    assert peak_for("Some CPU") is None
+
+
+def test_cpu_bench_prints_a_ratio(tmp_path, capsys):
+    from engine.benchmarks.cpu_bench import run_cpu_bench
+
+    results = run_cpu_bench(trials=1, only=["fast"], out=tmp_path / "cpu.json")
+    assert len(results) == 1 and results[0].ratio > 1.0  # 4 LCM steps beat 28 steps with CFG
+    assert "standard 28 steps CFG / fast LCM 4 steps" in capsys.readouterr().out
+
+
+def test_unknown_cpu_case_is_refused():
+    from engine.benchmarks.cpu_bench import run_cpu_bench
+    from engine.cli import CliError
+
+    with pytest.raises(CliError, match="unknown case 'warp'"):
+        run_cpu_bench(trials=1, only=["warp"])
+
+
+@pytest.mark.cuda
+def test_full_size_sdxl_lcm_step_on_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (full-size SDXL)")
+    report = run_gpu_bench(dtypes=("bf16",), batches=(1,), trials=1, compile_unet=False, out=tmp_path / "g.json")
+    assert all(c.tflops and c.tflops > 0 for c in report.cases if c.unet_evals or c.decodes)

@@ -1,0 +1,1 @@
+"""Training's torch-free data side: intake, tagger, captions, dataset folders, run records, scoring, lifecycle."""

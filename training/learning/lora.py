@@ -1,0 +1,178 @@
+"""The training adapter on a shared pipeline: add it, switch to it and back, save it, remove it.
+
+The engine serves generations from the same UNet the run trains (one copy of the base), so the
+training adapter must never leak into a generation and generations must never disturb training
+(NOTES, "Train while serving"). ``AdapterSwitch`` records which adapters each model had active,
+whether LoRA was disabled and the train/eval mode, activates only the training adapter for a
+step, and puts everything back afterwards, whatever the inference side had set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2"]
+CONV_TARGETS = ["conv1", "conv2"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def unet_targets(train_ff: bool, train_conv: bool) -> list[str]:
+    """peft ``target_modules`` for the UNet: attention, plus feed-forward / ResNet convs if asked."""
+    return ATTENTION_TARGETS + (FEED_FORWARD_TARGETS if train_ff else []) + (CONV_TARGETS if train_conv else [])
+
+
+def _tuner_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(model: Any) -> set[str]:
+    """Names of the adapters loaded into ``model`` (empty when it has no LoRA layers)."""
+    config = getattr(model, "peft_config", None)
+    return set(config) if isinstance(config, dict) else set()
+
+
+@dataclass
+class _ModelState:
+    model: Any
+    active: list[str] | None  # None: the model has no LoRA layers
+    disabled: bool
+    training: bool
+
+
+@dataclass
+class AdapterSwitch:
+    """Activate one adapter on some models for a while, then restore what was there before."""
+
+    models: list[Any]
+    _saved: list[_ModelState] = field(default_factory=list)
+    # model id -> (adapter names when walked, its LoRA layers): walking a full SDXL UNet's
+    # modules costs ~10 ms, and a step switches twice; adding/deleting adapters changes the key.
+    _layers: dict[int, tuple[tuple[str, ...], list[Any]]] = field(default_factory=dict)
+
+    def layers(self, model: Any) -> list[Any]:
+        key = tuple(sorted(adapter_names(model)))
+        cached = self._layers.get(id(model))
+        if cached is None or cached[0] != key:
+            cached = (key, _tuner_layers(model))
+            self._layers[id(model)] = cached
+        return cached[1]
+
+    def activate(self, name: str | None, *, train: bool) -> None:
+        """Make ``name`` the only active adapter (None: none) and set train/eval mode."""
+        self._saved = [self._capture(m) for m in self.models]
+        for model in self.models:
+            layers = self.layers(model)
+            for layer in layers:
+                layer.enable_adapters(True)
+                # Layers without the adapter just skip it; the list form is what peft stores.
+                layer.set_adapter([name] if name else [])
+            model.train(train)
+
+    def restore(self) -> None:
+        """Put back the active adapters, the disabled flag and the mode captured by ``activate``."""
+        for state in self._saved:
+            if state.active is not None:
+                for layer in self.layers(state.model):
+                    layer.set_adapter(list(state.active))
+                    layer.enable_adapters(not state.disabled)
+            state.model.train(state.training)
+        self._saved = []
+
+    def _capture(self, model: Any) -> _ModelState:
+        layers = self.layers(model)
+        if not layers:
+            return _ModelState(model, None, False, model.training)
+        active = layers[0].active_adapter
+        active = [active] if isinstance(active, str) else list(active)
+        return _ModelState(model, active, bool(layers[0].disable_adapters), model.training)
+
+
+def add_training_adapter(model: Any, name: str, config: Any) -> dict[str, Any]:
+    """Inject adapter ``name`` into ``model`` (diffusers UNet or transformers CLIP) and return its
+    parameters by name, made trainable and kept in fp32 (the base may be fp16/bf16).
+
+    The adapters that were active before stay active: adding must not change generations.
+    """
+    import torch
+
+    switch = AdapterSwitch([model])
+    switch._saved = [switch._capture(model)]
+    if name in adapter_names(model):
+        remove_adapter(model, name)  # left over from a run that crashed in this process
+    model.add_adapter(config, adapter_name=name)
+    params = {n: p for n, p in model.named_parameters() if f".{name}." in n}
+    for p in params.values():
+        p.data = p.data.to(torch.float32)
+        p.requires_grad_(True)
+    if switch._saved[0].active is not None:
+        switch.restore()
+    else:
+        for layer in _tuner_layers(model):
+            layer.set_adapter([])
+    return params
+
+
+def remove_adapter(model: Any, name: str) -> None:
+    """Delete adapter ``name`` from ``model`` if present (frees its memory)."""
+    if name not in adapter_names(model):
+        return
+    if hasattr(model, "delete_adapters"):  # diffusers models
+        model.delete_adapters(name)
+    else:  # transformers models
+        model.delete_adapter(name)
+
+
+def lora_state_dict(model: Any, name: str, *, to_cpu: bool = True) -> dict[str, Any]:
+    """The adapter's weights with peft keys and no adapter name (raw ``get_peft_model_state_dict``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    if not to_cpu:  # e.g. a model on the meta device, where only the names exist
+        return dict(state)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def _text_encoder_state(model: Any, name: str, to_cpu: bool) -> dict[str, Any]:
+    """A text encoder's adapter weights under the module names other tools use (``text_model.`` level)."""
+    from engine.generation.lora_files import standard_lora_key
+
+    prefix = "text_encoder."  # any text-encoder prefix: only the part after it is rewritten
+    return {standard_lora_key(prefix + k)[len(prefix):]: v for k, v in lora_state_dict(model, name, to_cpu=to_cpu).items()}
+
+
+def adapter_file_tensors(
+    unet: Any, name: str, text_encoders: dict[str, Any] | None = None, *, to_cpu: bool = True
+) -> dict[str, Any]:
+    """The tensors of the adapter file by key, as ``save_adapter_file`` writes them (``unet.…``,
+    ``text_encoder.text_model.…``, ``text_encoder_2.text_model.…``)."""
+    tensors = {f"unet.{k}": v for k, v in lora_state_dict(unet, name, to_cpu=to_cpu).items()}
+    for component, model in (text_encoders or {}).items():
+        tensors.update({f"{component}.{k}": v for k, v in _text_encoder_state(model, name, to_cpu).items()})
+    return tensors
+
+
+def save_adapter_file(path: Path, unet: Any, name: str, text_encoders: dict[str, Any] | None = None) -> None:
+    """Write the adapter as a diffusers LoRA file that ``load_lora_weights`` loads as is.
+
+    Saved from the raw peft state dict with the adapter config as metadata (NOTES: passing it
+    through ``convert_state_dict_to_diffusers`` drops keys; without the metadata an alpha other
+    than the rank reloads with the wrong scale). Text-encoder keys get the ``text_model.`` level
+    that transformers 5 dropped from CLIP-L, so A1111 and ComfyUI find them; diffusers strips it
+    again when loading into a model without that level.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    kwargs: dict[str, Any] = {
+        "unet_lora_layers": lora_state_dict(unet, name),
+        "unet_lora_adapter_metadata": unet.peft_config[name].to_dict(),
+    }
+    for component, model in (text_encoders or {}).items():
+        kwargs[f"{component}_lora_layers"] = _text_encoder_state(model, name, True)
+        kwargs[f"{component}_lora_adapter_metadata"] = model.peft_config[name].to_dict()
+    path = Path(path)
+    StableDiffusionXLPipeline.save_lora_weights(str(path.parent), weight_name=path.name, safe_serialization=True, **kwargs)
