@@ -8,7 +8,7 @@ import pytest
 
 from engine.contract.config import ArcaeConfig, ConfigError, Secrets, load_config, parse_config, resolve_config_path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_example_config_is_complete_and_valid():
