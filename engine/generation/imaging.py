@@ -19,7 +19,7 @@ _SDXL_LATENT_RGB = (
     (-0.3165, -0.2492, -0.2188),
 )
 _SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
-PREVIEW_MAX_SIDE = 256
+LATENT_PREVIEW_MAX_SIDE = 256
 
 
 def is_broken_decode(image: Any, *, black_counts: bool = True) -> bool:
@@ -86,7 +86,7 @@ def to_pil(image: Any) -> Any:
     return Image.fromarray((array * 255).round().astype("uint8"))
 
 
-def latent_preview(latents: Any, max_side: int = PREVIEW_MAX_SIDE) -> Any:
+def latent_preview(latents: Any, max_side: int = LATENT_PREVIEW_MAX_SIDE) -> Any:
     """A cheap RGB approximation of the first image in ``latents`` (no VAE), at most ``max_side`` px."""
     import torch
     from PIL import Image

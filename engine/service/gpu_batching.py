@@ -25,14 +25,14 @@ Faults, chosen so that one job never costs the others their result:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.contract import protocol
+from engine.contract.config import ArcaeConfig
 from engine.contract.errors import EngineError, JobCanceled
 from engine.generation.params import random_seed
-
-if TYPE_CHECKING:  # pragma: no cover
-    from engine.service.gpu_worker import GpuWorker, _JobRecord
+from engine.scheduler import FairScheduler
+from engine.service.gpu_jobs import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,14 @@ log = logging.getLogger(__name__)
 class BatchingMixin:
     """``GpuWorker``'s batching half (see the module docstring); runs on the worker thread."""
 
-    def _take_batch_mates(self: "GpuWorker", record: "_JobRecord") -> list["_JobRecord"]:
+    # Set by GpuWorker.__init__; declared here so that this module needs no import of GpuWorker.
+    config: ArcaeConfig
+    generator: Any
+    scheduler: FairScheduler
+    name: str
+    _jobs: dict[str, JobRecord]
+
+    def _take_batch_mates(self, record: JobRecord) -> list[JobRecord]:
         """Queued jobs that may share ``record``'s pipeline call, taken off the queue (lock held)."""
         request = record.request
         room = self.config.engine.max_batch_jobs - getattr(getattr(request, "params", None), "count", 1)
@@ -60,7 +67,7 @@ class BatchingMixin:
         )
         return [self._jobs[job.job_id] for job in taken]
 
-    def _batch_key(self: "GpuWorker", request: protocol.GenerateRequest) -> tuple | None:
+    def _batch_key(self, request: protocol.GenerateRequest) -> tuple | None:
         """The request's batch key, or None when it cannot be batched (it then runs alone)."""
         try:
             return self.generator.batch_key(request.params)
@@ -70,7 +77,7 @@ class BatchingMixin:
             log.exception("batch key of job %s failed; it runs alone", request.job_id)
             return None
 
-    def _run_batch(self: "GpuWorker", batch: list["_JobRecord"]) -> None:
+    def _run_batch(self, batch: list[JobRecord]) -> None:
         """Run ``batch`` as one pipeline call; see the module docstring for cancel and failure."""
         for record in batch:
             _pin_seed(record)
@@ -112,7 +119,7 @@ class BatchingMixin:
             return
 
 
-def _pin_seed(record: "_JobRecord") -> None:
+def _pin_seed(record: JobRecord) -> None:
     """Give a job without a seed its random seed now, so that a rerun (after a partial cancel or
     a failed shared call) makes the same images instead of drawing new seeds."""
     params = record.request.params

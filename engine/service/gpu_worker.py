@@ -18,77 +18,38 @@ reload_adapters, stop).
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import io
 import logging
-import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from engine.contract import protocol
 from engine.contract.config import ArcaeConfig
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory
 from engine.scheduler import FairScheduler, ScheduledJob
 from engine.service.gpu_batching import BatchingMixin
+from engine.service.gpu_jobs import (
+    JobRecord,
+    ShuttingDown,
+    SourceNotFound,
+    SteppableRun,
+    encode_preview,
+    is_cuda_oom,
+    record_queued,
+    release_cuda_memory,
+    vram_in_use,
+)
 
 log = logging.getLogger(__name__)
 
 EmitFn = Callable[[Any], None]
 PROGRESS_INTERVAL_S = 0.2  # at most ~5 progress events a second per job
 PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second
-PREVIEW_MAX_SIDE = 128
 _FINISHED_MEMORY = 512  # terminal events kept so that a resubmitted finished job is not rerun
-
-
-class SourceNotFound(InvalidRequest):
-    """An img2img request names an image the engine does not have."""
-
-    code = "not_found"
-
-
-class ShuttingDown(EngineError):
-    """The engine is stopping and accepts no new work."""
-
-    code = "engine_unavailable"
-
-
-class TrainingRun(Protocol):
-    """A preemptible training run the worker advances one ``step()`` at a time.
-
-    ``step()`` may return ``(step, total, loss)`` to report progress. The worker calls
-    ``cancel()`` (on its own thread) when the run is canceled; ``result`` (a dict) goes into
-    the ``Completed`` event once ``done`` is true.
-    """
-
-    job_id: str
-    attempt: int
-    done: bool
-
-    def step(self) -> Any: ...
-
-    def cancel(self) -> None: ...
-
-
-class _JobRecord:
-    """A job the worker holds (queued or running): its request, cancel flag and event counter."""
-
-    def __init__(self, job_id: str, attempt: int, request: Any = None, run: TrainingRun | None = None) -> None:
-        self.job_id = job_id
-        self.attempt = attempt
-        self.request = request
-        self.run = run
-        self.cancel = threading.Event()
-        self.shutdown = False
-        self.started = False
-        self.seq = 0
-        self.position: int | None = None
-        self.last_progress = 0.0
-        self.last_preview = 0.0
 
 
 class GpuWorker(BatchingMixin):
@@ -100,7 +61,7 @@ class GpuWorker(BatchingMixin):
         config: ArcaeConfig,
         *,
         name: str = "gpu-worker",
-        train_factory: Callable[[protocol.TrainRequest], TrainingRun] | None = None,
+        train_factory: Callable[[protocol.TrainRequest], SteppableRun] | None = None,
     ) -> None:
         self.generator = generator
         self.config = config
@@ -110,10 +71,10 @@ class GpuWorker(BatchingMixin):
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._emit: EmitFn = lambda event: None
-        self._jobs: dict[str, _JobRecord] = {}
-        self._running: _JobRecord | None = None
-        self._batch: list[_JobRecord] = []  # every job of the running pipeline call
-        self._training: _JobRecord | None = None
+        self._jobs: dict[str, JobRecord] = {}
+        self._running: JobRecord | None = None
+        self._batch: list[JobRecord] = []  # every job of the running pipeline call
+        self._training: JobRecord | None = None
         self._controls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._finished: OrderedDict[str, Any] = OrderedDict()
         self._stopping = False
@@ -149,7 +110,7 @@ class GpuWorker(BatchingMixin):
                 raise ShuttingDown("the engine is shutting down; try again shortly")
             job = ScheduledJob(request.job_id, request.owner, request.priority, payload=request)
             position = self.scheduler.push(job)  # QueueFull propagates
-            record = _JobRecord(request.job_id, request.attempt, request)
+            record = JobRecord(request.job_id, request.attempt, request)
             record.position = position
             self._jobs[request.job_id] = record
             self._finished.pop(request.job_id, None)
@@ -171,12 +132,12 @@ class GpuWorker(BatchingMixin):
             self._wake.notify()
             return True
 
-    def start_training(self, run: TrainingRun) -> None:
+    def start_training(self, run: SteppableRun) -> None:
         """Make ``run`` the active training run; it advances between generation jobs."""
         with self._lock:
             if self._training is not None:
                 raise InvalidRequest(f"training run {self._training.job_id} is still active; one at a time")
-            record = _JobRecord(run.job_id, run.attempt, run=run)
+            record = JobRecord(run.job_id, run.attempt, run=run)
             self._jobs[run.job_id] = record
             self._training = record
             self._wake.notify()
@@ -217,7 +178,7 @@ class GpuWorker(BatchingMixin):
             info["running_job"] = self._running.job_id if self._running else None
             info["training_run"] = self._training.job_id if self._training else None
         info.setdefault("worker", self.name)
-        info.update(_vram())
+        info.update(vram_in_use())
         return info
 
     def status(self) -> protocol.EngineStatus:
@@ -309,7 +270,7 @@ class GpuWorker(BatchingMixin):
                 raise ShuttingDown("the engine is shutting down; try again shortly")
             if self._training is not None:
                 raise InvalidRequest(f"training run {self._training.job_id} is still active; one at a time")
-            record = _JobRecord(request.job_id, request.attempt, request)
+            record = JobRecord(request.job_id, request.attempt, request)
             self._jobs[request.job_id] = record
             self._training = record
             event = self._emit_job(record, protocol.Queued, position=0)
@@ -318,12 +279,12 @@ class GpuWorker(BatchingMixin):
 
     # ------------------------------------------------------------------ events
 
-    def _next_seq(self, record: _JobRecord) -> int:
+    def _next_seq(self, record: JobRecord) -> int:
         seq = record.seq
         record.seq += 1
         return seq
 
-    def _emit_job(self, record: _JobRecord, cls: type, **fields: Any) -> Any:
+    def _emit_job(self, record: JobRecord, cls: type, **fields: Any) -> Any:
         """Build and emit one event of ``record`` with the next seq (under the lock: in order)."""
         with self._lock:
             event = cls(job_id=record.job_id, attempt=record.attempt, seq=self._next_seq(record), **fields)
@@ -337,7 +298,7 @@ class GpuWorker(BatchingMixin):
                 log.exception("event listener failed on %s", type(event).__name__)
             return event
 
-    def _forget(self, record: _JobRecord, event: Any) -> None:
+    def _forget(self, record: JobRecord, event: Any) -> None:
         """Drop a finished job; remember its terminal event so a resubmit does not rerun it."""
         self._jobs.pop(record.job_id, None)
         if self._training is record:
@@ -403,7 +364,7 @@ class GpuWorker(BatchingMixin):
     def _reload_now(self) -> dict[str, Any]:
         return self.generator.registry.reload()
 
-    def _run_job(self, record: _JobRecord, *, started: bool = False) -> None:
+    def _run_job(self, record: JobRecord, *, started: bool = False) -> None:
         request = record.request
         if not started:
             self._emit_job(record, protocol.Started, worker=self.name)
@@ -423,12 +384,12 @@ class GpuWorker(BatchingMixin):
             self._canceled_event(record)
         except EngineError as exc:
             if isinstance(exc, OutOfMemory):
-                _release_cuda_memory()
+                release_cuda_memory()
             self._emit_job(record, protocol.Failed, error=exc.code, message=exc.message)
         except Exception as exc:
             self._unexpected_failure(record, exc)
 
-    def _generate(self, record: _JobRecord, request: Any) -> Any:
+    def _generate(self, record: JobRecord, request: Any) -> Any:
         on_step = self._progress_callback(record)
         should_cancel = record.cancel.is_set
         if isinstance(request, protocol.GenerateRequest):
@@ -446,7 +407,7 @@ class GpuWorker(BatchingMixin):
             should_cancel=should_cancel,
         )
 
-    def _canceled_event(self, record: _JobRecord) -> Any:
+    def _canceled_event(self, record: JobRecord) -> Any:
         if record.shutdown:
             return self._emit_job(
                 record,
@@ -457,9 +418,9 @@ class GpuWorker(BatchingMixin):
             )
         return self._emit_job(record, protocol.Canceled)
 
-    def _unexpected_failure(self, record: _JobRecord, exc: Exception) -> Any:
-        if _is_cuda_oom(exc):
-            _release_cuda_memory()
+    def _unexpected_failure(self, record: JobRecord, exc: Exception) -> Any:
+        if is_cuda_oom(exc):
+            release_cuda_memory()
             return self._emit_job(
                 record,
                 protocol.Failed,
@@ -475,7 +436,7 @@ class GpuWorker(BatchingMixin):
             retryable=True,
         )
 
-    def _progress_callback(self, record: _JobRecord) -> Callable[[int, int, Any], None]:
+    def _progress_callback(self, record: JobRecord) -> Callable[[int, int, Any], None]:
         previews = self.config.engine.previews
 
         def progress_due(step: int, total: int, now: float) -> bool:
@@ -502,7 +463,7 @@ class GpuWorker(BatchingMixin):
         on_step.wants_preview = wants_preview  # type: ignore[attr-defined]
         return on_step
 
-    def _training_step(self, record: _JobRecord) -> None:
+    def _training_step(self, record: JobRecord) -> None:
         """Advance the training run by one step (building it first if it came as a request)."""
         try:
             if record.cancel.is_set():
@@ -522,16 +483,14 @@ class GpuWorker(BatchingMixin):
             self._canceled_event(record)
         except EngineError as exc:
             self._emit_job(record, protocol.Failed, error=exc.code, message=exc.message)
-        except Exception as exc:
-            if type(exc).__name__ == "TrainingCanceled":
-                self._canceled_event(record)
-            elif type(exc).__module__.startswith("training."):  # the trainer's own typed errors
+        except Exception as exc:  # (TrainingCanceled is a JobCanceled, handled above)
+            if type(exc).__module__.startswith("training."):  # the trainer's own typed errors
                 message = f"training run {record.job_id} failed: {str(exc)[:300]}"
                 self._emit_job(record, protocol.Failed, error="engine_error", message=message)
             else:
                 self._unexpected_failure(record, exc)
 
-    def _report_training_step(self, record: _JobRecord, info: Any) -> None:
+    def _report_training_step(self, record: JobRecord, info: Any) -> None:
         if not (isinstance(info, tuple) and len(info) == 3):
             return
         step, total, loss = info
@@ -540,42 +499,3 @@ class GpuWorker(BatchingMixin):
             record.last_progress = now
             loss = float(loss) if loss is not None else None
             self._emit_job(record, protocol.Progress, step=int(step), total=max(1, int(total)), loss=loss)
-
-
-def record_queued(record: _JobRecord, position: int, seq: int) -> protocol.Queued:
-    return protocol.Queued(job_id=record.job_id, attempt=record.attempt, seq=seq, position=position)
-
-
-def encode_preview(image: Any) -> str | None:
-    """A small base64 JPEG of a PIL image (at most PREVIEW_MAX_SIDE px), or None if it fails."""
-    try:
-        thumb = image.convert("RGB")
-        thumb.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
-        buf = io.BytesIO()
-        thumb.save(buf, format="JPEG", quality=60)
-        return base64.b64encode(buf.getvalue()).decode("ascii")
-    except Exception:  # a preview is optional; never fail a job for it
-        log.debug("preview encoding failed", exc_info=True)
-        return None
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
-def _release_cuda_memory() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _vram() -> dict[str, float]:
-    """VRAM in use on the current CUDA device, when torch and CUDA are there."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return {}
-    used = torch.cuda.memory_allocated() / 2**20
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**20
-    return {"vram_used_mb": round(used, 1), "vram_total_mb": round(total, 1)}

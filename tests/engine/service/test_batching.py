@@ -213,10 +213,10 @@ def test_a_job_without_a_seed_keeps_its_seed_when_the_batch_reruns(env, unet_bat
 
 
 def test_the_worker_asks_for_a_preview_only_when_it_would_send_one(env):
-    from engine.service.gpu_worker import _JobRecord
+    from engine.service.gpu_jobs import JobRecord
 
     assert env.config.engine.previews
-    on_step = env.worker._progress_callback(_JobRecord("preview-ask", 1))
+    on_step = env.worker._progress_callback(JobRecord("preview-ask", 1))
     assert on_step.wants_preview(1, 10)  # nothing sent yet
     on_step(1, 10, Image.new("RGB", (16, 16)))
     [sent] = env.of("preview-ask", p.Progress)
