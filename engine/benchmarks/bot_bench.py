@@ -3,7 +3,7 @@
 Discord drops an interaction the bot has not answered within 3 seconds, so the number that
 matters for a busy server is the time from INTERACTION_CREATE to the interaction callback
 (the defer), for many users at once. This starts the local Discord double
-(``engine/benchmarks/discord_double.py``, hence: run from the repository root), the real bot
+(``engine.benchmarks.discord_double``), the real bot
 process (``python -m bot``) and, through the bot, the real engine child on the tiny model;
 then, in each trial, one /imagine alone and N simultaneous /imagine from N different users.
 Every trial starts on an idle bot: it waits until all jobs of the previous one are delivered.
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.benchmarks.cpu_bench import Ratio, write_bench_config
+from engine.benchmarks.ratios import Ratio, write_bench_config
 
 ACK_WINDOW_S = 3.0  # Discord's limit for the first response to an interaction
-SKIP_LINE = "ack: skipped (needs the repository's engine/benchmarks/discord_double.py; run from the repository root)"
 BOT_READY = "Arcae bot ready"
 ENGINE_CONNECTED = "engine connected"
 STEPS = 2  # small, so the engine's work between trials stays short
@@ -35,11 +34,8 @@ STEPS = 2  # small, so the engine's work between trials stays short
 
 def bench_ack(trials: int, n: int = 50) -> list[Ratio]:
     """Ack latency of ``n`` simultaneous /imagine vs one alone (median and p95), one run."""
-    try:
-        from engine.benchmarks.discord_double import DiscordDouble
-    except ImportError:
-        print(SKIP_LINE, flush=True)
-        return []
+    from engine.benchmarks.discord_double import DiscordDouble
+
     # The double's access log would print one line per REST call (thousands) and slow it down.
     access_log = logging.getLogger("aiohttp.access")
     level = access_log.level

@@ -16,44 +16,13 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from engine.benchmarks.ratios import Ratio, alternate, write_bench_config
 
 CASES = ("service", "mix", "fast", "batching", "training", "ack")
-
-
-@dataclass
-class Ratio:
-    case: str
-    what: str
-    numerator_s: float
-    denominator_s: float
-    ratio: float
-    note: str = ""
-
-    def line(self) -> str:
-        return f"{self.case:9} {self.what:58} {self.ratio:8.2f}x   ({self.numerator_s * 1000:8.1f} ms / {self.denominator_s * 1000:8.1f} ms){'  ' + self.note if self.note else ''}"
-
-
-def _alternate(a: Callable[[], Any], b: Callable[[], Any], trials: int) -> tuple[float, float]:
-    """Median seconds of ``a`` and ``b``, timed alternately after two warm-ups each."""
-    for _ in range(2):
-        a(), b()
-    ta, tb = [], []
-    for _ in range(trials):
-        for fn, acc in ((a, ta), (b, tb)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def write_bench_config(root: Path, model_dir: Path) -> Path:
-    """A config for the tiny model under ``root`` (CPU, 64 px, data in ``root``)."""
-    from engine.generation.tiny import write_tiny_config
-
-    return write_tiny_config(root, model_dir)
 
 
 class _Env:
@@ -91,7 +60,7 @@ class _Env:
 def bench_fast(env: _Env, trials: int) -> list[Ratio]:
     std = lambda: env.generate(prompt="1girl, solo", seed=1, steps=28, cfg=6.0)  # noqa: E731
     fast = lambda: env.generate(prompt="1girl, solo", seed=1, steps=4, fast=True)  # noqa: E731
-    t_std, t_fast = _alternate(std, fast, trials)
+    t_std, t_fast = alternate(std, fast, trials)
     return [Ratio("fast", "standard 28 steps CFG / fast LCM 4 steps (speed-up)", t_std, t_fast, t_std / t_fast, "ideal: 14x (56 vs 4 UNet evals)")]
 
 
@@ -101,7 +70,7 @@ def bench_batching(env: _Env, trials: int) -> list[Ratio]:
             env.generate(prompt="1girl, solo", seed=10 + i, steps=8)
 
     one_call = lambda: env.generate(prompt="1girl, solo", seed=10, steps=8, count=4)  # noqa: E731
-    t4, t1 = _alternate(four_calls, one_call, trials)
+    t4, t1 = alternate(four_calls, one_call, trials)
     # What the worker does with 4 queued compatible jobs (own prompts and seeds): generate_batch.
     from engine.contract.protocol import GenerationParams
 
@@ -113,7 +82,7 @@ def bench_batching(env: _Env, trials: int) -> list[Ratio]:
             env.generator.generate(params, job_id=env.job_id())
 
     merged = lambda: env.generator.generate_batch([(env.job_id(), params) for params in jobs])  # noqa: E731
-    t4j, t1j = _alternate(four_jobs, merged, trials)
+    t4j, t1j = alternate(four_jobs, merged, trials)
     return [
         Ratio("batching", "4 jobs as four calls / as one batched call", t4, t1, t4 / t1, ">1 means batching pays"),
         Ratio("batching", "4 queued jobs (own prompts) alone / merged by generate_batch", t4j, t1j, t4j / t1j, "what [engine] max_batch_jobs does"),
@@ -213,7 +182,7 @@ def bench_service(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]:
     params = dict(prompt="1girl, solo", seed=3, steps=8)
     direct = lambda: env.generate(**params)  # noqa: E731
     through = lambda: client.generate(**params)  # noqa: E731
-    t_engine, t_direct = _alternate(through, direct, trials)
+    t_engine, t_direct = alternate(through, direct, trials)
     return [Ratio("service", "job through the engine process / library call", t_engine, t_direct, t_engine / t_direct, f"overhead {1000 * (t_engine - t_direct):.0f} ms")]
 
 

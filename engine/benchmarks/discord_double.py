@@ -6,7 +6,8 @@ reactions) and records every REST call, so tests can assert what a user would se
 drive it like users do: ``invoke_slash``, ``click``, ``submit_modal``, ``react``.
 
 The bot is pointed at it only through configuration (``discord.api_base`` and
-``discord.gateway_url``); nothing in the bot knows it is talking to a double.
+``discord.gateway_url``); nothing in the bot knows it is talking to a double. It lives here,
+not under tests/, because the benchmark's ``ack`` case runs on it (product code never imports tests).
 """
 
 from __future__ import annotations
