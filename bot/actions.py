@@ -149,7 +149,7 @@ async def _cancel(interaction: discord.Interaction, job: Job) -> None:
 async def _remix(interaction: discord.Interaction, job: Job) -> None:
     r, p = job.resolved, job.params
     await interaction.response.send_modal(RemixModal(
-        job.job_id, prompt=p.prompt, negative=p.negative_prompt or "", seed=str(r.seed) if r else "",
+        job.job_id, submit=handle_remix_submit, prompt=p.prompt, negative=p.negative_prompt or "", seed=str(r.seed) if r else "",
         steps=str(r.steps if r else p.steps or ""), cfg=f"{r.cfg:g}" if r else (f"{p.cfg:g}" if p.cfg else "")))
 
 

@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.actions import handle_button
 from bot.catalog import AdapterCatalog
 from bot.db import Database
 from bot.errors import NotAllowed, StartupError
@@ -194,6 +195,10 @@ class ArcaeBot(commands.Bot):
         await self.catalog.refresh()
         await self.jobs.resubmit_unfinished()
         await self.jobs.notify_connect()
+
+    async def run_job_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+        """A persistent job button was pressed (``bot.views.JobButton``): run its action."""
+        await handle_button(interaction, action, job_id)
 
     async def on_ready(self) -> None:
         log.info("%s as %s in %d guild(s)", READY_LOG_LINE, self.user, len(self.guilds))

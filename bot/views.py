@@ -9,6 +9,7 @@ which reads the job from the database. Views are built with ``timeout=None``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
@@ -30,7 +31,7 @@ ACTIONS: dict[str, tuple[str, discord.ButtonStyle, str]] = {
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
                 template=r"arcae:(?P<action>[a-z]+):(?P<job_id>[A-Za-z0-9_\-]{1,64})"):
-    """One action on one job; the handler lives in ``bot.actions``."""
+    """One action on one job; the bot routes the press to ``bot.actions`` (``ArcaeBot.run_job_button``)."""
 
     def __init__(self, action: str, job_id: str) -> None:
         label, style, emoji = ACTIONS[action]
@@ -48,9 +49,9 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(action, match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        from bot.actions import handle_button  # the handlers need the bot's services
-
-        await handle_button(interaction, self.action, self.job_id)
+        # The handlers need the bot's services; the bot, which holds them, routes the press
+        # (so that this module, imported by the handlers, does not import them back).
+        await interaction.client.run_job_button(interaction, self.action, self.job_id)  # type: ignore[attr-defined]
 
 
 def _view(job_id: str, actions: list[str]) -> discord.ui.View:
@@ -76,12 +77,17 @@ def gallery_view(job_id: str) -> discord.ui.View:
     return _view(job_id, ["remix", "gdel"])
 
 
-class RemixModal(discord.ui.Modal):
-    """Pre-filled parameters of a gallery image; submitting starts a new job."""
+RemixSubmit = Callable[[discord.Interaction, str, dict[str, str]], Awaitable[None]]
 
-    def __init__(self, job_id: str, *, prompt: str, negative: str, seed: str, steps: str, cfg: str) -> None:
+
+class RemixModal(discord.ui.Modal):
+    """Pre-filled parameters of a gallery image; submitting calls ``submit`` (which starts a new job)."""
+
+    def __init__(self, job_id: str, *, submit: RemixSubmit, prompt: str, negative: str, seed: str, steps: str,
+                 cfg: str) -> None:
         super().__init__(title="Remix", custom_id=f"arcae-remix:{job_id}", timeout=15 * 60)
         self.job_id = job_id
+        self.submit = submit
         self.prompt = discord.ui.TextInput(label="Prompt", style=discord.TextStyle.paragraph, default=prompt[:4000],
                                            max_length=4000, custom_id="prompt")
         self.negative = discord.ui.TextInput(label="Negative prompt", style=discord.TextStyle.paragraph,
@@ -96,9 +102,7 @@ class RemixModal(discord.ui.Modal):
             self.add_item(item)
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        from bot.actions import handle_remix_submit
-
-        await handle_remix_submit(interaction, self.job_id, {
+        await self.submit(interaction, self.job_id, {
             "prompt": self.prompt.value, "negative": self.negative.value, "seed": self.seed.value,
             "steps": self.steps.value, "cfg": self.cfg.value})
 
