@@ -113,7 +113,8 @@ class ArcaeBot(commands.Bot):
             log.info("synced %d commands to guild %s", len(synced), guild_id)
 
     async def _connect_engine(self) -> None:
-        from bot.engine_link import EngineLink, EngineRejected, EngineSupervisor, engine_url
+        from bot.engine_link import EngineLink, EngineSupervisor, engine_url
+        from engine.contract.transport import EngineRejected
 
         mode = self.config.engine.mode
         if mode == "redis":
@@ -142,11 +143,12 @@ class ArcaeBot(commands.Bot):
 
     def _link_options(self) -> dict[str, Any]:
         """What both engine-link modes share: TLS verification, restart notices, the secret's name."""
-        from bot.engine_link import EngineLinkError, client_ssl_context
+        from bot.engine_link import client_ssl_context
+        from engine.contract.transport import TransportError
 
         try:
             ssl_context = client_ssl_context(self.config)
-        except EngineLinkError as exc:
+        except TransportError as exc:
             raise StartupError(str(exc)) from None
         return {"ssl_context": ssl_context, "on_disconnect": self.jobs.notify_disconnect,
                 "secret_name": self.config.engine.secret_env}

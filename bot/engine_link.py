@@ -40,6 +40,13 @@ from pydantic import SecretStr
 
 from bot.engine_child import LineReader, child_env
 from engine.contract import protocol
+from engine.contract.transport import (
+    ConnectCallback,
+    EngineRejected,
+    EngineUnavailable,
+    EventCallback,
+    TransportError,
+)
 from engine.contract.config import ArcaeConfig, Secrets
 
 log = logging.getLogger(__name__)
@@ -53,23 +60,6 @@ MAX_EVENT_BYTES = protocol.MAX_COMPLETED_CHARS
 STABLE_RUN_S = 60.0  # a child that ran this long restarts from the shortest backoff again
 MAX_HANDSHAKE_REPLY_BYTES = 4096  # a challenge is ~300 bytes
 AUTH_FAILED = "engine authentication failed: check {name} on both sides"
-
-
-class EngineLinkError(Exception):
-    """Base of the errors the bot sees from the engine link."""
-
-
-class EngineUnavailable(EngineLinkError):
-    """The engine cannot be reached now (starting, restarting, connection lost, no answer)."""
-
-
-class EngineRejected(EngineLinkError):
-    """The engine refused a request; ``code`` is a protocol ``ErrorCode``, ``message`` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 def engine_url(config: ArcaeConfig) -> str:
@@ -86,22 +76,20 @@ def client_ssl_context(config: ArcaeConfig) -> ssl.SSLContext | None:
         return None
     ca_file = config.path(config.engine.tls_ca_file) if config.engine.tls_ca_file else None
     if ca_file is not None and not ca_file.is_file():
-        raise EngineLinkError(f"[engine] tls_ca_file {ca_file} does not exist")
+        raise TransportError(f"[engine] tls_ca_file {ca_file} does not exist")
     try:
         context = ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
-        raise EngineLinkError(f"cannot load [engine] tls_ca_file {ca_file}: {exc}") from None
+        raise TransportError(f"cannot load [engine] tls_ca_file {ca_file}: {exc}") from None
     if config.engine.tls_client_cert_file:  # mutual TLS: the engine asks for this certificate
         cert, key = config.path(config.engine.tls_client_cert_file), config.path(config.engine.tls_client_key_file)
         try:
             context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
-            raise EngineLinkError(f"cannot load the client certificate {cert} / key {key}: {exc}") from None
+            raise TransportError(f"cannot load the client certificate {cert} / key {key}: {exc}") from None
     return context
 
 
-EventCallback = Callable[[Any], Awaitable[None]]
-ConnectCallback = Callable[[], Awaitable[None]]
 DisconnectCallback = Callable[[], Awaitable[None]]
 
 
@@ -393,7 +381,7 @@ class EngineLink:
     async def _call_on_connect(self) -> None:
         try:
             await self._on_connect()  # type: ignore[misc]
-        except EngineLinkError as exc:
+        except TransportError as exc:
             log.warning("on_connect stopped: %s", exc)
         except Exception:
             log.exception("on_connect failed")

@@ -23,6 +23,7 @@ from bot.errors import Refused
 from bot.results import ResultLimits, ResultRejected, accept_completed
 from bot.views import progress_view
 from engine.contract import protocol
+from engine.contract.transport import EngineRejected, EngineTransport, EngineUnavailable
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -33,12 +34,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
 # How often undelivered results are retried while the bot runs.
 REDELIVER_INTERVAL_S = 120.0
-
-
-def _engine_errors() -> tuple[type[Exception], type[Exception]]:
-    from bot.engine_link import EngineRejected, EngineUnavailable
-
-    return EngineUnavailable, EngineRejected
 
 
 def new_job_id() -> str:
@@ -71,7 +66,7 @@ class JobManager:
         self.config = bot.config
         self.db = bot.db
         self.delivery = Delivery(bot)
-        self.engine: Any = None  # EngineLink or Dispatcher, set by the bot at start
+        self.engine: EngineTransport | None = None  # EngineLink or Dispatcher, set by the bot at start
         self._live: dict[str, LiveJob] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -109,7 +104,6 @@ class JobManager:
 
     async def submit(self, job: Job) -> None:
         """Hand a persisted job to the engine; an unavailable engine leaves it pending for later."""
-        unavailable, rejected = _engine_errors()
         live = self._live_for(job)
         if self.engine is None:
             live.state = "unavailable"
@@ -117,12 +111,12 @@ class JobManager:
             return
         try:
             queued = await self.engine.submit(self._request(job))
-        except unavailable:
+        except EngineUnavailable:
             log.info("job %s stays pending: engine unavailable", job.job_id)
             live.state = "unavailable"
             self._schedule(job.job_id)
             return
-        except rejected as exc:
+        except EngineRejected as exc:
             await self._fail(job.job_id, f"❌ Not started: {exc.message}", error=f"{exc.code}: {exc.message}")
             return
         if live.state in ("queued", "unavailable", "restarting"):
@@ -132,7 +126,6 @@ class JobManager:
 
     async def cancel(self, job_id: str) -> bool:
         """Ask the engine to stop a job; a job the engine does not hold is canceled here."""
-        unavailable, _ = _engine_errors()
         job = await self.db.get_job(job_id)
         if job is None or job.status not in ("pending", "running"):
             return False
@@ -140,7 +133,7 @@ class JobManager:
         if self.engine is not None:
             try:
                 held = await self.engine.cancel(job_id)
-            except unavailable:
+            except EngineUnavailable:
                 held = False
         if not held:
             await self._canceled(job_id)

@@ -175,7 +175,7 @@ class TrainingFlow:
 
     async def submit(self, run: RunRow) -> None:
         """Send the run to the engine; ``EngineUnavailable``/``EngineRejected`` propagate."""
-        from bot.engine_link import EngineUnavailable
+        from engine.contract.transport import EngineUnavailable
 
         self._active.add(run.run_id)  # from now on a reconnect (resubmit_active) sends it if this call cannot
         engine = self._engine()
@@ -187,7 +187,7 @@ class TrainingFlow:
 
     async def cancel(self, run: RunRow) -> bool:
         """Stop a run; True when the engine held it (its Canceled event finishes the row)."""
-        from bot.engine_link import EngineUnavailable
+        from engine.contract.transport import EngineUnavailable
 
         engine = self._engine()
         held = False

@@ -65,7 +65,7 @@ class AdapterAdmin(commands.Cog):
 
     async def _go_live(self, interaction: discord.Interaction) -> str:
         """Ask the engine to pick the change up now; say so if it cannot be reached."""
-        from bot.engine_link import EngineRejected, EngineUnavailable
+        from engine.contract.transport import EngineRejected, EngineUnavailable
 
         try:
             await self.flow.reload_adapters()

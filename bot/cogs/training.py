@@ -248,7 +248,7 @@ class Training(commands.Cog):
 
     async def _start_run(self, interaction: discord.Interaction, name: str, kind: str, trigger: str,
                          attachments: list[discord.Attachment], options: dict[str, Any]) -> None:
-        from bot.engine_link import EngineRejected, EngineUnavailable
+        from engine.contract.transport import EngineRejected, EngineUnavailable
 
         flow = self.flow
         report_lines = []

@@ -1,7 +1,7 @@
 """Scale-out: the bot's one dispatcher in front of engine workers that meet in Redis Streams.
 
-Same interface as ``bot.engine_link.EngineLink`` (start, close, submit, cancel, list_adapters,
-status, reload_adapters, on_event / on_connect callbacks), plus ``workers()`` for /status.
+Implements ``engine.contract.transport.EngineTransport``, as ``bot.engine_link.EngineLink`` does,
+plus ``workers()`` for /status.
 
 Policy lives here and only here: jobs wait in a ``FairScheduler`` (round-robin between users,
 interactive before batch, bounded) and go to a worker only when it has a free slot (1-2 jobs
@@ -22,7 +22,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.exceptions
@@ -32,6 +31,7 @@ from engine.scaleout.dispatch_policy import NoWorkerCanRun, WorkerSlot, choose_w
 from engine.contract import protocol
 from engine.contract.config import ArcaeConfig, Secrets
 from engine.contract.errors import QueueFull
+from engine.contract.transport import ConnectCallback, EngineRejected, EngineUnavailable, EventCallback, JobRequest
 from engine.scaleout.redis_files import FILE_TTL_S, encode_file, receive_outputs, source_key
 from engine.scaleout.redis_keys import (
     CONTROL_MAXLEN,
@@ -46,29 +46,9 @@ from engine.scaleout.redis_keys import (
 )
 from engine.scheduler import FairScheduler, ScheduledJob
 
-try:  # the websocket client's errors, so the bot catches one set of exceptions
-    from bot.engine_link import EngineRejected, EngineUnavailable
-except ImportError:  # pragma: no cover - engine_link not built in this checkout
-
-    class EngineUnavailable(Exception):  # type: ignore[no-redef]
-        """The engine (here: Redis) cannot be reached."""
-
-    class EngineRejected(Exception):  # type: ignore[no-redef]
-        """The engine refused a request; ``code`` is a protocol ErrorCode."""
-
-        def __init__(self, code: str, message: str) -> None:
-            super().__init__(message)
-            self.code = code
-            self.message = message
-
-
 log = logging.getLogger(__name__)
 
-EventCallback = Callable[[Any], Awaitable[None]]
-ConnectCallback = Callable[[], Awaitable[None]]
-JobRequest = protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.TrainRequest
 BLOCK_MS = 1000
-
 
 
 class WorkerStatus(WorkerInfo):
