@@ -232,9 +232,7 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
     selected = [c for c in CASES if not only or c in only]
     unknown = [c for c in (only or []) if c not in CASES]
     if unknown:
-        from engine.cli import CliError
-
-        raise CliError(f"unknown case {unknown[0]!r}; cases: {', '.join(CASES)}")
+        raise ValueError(f"unknown case {unknown[0]!r}; cases: {', '.join(CASES)}")
     results: list[Ratio] = []
     print(f"Arcae CPU benchmark (tiny model, median of {trials} trials, ratios measured in this run)", flush=True)
     with tempfile.TemporaryDirectory(prefix="arcae-bench-") as tmp:

@@ -45,8 +45,11 @@ def run(args: argparse.Namespace) -> int:
         print(report.table())
         print(f"\nJSON: {out}")
         return 0
-    from engine.benchmarks.cpu_bench import run_cpu_bench
+    from engine.benchmarks.cpu_bench import CASES, run_cpu_bench
 
     only = [c.strip() for c in args.only.split(",") if c.strip()]
+    unknown = [c for c in only if c not in CASES]
+    if unknown:
+        raise CliError(f"unknown case {unknown[0]!r}; cases: {', '.join(CASES)}")
     run_cpu_bench(trials=args.trials, only=only or None, out=args.out)
     return 0

@@ -38,12 +38,14 @@ def test_cpu_bench_prints_a_ratio(tmp_path, capsys):
     assert "standard 28 steps CFG / fast LCM 4 steps" in capsys.readouterr().out
 
 
-def test_unknown_cpu_case_is_refused():
+def test_unknown_cpu_case_is_refused(capsys):
     from engine.benchmarks.cpu_bench import run_cpu_bench
-    from engine.cli import CliError
+    from engine.cli import main
 
-    with pytest.raises(CliError, match="unknown case 'warp'"):
+    with pytest.raises(ValueError, match="unknown case 'warp'"):
         run_cpu_bench(trials=1, only=["warp"])
+    assert main(["bench", "--only", "warp"]) == 2
+    assert "error: unknown case 'warp'; cases: service, mix" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
