@@ -13,7 +13,6 @@ from engine.contract import protocol
 
 DESCRIPTION_LIMIT = 4096
 FIELD_LIMIT = 1024
-EMBED_TOTAL_LIMIT = 6000
 CONTENT_LIMIT = 2000
 COLOR = discord.Colour(0x7C5CFF)
 

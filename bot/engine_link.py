@@ -138,7 +138,6 @@ class EngineLink:
         self._first_attempt = asyncio.Event()
         self._closing = False
         self.rejected: EngineRejected | None = None  # set when the engine refused the handshake
-        self.connections = 0  # successful handshakes so far
 
     @property
     def connected(self) -> bool:
@@ -149,7 +148,7 @@ class EngineLink:
 
         Raises ``EngineRejected`` if the engine refused the handshake (wrong secret or protocol
         version: retrying would not help). Otherwise the link keeps reconnecting in the
-        background; check ``connected`` or ``wait_connected()``.
+        background; check ``connected``.
         """
         if self._runner is None:
             self._session = aiohttp.ClientSession()
@@ -161,14 +160,6 @@ class EngineLink:
             pass
         if self.rejected is not None:
             raise self.rejected
-
-    async def wait_connected(self, timeout: float) -> bool:
-        """Wait until connected; False after ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting; pending calls get ``EngineUnavailable``."""
@@ -293,7 +284,6 @@ class EngineLink:
         try:
             reply = await self._handshake(ws)
             self._ws = ws
-            self.connections += 1
             self._connected.set()
             self._first_attempt.set()
             log.info("connected to %s", reply.engine or "the engine")
@@ -426,7 +416,6 @@ class EngineSupervisor:
         self._port = 0
         self.url = ""
         self.restarts = 0
-        self.last_exit: int | None = None  # the previous child's exit status
 
     @property
     def pid(self) -> int | None:
@@ -467,7 +456,6 @@ class EngineSupervisor:
                 log.warning("the engine did not stop within %.0f s of SIGTERM; killing it", self._grace_s)
                 proc.kill()
                 await proc.wait()
-        self.last_exit = proc.returncode
         return proc.returncode
 
     async def _spawn(self, port: int) -> str:
@@ -511,7 +499,6 @@ class EngineSupervisor:
             assert self._proc is not None
             started = time.monotonic()
             status = await self._proc.wait()
-            self.last_exit = status
             if self._closing:
                 return
             if time.monotonic() - started >= STABLE_RUN_S:

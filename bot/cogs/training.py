@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 KINDS = [app_commands.Choice(name=k, value=k) for k in ("character", "style")]
 IMAGE_HELP = "attach PNG, JPEG, WebP, GIF or BMP images (image1..image10) or a .zip of them (optional .txt captions)"
 MAX_GRIDS = 8
-ATTACHMENTS = ("image1", "image2", "image3", "image4", "image5", "image6", "image7", "image8", "image9", "image10")
 
 
 def attachment_list(*items: Optional[discord.Attachment]) -> list[discord.Attachment]:

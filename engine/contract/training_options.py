@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from engine.contract.training_errors import InvalidTrainingOptions
 
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 # diffusers.optimization.SchedulerType values (listed here to keep this module torch-free).
 LR_SCHEDULERS = (
     "constant",

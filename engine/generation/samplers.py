@@ -65,11 +65,6 @@ def available_samplers() -> dict[str, SamplerSpec]:
     return {s.name: s for s in _SPECS if _installed(s.requires)}
 
 
-def sampler_names() -> list[str]:
-    """A1111 names of the usable samplers (for menus and error messages)."""
-    return list(available_samplers())
-
-
 def get_sampler(name: str) -> SamplerSpec:
     """The sampler called ``name`` (case-insensitive); ``InvalidRequest`` lists the allowed names."""
     samplers = available_samplers()

@@ -82,7 +82,6 @@ class RedisWorker:
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._started_at = 0.0
         self._control_start = "0-0"
         self.ready = asyncio.Event()
 
@@ -91,7 +90,6 @@ class RedisWorker:
     async def run(self) -> None:
         """Register, then serve until ``stop()``; unfinished jobs are left to be reclaimed."""
         loop = asyncio.get_running_loop()
-        self._started_at = loop.time()
         await ensure_group(self.client, self.keys.jobs(self.name), JOBS_GROUP)
         self.executor.start(lambda ev: loop.call_soon_threadsafe(self._events.put_nowait, ev))
         await self._publish_adapters()

@@ -83,7 +83,7 @@ class TrainingRun:
 
     Call ``step()`` until ``done``; ``cancel()`` stops it (status canceled). Terminal states
     remove the training adapter from the pipeline. Not thread-safe: call from the thread that
-    owns the pipeline (``request_cancel()`` may be called from any thread).
+    owns the pipeline.
     """
 
     def __init__(
@@ -94,7 +94,6 @@ class TrainingRun:
         self.job_id, self.attempt, self.base_model = job_id, attempt, base_model or options.model
         self.step_index = 0
         self.status = "pending"
-        self._cancel_requested = False
         self._released = False
         self.last_loss: float | None = None
         self._check_run_dir(resume)
@@ -172,8 +171,6 @@ class TrainingRun:
 
     def step(self) -> StepResult:
         """Run one optimizer step (``grad_accum`` micro-batches); checkpoint when due."""
-        if self._cancel_requested and not self.done:
-            self.cancel()
         if self.status == "canceled":
             raise TrainingCanceled(f"training run {self.run_dir.name} was canceled")
         if self.done:
@@ -200,10 +197,6 @@ class TrainingRun:
         except BaseException as exc:
             self._fail(exc)
             raise
-
-    def request_cancel(self) -> None:
-        """Ask the run to stop at its next ``step()`` (safe from any thread)."""
-        self._cancel_requested = True
 
     def cancel(self) -> None:
         """Stop now: status canceled, the adapter leaves the pipeline; nothing live changes."""

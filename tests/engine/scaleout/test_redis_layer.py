@@ -19,7 +19,7 @@ import pytest
 from engine.scaleout.dispatcher import Dispatcher
 from engine.contract import protocol
 from engine.contract.config import parse_config
-from engine.service.job_executor import ThreadJobExecutor
+from tests.engine.scaleout.thread_executor import ThreadJobExecutor
 from engine.scaleout.redis_keys import RedisKeys, make_client
 from engine.scaleout.redis_worker import RedisWorker
 from tests.redis_fixture import redis_server  # noqa: F401  (module fixture)
