@@ -12,13 +12,14 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
 import discord
 import yarl
 from discord.gateway import DiscordWebSocket
 
 from bot.errors import StartupError
-from engine.contract.config import ArcaeConfig, ConfigError, Secrets, load_config, resolve_config_path
+from engine.contract.config import CONFIG_HELP, ArcaeConfig, ConfigError, Secrets, load_command_config, locate_config
 
 TOKEN_HELP = (
     "set {env} to your bot's token: Discord Developer Portal (https://discord.com/developers/applications)"
@@ -36,10 +37,10 @@ def point_at_discord(config: ArcaeConfig) -> None:
         DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(config.discord.gateway_url)
 
 
-async def _run(config: ArcaeConfig, secrets: Secrets, config_path: str, token: str) -> None:
+async def _run(config: ArcaeConfig, secrets: Secrets, config_path: Path | None, token: str) -> None:
     from bot.app import ArcaeBot
 
-    bot = ArcaeBot(config, secrets, resolve_config_path(config_path))
+    bot = ArcaeBot(config, secrets, config_path)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
 
@@ -56,14 +57,14 @@ async def _run(config: ArcaeConfig, secrets: Secrets, config_path: str, token: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot", description="Run the Arcae Discord bot.")
-    parser.add_argument("--config", help="config file (default: $ARCAE_CONFIG or ./config.toml)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("discord").setLevel(max(logging.WARNING, logging.getLevelName(args.log_level)))
     try:
-        config = load_config(args.config)
+        config = load_command_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     point_at_discord(config)
     try:
-        asyncio.run(_run(config, secrets, str(resolve_config_path(args.config)), secrets.discord_token.get_secret_value()))
+        asyncio.run(_run(config, secrets, locate_config(args.config), secrets.discord_token.get_secret_value()))
     except discord.LoginFailure:
         print(f"error: Discord refused the token in {env} (401 Unauthorized: wrong, revoked or reset): "
               f"{TOKEN_HELP.format(env=env)}", file=sys.stderr)

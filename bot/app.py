@@ -53,7 +53,7 @@ class ArcaeTree(app_commands.CommandTree):
 class ArcaeBot(commands.Bot):
     """Arcae's Discord client. No privileged intents: slash commands, buttons and reactions only."""
 
-    def __init__(self, config: ArcaeConfig, secrets: Secrets, config_path: Path) -> None:
+    def __init__(self, config: ArcaeConfig, secrets: Secrets, config_path: Path | None) -> None:
         intents = discord.Intents.default()
         intents.message_content = False
         super().__init__(command_prefix=commands.when_mentioned, intents=intents, tree_cls=ArcaeTree,

@@ -392,7 +392,7 @@ class EngineSupervisor:
 
     def __init__(
         self,
-        config_path: str | os.PathLike[str],
+        config_path: str | os.PathLike[str] | None,
         config: ArcaeConfig,
         secrets: Secrets | None = None,
         *,
@@ -400,7 +400,8 @@ class EngineSupervisor:
         grace_s: float = 15.0,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.config_path = Path(config_path).resolve()
+        # None: no file was found, so the child finds none either and runs on the same defaults.
+        self.config_path = Path(config_path).resolve() if config_path is not None else None
         self.config = config
         # A fresh secret per supervisor: only this bot and its child know it.
         self.secret = secrets_module.token_urlsafe(32)
@@ -461,7 +462,9 @@ class EngineSupervisor:
     async def _spawn(self, port: int) -> str:
         env = {**child_env(self.config), **self._extra_env, "PYTHONUNBUFFERED": "1"}
         env[self.config.engine.secret_env] = self.secret
-        cmd = [self._python, "-m", "engine", "serve", "--config", str(self.config_path)]
+        cmd = [self._python, "-m", "engine", "serve"]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
         cmd += ["--host", self.config.engine.host, "--port", str(port)]
         self._stderr_tail.clear()
         proc = await asyncio.create_subprocess_exec(

@@ -29,13 +29,14 @@ class CliError(Exception):
 
 
 def load_cli_config(path: str | None) -> Any:
-    """``load_config(path)`` for a command: a bad or missing file becomes a ``CliError``."""
-    from engine.contract.config import ConfigError, load_config
+    """The config of every command (``--config``, ``$ARCAE_CONFIG``, ./config.toml, else the
+    defaults: ``engine.contract.config.load_command_config``); a bad file becomes a ``CliError``."""
+    from engine.contract.config import ConfigError, load_command_config
 
     try:
-        return load_config(path)
+        return load_command_config(path)
     except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc).replace("\n", " ")) from None
 
 
 def build_parser(prog: str, commands: dict[str, str]) -> argparse.ArgumentParser:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from engine.contract.config import CONFIG_HELP
+
 HELP = "list LoRA adapters: name, kind, trigger words, default weight, file format, hashes"
 
 # HASH: the file's sha256 (first 10 hex); A1111: the 12-hex hash A1111 and Civitai show and put in
@@ -16,22 +18,15 @@ _MAX_TRIGGERS_CHARS = 48
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters-dir", metavar="DIR", help="adapters directory (default: [adapters] dir of the config)")
-    p.add_argument("--config", metavar="FILE", help="config file (default: $ARCAE_CONFIG, then ./config.toml)")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="print the adapters as JSON instead of a table")
 
 
 def _settings(args: argparse.Namespace) -> tuple[Path, float, str]:
     """(adapters dir, default weight, LCM adapter name) from the arguments and the config."""
-    from engine.cli import CliError
-    from engine.contract.config import ConfigError, load_config
+    from engine.cli import load_cli_config
 
-    if args.adapters_dir and not args.config:
-        return Path(args.adapters_dir), 1.0, ""
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        hint = "" if args.adapters_dir else " (or pass --adapters-dir DIR)"
-        raise CliError(f"{exc}{hint}") from None
+    config = load_cli_config(args.config)
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else config.path(config.adapters.dir)
     return adapters_dir, config.adapters.default_weight, config.adapters.lcm_adapter
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cli import CliError
+from engine.contract.config import CONFIG_HELP
 
 HELP = "generate images from a prompt (prints the written PNG paths)"
 _ADAPTER = re.compile(r"^(?P<name>[^:]+?)(?::(?P<weight>[-+]?\d+(?:\.\d+)?))?$")
@@ -35,18 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="fast mode: LCM-LoRA, few steps, no CFG")
     p.add_argument("--no-quality-tags", action="store_true", help="do not prepend the configured quality tags")
     p.add_argument("--out", help="output directory (default: [storage] outputs_dir)")
-    p.add_argument("--config", help="config file (default: $ARCAE_CONFIG or ./config.toml when present)")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
 
 def _load_config(args: argparse.Namespace) -> Any:
     """The config file (when given or present) with the command-line overrides applied."""
-    from engine.contract.config import ConfigError, load_config, parse_config, resolve_config_path
+    from engine.cli import load_cli_config
 
-    path = resolve_config_path(args.config)
-    try:
-        config = load_config(path) if (args.config or path.is_file()) else parse_config({}, base_dir=Path.cwd())
-    except ConfigError as exc:
-        raise CliError(str(exc).replace("\n", " ")) from None
+    config = load_cli_config(args.config)
 
     def section(name: str, **values: Any) -> None:
         nonlocal config

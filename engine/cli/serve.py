@@ -6,12 +6,13 @@ import argparse
 import sys
 
 from engine.cli import CliError, load_cli_config
+from engine.contract.config import CONFIG_HELP
 
 HELP = "serve the engine for the bot over a websocket (prints 'ARCAE_ENGINE_READY <url>' when ready)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="config file (default: $ARCAE_CONFIG or ./config.toml)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("--host", help="address to listen on (default: [engine] host)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: [engine] port)")
     parser.add_argument(

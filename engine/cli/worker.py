@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from engine.cli import CliError, load_cli_config
+from engine.contract.config import CONFIG_HELP
 
 HELP = "serve jobs from Redis as one scale-out GPU worker (prints 'ARCAE_WORKER_READY <name>' when ready)"
 READY_PREFIX = "ARCAE_WORKER_READY"
@@ -21,7 +22,7 @@ READY_PREFIX = "ARCAE_WORKER_READY"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", metavar="URL", help="Redis URL, e.g. redis://gpu-hub.example:6379/0 "
                         "(default: [engine] redis_url); no credentials in it: the password comes from the environment")
-    parser.add_argument("--config", metavar="FILE", help="config file (default: $ARCAE_CONFIG or ./config.toml)")
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     parser.add_argument("--name", help="this worker's name (default: [engine] worker_name, else HOSTNAME-PID)")
     parser.add_argument("--capacity", type=int, choices=(1, 2), help="jobs held at once (default: [engine] worker_capacity)")
     parser.add_argument("--prefix", default="arcae", help="Redis key prefix shared with the bot (default: arcae)")

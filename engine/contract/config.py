@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 CONFIG_ENV = "ARCAE_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config.toml")
+CONFIG_HELP = "config file (default: $ARCAE_CONFIG, then ./config.toml if present, else built-in defaults)"
 
 
 class ConfigError(Exception):
@@ -361,17 +362,30 @@ def parse_config(data: dict[str, Any], *, base_dir: Path = Path("."), source: st
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def resolve_config_path(cli_value: str | os.PathLike[str] | None = None) -> Path:
-    """The config file path: ``--config`` wins, then ``$ARCAE_CONFIG``, then ./config.toml."""
+def locate_config(cli_value: str | os.PathLike[str] | None = None) -> Path | None:
+    """The one config-finding rule of every command: ``--config``, then ``$ARCAE_CONFIG``, then
+    ./config.toml when it exists; None means the documented defaults (``ArcaeConfig``'s)."""
     if cli_value:
         return Path(cli_value)
     env = os.environ.get(CONFIG_ENV, "").strip()
-    return Path(env) if env else DEFAULT_CONFIG_PATH
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_command_config(cli_value: str | os.PathLike[str] | None = None) -> ArcaeConfig:
+    """The configuration a command runs on: the file ``locate_config`` finds, else the defaults.
+
+    A file named by ``--config`` or ``$ARCAE_CONFIG`` must exist (``ConfigError`` if not)."""
+    path = locate_config(cli_value)
+    if path is None:
+        return parse_config({}, base_dir=Path.cwd(), source="built-in defaults")
+    return load_config(path)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> ArcaeConfig:
-    """Read and validate the config file (see ``resolve_config_path``)."""
-    p = resolve_config_path(path)
+    """Read and validate one config file (by default the one ``locate_config`` finds)."""
+    p = Path(path) if path else (locate_config(None) or DEFAULT_CONFIG_PATH)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:

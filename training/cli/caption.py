@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.contract.config import CONFIG_HELP
 from training.cli import CliError
 
 HELP = "caption the images in DIR with the WD tagger: writes NAME.txt beside each image and prints a summary"
@@ -22,7 +23,7 @@ def add_tagger_arguments(p: argparse.ArgumentParser, *, kind_required: bool = Tr
     p.add_argument("--character-threshold", type=float, default=None, help="character tag threshold 0-1 (default 0.85)")
     p.add_argument("--mcut", action="store_true", default=None, help="MCut thresholds instead (character clamped to >= 0.15)")
     p.add_argument("--max-tags", type=int, default=None, help="general tags per caption (default 8 style, 40 character)")
-    p.add_argument("--config", default=None, help="config file for [tagger]/[intake]/[storage] (default ./config.toml or $ARCAE_CONFIG if present)")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,15 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_config_or_defaults(path: str | None):
-    """The config file named (or found by default), else built-in defaults."""
-    from engine.contract.config import ArcaeConfig, ConfigError, load_config, resolve_config_path
+    """The config file found by the commands' one rule (``engine.cli.load_cli_config``), else defaults."""
+    from engine.cli import load_cli_config
 
-    if path is None and not resolve_config_path(None).is_file():
-        return ArcaeConfig()
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
+    return load_cli_config(path)
 
 
 def load_tagger_and_recipe(args: argparse.Namespace, config):

@@ -5,20 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.contract.config import CONFIG_HELP
+
 HELP = "score a training run's checkpoints (WD tagger), print the table, record the chosen one"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="the run directory (holds run.json and checkpoints/)")
     p.add_argument("--choose", type=int, metavar="STEP", help="record this checkpoint as the chosen one")
-    p.add_argument("--tagger", help="WD tagger: hub id or folder (default: [tagger] model with --config)")
-    p.add_argument("--config", help="config.toml ([tagger] model and thresholds)")
+    p.add_argument("--tagger", help="WD tagger: hub id or folder (default: [tagger] model of the config file)")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--rescore", action="store_true", help="score again even if run.json has scores")
     p.add_argument("--pixels", action="store_true", help="score without a tagger (pixel similarity only)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.contract.config import ConfigError, load_config, parse_config
+    from engine.cli import load_cli_config
+    from engine.contract.config import locate_config
     from training.data.checkpoints import CheckpointScore, choose_checkpoint, format_table, score_run, tagger_tag_fn
     from training.cli import CliError
     from engine.contract.training_errors import TrainingError
@@ -31,11 +34,8 @@ def run(args: argparse.Namespace) -> int:
             choose_checkpoint(run_dir, args.choose)
         scores = [CheckpointScore(**s) for s in record.get("scores") or []]
         if args.rescore or not scores:
-            try:
-                config = load_config(args.config) if args.config else parse_config({})
-            except ConfigError as exc:
-                raise CliError(str(exc)) from None
-            source = args.tagger or (config.tagger.model if args.config else "")
+            config = load_cli_config(args.config)
+            source = args.tagger or (config.tagger.model if locate_config(args.config) else "")
             if not source and not args.pixels:
                 raise CliError("no scores yet: pass --tagger DIR_OR_ID (or --config, or --pixels to score without one)")
             tag_fn = None

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine.contract.config import CONFIG_HELP
+
 HELP = "train a LoRA (character or style) on a captioned dataset folder"
 
 log = logging.getLogger(__name__)
@@ -23,7 +25,7 @@ _PASS_THROUGH = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="config.toml whose [training] section gives the defaults (and [model] the base)")
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--model", help="base model: diffusers folder, .safetensors file or hub id (default: [model] source)")
     p.add_argument("--dataset", help="dataset folder (images + .txt captions, optional manifest.json)")
     p.add_argument("--kind", choices=["character", "style"])
@@ -58,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--mixed-precision", help="auto | no | fp16 | bf16")
     g.add_argument("--seed", type=int)
-    p.add_argument("--tagger", help="WD tagger (hub id or folder) to score checkpoints at the end (default: [tagger] model with --config)")
+    p.add_argument("--tagger", help="WD tagger (hub id or folder) to score checkpoints at the end (default: [tagger] model of the config file)")
     p.add_argument("--no-score", action="store_true", help="do not score checkpoints at the end")
 
 
@@ -108,14 +110,9 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from engine.contract.config import ConfigError, load_config, parse_config
-    from training.cli import CliError
+    from engine.cli import load_cli_config
 
-    try:
-        config = load_config(args.config) if args.config else parse_config({}, base_dir=Path.cwd())
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
-    return config
+    return load_cli_config(args.config)
 
 
 def _load_pipeline(config: Any, model: str) -> Any:

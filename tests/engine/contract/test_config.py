@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 
-from engine.contract.config import ArcaeConfig, ConfigError, Secrets, load_config, parse_config, resolve_config_path
+from engine.contract.config import (ArcaeConfig, ConfigError, Secrets, load_command_config, load_config, locate_config,
+                                    parse_config)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -63,12 +65,32 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "bad.toml")
 
 
-def test_path_from_flag_then_environment(monkeypatch, tmp_path):
+def test_path_from_flag_then_environment_then_working_directory_else_defaults(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ARCAE_CONFIG", str(tmp_path / "env.toml"))
-    assert resolve_config_path(None) == tmp_path / "env.toml"
-    assert resolve_config_path(tmp_path / "flag.toml") == tmp_path / "flag.toml"
+    assert locate_config(None) == tmp_path / "env.toml"
+    assert locate_config(tmp_path / "flag.toml") == tmp_path / "flag.toml"
     monkeypatch.delenv("ARCAE_CONFIG")
-    assert resolve_config_path(None) == Path("config.toml")
+    assert locate_config(None) is None  # no ./config.toml: the documented defaults
+    assert load_command_config(None) == parse_config({}, base_dir=tmp_path)
+    (tmp_path / "config.toml").write_text("[generation]\nsteps = 12\n", encoding="utf-8")
+    assert locate_config(None) == Path("config.toml")
+    assert load_command_config(None).generation.steps == 12
+
+
+@pytest.mark.parametrize("program, argv", [
+    ("engine", ["generate", "1girl"]),
+    ("training", ["train"]),
+    ("bot", []),
+])
+def test_every_command_follows_the_same_config_rule(program, argv, monkeypatch, tmp_path, capsys):
+    # A file named by $ARCAE_CONFIG must exist, whichever command reads it (`training train` used to
+    # ignore the variable and ./config.toml and run on defaults).
+    missing = tmp_path / "missing.toml"
+    monkeypatch.setenv("ARCAE_CONFIG", str(missing))
+    main = {"engine": "engine.cli", "training": "training.cli", "bot": "bot.__main__"}[program]
+    assert importlib.import_module(main).main(argv) == 2
+    assert f"error: config file not found: {missing}" in capsys.readouterr().err
 
 
 def test_secrets_come_from_environment_and_never_print():
