@@ -57,12 +57,10 @@ max_pixels = 65536
 add_quality_tags = false
 
 [storage]
-data_dir = "data"
 database = "data/arcae.sqlite3"
 outputs_dir = "data/outputs"
 datasets_dir = "data/datasets"
 runs_dir = "data/runs"
-logs_dir = "data/logs"
 """ + extra
     path = tmp_path / "config.toml"
     path.write_text(text, encoding="utf-8")

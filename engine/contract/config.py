@@ -215,7 +215,6 @@ class TrainingConfig(_Section):
     min_snr_gamma: float = Field(5.0, ge=0.0)
     noise_offset: float = Field(0.0357, ge=0.0, le=1.0)
     save_every: int = Field(200, ge=1)
-    max_concurrent_runs: int = Field(1, ge=1, le=8)
     # Caps on what an admin may ask for from Discord (or any TrainRequest); the defaults above must fit.
     max_steps: int = Field(10_000, ge=1, le=1_000_000)
     max_rank: int = Field(128, ge=1, le=512)
@@ -238,12 +237,10 @@ class TrainingConfig(_Section):
 class StorageConfig(_Section):
     """Where Arcae keeps its database and files. Relative paths are relative to the config file."""
 
-    data_dir: Path = Path("data")
     database: Path = Path("data/arcae.sqlite3")
     outputs_dir: Path = Path("data/outputs")
     datasets_dir: Path = Path("data/datasets")
     runs_dir: Path = Path("data/runs")
-    logs_dir: Path = Path("data/logs")
 
 
 class GalleryConfig(_Section):

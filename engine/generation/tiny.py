@@ -174,12 +174,10 @@ rank = 4
 save_every = 1000
 
 [storage]
-data_dir = "data"
 database = "data/arcae.sqlite3"
 outputs_dir = "data/outputs"
 datasets_dir = "data/datasets"
 runs_dir = "data/runs"
-logs_dir = "data/logs"
 """
     path = Path(root) / name
     path.write_text(text, encoding="utf-8")
