@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from engine.contract.training_options import TrainOverrides
+
 # 2: challenge-response handshake (Hello / Challenge / HelloProof); the secret never travels.
 PROTOCOL_VERSION = 2
 
@@ -169,8 +171,8 @@ class TrainRequest(_Msg):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     owner: str = Field(min_length=1, max_length=64)
     attempt: int = Field(1, ge=1, le=100)
-    # Training options as the training CLI names them (validated by training/).
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Training options as the training CLI names them; unset ones come from the engine's [training].
+    options: TrainOverrides = Field(default_factory=TrainOverrides)
 
 
 Request = Annotated[

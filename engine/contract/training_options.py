@@ -9,9 +9,9 @@ so the bot can validate options before it sends them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from engine.contract.training_errors import InvalidTrainingOptions
 
@@ -96,6 +96,26 @@ class TrainOptions(BaseModel):
     @property
     def effective_sample_every(self) -> int:
         return self.sample_every or self.save_every
+
+
+def _overrides_model() -> type[BaseModel]:
+    """``TrainOverrides``: every ``TrainOptions`` field, optional, with the same type and limits."""
+    fields: dict[str, Any] = {
+        # Annotated keeps the field's limits (ge/le/...) on the value when one is given.
+        name: (Optional[Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation], None)
+        for name, info in TrainOptions.model_fields.items()
+    }
+    return create_model(
+        "TrainOverrides",
+        __config__=ConfigDict(extra="forbid", frozen=True),
+        __doc__="Options a ``TrainRequest`` sets; the rest (None) come from the engine's ``[training]``.",
+        **fields,
+    )
+
+
+# What crosses the wire in ``TrainRequest.options``: typed and limited per option here, checked as a
+# whole (required options, cross-field rules) by ``from_config`` on the engine, as the bot did first.
+TrainOverrides = _overrides_model()
 
 
 def from_config(training_config: Any, *, enforce_caps: bool = True, **overrides: Any) -> TrainOptions:

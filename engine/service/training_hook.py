@@ -26,7 +26,7 @@ def training_factory(config: ArcaeConfig, generator: Any) -> Callable[[protocol.
         from training.learning.trainer import TrainingRun
 
         try:
-            options = from_config(config.training, **request.options)
+            options = from_config(config.training, **request.options.model_dump(exclude_none=True))
         except TrainingError as exc:
             raise InvalidRequest(f"training options: {exc}") from None
         except Exception as exc:  # pydantic's or a bad key: say which

@@ -46,7 +46,7 @@ REQUESTS = [
     p.ListAdaptersRequest(rid="r3"),
     p.ReloadAdaptersRequest(),
     p.StatusRequest(rid="r4"),
-    p.TrainRequest(job_id="train-1", owner="admin", options={"steps": 10, "rank": 4, "name": "x"}),
+    p.TrainRequest(job_id="train-1", owner="admin", options={"steps": 10, "rank": 4, "trigger": "x"}),
 ]
 EVENTS = [
     p.Challenge(nonce="12" * 32, proof="ef" * 32, rid="hello"),
@@ -111,6 +111,9 @@ def test_event_round_trip(message):
         ('{"type": "img2img", "job_id": "j", "owner": "u", "mode": "variation", "source": "/etc/passwd", '
          '"params": {"prompt": "x"}}', "source"),
         ('{"type": "status", "surprise": 1}', "surprise"),
+        # Training options are typed on the wire: unknown names and out-of-range values stop at the door.
+        ('{"type": "train", "job_id": "t", "owner": "u", "options": {"seconds": 3}}', "options.seconds"),
+        ('{"type": "train", "job_id": "t", "owner": "u", "options": {"rank": 0}}', "options.rank"),
         ('[1, 2, 3]', "invalid"),
     ],
 )

@@ -80,7 +80,7 @@ class FakeGpu:
         if self.fail:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         if isinstance(request, protocol.TrainRequest):
-            seconds = float(request.options["seconds"])
+            seconds = request.options.steps / 10  # the fake "trains" for steps/10 seconds
         else:
             self.loaded = {a.name for a in request.params.adapters}
             seconds = float(request.params.prompt)
@@ -288,7 +288,7 @@ async def test_training_runs_only_on_training_workers_and_survive_a_lost_worker(
     d = cluster.new_dispatcher()
     await d.start()
     r = cluster.recorder
-    await d.submit(protocol.TrainRequest(job_id="lora-1", owner="admin", options={"seconds": 3}))
+    await d.submit(protocol.TrainRequest(job_id="lora-1", owner="admin", options={"steps": 30}))
     first = await r.wait_for("lora-1", protocol.Progress)
     assert first.attempt == 1
     holder = r.of("lora-1", protocol.Started)[0].worker
