@@ -19,17 +19,10 @@ from bot.db import Database, Image, Job
 from bot.errors import InvalidOption, NotAllowed, Refused
 from engine.contract import protocol
 from engine.contract.config import ArcaeConfig
+from engine.contract.sizes import SIZES_BY_ASPECT
 
 # SDXL's trained buckets (width x height) by aspect label.
-SDXL_PRESETS: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "4:5": (896, 1152),
-    "2:3": (832, 1216),
-    "9:16": (768, 1344),
-    "5:4": (1152, 896),
-    "3:2": (1216, 832),
-    "16:9": (1344, 768),
-}
+SDXL_PRESETS = SIZES_BY_ASPECT  # the engine's size presets, by the aspect label /imagine offers
 
 
 def aspect_size(aspect: str, config: ArcaeConfig) -> tuple[int, int]:

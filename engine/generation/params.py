@@ -15,18 +15,11 @@ from typing import Callable, Literal
 from engine.contract.config import GenerationConfig
 from engine.contract.errors import InvalidRequest
 from engine.contract.protocol import MAX_SEED, AdapterWeight, GenerationParams, ResolvedParams
+from engine.contract.sizes import SIZES_BY_NAME
 from engine.generation.samplers import DEFAULT_SAMPLER, FAST_SAMPLER, get_sampler
 
-# SDXL's trained aspect-ratio buckets (about one megapixel each), by the name the bot offers.
-SIZE_PRESETS: dict[str, tuple[int, int]] = {
-    "square": (1024, 1024),
-    "portrait": (832, 1216),
-    "landscape": (1216, 832),
-    "portrait-3-4": (896, 1152),
-    "landscape-4-3": (1152, 896),
-    "tall": (768, 1344),
-    "wide": (1344, 768),
-}
+# SDXL's trained aspect-ratio buckets by name (one table with the bot's aspect labels).
+SIZE_PRESETS = SIZES_BY_NAME
 # LCM-LoRA works at 4-8 steps and guidance 1-2; fast mode allows up to these unless configured higher.
 FAST_MAX_STEPS = 8
 FAST_MAX_CFG = 2.0
