@@ -21,7 +21,6 @@ from engine.contract import protocol
 from engine.contract.config import ArcaeConfig
 from engine.contract.sizes import SIZES_BY_ASPECT
 
-# SDXL's trained buckets (width x height) by aspect label.
 SDXL_PRESETS = SIZES_BY_ASPECT  # the engine's size presets, by the aspect label /imagine offers
 
 
