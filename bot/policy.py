@@ -17,7 +17,7 @@ import discord
 
 from bot.db import Database, Image, Job
 from bot.errors import InvalidOption, NotAllowed, Refused
-from engine.contract import protocol
+from engine.contract import limits
 from engine.contract.config import ArcaeConfig
 from engine.contract.sizes import SIZES_BY_ASPECT
 
@@ -114,16 +114,6 @@ async def check_limits(db: Database, user_id: int, admin: bool, config: ArcaeCon
 # Characters that render as nothing: format (zero-width space/joiners, word joiner, BOM, tags),
 # controls, separators, lone combining marks, and letters Unicode draws as blank (Hangul fillers,
 # the blank Braille pattern), which hostile users paste to make "empty" text.
-_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"}
-_BLANK_LETTERS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
-
-
-def has_visible_text(text: str) -> bool:
-    """True when ``text`` has at least one character that renders as something."""
-    return any(not ch.isspace() and ch not in _BLANK_LETTERS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES
-               for ch in text)
-
-
 def _normalized(text: str) -> str:
     # Full-width letters and the like fold to ASCII, and zero-width characters vanish, so that
     # "ｎｕｄｅ" or "nu\u200bde" cannot slip past a blocked tag.
@@ -233,33 +223,21 @@ def with_safety_negative(negative: str | None, rules: ContentRules, config: Arca
     return combined
 
 
-def _text_problems(name: str, text: str, limit: int) -> list[str]:
-    problems = []
-    if not has_visible_text(text):
-        problems.append(f"{name} must contain visible text (it is empty, or only spaces or invisible characters "
-                        "such as zero-width spaces)")
-    if len(text) > limit:
-        problems.append(f"{name} must be at most {limit} characters (it has {len(text)})")
-    return problems
-
-
 def check_ranges(config: ArcaeConfig, *, prompt: str, steps: int | None, cfg: float | None, count: int,
                  seed: int | None, weights: dict[str, float | None], negative: str | None = None) -> None:
     """Options outside the configured limits get a message saying what is allowed."""
     g = config.generation
-    problems = _text_problems("prompt", prompt, g.max_prompt_chars)
-    if negative is not None:
-        problems += _text_problems("negative", negative, g.max_prompt_chars)
-    if steps is not None and not g.min_steps <= steps <= g.max_steps:
-        problems.append(f"steps must be between {g.min_steps} and {g.max_steps} (got {steps})")
-    if cfg is not None and not g.min_cfg <= cfg <= g.max_cfg:
-        problems.append(f"cfg must be between {g.min_cfg:g} and {g.max_cfg:g} (got {cfg:g})")
-    if not 1 <= count <= g.max_count:
-        problems.append(f"count must be between 1 and {g.max_count} (got {count})")
-    if seed is not None and not 0 <= seed <= protocol.MAX_SEED:
-        problems.append(f"seed must be between 0 and {protocol.MAX_SEED} (got {seed})")
-    for name, w in weights.items():
-        if w is not None and not -4.0 <= w <= 4.0:
-            problems.append(f"{name} must be between -4 and 4 (got {w:g})")
+    checks = [
+        limits.prompt_problem(g, prompt),
+        # An explicit negative must say something: only-invisible text is a mistake or a trick.
+        *((limits.invisible_problem(negative, "negative"), limits.too_long(g, negative, "negative"))
+          if negative is not None else ()),
+        limits.steps_problem(g, steps) if steps is not None else None,
+        limits.cfg_problem(g, cfg, label="cfg") if cfg is not None else None,  # the option's name on Discord
+        limits.count_problem(g, count),
+        limits.seed_problem(seed) if seed is not None else None,
+        *(limits.weight_problem(name, w) for name, w in weights.items() if w is not None),
+    ]
+    problems = [p for p in checks if p]
     if problems:
         raise InvalidOption("Not started: " + "; ".join(problems) + ".")

@@ -12,7 +12,7 @@ from bot import embeds
 from bot.cogs.imagine import ASPECT_CHOICES, list_autocomplete
 from bot.db import UserSettings
 from bot.errors import InvalidOption
-from bot.policy import has_visible_text
+from engine.contract.limits import has_visible_text
 from bot.replies import reply
 
 if TYPE_CHECKING:

@@ -77,18 +77,14 @@ def _adapter_mix(values: list[str]) -> list[Any]:
 
 def _range_message(config: Any, field: str, value: Any, fast: bool) -> str | None:
     """The configured range for steps/CFG/count, for values beyond even the protocol's bounds."""
-    from engine.generation.params import FAST_MAX_CFG, FAST_MAX_STEPS
+    from engine.contract import limits
 
     gen = config.generation
-    ranges = {
-        "steps": ("steps", gen.min_steps, max(FAST_MAX_STEPS, gen.fast_steps) if fast else gen.max_steps),
-        "cfg": ("CFG", gen.min_cfg, max(FAST_MAX_CFG, gen.fast_cfg) if fast else gen.max_cfg),
-        "count": ("count", 1, gen.max_count),
-    }
-    if field not in ranges:
-        return None
-    label, low, high = ranges[field]
-    return f"{label} must be between {low:g} and {high:g}{' in fast mode' if fast else ''} (got {value})"
+    if field == "steps":
+        return limits.steps_problem(gen, value, fast)
+    if field == "cfg":
+        return limits.cfg_problem(gen, value, fast)
+    return limits.count_problem(gen, value) if field == "count" else None
 
 
 def _request(args: argparse.Namespace, config: Any) -> Any:

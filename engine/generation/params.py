@@ -12,6 +12,7 @@ import re
 import secrets as _secrets
 from typing import Callable, Literal
 
+from engine.contract import limits
 from engine.contract.config import GenerationConfig
 from engine.contract.errors import InvalidRequest
 from engine.contract.protocol import MAX_SEED, AdapterWeight, GenerationParams, ResolvedParams
@@ -20,9 +21,6 @@ from engine.generation.samplers import DEFAULT_SAMPLER, FAST_SAMPLER, get_sample
 
 # SDXL's trained aspect-ratio buckets by name (one table with the bot's aspect labels).
 SIZE_PRESETS = SIZES_BY_NAME
-# LCM-LoRA works at 4-8 steps and guidance 1-2; fast mode allows up to these unless configured higher.
-FAST_MAX_STEPS = 8
-FAST_MAX_CFG = 2.0
 LCM_LORA_REPO = "latent-consistency/lcm-lora-sdxl"
 
 Mode = Literal["txt2img", "variation", "upscale"]
@@ -68,17 +66,13 @@ def random_seed(count: int = 1) -> int:
     return _secrets.randbelow(MAX_SEED - count + 2)
 
 
-def _check_range(label: str, value: float, low: float, high: float, hint: str = "") -> None:
-    if not low <= value <= high:
-        shown = f"{value:g}" if isinstance(value, float) else str(value)
-        raise InvalidRequest(f"{label} must be between {low:g} and {high:g}{hint} (got {shown})")
+def _check(problem: str | None) -> None:
+    if problem:
+        raise InvalidRequest(problem)
 
 
 def _prompt(gen: GenerationConfig, params: GenerationParams) -> str:
-    if len(params.prompt) > gen.max_prompt_chars:
-        raise InvalidRequest(f"prompt is {len(params.prompt)} characters; at most {gen.max_prompt_chars} allowed")
-    if not params.prompt.strip():
-        raise InvalidRequest("prompt is empty")
+    _check(limits.prompt_problem(gen, params.prompt))
     add_tags = gen.add_quality_tags if params.add_quality_tags is None else params.add_quality_tags
     tags = gen.quality_tags.strip()
     if add_tags and tags and not params.prompt.lstrip().startswith(tags):
@@ -87,8 +81,8 @@ def _prompt(gen: GenerationConfig, params: GenerationParams) -> str:
 
 
 def _negative(gen: GenerationConfig, params: GenerationParams, *, no_cfg: bool, extra: str) -> str:
-    if params.negative_prompt is not None and len(params.negative_prompt) > gen.max_prompt_chars:
-        raise InvalidRequest(f"negative prompt is too long; at most {gen.max_prompt_chars} characters allowed")
+    if params.negative_prompt is not None:
+        _check(limits.too_long(gen, params.negative_prompt, "negative prompt"))
     if params.negative_prompt is not None:
         negative = params.negative_prompt.strip()
     else:
@@ -127,13 +121,8 @@ def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams) -> tuple[int
     fast = params.fast
     steps = params.steps if params.steps is not None else (gen.fast_steps if fast else gen.steps)
     cfg = params.cfg if params.cfg is not None else (gen.fast_cfg if fast else gen.cfg)
-    if fast:
-        hint = " in fast mode"
-        _check_range("steps", steps, gen.min_steps, max(FAST_MAX_STEPS, gen.fast_steps), hint)
-        _check_range("CFG", cfg, gen.min_cfg, max(FAST_MAX_CFG, gen.fast_cfg), hint)
-    else:
-        _check_range("steps", steps, gen.min_steps, gen.max_steps)
-        _check_range("CFG", cfg, gen.min_cfg, gen.max_cfg)
+    _check(limits.steps_problem(gen, steps, fast))
+    _check(limits.cfg_problem(gen, cfg, fast))
     return steps, cfg
 
 
@@ -160,7 +149,7 @@ def resolve_params(
     width = params.width if params.width is not None else gen.size[0]
     height = params.height if params.height is not None else gen.size[1]
     check_size(gen, width, height)
-    _check_range("count", params.count, 1, gen.max_count)
+    _check(limits.count_problem(gen, params.count))
 
     sampler = get_sampler(params.sampler or gen.sampler or DEFAULT_SAMPLER).name
     if fast:
@@ -175,7 +164,7 @@ def resolve_params(
             if fast else "negative prompt has no effect at CFG <= 1"
         )
     if strength is not None:
-        _check_range("strength", strength, 0.01, 1.0)
+        _check(limits.out_of_range("strength", strength, 0.01, 1.0))
         if int(steps * strength) < 1:
             # img2img runs int(steps * strength) steps: at least one must run.
             steps = math.ceil(1 / strength - 1e-9)

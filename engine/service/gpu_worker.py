@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.contract import protocol
+from engine.contract import limits, protocol
 from engine.contract.config import ArcaeConfig
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory
 from engine.scheduler import FairScheduler, ScheduledJob
@@ -240,10 +240,10 @@ class GpuWorker(BatchingMixin):
 
     def _validate(self, request: Any) -> None:
         params = request.params
-        limit = self.config.generation.max_prompt_chars
         for label, text in (("prompt", params.prompt), ("negative prompt", params.negative_prompt or "")):
-            if len(text) > limit:
-                raise InvalidRequest(f"the {label} has {len(text)} characters; at most {limit} are allowed")
+            problem = limits.too_long(self.config.generation, text, label)
+            if problem:
+                raise InvalidRequest(problem)
         if isinstance(request, protocol.Img2ImgRequest):
             source = self.config.path(self.config.storage.outputs_dir) / request.source
             if not source.is_file():
