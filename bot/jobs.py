@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
 # How often undelivered results are retried while the bot runs.
 REDELIVER_INTERVAL_S = 120.0
+# An engine event whose database write failed is retried after this, doubling up to the maximum.
+DB_RETRY_FIRST_S = 0.5
+DB_RETRY_MAX_S = 30.0
 
 
 def _engine_errors() -> tuple[type[Exception], type[Exception]]:
@@ -211,17 +215,28 @@ class JobManager:
                 log.exception("engine event listener %r failed", listener)
         if not isinstance(event, protocol.JOB_EVENT_TYPES):
             return
-        try:
-            async with self._lock(event.job_id):
-                await self._apply(event)
-        except Exception:
-            log.exception("applying %s for job %s failed", type(event).__name__, event.job_id)
+        delay = DB_RETRY_FIRST_S
+        while True:
+            try:
+                async with self._lock(event.job_id):
+                    await self._apply(event)
+                return
+            except sqlite3.OperationalError as exc:
+                # Locked by another process, disk full, I/O error: the event is the only record of
+                # what the engine did, so it is retried until stored (in Redis mode it stays
+                # unacknowledged meanwhile), never dropped.
+                log.warning("storing %s of job %s failed (%s); retrying in %g s", type(event).__name__,
+                            event.job_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DB_RETRY_MAX_S)
+            except Exception:
+                log.exception("applying %s for job %s failed", type(event).__name__, event.job_id)
+                return
 
     async def _apply(self, event: Any) -> None:
         job = await self.db.get_job(event.job_id)
         if job is None or job.status not in ("pending", "running"):
             return  # not ours (a training run), or already final: a duplicate
-        completed = isinstance(event, protocol.Completed)
         # An older attempt's result (or cancel) is still the truth: an engine that kept running
         # while the bot restarted answers a resubmission with the job's final event. Its other
         # events are stale, and an older Failed is retried by the engine as the new attempt.
@@ -235,7 +250,12 @@ class JobManager:
         live = self._live_for(job)
         if event.attempt == live.attempt and event.seq <= live.last_seq and not final:
             return
+        await self._apply_new(job, live, event)
+        # Only once applied: an event whose write failed is retried, not taken for a duplicate.
         live.last_seq = max(live.last_seq, event.seq)
+
+    async def _apply_new(self, job: Job, live: LiveJob, event: Any) -> None:
+        completed = isinstance(event, protocol.Completed)
         if isinstance(event, protocol.Queued):
             if live.state in ("queued", "unavailable"):
                 live.state, live.position = "queued", event.position

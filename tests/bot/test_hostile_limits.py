@@ -1,0 +1,149 @@
+"""Issue 11, hostile bursts and crashes: limits hold under simultaneous requests, no acknowledged job is lost.
+
+The real bot process and the real engine (tiny model) over the local Discord double, with
+tight limits. Requests are fired together the way a script (or a double click) would; what is
+asserted is what users see: how many got a job, how many a refusal, and that every
+acknowledged "thinking…" ends in an image or a clear message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+import pytest_asyncio
+
+from tests.bot.conftest import READY_LINE, running_stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+LIMITS = {"max_queued_per_user": 3, "cooldown_s": 3.0, "global_max_queued": 10}
+REFUSALS = ("the limit is", "Cooldown:", "The queue is full")
+LOADING = 128  # message flag: the deferred "thinking…" placeholder
+SLOW = {"steps": 60, "count": 4}  # long enough that no job finishes while a burst is being counted
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile-limits")
+    async with running_stack(tmp, tiny_model_dir, limits=LIMITS) as s:
+        yield s
+
+
+def refusal(d, inter) -> str | None:
+    """The refusal the user was shown (an immediate ephemeral reply, or a follow-up after a defer)."""
+    texts = [cb["data"].get("content") or "" for cb in inter.callbacks if cb["type"] == 4]
+    texts += [m.get("content") or "" for m in d.followups(inter)]
+    return next((t for t in texts if any(r in t for r in REFUSALS)), None)
+
+
+def thinking(d, inter) -> bool:
+    """The interaction's message is still the deferred "thinking…" placeholder."""
+    msg = d.original(inter)
+    return msg is not None and int(msg["id"]) not in d.deleted and bool(msg["flags"] & LOADING)
+
+
+def job_shown(d, inter) -> bool:
+    """The interaction's own message shows a job (its status line or its result)."""
+    msg = d.original(inter)
+    if msg is None or int(msg["id"]) in d.deleted:
+        return False
+    return bool(msg.get("embeds")) or any(w in (msg.get("content") or "") for w in ("Queued", "Generating"))
+
+
+async def settle(d, inters, timeout: float = 30.0) -> tuple[int, int]:
+    """Wait until every request was answered; return (accepted, refused)."""
+    await d.wait_for(lambda: all(refusal(d, i) or job_shown(d, i) for i in inters), timeout=timeout)
+    refused = sum(1 for i in inters if refusal(d, i))
+    return len(inters) - refused, refused
+
+
+async def cancel_all(d, users, inters) -> None:
+    """Each user cancels their latest job (with /cancel), so the next test starts on an empty queue."""
+    for user in users:
+        cancel = await d.invoke_slash(user, d.channel, "cancel")
+        await d.wait_for(lambda: cancel.callbacks, timeout=10)
+    await d.wait_for(lambda: all("canceled" in (d.original(i) or {}).get("content", "") for i in inters), timeout=60)
+
+
+async def test_simultaneous_imagines_from_one_user_accept_exactly_one_within_the_cooldown(stack):
+    d = stack.double
+    inters = [await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": f"1girl, burst {n}", **SLOW})
+              for n in range(5)]
+    accepted, refused = await settle(d, inters)
+    assert (accepted, refused) == (1, 4), [refusal(d, i) for i in inters]
+    # The refusal says why and what is allowed, and no "thinking…" placeholder is left behind.
+    assert all("one every 3 s" in refusal(d, i) for i in inters if refusal(d, i))
+    assert not any(thinking(d, i) for i in inters if refusal(d, i))
+    await cancel_all(d, [d.alice], [i for i in inters if job_shown(d, i)])
+
+
+async def test_thirty_users_at_once_fill_the_global_queue_exactly(stack):
+    d = stack.double
+    users = [d._user(f"burst-user-{n}") for n in range(30)]
+    inters = [await d.invoke_slash(u, d.channel, "imagine", {"prompt": "1girl, crowd", **SLOW}) for u in users]
+    accepted, refused = await settle(d, inters, timeout=60)
+    assert accepted == LIMITS["global_max_queued"], (accepted, refused)
+    full = [refusal(d, i) for i in inters if refusal(d, i)]
+    assert all("The queue is full" in t and "limit 10" in t for t in full), full
+    winners = [u for u, i in zip(users, inters) if job_shown(d, i)]
+    await cancel_all(d, winners, [i for i in inters if job_shown(d, i)])
+
+
+async def test_double_click_on_reroll_starts_one_job(stack):
+    d = stack.double
+    first = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": "1girl, double click", "steps": 2})
+    msg = await d.wait_for(lambda: (m := d.original(first)) and m.get("embeds") and m, timeout=60)
+    job = next(c["custom_id"] for row in msg["components"] for c in row["components"]
+               if c["custom_id"].startswith("arcae:reroll:"))
+    await asyncio.sleep(LIMITS["cooldown_s"] + 0.2)  # the first job's cooldown is over
+    clicks = await asyncio.gather(d.click(d.bob, msg, job), d.click(d.bob, msg, job))
+    accepted, refused = await settle(d, list(clicks))
+    assert (accepted, refused) == (1, 1), [refusal(d, i) for i in clicks]
+
+
+def answered(d, inter) -> bool:
+    """An image, or a clear failure message, on the interaction's own message (not "thinking…")."""
+    msg = d.original(inter)
+    if msg is None or thinking(d, inter):
+        return False
+    return bool(msg["attachments"]) or any(m in (msg.get("content") or "") for m in ("❌", "✖️"))
+
+
+async def test_kill_9_right_after_the_acks_loses_no_job(stack):
+    d = stack.double
+    inters = [await d.invoke_slash(d.admin, d.channel, "imagine", {"prompt": f"1girl, crash {n}", "steps": 2})
+              for n in range(6)]
+    await d.wait_for(lambda: all(i.callbacks for i in inters), timeout=20)
+    stack.bot.proc.kill()
+    await stack.bot.proc.wait()
+    assert all(i.callbacks[0]["type"] == 5 for i in inters), "each was acknowledged with a defer"
+    await stack.bot.start(READY_LINE)
+    try:
+        await d.wait_for(lambda: all(answered(d, i) for i in inters), timeout=90)
+    except AssertionError:
+        stuck = [i.id for i in inters if not answered(d, i)]
+        raise AssertionError(f"{len(stuck)} of 6 acknowledged jobs left 'thinking…' after a kill -9: {stuck}")
+
+
+async def test_a_completion_whose_database_write_fails_is_retried_not_dropped(stack):
+    d = stack.double
+    inter = await d.invoke_slash(d.admin, d.channel, "imagine", {"prompt": "1girl, locked", "steps": 40})
+    await d.wait_for(lambda: "Generating" in ((d.original(inter) or {}).get("content") or ""), timeout=60)
+    database = stack.config.parent / "data" / "arcae.sqlite3"
+    log_start = len(stack.bot.log())
+    # Another process holds the write lock longer than the bot's busy timeout (5 s) while the job completes.
+    holder = sqlite3.connect(database, isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        deadline = time.monotonic() + 60
+        while "database is locked" not in stack.bot.log()[log_start:]:
+            assert time.monotonic() < deadline, stack.bot.log()[-3000:]
+            await asyncio.sleep(0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    msg = await d.wait_for(lambda: answered(d, inter) and d.original(inter), timeout=60)
+    assert msg["attachments"], msg.get("content")
