@@ -74,6 +74,12 @@ async def receive_outputs(client: Any, prefix: str, outputs_dir: Path, event: An
         name = Path(image.path).name
         key = output_key(prefix, event.job_id, event.attempt, name)
         data = await client.get(key)
+        local = Path(outputs_dir) / name
+        if data is None and name and not name.startswith(".") and local.is_file():
+            # Stored by an earlier reading of this event whose bot-side commit failed (the event
+            # stayed unacknowledged and is read again): the local copy is the one to use.
+            images.append(image.model_copy(update={"path": str(local)}))
+            continue
         if data is None:
             images.append(image)
             continue
