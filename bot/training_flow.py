@@ -234,6 +234,9 @@ class TrainingFlow:
         if run is None or not run.active or event.attempt < run.attempt:
             return
         if isinstance(event, protocol.Started):
+            if await self.store.count_start(run.run_id, event.attempt, event.seq) > MAX_ATTEMPTS:
+                await self._stop_crashing(run)
+                return
             await self.store.mark_started(run.run_id, event.attempt, event.seq)
         elif isinstance(event, protocol.Progress):
             await self.store.record_progress(run.run_id, event.attempt, event.seq, event.step, event.total, event.loss)
@@ -254,6 +257,20 @@ class TrainingFlow:
             await self._finished(run.run_id, "failed", error=discord_wording(event.message))
         elif isinstance(event, protocol.Canceled):
             await self._finished(run.run_id, "canceled")
+
+    async def _stop_crashing(self, run: RunRow) -> None:
+        """A run started more often than allowed: each earlier start ended with the engine stopping
+        under it (a crash, or a kill for memory). Stop it here, record it as failed, tell the admin."""
+        await self._finished(run.run_id, "failed",
+                             error=f"the engine stopped {MAX_ATTEMPTS} times while training this run, so it "
+                                   "was not tried again (check the engine log for an out-of-memory kill or crash; "
+                                   "lower the resolution, rank or batch size and start it again)")
+        engine = self._engine()
+        try:  # its Canceled event is ignored: the run is no longer active
+            if engine is not None:
+                await engine.cancel(run.run_id)
+        except Exception as exc:  # the engine may be going down again: the run is failed here anyway
+            log.warning("canceling training run %s on the engine failed: %s", run.run_id, exc)
 
     async def _completed(self, run: RunRow, event: protocol.Completed) -> None:
         try:

@@ -15,7 +15,9 @@ import time
 import pytest
 import pytest_asyncio
 
+from bot.training_flow import MAX_ATTEMPTS
 from tests.bot.conftest import READY_LINE, running_stack
+from tests.bot.test_training_commands import answer, invoke, png, training_extra
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -27,8 +29,11 @@ SLOW = {"steps": 60, "count": 4}  # long enough that no job finishes while a bur
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tiny_model_dir, tmp_path_factory):
+    from training.tiny_tagger import make_tiny_tagger
+
     tmp = tmp_path_factory.mktemp("hostile-limits")
-    async with running_stack(tmp, tiny_model_dir, limits=LIMITS) as s:
+    tagger_dir = make_tiny_tagger(tmp / "tagger")
+    async with running_stack(tmp, tiny_model_dir, limits=LIMITS, extra=training_extra(tagger_dir)) as s:
         yield s
 
 
@@ -147,3 +152,32 @@ async def test_a_completion_whose_database_write_fails_is_retried_not_dropped(st
         holder.close()
     msg = await d.wait_for(lambda: answered(d, inter) and d.original(inter), timeout=60)
     assert msg["attachments"], msg.get("content")
+
+
+def run_row(stack, run_id: str) -> sqlite3.Row:
+    with sqlite3.connect(stack.config.parent / "data" / "arcae.sqlite3") as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM training_runs WHERE run_id = ?", (run_id,)).fetchone()
+
+
+async def test_a_training_run_that_keeps_crashing_the_engine_is_stopped_and_the_admin_told(stack):
+    d = stack.double
+    images = {f"image{i + 1}": (f"c{i}.png", png((40 + 60 * i, 120, 200), 4 + 2 * i)) for i in range(3)}
+    start = await invoke(d, d.admin, "train start", {"name": "crashy", "kind": "style", "trigger": "cr",
+                                                     "steps": 5000, "sample_steps": 1}, files=images)
+    run_id = (await answer(d, start, timeout=60))["content"].split("`")[1]
+    sent = f"training run {run_id} (crashy) sent to the engine"
+    for crash in range(MAX_ATTEMPTS):
+        # The engine has (re)started the run and reports progress: then it dies under it (kill -9).
+        await d.wait_for(lambda: stack.bot.log().count(sent) > crash, timeout=60)
+        await d.wait_for(lambda: run_row(stack, run_id)["last_seq"] >= 1, timeout=60)
+        stack.engine.proc.kill()
+        await stack.engine.proc.wait()
+        await stack.engine.start("ARCAE_ENGINE_READY", timeout=120)
+    # Started once more: instead of a third crash, the run is stopped, recorded as failed, the admin told.
+    notices = await d.wait_for(lambda: [m for m in d.followups(start) if "failed" in (m.get("content") or "")],
+                               timeout=90)
+    assert f"the engine stopped {MAX_ATTEMPTS} times" in notices[0]["content"], notices[0]["content"]
+    assert run_row(stack, run_id)["status"] == "failed"
+    await asyncio.sleep(8)  # a further reconnect must not resubmit it
+    assert stack.bot.log().count(sent) == MAX_ATTEMPTS + 1
