@@ -54,15 +54,21 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
         admit=lambda: check_limits(bot.db, interaction.user.id, admin, bot.config))
     log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
     message_id = None
-    if not interaction.response.is_done():
-        response = await interaction.response.defer(thinking=True)
-        message_id = getattr(response, "message_id", None)
-    if message_id is None:
-        message_id = (await interaction.original_response()).id
     try:
-        await bot.db.set_message_id(job_id, message_id)
-    except sqlite3.OperationalError as exc:  # the job is stored; delivery finds "@original" without the id
-        log.warning("job %s: storing its message id failed (%s)", job_id, exc)
+        if not interaction.response.is_done():
+            response = await interaction.response.defer(thinking=True)
+            message_id = getattr(response, "message_id", None)
+        if message_id is None:
+            message_id = (await interaction.original_response()).id
+    except discord.HTTPException as exc:
+        # Too late for the 3 s window (10062): the job is stored, so it still runs and its result goes
+        # to the channel with a mention, as after a restart.
+        log.warning("job %s: acknowledging interaction %s failed (%s)", job_id, interaction.id, exc)
+    if message_id is not None:
+        try:
+            await bot.db.set_message_id(job_id, message_id)
+        except sqlite3.OperationalError as exc:  # the job is stored; delivery finds "@original" without the id
+            log.warning("job %s: storing its message id failed (%s)", job_id, exc)
     job = await bot.db.get_job(job_id)
     assert job is not None
     await bot.jobs.submit(job)
