@@ -34,6 +34,7 @@ async def stack(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile-limits")
     tagger_dir = make_tiny_tagger(tmp / "tagger")
     async with running_stack(tmp, tiny_model_dir, limits=LIMITS, extra=training_extra(tagger_dir)) as s:
+        s.double.latency_s = 0.1  # Discord's usual round trip: concurrent requests overlap as they do there
         yield s
 
 
