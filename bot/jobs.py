@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from bot import embeds
 from bot.db import Job
+from bot.db_retry import until_stored
 from bot.delivery import Delivery
 from bot.views import progress_view
 from engine import protocol
@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
 # How often undelivered results are retried while the bot runs.
 REDELIVER_INTERVAL_S = 120.0
-# An engine event whose database write failed is retried after this, doubling up to the maximum.
-DB_RETRY_FIRST_S = 0.5
-DB_RETRY_MAX_S = 30.0
 
 
 def _engine_errors() -> tuple[type[Exception], type[Exception]]:
@@ -215,23 +212,17 @@ class JobManager:
                 log.exception("engine event listener %r failed", listener)
         if not isinstance(event, protocol.JOB_EVENT_TYPES):
             return
-        delay = DB_RETRY_FIRST_S
-        while True:
-            try:
-                async with self._lock(event.job_id):
-                    await self._apply(event)
-                return
-            except sqlite3.OperationalError as exc:
-                # Locked by another process, disk full, I/O error: the event is the only record of
-                # what the engine did, so it is retried until stored (in Redis mode it stays
-                # unacknowledged meanwhile), never dropped.
-                log.warning("storing %s of job %s failed (%s); retrying in %g s", type(event).__name__,
-                            event.job_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, DB_RETRY_MAX_S)
-            except Exception:
-                log.exception("applying %s for job %s failed", type(event).__name__, event.job_id)
-                return
+
+        async def apply() -> None:
+            async with self._lock(event.job_id):
+                await self._apply(event)
+
+        try:
+            # Locked by another process, disk full: retried until stored (in Redis mode the event
+            # stays unacknowledged meanwhile), never dropped.
+            await until_stored(f"{type(event).__name__} of job {event.job_id}", apply)
+        except Exception:
+            log.exception("applying %s for job %s failed", type(event).__name__, event.job_id)
 
     async def _apply(self, event: Any) -> None:
         job = await self.db.get_job(event.job_id)

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from bot.db_retry import until_stored
 from bot.errors import InvalidOption, Refused
 from bot.training_store import RunRow, TrainingStore
 from engine import protocol
@@ -224,8 +225,8 @@ class TrainingFlow:
         """Apply one engine event if it belongs to a training run (others are ignored cheaply)."""
         if not isinstance(event, protocol.JOB_EVENT_TYPES) or event.job_id not in self._active:
             return
-        try:
-            await self._apply(event)
+        try:  # a failed write (locked, disk full) is retried, never dropped
+            await until_stored(f"{type(event).__name__} of training run {event.job_id}", lambda: self._apply(event))
         except Exception:
             log.exception("applying %s to training run %s failed", type(event).__name__, event.job_id)
 
@@ -274,7 +275,7 @@ class TrainingFlow:
 
     async def _completed(self, run: RunRow, event: protocol.Completed) -> None:
         try:
-            await self._complete(run, event)
+            await until_stored(f"the result of training run {run.run_id}", lambda: self._complete(run, event))
         finally:
             self._completing.discard(run.run_id)
 

@@ -138,10 +138,15 @@ async def test_a_completion_whose_database_write_fails_is_retried_not_dropped(st
     d = stack.double
     inter = await d.invoke_slash(d.admin, d.channel, "imagine", {"prompt": "1girl, locked", "steps": 40})
     await d.wait_for(lambda: "Generating" in ((d.original(inter) or {}).get("content") or ""), timeout=60)
-    database = stack.config.parent / "data" / "arcae.sqlite3"
+    await hold_write_lock_until_the_bot_fails_to_write(stack)  # while the job completes
+    msg = await d.wait_for(lambda: answered(d, inter) and d.original(inter), timeout=60)
+    assert msg["attachments"], msg.get("content")
+
+
+async def hold_write_lock_until_the_bot_fails_to_write(stack) -> None:
+    """Another process holds the database's write lock past the bot's busy timeout (5 s), then lets go."""
     log_start = len(stack.bot.log())
-    # Another process holds the write lock longer than the bot's busy timeout (5 s) while the job completes.
-    holder = sqlite3.connect(database, isolation_level=None, timeout=10)
+    holder = sqlite3.connect(stack.config.parent / "data" / "arcae.sqlite3", isolation_level=None, timeout=10)
     try:
         holder.execute("BEGIN IMMEDIATE")
         deadline = time.monotonic() + 60
@@ -151,8 +156,6 @@ async def test_a_completion_whose_database_write_fails_is_retried_not_dropped(st
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    msg = await d.wait_for(lambda: answered(d, inter) and d.original(inter), timeout=60)
-    assert msg["attachments"], msg.get("content")
 
 
 def run_row(stack, run_id: str) -> sqlite3.Row:
@@ -182,3 +185,32 @@ async def test_a_training_run_that_keeps_crashing_the_engine_is_stopped_and_the_
     assert run_row(stack, run_id)["status"] == "failed"
     await asyncio.sleep(8)  # a further reconnect must not resubmit it
     assert stack.bot.log().count(sent) == MAX_ATTEMPTS + 1
+
+
+async def test_a_training_event_whose_database_write_fails_is_retried_not_dropped(tmp_path):
+    """The bot's training side on a real SQLite file that another process keeps locked for a while."""
+    from types import SimpleNamespace
+
+    from bot.db import Database
+    from bot.training_flow import TrainingFlow
+    from engine import protocol
+    from engine.config import parse_config
+
+    db = await Database.open(tmp_path / "bot.sqlite3")
+    holder = sqlite3.connect(tmp_path / "bot.sqlite3", isolation_level=None)
+    try:
+        flow = TrainingFlow(SimpleNamespace(db=db, config=parse_config({})))
+        await flow.store.insert(run_id="r1", adapter_name="a", kind="style", trigger="t", dataset="a", run_dir="",
+                                options={"steps": 6}, created_by=1, channel_id=None, guild_id=None)
+        flow._active.add("r1")  # as after /train start sent it
+        holder.execute("BEGIN IMMEDIATE")  # longer than the bot's busy timeout (5 s)
+        failed = protocol.Failed(job_id="r1", attempt=1, seq=4, error="internal", message="CUDA out of memory")
+        applying = asyncio.create_task(flow.on_event(failed))
+        await asyncio.sleep(6.5)
+        holder.execute("ROLLBACK")
+        await asyncio.wait_for(applying, 30)
+        run = await flow.store.get("r1")
+        assert (run.status, run.error) == ("failed", "CUDA out of memory")
+    finally:
+        holder.close()
+        await db.close()
