@@ -1,7 +1,8 @@
 """Starting jobs, and what each result button does.
 
 ``start_job`` is the one path every new job takes (/imagine, Reroll, Variations, Upscale,
-Remix): acknowledge first (Discord allows 3 s), then check limits, persist, submit.
+Remix): check limits and persist in one transaction (a SQLite commit takes milliseconds of
+Discord's 3 s), then acknowledge, then submit.
 Button handlers load the job from the database, so they work on messages older than the
 bot's current process. Every press is first checked against the message it was made on: a
 custom id naming a job that message does not show is refused. Reroll, Variations, Upscale and
@@ -13,6 +14,7 @@ author and the admins of the home server the job was made in.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import TYPE_CHECKING, Awaitable, Callable, cast
 
 import discord
@@ -38,33 +40,41 @@ def bot_of(interaction: discord.Interaction) -> "ArcaeBot":
 
 async def start_job(interaction: discord.Interaction, *, params: protocol.GenerationParams, kind: str = "txt2img",
                     source_image: str | None = None, parent_job_id: str | None = None) -> Job:
-    """Defer, check limits, persist (pending), submit. Refusals after the defer are ephemeral follow-ups."""
+    """Check limits and persist (one transaction), then defer, then submit.
+
+    The job row (with the interaction's token) is committed before Discord's acknowledgement,
+    so a bot killed right after the ack finds the job on restart and answers it; a refusal is
+    an immediate ephemeral reply, with no "thinking…" placeholder to clean up.
+    """
     bot = bot_of(interaction)
-    message_id = None
-    if not interaction.response.is_done():
-        response = await interaction.response.defer(thinking=True)
-        message_id = getattr(response, "message_id", None)
     admin = is_admin(interaction.user, interaction.guild, bot.config)
-    try:
-        await check_limits(bot.db, interaction.user.id, admin, bot.config)
-    except Refused:
-        try:  # the "thinking…" placeholder would otherwise stay forever
-            await interaction.delete_original_response()
-        except discord.HTTPException:
-            pass
-        raise
-    if message_id is None:
-        message_id = (await interaction.original_response()).id
     job_id = new_job_id()
     await bot.db.insert_job(
         job_id=job_id, user_id=interaction.user.id, guild_id=interaction.guild_id,
         channel_id=interaction.channel_id or 0, kind=kind, params=params,
         nsfw_channel=channel_is_nsfw(interaction.channel), source_image=source_image, parent_job_id=parent_job_id,
         interaction_id=interaction.id, interaction_token=interaction.token, application_id=interaction.application_id,
-        attachment_limit=interaction.filesize_limit, message_id=message_id)
+        attachment_limit=interaction.filesize_limit,
+        admit=lambda: check_limits(bot.db, interaction.user.id, admin, bot.config))
+    log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
+    message_id = None
+    try:
+        if not interaction.response.is_done():
+            response = await interaction.response.defer(thinking=True)
+            message_id = getattr(response, "message_id", None)
+        if message_id is None:
+            message_id = (await interaction.original_response()).id
+    except discord.HTTPException as exc:
+        # Too late for the 3 s window (10062): the job is stored, so it still runs and its result goes
+        # to the channel with a mention, as after a restart.
+        log.warning("job %s: acknowledging interaction %s failed (%s)", job_id, interaction.id, exc)
+    if message_id is not None:
+        try:
+            await bot.db.set_message_id(job_id, message_id)
+        except sqlite3.OperationalError as exc:  # the job is stored; delivery finds "@original" without the id
+            log.warning("job %s: storing its message id failed (%s)", job_id, exc)
     job = await bot.db.get_job(job_id)
     assert job is not None
-    log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
     await bot.jobs.submit(job)
     return job
 

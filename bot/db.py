@@ -15,7 +15,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiosqlite
 
@@ -113,18 +113,25 @@ class Database:
         # One connection is shared by every coroutine: two transactions must not interleave
         # ("cannot start a transaction within a transaction"), so BEGIN..COMMIT is serialized.
         self._tx_lock = asyncio.Lock()
+        # The task inside BEGIN..COMMIT: its writes belong to the transaction; any other task's
+        # write waits for the COMMIT, so a ROLLBACK never takes another coroutine's write with it.
+        self._tx_owner: asyncio.Task[Any] | None = None
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         """BEGIN IMMEDIATE .. COMMIT, or ROLLBACK on any exception; one transaction at a time."""
         async with self._tx_lock:
             await self._conn.execute("BEGIN IMMEDIATE")
+            self._tx_owner = asyncio.current_task()
             try:
-                yield
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            await self._conn.execute("COMMIT")
+                try:
+                    yield
+                except BaseException:
+                    await self._conn.execute("ROLLBACK")
+                    raise
+                await self._conn.execute("COMMIT")
+            finally:
+                self._tx_owner = None
 
     @classmethod
     async def open(cls, path: Path) -> "Database":
@@ -177,8 +184,12 @@ class Database:
             return list(await cur.fetchall())
 
     async def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
-        cur = await self._conn.execute(sql, tuple(args))
-        return cur.rowcount
+        if self._tx_owner is not None and self._tx_owner is asyncio.current_task():
+            cur = await self._conn.execute(sql, tuple(args))
+            return cur.rowcount
+        async with self._tx_lock:  # not inside another task's open transaction
+            cur = await self._conn.execute(sql, tuple(args))
+            return cur.rowcount
 
     # ------------------------------------------------------------------ jobs
 
@@ -186,7 +197,26 @@ class Database:
                          params: protocol.GenerationParams, nsfw_channel: bool, source_image: str | None = None,
                          parent_job_id: str | None = None, interaction_id: int | None = None,
                          interaction_token: str | None = None, application_id: int | None = None,
-                         attachment_limit: int | None = None, message_id: int | None = None) -> None:
+                         attachment_limit: int | None = None, message_id: int | None = None,
+                         admit: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Insert a pending job; ``admit`` (the limits check) runs in the same transaction.
+
+        Checking and inserting in one BEGIN IMMEDIATE..COMMIT means simultaneous requests see
+        each other's jobs: N at once against a limit L admit exactly min(N, L). When ``admit``
+        raises, nothing is written.
+        """
+        async with self._transaction():
+            if admit is not None:
+                await admit()
+            await self._insert_job_row(job_id, user_id, guild_id, channel_id, kind, params, nsfw_channel, source_image,
+                                       parent_job_id, interaction_id, interaction_token, application_id,
+                                       attachment_limit, message_id)
+
+    async def _insert_job_row(self, job_id: str, user_id: int, guild_id: int | None, channel_id: int, kind: str,
+                              params: protocol.GenerationParams, nsfw_channel: bool, source_image: str | None,
+                              parent_job_id: str | None, interaction_id: int | None, interaction_token: str | None,
+                              application_id: int | None, attachment_limit: int | None,
+                              message_id: int | None) -> None:
         await self._write(
             "INSERT INTO jobs (job_id, user_id, guild_id, channel_id, kind, status, params_json, source_image,"
             " parent_job_id, nsfw_channel, interaction_id, interaction_token, application_id, attachment_limit,"
@@ -194,6 +224,10 @@ class Database:
             (job_id, user_id, guild_id, channel_id, kind, params.model_dump_json(), source_image, parent_job_id,
              int(nsfw_channel), interaction_id, interaction_token, application_id, attachment_limit, message_id,
              time.time()))
+
+    async def set_message_id(self, job_id: str, message_id: int) -> None:
+        """The message the acknowledgement created (known only after the job row exists)."""
+        await self._write("UPDATE jobs SET message_id = ? WHERE job_id = ?", (message_id, job_id))
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))

@@ -98,6 +98,19 @@ class Delivery:
             return None
         return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
 
+    async def message_id(self, job: Job, webhook: discord.Webhook) -> int | None:
+        """The job's message; when the bot stopped between the ack and storing its id, the "@original" one."""
+        if job.message_id is not None:
+            return job.message_id
+        try:  # a str "@original" is what Discord's route takes; discord.py only formats it into the path
+            original = await webhook.fetch_message("@original")  # type: ignore[arg-type]
+        except discord.HTTPException as exc:
+            if token_dead(exc) or exc.status == 404:
+                return None  # never acknowledged (killed before the defer): the channel gets the answer
+            raise
+        await self.bot.db.set_message_id(job.job_id, original.id)
+        return original.id
+
     def channel(self, job: Job) -> discord.abc.Messageable:
         return self.bot.get_channel(job.channel_id) or self.bot.get_partial_messageable(
             job.channel_id, guild_id=job.guild_id)
@@ -105,10 +118,13 @@ class Delivery:
     async def edit_status(self, job: Job, content: str, view: discord.ui.View | None) -> bool:
         """Edit the job's own message; False when the token or message is gone."""
         webhook = self.webhook_for(job)
-        if webhook is None or job.message_id is None:
+        if webhook is None:
             return False
         try:
-            await webhook.edit_message(job.message_id, content=content, view=view)
+            message_id = await self.message_id(job, webhook)
+            if message_id is None:
+                return False
+            await webhook.edit_message(message_id, content=content, view=view)
             return True
         except discord.HTTPException as exc:
             if token_dead(exc) or exc.status == 404:
@@ -165,13 +181,14 @@ class Delivery:
         embed = embeds.params_embed(job, title="Done")
         note = "\n".join(notes)
         webhook = self.webhook_for(job)
-        if webhook is not None and job.message_id is not None:
+        message_id = await self.message_id(job, webhook) if webhook is not None else None
+        if webhook is not None and message_id is not None:
             try:
-                await webhook.edit_message(job.message_id, content=embeds.truncate(note, 2000) or None, embed=embed,
+                await webhook.edit_message(message_id, content=embeds.truncate(note, 2000) or None, embed=embed,
                                            attachments=[f.file() for f in groups[0]], view=self._result_view(job))
                 for group in groups[1:]:
                     await webhook.send(files=[f.file() for f in group], wait=True)
-                return job.message_id
+                return message_id
             except discord.HTTPException as exc:
                 if not (token_dead(exc) or exc.status == 404):
                     raise
@@ -192,7 +209,7 @@ class Delivery:
     async def deliver_failure(self, job: Job, text: str) -> int | None:
         """Tell the user a job failed or was canceled, on its message or in the channel."""
         if await self.edit_status(job, embeds.truncate(text, 2000), None):
-            return job.message_id
+            return job.message_id  # None after an "@original" edit: mark_delivered keeps the stored id
         msg = await self.channel(job).send(
             content=embeds.truncate(f"<@{job.user_id}> {text}", 2000),
             allowed_mentions=discord.AllowedMentions(users=True, roles=False, everyone=False))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from bot import embeds
 from bot.db import Job
+from bot.db_retry import until_stored
 from bot.delivery import Delivery
 from bot.errors import Refused
 from bot.results import ResultLimits, ResultRejected, accept_completed
@@ -217,9 +218,15 @@ class JobManager:
                 log.exception("engine event listener %r failed", listener)
         if not isinstance(event, protocol.JOB_EVENT_TYPES):
             return
-        try:
+
+        async def apply() -> None:
             async with self._lock(event.job_id):
                 await self._apply(event)
+
+        try:
+            # Locked by another process, disk full: retried until stored (in Redis mode the event
+            # stays unacknowledged meanwhile), never dropped.
+            await until_stored(f"{type(event).__name__} of job {event.job_id}", apply)
         except Exception:
             log.exception("applying %s for job %s failed", type(event).__name__, event.job_id)
 
@@ -227,7 +234,6 @@ class JobManager:
         job = await self.db.get_job(event.job_id)
         if job is None or job.status not in ("pending", "running"):
             return  # not ours (a training run), or already final: a duplicate
-        completed = isinstance(event, protocol.Completed)
         # An older attempt's result (or cancel) is still the truth: an engine that kept running
         # while the bot restarted answers a resubmission with the job's final event. Its other
         # events are stale, and an older Failed is retried by the engine as the new attempt.
@@ -241,7 +247,12 @@ class JobManager:
         live = self._live_for(job)
         if event.attempt == live.attempt and event.seq <= live.last_seq and not final:
             return
+        await self._apply_new(job, live, event)
+        # Only once applied: an event whose write failed is retried, not taken for a duplicate.
         live.last_seq = max(live.last_seq, event.seq)
+
+    async def _apply_new(self, job: Job, live: LiveJob, event: Any) -> None:
+        completed = isinstance(event, protocol.Completed)
         if isinstance(event, protocol.Queued):
             if live.state in ("queued", "unavailable", "restarting"):
                 live.state, live.position = "queued", event.position

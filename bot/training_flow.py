@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from bot.db_retry import until_stored
 from bot.errors import InvalidOption, Refused
 from bot.training_store import RunRow, TrainingStore
 from engine.contract import protocol
@@ -230,8 +231,8 @@ class TrainingFlow:
         """Apply one engine event if it belongs to a training run (others are ignored cheaply)."""
         if not isinstance(event, protocol.JOB_EVENT_TYPES) or event.job_id not in self._active:
             return
-        try:
-            await self._apply(event)
+        try:  # a failed write (locked, disk full) is retried, never dropped
+            await until_stored(f"{type(event).__name__} of training run {event.job_id}", lambda: self._apply(event))
         except Exception:
             log.exception("applying %s to training run %s failed", type(event).__name__, event.job_id)
 
@@ -240,6 +241,9 @@ class TrainingFlow:
         if run is None or not run.active or event.attempt < run.attempt:
             return
         if isinstance(event, protocol.Started):
+            if await self.store.count_start(run.run_id, event.attempt, event.seq) > MAX_ATTEMPTS:
+                await self._stop_crashing(run)
+                return
             await self.store.mark_started(run.run_id, event.attempt, event.seq)
         elif isinstance(event, protocol.Progress):
             await self.store.record_progress(run.run_id, event.attempt, event.seq, event.step, event.total, event.loss)
@@ -261,9 +265,23 @@ class TrainingFlow:
         elif isinstance(event, protocol.Canceled):
             await self._finished(run.run_id, "canceled")
 
+    async def _stop_crashing(self, run: RunRow) -> None:
+        """A run started more often than allowed: each earlier start ended with the engine stopping
+        under it (a crash, or a kill for memory). Stop it here, record it as failed, tell the admin."""
+        await self._finished(run.run_id, "failed",
+                             error=f"the engine stopped {MAX_ATTEMPTS} times while training this run, so it "
+                                   "was not tried again (check the engine log for an out-of-memory kill or crash; "
+                                   "lower the resolution, rank or batch size and start it again)")
+        engine = self._engine()
+        try:  # its Canceled event is ignored: the run is no longer active
+            if engine is not None:
+                await engine.cancel(run.run_id)
+        except Exception as exc:  # the engine may be going down again: the run is failed here anyway
+            log.warning("canceling training run %s on the engine failed: %s", run.run_id, exc)
+
     async def _completed(self, run: RunRow, event: protocol.Completed) -> None:
         try:
-            await self._complete(run, event)
+            await until_stored(f"the result of training run {run.run_id}", lambda: self._complete(run, event))
         finally:
             self._completing.discard(run.run_id)
 

@@ -94,6 +94,13 @@ class TrainingStore:
             " last_seq = MAX(last_seq, ?) WHERE run_id = ? AND attempt = ? AND status IN ('pending', 'running')",
             (time.time(), seq, run_id, attempt))
 
+    async def count_start(self, run_id: str, attempt: int, seq: int) -> int:
+        """Count an engine starting the run (a duplicate Started is not counted); return the count."""
+        await self.db._write("UPDATE training_runs SET starts = starts + 1 WHERE run_id = ? AND attempt = ?"
+                             " AND last_seq < ? AND status IN ('pending', 'running')", (run_id, attempt, seq))
+        row = await self.db._one("SELECT starts FROM training_runs WHERE run_id = ?", (run_id,))
+        return int(row[0]) if row else 0
+
     async def record_progress(self, run_id: str, attempt: int, seq: int, step: int, total: int,
                               loss: float | None) -> bool:
         """Apply a progress event unless it is older than the last one applied; True if applied."""

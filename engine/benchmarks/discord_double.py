@@ -95,6 +95,9 @@ class DiscordDouble:
         self.attachments: dict[int, bytes] = {}
         self.cdn_fetches: list[int] = []  # attachment ids the bot downloaded, in order
         self.identifies = 0
+        # Seconds before each REST answer: real Discord takes tens to hundreds of milliseconds, and
+        # races between concurrent requests (check-then-insert after a defer) only show with it.
+        self.latency_s = 0.0
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self._changed = asyncio.Event()
@@ -386,6 +389,8 @@ class DiscordDouble:
         path = "/" + request.match_info["tail"]
         body, files = await self._read_body(request)
         self.calls.append(Call(request.method, path, dict(request.query), body, files, time.monotonic()))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         try:
             return await self._route(request.method, path.split("/")[1:], body, files, request)
         finally:

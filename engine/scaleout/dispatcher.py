@@ -32,7 +32,7 @@ from engine.contract import protocol
 from engine.contract.config import ArcaeConfig, Secrets
 from engine.contract.errors import QueueFull
 from engine.contract.transport import ConnectCallback, EngineRejected, EngineUnavailable, EventCallback, JobRequest
-from engine.scaleout.redis_files import FILE_TTL_S, encode_file, receive_outputs, source_key
+from engine.scaleout.redis_files import FILE_TTL_S, discard_outputs, encode_file, receive_outputs, source_key
 from engine.scaleout.redis_keys import (
     CONTROL_MAXLEN,
     DONE_TTL_S,
@@ -332,6 +332,7 @@ class Dispatcher(LeaseKeeper):
             except Exception as exc:
                 self.connected = False
                 log.warning("reading events failed (%s); retrying", exc)
+                pending = "0"  # read again what was read but not acknowledged (e.g. its commit failed)
                 await asyncio.sleep(1.0)
                 if "NOGROUP" in str(exc):  # Redis restarted without its data
                     with contextlib.suppress(Exception):
@@ -369,27 +370,37 @@ class Dispatcher(LeaseKeeper):
                       event.type, getattr(event, "job_id", "?"), getattr(event, "attempt", "?"),
                       getattr(event, "seq", "?"), worker)
             return
-        d.last_seq = event.seq
         if isinstance(event, protocol.Failed) and d.canceled:
             # Stopped by the cancel, whatever the worker calls it: the user asked for this.
             event = protocol.Canceled(job_id=event.job_id, attempt=event.attempt, seq=event.seq)
         elif isinstance(event, protocol.Failed) and event.retryable:
+            d.last_seq = event.seq
             await self._retry(d, f"worker {worker}: {event.message}")
             return
-        if isinstance(event, protocol.TERMINAL_EVENT_TYPES):
+        terminal = isinstance(event, protocol.TERMINAL_EVENT_TYPES)
+        if terminal:
             self._refresh_due = True  # the worker's record now shows what it has loaded
             if isinstance(event, protocol.Completed):
                 event = await receive_outputs(self.client, self.keys.prefix, event)
-            await self._finish(d)
         if d.shown_attempt > event.attempt:
             event = event.model_copy(update={"attempt": d.shown_attempt})
         await self._emit(event)
+        # Only after the bot stored it: an event whose commit failed is read again, not skipped as seen
+        # (so its output bytes stay in Redis until now, too).
+        d.last_seq = event.seq
+        if isinstance(event, protocol.Completed):
+            await discard_outputs(self.client, self.keys.prefix, event)
+        if terminal:
+            await self._finish(d)
 
     async def _emit(self, event: Any) -> None:
+        """Hand the event to the bot; if its commit fails this raises, and the entry stays unacknowledged."""
         try:
             await self.on_event(event)
-        except Exception:  # the bot's handler failed: log it, keep delivering others
-            log.exception("on_event failed for %s of job %s", event.type, getattr(event, "job_id", "?"))
+        except Exception:
+            log.exception("on_event failed for %s of job %s; it stays unacknowledged and is read again",
+                          event.type, getattr(event, "job_id", "?"))
+            raise
 
     async def _finish(self, d: DispatchedJob) -> None:
         job_id = d.request.job_id

@@ -69,7 +69,8 @@ async def receive_outputs(client: Any, prefix: str, event: Any) -> Any:
 
     Nothing is written or read on disk here: the bot checks the bytes and stores them itself
     (``bot.results``). An image whose attachment is missing or too large gets no bytes, and the
-    bot refuses it; a path in the event is never read.
+    bot refuses it; a path in the event is never read. The keys stay until ``discard_outputs``,
+    called once the bot has stored the event: a reading whose commit failed is read again.
     """
     images = []
     for image in event.images:
@@ -79,5 +80,11 @@ async def receive_outputs(client: Any, prefix: str, event: Any) -> Any:
             log.warning("output %s of job %s is over %d bytes; refused", key, event.job_id, MAX_RESULT_IMAGE_BYTES)
             data = None
         images.append(image.model_copy(update={"data_b64": data}))
-        await client.delete(key)
     return event.model_copy(update={"images": images})
+
+
+async def discard_outputs(client: Any, prefix: str, event: Any) -> None:
+    """Delete the output attachments of a Completed the bot has stored (they also expire on their own)."""
+    keys = [output_key(prefix, event.job_id, event.attempt, Path(image.path).name) for image in event.images]
+    if keys:
+        await client.delete(*keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import time
@@ -140,17 +141,23 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_outputs: bool = False,
-                        unrated_action: str | None = "show", gallery_post: str = "shared"):
+                        unrated_action: str | None = "show", gallery_post: str = "shared",
+                        limits: dict[str, float] | None = None):
     """Start the double, the real engine (tiny model) and the real bot process; stop them after.
 
     ``extra`` is TOML for sections the base config lacks (e.g. [tagger], [training], [content]);
-    ``unrated_action`` None leaves ``[content] unrated_action`` at the product default ("withhold").
+    ``unrated_action`` None leaves ``[content] unrated_action`` at the product default ("withhold");
+    ``limits`` replaces values of the [limits] section.
     """
     double = DiscordDouble()
     await double.start()
     port = free_port()
     config = write_stack_config(tmp, model_dir, double, port, extra=extra, rate_outputs=rate_outputs,
                                 unrated_action=unrated_action, gallery_post=gallery_post)
+    for key, value in (limits or {}).items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", config.read_text(encoding="utf-8"))
+        assert n == 1, f"[limits] {key} not in the base config"
+        config.write_text(text, encoding="utf-8")
     env = {**os.environ, "ARCAE_DISCORD_TOKEN": double.token, "ARCAE_ENGINE_SECRET": "test-engine-secret",
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     s = Stack(double, config, env, tmp)
