@@ -39,14 +39,14 @@ from typing import Any, NamedTuple
 from training import checkpoints as ckpt
 from training.errors import ResumeMismatch, TrainingCanceled, TrainingDiverged, TrainingError
 from training.lora import (
-    TEXT_ENCODER_TARGETS, AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, unet_targets,
+    AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, text_encoder_targets, unet_targets,
 )
 from training.run_record import (
     atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_atomic,
 )
 from training.train_config import TrainOptions
 from training.train_data import TrainingDataset
-from training.training_math import TrainingMath, build_optimizer
+from training.training_math import TrainingMath, build_optimizer, effective_learning_rates
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ class TrainingRun:
         self.sample_prompts = options.sample_prompts or self.dataset.default_sample_prompts(options.sample_tag_sets)
         self.math = TrainingMath(pipe, options, self.dataset, self.keep_tokens, prompt_encoder)
         self._add_adapter()
+        self.report: dict[str, Any] = {"target_preset": options.effective_target_preset}
         self.accelerator, self.optimizer, self.lr_scheduler = build_optimizer(
-            self.math.device, pipe.unet.dtype, options, self.params
+            self.math.device, pipe.unet.dtype, options, self.params, self.report
         )
         self._started = time.monotonic()
         if resume and list_checkpoints(self.run_dir):
@@ -136,19 +137,22 @@ class TrainingRun:
         name = opts.adapter_name
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)  # the adapter's initial weights depend on the seed only
+            preset = opts.effective_target_preset
             config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, init_lora_weights="gaussian",
-                                target_modules=unet_targets(opts.train_ff, opts.train_conv))
+                                target_modules=unet_targets(opts.train_ff, opts.train_conv, preset))
             self.params = add_training_adapter(self.pipe.unet, name, config)
             self.text_encoders: dict[str, Any] = {}
             if opts.train_text_encoders:
                 for component in ("text_encoder", "text_encoder_2"):
                     model = getattr(self.pipe, component)
                     te_config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, init_lora_weights="gaussian",
-                                           target_modules=TEXT_ENCODER_TARGETS)
+                                           target_modules=text_encoder_targets(preset))
                     te_params = add_training_adapter(model, name, te_config)
                     self.params.update({f"{component}.{k}": v for k, v in te_params.items()})
                     self.text_encoders[component] = model
-        self._switch = AdapterSwitch([self.pipe.unet, *self.text_encoders.values()])
+        # Both text encoders always: an inference LoRA left active on them by a generation must
+        # not reach training captions or samples.
+        self._switch = AdapterSwitch([self.pipe.unet, self.pipe.text_encoder, self.pipe.text_encoder_2])
 
     # ------------------------------------------------------------------ public API
     @property
@@ -245,7 +249,9 @@ class TrainingRun:
                 self.accelerator.clip_grad_norm_(list(self.params.values()), opts.max_grad_norm)
                 lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
                 self.optimizer.step()
-                self.lr_scheduler.step()
+                # An fp16 overflow skips the optimizer step: the schedule must not advance either.
+                if not self.accelerator.optimizer_step_was_skipped:
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.math.gradient_checkpointing_off(checkpointing)
@@ -328,10 +334,39 @@ class TrainingRun:
         last = checkpoint_dir(self.run_dir, self.step_index) / "adapter.safetensors"
         write_atomic(self.run_dir / "adapter.safetensors", lambda tmp: tmp.write_bytes(last.read_bytes()))
         metadata = kohya_metadata(self.options, self.dataset, self.step_index, self.base_model, self.dataset_hash())
+        metadata.update(self.trained_metadata())
         write_kohya_file(last, self.run_dir / "adapter.kohya.safetensors", self.options.alpha, metadata)
         self.status = "completed"
         self._write_record(status="completed")
         self.release()
+
+    def trained_metadata(self) -> dict[str, str]:
+        """kohya header values that say what this run actually did (not just its options)."""
+        import json
+
+        opts = self.options
+        seen = self.step_index * opts.batch_size * opts.grad_accum
+        images_per_epoch = sum(self.dataset.repeats)
+        dirs: dict[str, dict[str, int]] = {}
+        for item, reps in zip(self.dataset.items, self.dataset.repeats):
+            folder = item.image_path.parent.name
+            entry = dirs.setdefault(folder, {"n_repeats": reps, "img_count": 0})
+            entry["img_count"] += 1
+        preset = opts.effective_target_preset
+        meta = {
+            "ss_keep_tokens": str(self.keep_tokens),
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_num_epochs": str(max(1, -(-seen // max(1, images_per_epoch)))),
+            "ss_num_train_images": str(images_per_epoch),
+            "arcae.target_preset": preset,
+            "ss_optimizer": str(self.report.get("optimizer", {}).get("used", opts.optimizer)),
+            "ss_lr_scheduler": str(self.report.get("lr_scheduler", opts.lr_scheduler)),
+        }
+        if preset == "locon" or opts.train_conv:
+            meta["ss_network_args"] = json.dumps({"conv_dim": opts.rank, "conv_alpha": opts.alpha, "preset": preset})
+        else:
+            meta["ss_network_args"] = json.dumps({"preset": preset})
+        return meta
 
     def _fail(self, exc: BaseException) -> None:
         self.status = "failed"
@@ -361,9 +396,20 @@ class TrainingRun:
             total_steps=self.options.steps, kind=self.options.kind, trigger=self.options.trigger,
             base_model=self.base_model, signature_tags=self.dataset.signature_tags(),
             sample_prompts=self.sample_prompts, keep_tokens=self.keep_tokens, loss=self.last_loss,
+            report=self._report(),
             elapsed_s=round(time.monotonic() - self._started, 3) if hasattr(self, "_started") else 0.0,
             **fields,
         )
+
+
+    def _report(self) -> dict[str, Any]:
+        """Preset, optimizer settings, effective learning rates now, and the exact sample settings."""
+        report = dict(getattr(self, "report", {}))
+        if hasattr(self, "optimizer"):
+            report["effective_lr"] = effective_learning_rates(self.optimizer)
+        if hasattr(self, "math"):
+            report["sampling"] = self.math.sampling_settings(self.sample_prompts)
+        return report
 
 
 def _mix_seed(seed: int, *parts: Any) -> int:
