@@ -140,8 +140,9 @@ def from_config(training_config: Any, **overrides: Any) -> TrainOptions:
         if hasattr(training_config, key)
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
-    if base.get("optimizer") == "prodigy" and overrides.get("lr") is None:
-        base.pop("lr", None)  # [training] lr is AdamW's; Prodigy gets its own default
+    explicit = "lr" in getattr(training_config, "model_fields_set", ()) and getattr(training_config, "optimizer", "") == "prodigy"
+    if base.get("optimizer") == "prodigy" and overrides.get("lr") is None and not explicit:
+        base.pop("lr", None)  # [training] lr is AdamW's unless set for prodigy there: Prodigy's default
     return parse_options(base)
 
 
