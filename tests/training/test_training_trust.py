@@ -216,8 +216,8 @@ def test_lr_schedule_does_not_advance_when_fp16_skips_the_step(dataset, tmp_path
     pipe = tiny_pipeline().to("cuda", torch.float16)
     options = tiny_options(dataset, steps=10, lr=1e-3, lr_scheduler="linear", mixed_precision="fp16")
     run = TrainingRun(pipe, options, tmp_path / "run")
-    # GradScaler starts at 2**16; make it huge so the first steps overflow and are skipped.
-    run.accelerator.scaler.update(2.0**60)
+    # GradScaler starts at 2**16 (set lazily on first use): start it huge so the first step overflows.
+    run.accelerator.scaler._init_scale = 2.0**60
     run.step()
     assert run.accelerator.optimizer_step_was_skipped
     assert run.lr_scheduler.last_epoch == 0
