@@ -153,6 +153,7 @@ class TrainingRun:
         # Both text encoders always: an inference LoRA left active on them by a generation must
         # not reach training captions or samples.
         self._switch = AdapterSwitch([self.pipe.unet, self.pipe.text_encoder, self.pipe.text_encoder_2])
+        self._frozen = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m not in self.text_encoders.values()]
 
     # ------------------------------------------------------------------ public API
     @property
@@ -230,6 +231,8 @@ class TrainingRun:
 
         opts = self.options
         self._switch.activate(opts.adapter_name, train=True)
+        for model in self._frozen:
+            model.eval()  # text encoders that do not train stay in eval mode (restore() resets it)
         checkpointing = self.math.gradient_checkpointing_on()
         try:
             with torch.random.fork_rng(devices=self.math.fork_devices):
@@ -400,7 +403,6 @@ class TrainingRun:
             elapsed_s=round(time.monotonic() - self._started, 3) if hasattr(self, "_started") else 0.0,
             **fields,
         )
-
 
     def _report(self) -> dict[str, Any]:
         """Preset, optimizer settings, effective learning rates now, and the exact sample settings."""

@@ -76,6 +76,27 @@ def test_samples_and_scores_do_not_depend_on_a_fast_generation_before(dataset, g
     assert type(generator.pipe.scheduler).__name__ != "LCMScheduler"
 
 
+def test_a_text_encoder_lora_left_active_by_a_generation_reaches_neither_loss_nor_samples(dataset, generator, tmp_path):
+    from engine.protocol import AdapterWeight, GenerationParams
+    from tests.engine.lora_factory import make_lora
+    from training.trainer import TrainingRun
+
+    adapters_dir = generator.config.path(generator.config.adapters.dir)
+    make_lora(generator.pipe, adapters_dir / "te-style.safetensors", seed=4, kind="style", strength=3.0, text_encoders=True)
+    generator.registry.reload()
+    generator.generate(GenerationParams(prompt="1girl", steps=2, seed=1, adapters=[]), job_id="plain")
+    run = TrainingRun(generator.pipe, tiny_options(dataset, steps=5, sample_every=1, sample_prompts=[TRIGGER]), tmp_path / "run")
+    try:
+        loss, samples = run.evaluate_loss(0), samples_of(run.checkpoint())
+        styled = GenerationParams(prompt="1girl", steps=2, seed=1, adapters=[AdapterWeight(name="te-style", weight=1.0)])
+        generator.generate(styled, job_id="styled")  # leaves the style LoRA (UNet + text encoders) active
+        assert run.evaluate_loss(0) == loss
+        for a, b in zip(samples, samples_of(run.checkpoint())):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        run.release()
+
+
 def test_samples_are_what_imagine_makes_for_the_same_settings(dataset, generator, tmp_path):
     """At step 0 the adapter is the identity, so a sample must equal /imagine's image: same
     encoder (weights, escapes, long prompts, non-empty negative), sampler, seed and decode."""
