@@ -21,7 +21,8 @@ loss scaler and step, and continues with exactly the losses of an uninterrupted 
 Memory (SDXL, estimates from the model's sizes, not measured here: no GPU on this machine).
 The base in fp16 is ~6.9 GB (UNet 5.1, text encoders 1.6, VAE 0.2) and is shared with serving.
 A rank-16 attention LoRA is ~23 M parameters: fp32 weights, gradients and AdamW moments add
-~0.4 GB (8-bit AdamW ~0.2 GB). Activations for one 1024x1024 image: ~3-4 GB with gradient
+~0.4 GB (8-bit AdamW ~0.2 GB); the default ``kohya`` preset (feed-forward and projections too)
+is roughly twice that. Activations for one 1024x1024 image: ~3-4 GB with gradient
 checkpointing (on by default on CUDA), ~12 GB without. Training while serving at batch 1
 therefore peaks around 11-12 GB, plus what a generation needs meanwhile (~2-4 GB at
 832x1216): it fits a 24 GB card; on 12-16 GB set ``[training] exclusive = true``.
@@ -44,7 +45,7 @@ from training.lora import (
 from training.run_record import (
     atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_atomic,
 )
-from training.train_config import TrainOptions
+from training.train_config import DEFAULT_TARGET_PRESET, TrainOptions
 from training.train_data import TrainingDataset
 from training.training_math import TrainingMath, build_optimizer, effective_learning_rates
 
@@ -52,7 +53,11 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 # Options that may differ on --resume (they do not change what the saved state means).
-_RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "sample_prompts", "sample_steps", "sample_cfg", "model"}
+_RESUMABLE_CHANGES = {
+    "steps", "save_every", "sample_every", "sample_prompts", "sample_steps", "sample_cfg", "model", "sample_sampler",
+}
+# What a run recorded before an option existed trained with (older run.json files lack the key).
+_LEGACY_OPTIONS = {"target_preset": "attention", "prodigy_d_coef": 1.0, "prodigy_safeguard_warmup": True}
 
 
 class _StepTuple(NamedTuple):
@@ -123,8 +128,11 @@ class TrainingRun:
             return
         if not resume:
             raise TrainingError(f"{self.run_dir} already holds a training run; pass --resume or choose another --out")
-        old = read_run(self.run_dir).get("options", {})
+        old = {**_LEGACY_OPTIONS, **read_run(self.run_dir).get("options", {})}
         new = self.options.model_dump(mode="json")
+        # The preset is compared as trained (None = the default preset of its time).
+        old["target_preset"] = old["target_preset"] or DEFAULT_TARGET_PRESET
+        new["target_preset"] = self.options.effective_target_preset
         changed = sorted(k for k in new if k not in _RESUMABLE_CHANGES and old.get(k) != new[k])
         if changed:
             raise ResumeMismatch(f"cannot resume {self.run_dir}: option(s) {', '.join(changed)} differ from the saved run")

@@ -312,6 +312,26 @@ def test_attention_preset_is_attention_only(dataset, tmp_path):
     assert names and all(n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v", "0"} for n in names), sorted(names)[:5]
 
 
+def test_a_run_recorded_before_presets_resumes_only_as_attention(dataset, tmp_path):
+    from training.errors import ResumeMismatch
+    from training.run_record import read_run, update_run
+    from training.trainer import TrainingRun
+
+    run = TrainingRun(tiny_pipeline(), tiny_options(dataset, steps=3, target_preset="attention"), tmp_path / "run")
+    run.step()
+    run.checkpoint()
+    run.release()
+    options = read_run(tmp_path / "run")["options"]
+    for key in ("target_preset", "sample_sampler", "prodigy_d_coef", "prodigy_safeguard_warmup"):
+        options.pop(key)  # what run.json held before these options existed
+    update_run(tmp_path / "run", options=options)
+    with pytest.raises(ResumeMismatch, match="target_preset"):
+        TrainingRun(tiny_pipeline(), tiny_options(dataset, steps=3), tmp_path / "run", resume=True)
+    resumed = TrainingRun(tiny_pipeline(), tiny_options(dataset, steps=3, target_preset="attention"), tmp_path / "run", resume=True)
+    assert resumed.step_index == 1
+    resumed.release()
+
+
 # ---------------------------------------------------------------------- 5. metadata
 def test_metadata_records_keep_tokens_used_and_repeats_trained(tmp_path):
     import shutil
