@@ -31,6 +31,7 @@ therefore peaks around 11-12 GB, plus what a generation needs meanwhile (~2-4 GB
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import time
@@ -258,7 +259,8 @@ class TrainingRun:
                     self.accelerator.backward(loss / opts.grad_accum)
                     total += loss.item() / opts.grad_accum
                 self.accelerator.clip_grad_norm_(list(self.params.values()), opts.max_grad_norm)
-                lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
+                # The rate this step used (Prodigy scales it by its estimate d: log the product).
+                lr = float(self.lr_scheduler.get_last_lr()[0]) * float(self.optimizer.param_groups[0].get("d", 1.0))
                 self.optimizer.step()
                 # An fp16 overflow skips the optimizer step: the schedule must not advance either.
                 if not self.accelerator.optimizer_step_was_skipped:
@@ -313,6 +315,9 @@ class TrainingRun:
             self._switch.restore()
         for i, image in enumerate(images):
             image.save(folder / f"{i:02d}.png")
+        # The exact settings of these images (sample options may change on --resume).
+        settings = json.dumps(self.math.sampling_settings(self.sample_prompts), indent=2)
+        (folder / "settings.json").write_text(settings, encoding="utf-8")
         ckpt.make_grid(images, self.sample_prompts).save(folder.parent / "grid.png")
 
     def _load_state(self, folder: Path) -> None:
@@ -353,8 +358,6 @@ class TrainingRun:
 
     def trained_metadata(self) -> dict[str, str]:
         """kohya header values that say what this run actually did (not just its options)."""
-        import json
-
         opts = self.options
         seen = self.step_index * opts.batch_size * opts.grad_accum
         images_per_epoch = sum(self.dataset.repeats)

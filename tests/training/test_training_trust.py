@@ -117,6 +117,7 @@ def test_samples_are_what_imagine_makes_for_the_same_settings(dataset, generator
         ), job_id=f"imagine{i}")
         np.testing.assert_array_equal(pixels(tmp_path / "run" / "s" / f"{i:02d}.png"), pixels(Path(out.images[0].path)))
     record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert json.loads((tmp_path / "run" / "s" / "settings.json").read_text()) == record["report"]["sampling"]
     assert record["report"]["sampling"] == {
         "prompts": prompts, "negative_prompt": options.sample_negative, "sampler": "DPM++ 2M", "steps": 3,
         "cfg": 4.0, "width": 64, "height": 64, "seeds": [7, 8],
@@ -174,6 +175,9 @@ def test_prodigy_gets_its_own_learning_rate_and_settings(dataset, tmp_path):
     report = json.loads((tmp_path / "run" / "run.json").read_text())["report"]
     assert report["optimizer"]["used"] == "prodigy" and report["optimizer"]["d_coef"] == 0.8
     assert report["effective_lr"]["unet"] == pytest.approx(group["lr"] * group["d"])
+    from training.checkpoints import read_loss
+
+    assert read_loss(tmp_path / "run")[0][2] < 1e-3  # loss.csv logs lr x d (d starts at 1e-6), not 1.0
     run.release()
 
 
