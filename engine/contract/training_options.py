@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from engine.contract.training_errors import InvalidTrainingOptions
 
@@ -29,6 +29,11 @@ RESERVED_ADAPTER_NAMES = ("train", "eval")
 TRAINING_ADAPTER_NAME = "arcae_training"
 
 DEFAULT_SAMPLE_NEGATIVE = "lowres, worst quality, low quality, jpeg artifacts"
+# LoRA target presets as kohya users know them (training.learning.lora.PRESET_TARGETS lists the layers).
+TARGET_PRESETS = ("attention", "kohya", "locon")
+DEFAULT_TARGET_PRESET = "kohya"
+# Prodigy estimates the step size itself; its authors' examples use lr 1.0.
+PRODIGY_DEFAULT_LR = 1.0
 
 
 class TrainOptions(BaseModel):
@@ -69,6 +74,10 @@ class TrainOptions(BaseModel):
     train_text_encoders: bool = False
     train_ff: bool = False  # LoRA also on the transformer feed-forward layers
     train_conv: bool = False  # LoRA also on the ResNet convolutions
+    target_preset: Literal["attention", "kohya", "locon"] | None = None  # None = DEFAULT_TARGET_PRESET
+    sample_sampler: str = "Euler a"  # an A1111 sampler name, as /imagine takes it
+    prodigy_d_coef: float = Field(1.0, gt=0, le=100)
+    prodigy_safeguard_warmup: bool = True
     gradient_checkpointing: bool | None = None  # None = on with CUDA
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     max_grad_norm: float = Field(1.0, gt=0)
@@ -92,6 +101,29 @@ class TrainOptions(BaseModel):
         if value in RESERVED_ADAPTER_NAMES or not value.isidentifier():
             raise ValueError(f"must be a Python identifier other than {RESERVED_ADAPTER_NAMES}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _optimizer_default_lr(cls, data: Any) -> Any:
+        # A learning rate meant for AdamW (1e-4) makes Prodigy's steps ~10^4 times too small.
+        if isinstance(data, dict) and data.get("optimizer") == "prodigy" and data.get("lr") is None:
+            data = {**data, "lr": PRODIGY_DEFAULT_LR}
+        return data
+
+    @field_validator("sample_sampler")
+    @classmethod
+    def _known_sampler(cls, value: str) -> str:
+        from engine.contract.errors import InvalidRequest
+        from engine.generation.samplers import get_sampler
+
+        try:
+            return get_sampler(value).name
+        except InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def effective_target_preset(self) -> str:
+        return self.target_preset or DEFAULT_TARGET_PRESET
 
     @property
     def effective_sample_every(self) -> int:
@@ -134,6 +166,9 @@ def from_config(training_config: Any, *, enforce_caps: bool = True, **overrides:
         if hasattr(training_config, key)
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
+    explicit = "lr" in getattr(training_config, "model_fields_set", ()) and getattr(training_config, "optimizer", "") == "prodigy"
+    if base.get("optimizer") == "prodigy" and overrides.get("lr") is None and not explicit:
+        base.pop("lr", None)  # [training] lr is AdamW's unless set for prodigy there: Prodigy's default
     options = parse_options(base)
     if enforce_caps:
         check_caps(options, training_config)

@@ -320,6 +320,7 @@ class Generator:
     ) -> list[GenerationOutput]:
         import torch
 
+        previous = pipe.scheduler
         try:
             return self._run_inner(pipe, items, should_cancel, image)
         except torch.cuda.OutOfMemoryError:
@@ -331,6 +332,10 @@ class Generator:
                 f"out of GPU memory at {first.width}x{first.height} x{total}; "
                 "try a smaller size or fewer images"
             ) from None
+        finally:
+            # The next user of the shared pipeline (a training run's samples, its noise schedule)
+            # must not inherit this job's sampler, e.g. LCM from fast mode.
+            pipe.scheduler = previous
 
     def _run_inner(
         self, pipe: Any, items: list[_BatchItem], should_cancel: ShouldCancel | None, image: Any

@@ -20,7 +20,8 @@ _PASS_THROUGH = (
     "batch_size", "grad_accum", "optimizer", "lr_scheduler", "warmup", "min_snr_gamma", "noise_offset",
     "caption_dropout", "tag_dropout", "shuffle_tags", "keep_tokens", "save_every", "sample_every",
     "sample_steps", "train_text_encoders", "train_ff", "train_conv", "gradient_checkpointing",
-    "mixed_precision", "seed",
+    "mixed_precision", "seed", "target_preset", "sample_sampler", "sample_cfg", "prodigy_d_coef",
+    "prodigy_safeguard_warmup",
 )
 
 
@@ -41,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, help="training side in px; buckets keep the area within its square")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--grad-accum", type=int)
-    g.add_argument("--optimizer", help="adamw | adamw8bit (CUDA + bitsandbytes, else adamw) | prodigy (prodigyopt)")
+    g.add_argument("--optimizer", help="adamw | adamw8bit (CUDA + bitsandbytes, else adamw) | prodigy (prodigyopt; lr 1.0 unless --lr)")
     g.add_argument("--lr-scheduler", help="constant, constant_with_warmup, cosine, cosine_with_restarts, linear, polynomial")
     g.add_argument("--warmup", type=int, help="LR warm-up steps")
     g.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting; 0 = off")
@@ -57,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-text-encoders", action="store_true", default=None)
     g.add_argument("--train-ff", action="store_true", default=None, help="LoRA also on feed-forward layers")
     g.add_argument("--train-conv", action="store_true", default=None, help="LoRA also on ResNet convolutions")
+    g.add_argument("--target-preset", choices=["attention", "kohya", "locon"],
+                   help="LoRA layers: attention only | kohya (all transformer Linear + text encoder MLP; default) | locon (kohya + ResNet convs)")
+    g.add_argument("--sample-sampler", help="A1111 sampler name for checkpoint samples (default: Euler a)")
+    g.add_argument("--sample-cfg", type=float, help="CFG scale of checkpoint samples")
+    g.add_argument("--prodigy-d-coef", type=float, help="Prodigy's d_coef (default 1.0)")
+    g.add_argument("--prodigy-safeguard-warmup", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--mixed-precision", help="auto | no | fp16 | bf16")
     g.add_argument("--seed", type=int)

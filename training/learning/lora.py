@@ -17,11 +17,34 @@ ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FEED_FORWARD_TARGETS = ["ff.net.0.proj", "ff.net.2"]
 CONV_TARGETS = ["conv1", "conv2"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# kohya's networks.lora: every Linear / 1x1 conv inside the UNet's Transformer2DModel blocks and
+# the text encoders' CLIPAttention + CLIPMLP; LoCon (conv_dim) adds ResnetBlock2D, Downsample2D
+# and Upsample2D, whose Linear (time_emb_proj) and 1x1 shortcut come along.
+TRANSFORMER_PROJ_TARGETS = ["proj_in", "proj_out"]
+TEXT_ENCODER_MLP_TARGETS = ["fc1", "fc2"]
+RESNET_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
+PRESET_UNET_TARGETS = {
+    "attention": ATTENTION_TARGETS,
+    "kohya": ATTENTION_TARGETS + TRANSFORMER_PROJ_TARGETS + FEED_FORWARD_TARGETS,
+    "locon": ATTENTION_TARGETS + TRANSFORMER_PROJ_TARGETS + FEED_FORWARD_TARGETS + RESNET_TARGETS,
+}
+PRESET_TEXT_ENCODER_TARGETS = {
+    "attention": TEXT_ENCODER_TARGETS,
+    "kohya": TEXT_ENCODER_TARGETS + TEXT_ENCODER_MLP_TARGETS,
+    "locon": TEXT_ENCODER_TARGETS + TEXT_ENCODER_MLP_TARGETS,
+}
 
 
-def unet_targets(train_ff: bool, train_conv: bool) -> list[str]:
-    """peft ``target_modules`` for the UNet: attention, plus feed-forward / ResNet convs if asked."""
-    return ATTENTION_TARGETS + (FEED_FORWARD_TARGETS if train_ff else []) + (CONV_TARGETS if train_conv else [])
+def unet_targets(train_ff: bool, train_conv: bool, preset: str = "attention") -> list[str]:
+    """peft ``target_modules`` for the UNet: the preset's, plus feed-forward / ResNet convs if asked."""
+    extra = (FEED_FORWARD_TARGETS if train_ff else []) + (CONV_TARGETS if train_conv else [])
+    base = PRESET_UNET_TARGETS[preset]
+    return base + [t for t in extra if t not in base]
+
+
+def text_encoder_targets(preset: str = "attention") -> list[str]:
+    """peft ``target_modules`` for both CLIP text encoders under ``preset``."""
+    return list(PRESET_TEXT_ENCODER_TARGETS[preset])
 
 
 def _tuner_layers(model: Any) -> list[Any]:

@@ -21,7 +21,8 @@ loss scaler and step, and continues with exactly the losses of an uninterrupted 
 Memory (SDXL, estimates from the model's sizes, not measured here: no GPU on this machine).
 The base in fp16 is ~6.9 GB (UNet 5.1, text encoders 1.6, VAE 0.2) and is shared with serving.
 A rank-16 attention LoRA is ~23 M parameters: fp32 weights, gradients and AdamW moments add
-~0.4 GB (8-bit AdamW ~0.2 GB). Activations for one 1024x1024 image: ~3-4 GB with gradient
+~0.4 GB (8-bit AdamW ~0.2 GB); the default ``kohya`` preset (feed-forward and projections too)
+is roughly twice that. Activations for one 1024x1024 image: ~3-4 GB with gradient
 checkpointing (on by default on CUDA), ~12 GB without. Training while serving at batch 1
 therefore peaks around 11-12 GB, plus what a generation needs meanwhile (~2-4 GB at
 832x1216): it fits a 24 GB card; on 12-16 GB set ``[training] exclusive = true``.
@@ -30,6 +31,7 @@ therefore peaks around 11-12 GB, plus what a generation needs meanwhile (~2-4 GB
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import time
@@ -39,21 +41,25 @@ from typing import Any, NamedTuple
 from training.data import checkpoints as ckpt
 from engine.contract.training_errors import ResumeMismatch, TrainingCanceled, TrainingDiverged, TrainingError
 from training.learning.lora import (
-    TEXT_ENCODER_TARGETS, AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, unet_targets,
+    AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, text_encoder_targets, unet_targets,
 )
 from training.data.run_record import (
     atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run,
 )
 from training.learning.safe_state import load_state, save_state
-from engine.contract.training_options import TrainOptions
+from engine.contract.training_options import DEFAULT_TARGET_PRESET, TrainOptions
 from training.data.training_set import TrainingDataset
-from training.learning.training_math import TrainingMath, build_optimizer
+from training.learning.training_math import TrainingMath, build_optimizer, effective_learning_rates
 
 log = logging.getLogger(__name__)
 
 # Options that may differ on --resume (they do not change what the saved state means).
-_RESUMABLE_CHANGES = {"steps", "save_every", "sample_every", "sample_prompts", "sample_steps", "sample_cfg", "model",
-                      "keep_checkpoints", "min_free_disk_mb"}
+_RESUMABLE_CHANGES = {
+    "steps", "save_every", "sample_every", "sample_prompts", "sample_steps", "sample_cfg", "model", "sample_sampler",
+    "keep_checkpoints", "min_free_disk_mb",
+}
+# What a run recorded before an option existed trained with (older run.json files lack the key).
+_LEGACY_OPTIONS = {"target_preset": "attention", "prodigy_d_coef": 1.0, "prodigy_safeguard_warmup": True}
 
 
 class _StepTuple(NamedTuple):
@@ -106,8 +112,9 @@ class TrainingRun:
         self.sample_prompts = options.sample_prompts or self.dataset.default_sample_prompts(options.sample_tag_sets)
         self.math = TrainingMath(pipe, options, self.dataset, self.keep_tokens, prompt_encoder)
         self._add_adapter()
+        self.report: dict[str, Any] = {"target_preset": options.effective_target_preset}
         self.accelerator, self.optimizer, self.lr_scheduler = build_optimizer(
-            self.math.device, pipe.unet.dtype, options, self.params
+            self.math.device, pipe.unet.dtype, options, self.params, self.report
         )
         self._started = time.monotonic()
         if resume and list_checkpoints(self.run_dir):
@@ -123,8 +130,11 @@ class TrainingRun:
             return
         if not resume:
             raise TrainingError(f"{self.run_dir} already holds a training run; pass --resume or choose another --out")
-        old = read_run(self.run_dir).get("options", {})
+        old = {**_LEGACY_OPTIONS, **read_run(self.run_dir).get("options", {})}
         new = self.options.model_dump(mode="json")
+        # The preset is compared as trained (None = the default preset of its time).
+        old["target_preset"] = old["target_preset"] or DEFAULT_TARGET_PRESET
+        new["target_preset"] = self.options.effective_target_preset
         changed = sorted(k for k in new if k not in _RESUMABLE_CHANGES and old.get(k) != new[k])
         if changed:
             raise ResumeMismatch(f"cannot resume {self.run_dir}: option(s) {', '.join(changed)} differ from the saved run")
@@ -137,19 +147,23 @@ class TrainingRun:
         name = opts.adapter_name
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)  # the adapter's initial weights depend on the seed only
+            preset = opts.effective_target_preset
             config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, init_lora_weights="gaussian",
-                                target_modules=unet_targets(opts.train_ff, opts.train_conv))
+                                target_modules=unet_targets(opts.train_ff, opts.train_conv, preset))
             self.params = add_training_adapter(self.pipe.unet, name, config)
             self.text_encoders: dict[str, Any] = {}
             if opts.train_text_encoders:
                 for component in ("text_encoder", "text_encoder_2"):
                     model = getattr(self.pipe, component)
                     te_config = LoraConfig(r=opts.rank, lora_alpha=opts.alpha, init_lora_weights="gaussian",
-                                           target_modules=TEXT_ENCODER_TARGETS)
+                                           target_modules=text_encoder_targets(preset))
                     te_params = add_training_adapter(model, name, te_config)
                     self.params.update({f"{component}.{k}": v for k, v in te_params.items()})
                     self.text_encoders[component] = model
-        self._switch = AdapterSwitch([self.pipe.unet, *self.text_encoders.values()])
+        # Both text encoders always: an inference LoRA left active on them by a generation must
+        # not reach training captions or samples.
+        self._switch = AdapterSwitch([self.pipe.unet, self.pipe.text_encoder, self.pipe.text_encoder_2])
+        self._frozen = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m not in self.text_encoders.values()]
 
     # ------------------------------------------------------------------ public API
     @property
@@ -221,6 +235,8 @@ class TrainingRun:
 
         opts = self.options
         self._switch.activate(opts.adapter_name, train=True)
+        for model in self._frozen:
+            model.eval()  # text encoders that do not train stay in eval mode (restore() resets it)
         checkpointing = self.math.gradient_checkpointing_on()
         try:
             with torch.random.fork_rng(devices=self.math.fork_devices):
@@ -238,9 +254,12 @@ class TrainingRun:
                     self.accelerator.backward(loss / opts.grad_accum)
                     total += loss.item() / opts.grad_accum
                 self.accelerator.clip_grad_norm_(list(self.params.values()), opts.max_grad_norm)
-                lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
+                # The rate this step used (Prodigy scales it by its estimate d: log the product).
+                lr = float(self.lr_scheduler.get_last_lr()[0]) * float(self.optimizer.param_groups[0].get("d", 1.0))
                 self.optimizer.step()
-                self.lr_scheduler.step()
+                # An fp16 overflow skips the optimizer step: the schedule must not advance either.
+                if not self.accelerator.optimizer_step_was_skipped:
+                    self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.math.gradient_checkpointing_off(checkpointing)
@@ -296,6 +315,9 @@ class TrainingRun:
             self._switch.restore()
         for i, image in enumerate(images):
             image.save(folder / f"{i:02d}.png")
+        # The exact settings of these images (sample options may change on --resume).
+        settings = json.dumps(self.math.sampling_settings(self.sample_prompts), indent=2)
+        (folder / "settings.json").write_text(settings, encoding="utf-8")
         ckpt.make_grid(images, self.sample_prompts).save(folder.parent / "grid.png")
 
     def _load_state(self, folder: Path) -> None:
@@ -328,12 +350,39 @@ class TrainingRun:
         last = checkpoint_dir(self.run_dir, self.step_index) / "adapter.safetensors"
         metadata = kohya_metadata(self.options, self.dataset, self.step_index, self.base_model, self.dataset_hash(),
                                   prediction_type=self.math.prediction_type)
+        metadata.update(self.trained_metadata())
         # Both exports carry the header, so a copy without its sidecar keeps its kind and trigger.
         write_diffusers_file(last, self.run_dir / "adapter.safetensors", metadata)
         write_kohya_file(last, self.run_dir / "adapter.kohya.safetensors", self.options.alpha, metadata)
         self.status = "completed"
         self._write_record(status="completed")
         self.release()
+
+    def trained_metadata(self) -> dict[str, str]:
+        """kohya header values that say what this run actually did (not just its options)."""
+        opts = self.options
+        seen = self.step_index * opts.batch_size * opts.grad_accum
+        images_per_epoch = sum(self.dataset.repeats)
+        dirs: dict[str, dict[str, int]] = {}
+        for item, reps in zip(self.dataset.items, self.dataset.repeats):
+            folder = item.image_path.parent.name
+            entry = dirs.setdefault(folder, {"n_repeats": reps, "img_count": 0})
+            entry["img_count"] += 1
+        preset = opts.effective_target_preset
+        meta = {
+            "ss_keep_tokens": str(self.keep_tokens),
+            "ss_dataset_dirs": json.dumps(dirs),
+            "ss_num_epochs": str(max(1, -(-seen // max(1, images_per_epoch)))),
+            "ss_num_train_images": str(images_per_epoch),
+            "arcae.target_preset": preset,
+            "ss_optimizer": str(self.report.get("optimizer", {}).get("used", opts.optimizer)),
+            "ss_lr_scheduler": str(self.report.get("lr_scheduler", opts.lr_scheduler)),
+        }
+        if preset == "locon" or opts.train_conv:
+            meta["ss_network_args"] = json.dumps({"conv_dim": opts.rank, "conv_alpha": opts.alpha, "preset": preset})
+        else:
+            meta["ss_network_args"] = json.dumps({"preset": preset})
+        return meta
 
     def _fail(self, exc: BaseException) -> None:
         self.status = "failed"
@@ -363,9 +412,19 @@ class TrainingRun:
             total_steps=self.options.steps, kind=self.options.kind, trigger=self.options.trigger,
             base_model=self.base_model, signature_tags=self.dataset.signature_tags(),
             sample_prompts=self.sample_prompts, keep_tokens=self.keep_tokens, loss=self.last_loss,
+            report=self._report(),
             elapsed_s=round(time.monotonic() - self._started, 3) if hasattr(self, "_started") else 0.0,
             **fields,
         )
+
+    def _report(self) -> dict[str, Any]:
+        """Preset, optimizer settings, effective learning rates now, and the exact sample settings."""
+        report = dict(getattr(self, "report", {}))
+        if hasattr(self, "optimizer"):
+            report["effective_lr"] = effective_learning_rates(self.optimizer)
+        if hasattr(self, "math"):
+            report["sampling"] = self.math.sampling_settings(self.sample_prompts)
+        return report
 
 
 def _mix_seed(seed: int, *parts: Any) -> int:

@@ -35,6 +35,9 @@ class TrainingMath:
         # Inference leaves the pipeline's scheduler mid-schedule: training owns its own.
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
+        check_supported_schedule(self.noise_scheduler)
+        # Samples are built from the model's own scheduler config, whatever a generation left.
+        self.sample_scheduler_config = dict(pipe.scheduler.config)
         self._latents: dict[int, Any] = {}  # item index -> (latent [4,h,w] fp32 on CPU, time_ids)
         if prompt_encoder is not None and hasattr(prompt_encoder, "encode_for_training"):
             shared = prompt_encoder  # the engine's SDXLPromptEncoder
@@ -152,22 +155,67 @@ class TrainingMath:
             self.pipe.unet.disable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ samples
+    def sampling_settings(self, prompts: list[str]) -> dict[str, Any]:
+        """The exact settings every checkpoint's samples use (recorded in run.json)."""
+        opts = self.options
+        return {
+            "prompts": list(prompts), "negative_prompt": opts.sample_negative, "sampler": opts.sample_sampler,
+            "steps": opts.sample_steps, "cfg": opts.sample_cfg, "width": opts.resolution, "height": opts.resolution,
+            "seeds": [opts.seed + i for i in range(len(prompts))],
+            "prompt_encoder": "engine.generation.prompts (A1111 weighting, 75-token chunks), as /imagine",
+        }
+
     def sample_images(self, prompts: list[str]) -> list[Any]:
-        """Fixed-seed images for ``prompts`` with whatever adapters are active (the caller's choice)."""
+        """Fixed-seed images for ``prompts`` with whatever adapters are active (the caller's choice).
+
+        The same path as /imagine (``engine.generation.generator``): engine.generation.prompts' encoder, a fresh
+        scheduler for ``sample_sampler`` from the model's config, our own VAE decode. The
+        pipeline's scheduler is put back afterwards.
+        """
         import torch
 
+        from engine.generation import imaging
+        from engine.generation.prompts import pipe_encoder
+        from engine.generation.samplers import make_scheduler
+
         opts = self.options
-        self.pipe.set_progress_bar_config(disable=True)
+        pipe = self.pipe
+        encoder = pipe_encoder(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        previous = pipe.scheduler
         images = []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(opts.seed + i)  # same seeds at every checkpoint
-            with torch.no_grad():
-                out = self.pipe(
-                    prompt=prompt, negative_prompt=opts.sample_negative, num_inference_steps=opts.sample_steps,
-                    guidance_scale=opts.sample_cfg, width=opts.resolution, height=opts.resolution, generator=gen,
-                )
-            images.append(out.images[0])
+        try:
+            for i, prompt in enumerate(prompts):
+                pipe.scheduler = make_scheduler(opts.sample_sampler, self.sample_scheduler_config)
+                gen = torch.Generator("cpu").manual_seed(opts.seed + i)  # same seeds at every checkpoint
+                with torch.no_grad():
+                    emb = encoder.encode(prompt, opts.sample_negative)
+                    latents = pipe(
+                        **emb.as_kwargs(), num_inference_steps=opts.sample_steps, guidance_scale=opts.sample_cfg,
+                        width=opts.resolution, height=opts.resolution, generator=[gen], output_type="latent",
+                    ).images
+                    decoded, _ = imaging.decode_latents(pipe.vae, latents[:1].to(pipe.vae.device))
+                images.append(imaging.to_pil(decoded))
+        finally:
+            pipe.scheduler = previous
         return images
+
+
+def check_supported_schedule(noise_scheduler: Any) -> None:
+    """Refuse prediction types / noise schedules this trainer would train wrongly."""
+    from engine.contract.training_errors import TrainingError
+
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise TrainingError(
+            f"the model's scheduler predicts {prediction!r}; training supports 'epsilon' and 'v_prediction' only"
+        )
+    if prediction == "epsilon" and float(noise_scheduler.alphas_cumprod[-1]) == 0.0:
+        raise TrainingError(
+            "the model's scheduler has zero terminal SNR (rescale_betas_zero_snr) with epsilon prediction: "
+            "the noise target is undefined at the last timestep; train a v-prediction model, or a scheduler "
+            "without rescale_betas_zero_snr"
+        )
 
 
 def _make_prompt_encoder(pipe: Any, train_text_encoders: bool) -> Any:
@@ -199,11 +247,18 @@ def plain_encode(pipe: Any, captions: list[str]) -> tuple[Any, Any]:
     return torch.cat(hidden, dim=-1), pooled
 
 
-def build_optimizer(device: Any, model_dtype: Any, options: TrainOptions, params: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Accelerator (precision), optimizer and LR scheduler for the adapter's ``params``."""
+def build_optimizer(
+    device: Any, model_dtype: Any, options: TrainOptions, params: dict[str, Any], report: dict[str, Any] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Accelerator (precision), optimizer and LR scheduler for the adapter's ``params``.
+
+    ``report`` (if given) receives what was actually built: optimizer and its settings, the
+    scheduler used, notes on fallbacks, the precision (the run report in run.json).
+    """
     import torch
     from diffusers.optimization import get_scheduler
 
+    report = report if report is not None else {}
     precision = options.mixed_precision
     if device.type != "cuda":
         precision = "no"
@@ -215,12 +270,29 @@ def build_optimizer(device: Any, model_dtype: Any, options: TrainOptions, params
     groups = [{"params": unet_params, "lr": options.lr}]
     if te_params:
         groups.append({"params": te_params, "lr": options.text_encoder_lr or options.lr})
-    optimizer = _make_optimizer(options, groups, device)
+    optimizer = _make_optimizer(options, groups, device, report)
+    scheduler_name = options.lr_scheduler
+    notes = report.setdefault("notes", [])
+    if scheduler_name == "constant" and options.warmup > 0:
+        # diffusers' "constant" ignores warm-up steps: kohya users expect a warm-up to happen.
+        scheduler_name = "constant_with_warmup"
+        notes.append(f"lr scheduler constant with {options.warmup} warm-up steps: used constant_with_warmup")
+        log.warning(notes[-1])
     lr_scheduler = get_scheduler(
-        options.lr_scheduler, optimizer=optimizer, num_warmup_steps=options.warmup, num_training_steps=options.steps
+        scheduler_name, optimizer=optimizer, num_warmup_steps=options.warmup, num_training_steps=options.steps
     )
+    report.update(lr_scheduler=scheduler_name, warmup=options.warmup, mixed_precision=precision)
     optimizer = accelerator.prepare_optimizer(optimizer)  # fp16 loss scaling when needed
     return accelerator, optimizer, lr_scheduler
+
+
+def effective_learning_rates(optimizer: Any) -> dict[str, float]:
+    """The step size each parameter group gets now: lr, times Prodigy's estimate ``d`` when present."""
+    names = ("unet", "text_encoders")
+    rates = {}
+    for name, group in zip(names, optimizer.param_groups):
+        rates[name] = float(group["lr"]) * float(group.get("d", 1.0))
+    return rates
 
 
 def _accelerator(precision: str, *, cpu: bool) -> Any:
@@ -239,19 +311,25 @@ def _accelerator(precision: str, *, cpu: bool) -> Any:
         return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
-def _make_optimizer(options: TrainOptions, groups: list[dict], device: Any) -> Any:
+def _make_optimizer(options: TrainOptions, groups: list[dict], device: Any, report: dict[str, Any]) -> Any:
     import torch
 
     name = options.optimizer
+    settings: dict[str, Any] = {"weight_decay": 1e-2}
     if name == "adamw8bit":
         try:
-            import bitsandbytes as bnb  # noqa: F401
+            import bitsandbytes as bnb
 
             if device.type != "cuda":
                 raise ImportError("8-bit AdamW needs CUDA")
-            return bnb.optim.AdamW8bit(groups, weight_decay=1e-2)
+            optimizer = bnb.optim.AdamW8bit(groups, **settings)
+            report["optimizer"] = {"requested": name, "used": "adamw8bit", "lr": options.lr, **settings}
+            return optimizer
         except ImportError as exc:
-            log.warning("optimizer adamw8bit unavailable (%s): using adamw", exc)
+            note = (f"optimizer adamw8bit unavailable ({exc}; install the train8bit extra on a CUDA machine): "
+                    "fell back to adamw (32-bit)")
+            report.setdefault("notes", []).append(note)
+            log.warning(note)
             name = "adamw"
     if name == "prodigy":
         try:
@@ -260,5 +338,13 @@ def _make_optimizer(options: TrainOptions, groups: list[dict], device: Any) -> A
             raise OptimizerUnavailable(
                 "--optimizer prodigy needs the prodigyopt package (pip install prodigyopt); use adamw or adamw8bit"
             ) from None
-        return Prodigy(groups, weight_decay=1e-2, safeguard_warmup=True, use_bias_correction=True)
-    return torch.optim.AdamW(groups, weight_decay=1e-2)
+        settings.update(d_coef=options.prodigy_d_coef, safeguard_warmup=options.prodigy_safeguard_warmup,
+                        use_bias_correction=True)
+        if options.lr < 0.1:
+            report.setdefault("notes", []).append(
+                f"prodigy with lr {options.lr}: Prodigy expects lr around 1.0 (it scales the step itself)"
+            )
+        report["optimizer"] = {"requested": options.optimizer, "used": "prodigy", "lr": options.lr, **settings}
+        return Prodigy(groups, **settings)
+    report["optimizer"] = {"requested": options.optimizer, "used": "adamw", "lr": options.lr, **settings}
+    return torch.optim.AdamW(groups, **settings)
