@@ -100,7 +100,7 @@ FastRecipeName = Literal["lcm", "tcd", "dmd2", "hyper-sd", "lightning"]
 
 
 class FastAdapterConfig(_Section):
-    """One installed few-step adapter (``[[adapters.fast]]``) and the recipe its authors publish."""
+    """One installed few-step adapter (an ``[adapters] fast`` entry) and the recipe its authors publish."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
     recipe: FastRecipeName
@@ -125,7 +125,7 @@ class AdaptersConfig(_Section):
         names = [f.name for f in self.fast]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"few-step adapter {twice[0]!r} is listed twice in [[adapters.fast]]; list it once")
+            raise ValueError(f"few-step adapter {twice[0]!r} is listed twice in [adapters] fast; list it once")
         return self
 
 

@@ -9,7 +9,7 @@ blurred or burnt images without any error, so the recipe travels with the adapte
 - ``hyper-sd``: Hyper-SD SDXL n-step LoRAs (ByteDance/Hyper-SD): DDIM, trailing timesteps, no CFG.
 - ``lightning``: SDXL-Lightning n-step LoRAs (ByteDance/SDXL-Lightning): Euler, trailing, no CFG.
 
-``[[adapters.fast]]`` names the installed adapters and their recipes; the configured LCM adapter is
+``[adapters] fast`` names the installed adapters and their recipes; the configured LCM adapter is
 always the ``lcm`` mode. Every published adapter was distilled from an epsilon-prediction SDXL base,
 so on a v-prediction base a mode is refused unless its entry says ``prediction = "v"``.
 This module imports no torch; ``make_fast_scheduler`` imports diffusers when called.
@@ -82,7 +82,7 @@ class FastChoice:
 
 
 def configured_modes(adapters: AdaptersConfig, gen: GenerationConfig) -> list[FastChoice]:
-    """Every configured few-step adapter (``[[adapters.fast]]`` plus the LCM adapter), in preference order."""
+    """Every configured few-step adapter (``[adapters] fast`` plus the LCM adapter), in preference order."""
     modes: list[FastChoice] = []
     for entry in adapters.fast:
         recipe = RECIPES[entry.recipe]
@@ -93,7 +93,7 @@ def configured_modes(adapters: AdaptersConfig, gen: GenerationConfig) -> list[Fa
         low, high = recipe.steps
         if not low <= steps <= high:
             raise InvalidRequest(
-                f"[[adapters.fast]] {entry.name}: steps = {steps} is outside what {recipe.title} works with ({low}-{high})"
+                f"[adapters] fast {entry.name}: steps = {steps} is outside what {recipe.title} works with ({low}-{high})"
             )
         modes.append(FastChoice(
             adapter=entry.name, recipe=recipe, default_steps=steps, steps=recipe.steps,
@@ -165,7 +165,7 @@ def mismatch_message(mode: FastChoice, base_prediction: str) -> str:
         return (
             f"fast mode {mode.recipe.name} ({mode.adapter}) was distilled from an epsilon-prediction SDXL model and "
             "gives washed-out or broken images on this v-prediction base; use the standard mode, or install a "
-            "few-step adapter made for v-prediction and list it under [[adapters.fast]] with prediction = \"v\""
+            "few-step adapter made for v-prediction and list it under [adapters] fast with prediction = \"v\""
         )
     return (
         f"fast mode {mode.recipe.name} ({mode.adapter}) is made for v-prediction models and does not work on this "

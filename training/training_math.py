@@ -17,6 +17,7 @@ from training.train_config import TrainOptions
 from training.train_data import TrainingDataset, augment_caption, load_image_rgb
 
 log = logging.getLogger(__name__)
+V_PRED_CFG_RESCALE = 0.7
 
 
 def _seed(seed: int, *parts: Any) -> int:
@@ -165,6 +166,8 @@ class TrainingMath:
                 out = self.pipe(
                     prompt=prompt, negative_prompt=opts.sample_negative, num_inference_steps=opts.sample_steps,
                     guidance_scale=opts.sample_cfg, width=opts.resolution, height=opts.resolution, generator=gen,
+                    # v-prediction bases need CFG rescale (the engine's default 0.7) or samples wash out.
+                    guidance_rescale=V_PRED_CFG_RESCALE if self.prediction_type == "v_prediction" else 0.0,
                 )
             images.append(out.images[0])
         return images

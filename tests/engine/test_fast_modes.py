@@ -152,3 +152,23 @@ def test_variation_of_a_fast_image_keeps_its_mode_and_weight(env):
     assert out.params.fast_mode == "hyper-sd"
     assert [(a.name, a.weight) for a in out.params.adapters] == [("hyper-sdxl-8steps", 0.8)]
     assert type(env._img2img().scheduler).__name__ == "DDIMScheduler"
+
+
+def test_cli_generate_with_a_fast_mode(env):
+    import subprocess
+    import sys
+
+    from engine.infotext import parse_infotext, read_png_metadata
+    from tests.conftest import REPO
+
+    config = env.config.base_dir / "config.toml"
+    base = [sys.executable, "-m", "engine", "generate", "1girl", "--config", str(config), "--seed", "3"]
+    done = subprocess.run(base + ["--fast-mode", "lightning", "--fast-weight", "0.7"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fields = parse_infotext(read_png_metadata(done.stdout.strip().splitlines()[-1])[0])
+    assert (fields["Fast mode"], fields["Sampler"], fields["Schedule type"]) == ("lightning", "Euler", "SGM Uniform")
+    assert "<lora:lightning-sdxl-4step:0.7>" in fields["Prompt"]
+    refused = subprocess.run(base + ["--fast-mode", "dmd2", "--steps", "8"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "steps must be between 4 and 4 in fast mode dmd2" in refused.stderr
