@@ -321,6 +321,8 @@ class Generator:
             kept = [a for a in base.get("adapters", []) if a.get("name") not in fast_names]
             weights = [a.get("weight") for a in base.get("adapters", []) if a.get("name") in fast_names]
             base["adapters"] = kept
+            base.pop("sampler", None)  # the fast mode's recipe decides it (TCD is no standard sampler)
+            base["fast_mode"] = base.get("fast_mode") or "lcm"  # images from before fast modes used LCM
             if weights and weights[0] is not None:
                 base["fast_weight"] = weights[0]
         return path, base

@@ -144,14 +144,16 @@ def test_configured_but_missing_adapter_says_where_to_get_it(tmp_path, env):
     assert "'dmd2-sdxl-4step', which is not installed" in str(err.value) and "tianweiy/DMD2" in str(err.value)
 
 
-def test_variation_of_a_fast_image_keeps_its_mode_and_weight(env):
-    first = env.generate(
-        GenerationParams(prompt="1girl", fast_mode="hyper-sd", fast_weight=0.8, seed=2), job_id="fast-src"
-    )
+@pytest.mark.parametrize("recipe, adapter, scheduler", [
+    ("hyper-sd", "hyper-sdxl-8steps", "DDIMScheduler"),
+    ("tcd", "tcd-sdxl", "TCDScheduler"),  # its sampler "TCD" is no standard-mode sampler
+])
+def test_variation_of_a_fast_image_keeps_its_mode_and_weight(env, recipe, adapter, scheduler):
+    first = env.generate(GenerationParams(prompt="1girl", fast_mode=recipe, fast_weight=0.8, seed=2), job_id="fast-src")
     out = env.img2img(first.images[0].path, "variation", job_id="fast-var")
-    assert out.params.fast_mode == "hyper-sd"
-    assert [(a.name, a.weight) for a in out.params.adapters] == [("hyper-sdxl-8steps", 0.8)]
-    assert type(env._img2img().scheduler).__name__ == "DDIMScheduler"
+    assert out.params.fast_mode == recipe
+    assert [(a.name, a.weight) for a in out.params.adapters] == [(adapter, 0.8)]
+    assert type(env._img2img().scheduler).__name__ == scheduler
 
 
 def test_cli_generate_with_a_fast_mode(env):
