@@ -201,3 +201,30 @@ def pipeline_kwargs(recipe: FastRecipe, eta: float | None) -> dict[str, Any]:
     if eta is not None:
         extra["eta"] = eta
     return extra
+
+
+def stored_fast_request(base: dict[str, Any], modes: list[FastChoice]) -> dict[str, Any]:
+    """A stored fast request (a variation's source) as a new request: the mode adds its adapter itself."""
+    fast_names = {m.adapter for m in modes}
+    stored = base.get("adapters", [])
+    weights = [a.get("weight") for a in stored if a.get("name") in fast_names]
+    out = {k: v for k, v in base.items() if k != "sampler"}  # the recipe decides it (TCD is no standard sampler)
+    out["adapters"] = [a for a in stored if a.get("name") not in fast_names]
+    out["fast_mode"] = base.get("fast_mode") or "lcm"  # images from before fast modes ran LCM
+    if weights and weights[0] is not None:
+        out["fast_weight"] = weights[0]
+    return out
+
+
+def sampling_for(resolved: Any, base_config: Any) -> tuple[Any, dict[str, Any]]:
+    """The scheduler and extra pipeline arguments a resolved request runs with (standard or fast mode)."""
+    from engine.samplers import make_scheduler
+
+    if resolved.fast_mode:
+        recipe = RECIPES[resolved.fast_mode]
+        scheduler, extra = make_fast_scheduler(recipe, base_config), pipeline_kwargs(recipe, resolved.eta)
+    else:
+        scheduler, extra = make_scheduler(resolved.sampler, base_config), {}
+    if resolved.cfg_rescale:  # v-prediction bases with CFG on
+        extra["guidance_rescale"] = resolved.cfg_rescale
+    return scheduler, extra

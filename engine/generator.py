@@ -27,12 +27,12 @@ from typing import Any, Callable, Literal, Sequence
 from engine import imaging, infotext
 from engine.config import ArcaeConfig, Secrets
 from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
-from engine.fast_modes import RECIPES, check_weight, choose_mode, configured_modes, make_fast_scheduler, pipeline_kwargs
+from engine.fast_modes import RECIPES, check_weight, choose_mode, configured_modes, sampling_for, stored_fast_request
 from engine.models import LoadedModel, load_base_pipeline
 from engine.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
 from engine.prompts import pipe_encoder, tokenize_chunks
 from engine.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
-from engine.samplers import get_sampler, make_scheduler
+from engine.samplers import get_sampler, sampler_supports_zero_snr
 
 __all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
 
@@ -109,6 +109,7 @@ class Generator:
             default_weight=config.adapters.default_weight,
             max_active=config.adapters.max_active,
         )  # scans the directory
+        configured_modes(config.adapters, config.generation)  # a bad [adapters] fast entry stops start-up
         return cls(config, model, registry, rater=rater)
 
     # ------------------------------------------------------------------ requests
@@ -137,7 +138,7 @@ class Generator:
             )
             fast_adapter = (fast_mode.adapter, check_weight(fast_mode, params.fast_weight))
         v_pred = self.model.prediction == "v_prediction"
-        return resolve_params(
+        resolved, warnings = resolve_params(
             self.config.generation,
             params,
             mode=mode,
@@ -148,6 +149,9 @@ class Generator:
             cfg_rescale=self.config.model.cfg_rescale if v_pred else 0.0,
             **kwargs,
         )
+        if v_pred and not fast_mode and not sampler_supports_zero_snr(resolved.sampler):
+            warnings.append(f"{resolved.sampler} has no zero-terminal-SNR schedule: this v-prediction model may look washed out")
+        return resolved, warnings
 
     def generate(
         self,
@@ -316,15 +320,7 @@ class Generator:
         base = {k: p[k] for k in keys if k in p}
         base["add_quality_tags"] = False  # the stored prompt already has them
         if base.get("fast"):
-            # fast mode adds its few-step adapter itself; the stored mix includes it (with its weight)
-            fast_names = {m.adapter for m in configured_modes(self.config.adapters, self.config.generation)}
-            kept = [a for a in base.get("adapters", []) if a.get("name") not in fast_names]
-            weights = [a.get("weight") for a in base.get("adapters", []) if a.get("name") in fast_names]
-            base["adapters"] = kept
-            base.pop("sampler", None)  # the fast mode's recipe decides it (TCD is no standard sampler)
-            base["fast_mode"] = base.get("fast_mode") or "lcm"  # images from before fast modes used LCM
-            if weights and weights[0] is not None:
-                base["fast_weight"] = weights[0]
+            base = stored_fast_request(base, configured_modes(self.config.adapters, self.config.generation))
         return path, base
 
     def _run(
@@ -357,15 +353,7 @@ class Generator:
         if should_cancel is not None and should_cancel():
             raise JobCanceled(f"job {_batch_name(items)} canceled before it started")
         self.registry.apply_mix([(a.name, float(a.weight or 0.0)) for a in first.adapters])
-        sampling: dict[str, Any] = {}
-        if first.fast_mode:
-            recipe = RECIPES[first.fast_mode]
-            pipe.scheduler = make_fast_scheduler(recipe, self._scheduler_config)
-            sampling = pipeline_kwargs(recipe, first.eta)
-        else:
-            pipe.scheduler = make_scheduler(first.sampler, self._scheduler_config)
-        if first.cfg_rescale:
-            sampling["guidance_rescale"] = first.cfg_rescale
+        pipe.scheduler, sampling = sampling_for(first, self._scheduler_config)
         t1 = time.perf_counter()
         shared["adapters_s"] = t1 - t0
         with torch.no_grad():

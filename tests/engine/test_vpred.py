@@ -166,3 +166,10 @@ def test_vpred_lora_trains_one_step_with_v_target_and_reloads(env, tmp_path):
     assert "vpred-char" in env.registry.loaded
     assert not np.array_equal(pixels(with_lora.images[0].path), pixels(without.images[0].path))
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
+
+
+def test_heun_on_a_vpred_base_warns_that_it_lacks_zero_snr(env):
+    out = env.generate(GenerationParams(prompt="1girl", sampler="Heun", steps=2, cfg=5.0, seed=1), job_id="heun")
+    assert any("Heun has no zero-terminal-SNR schedule" in w for w in out.warnings)
+    euler = env.generate(GenerationParams(prompt="1girl", sampler="Euler", steps=2, cfg=5.0, seed=1), job_id="euler")
+    assert not euler.warnings
