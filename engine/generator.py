@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from engine import imaging, infotext
 from engine.config import ArcaeConfig, Secrets
-from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
+from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory
 from engine.fast_modes import RECIPES, check_weight, choose_mode, configured_modes, sampling_for, stored_fast_request
 from engine.models import LoadedModel, load_base_pipeline
 from engine.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
