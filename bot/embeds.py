@@ -31,7 +31,8 @@ def adapters_text(adapters: list[protocol.AdapterWeight]) -> str:
 def _mode(job: Job, resolved: protocol.ResolvedParams | None) -> str:
     mode = resolved.mode if resolved else job.kind
     fast = resolved.fast if resolved else job.params.fast
-    return f"{mode}{' · fast (LCM)' if fast else ''}"
+    recipe = (resolved.fast_mode if resolved else job.params.fast_mode) or ("LCM" if resolved else "")
+    return f"{mode}{f' · fast ({recipe})' if recipe else ' · fast'}" if fast else mode
 
 
 def params_embed(job: Job, *, title: str | None = None, author: str | None = None) -> discord.Embed:

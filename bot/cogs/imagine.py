@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 ASPECT_CHOICES = [app_commands.Choice(name=f"{label} ({w}×{h} on SDXL)", value=label)
                   for label, (w, h) in SDXL_PRESETS.items()]
 MAX_CHOICES = 25
+# Few-step modes (engine.generation.fast_modes; the bot stays torch-free and does not import it). The engine
+# refuses a mode whose adapter is not installed, or that cannot run on the base, saying why.
+FAST_CHOICES = [app_commands.Choice(name=name, value=value) for name, value in (
+    ("off", "off"), ("on: the best installed", "best"), ("DMD2 (4 steps)", "dmd2"), ("Hyper-SD", "hyper-sd"),
+    ("SDXL-Lightning", "lightning"), ("TCD", "tcd"), ("LCM", "lcm"),
+)]
 
 
 def split_names(text: str | None) -> list[str]:
@@ -79,6 +85,17 @@ def add_triggers(prompt: str, adapters: list[protocol.AdapterWeight], catalog: A
     return ", ".join([prompt, *extra]) if extra else prompt
 
 
+def fast_fields(choice: str | None, saved: bool | None, weight: float | None) -> dict:
+    """``fast``/``fast_mode``/``fast_weight`` of a request from the ``fast:`` option and the user's saved setting."""
+    if choice is None:
+        on, mode = bool(saved), None
+    else:
+        on, mode = choice != "off", (None if choice in ("off", "best") else choice)
+    if weight is not None and not on:
+        raise InvalidOption("fast_weight applies only in fast mode; choose a fast mode too.")
+    return {"fast": on, "fast_mode": mode, "fast_weight": weight}
+
+
 class Imagine(commands.Cog):
     """The /imagine command."""
 
@@ -94,19 +111,21 @@ class Imagine(commands.Cog):
         style_weight="Weight of the style adapter(s), -4 to 4 (default: the adapter's own)",
         character="Character adapter(s), comma-separated; their trigger words are added",
         character_weight="Weight of the character adapter(s), -4 to 4",
-        fast="Fast mode (LCM): a few steps, a little less detail",
+        fast="Fast mode: a few-step adapter (DMD2, Hyper-SD, Lightning, TCD, LCM); a little less detail",
+        fast_weight="Weight of the fast-mode adapter, 0.1 to 1.5 (default: the mode's own)",
         steps="Sampling steps",
         cfg="Prompt adherence (CFG scale)",
         seed="Seed for reproducible results (empty = random)",
         aspect="Aspect ratio",
         count="How many images (1-4)",
     )
-    @app_commands.choices(aspect=ASPECT_CHOICES)
+    @app_commands.choices(aspect=ASPECT_CHOICES, fast=FAST_CHOICES)
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: Optional[str] = None,
                       style: Optional[str] = None, style_weight: Optional[float] = None,
                       character: Optional[str] = None, character_weight: Optional[float] = None,
-                      fast: Optional[bool] = None, steps: Optional[int] = None, cfg: Optional[float] = None,
-                      seed: Optional[int] = None, aspect: Optional[str] = None, count: int = 1) -> None:
+                      fast: Optional[str] = None, steps: Optional[int] = None, cfg: Optional[float] = None,
+                      seed: Optional[int] = None, aspect: Optional[str] = None, count: int = 1,
+                      fast_weight: Optional[app_commands.Range[float, 0.1, 1.5]] = None) -> None:
         config = self.bot.config
         settings = await self.bot.db.settings(interaction.user.id)
         check_access(interaction, config)
@@ -131,7 +150,7 @@ class Imagine(commands.Cog):
             params = protocol.GenerationParams(
                 prompt=prompt, negative_prompt=with_safety_negative(negative or settings.negative, rules, config),
                 seed=seed, steps=steps, cfg=cfg, width=width, height=height, count=count, adapters=adapters,
-                fast=settings.fast if fast is None and settings.fast is not None else bool(fast))
+                **fast_fields(fast, settings.fast, fast_weight))
         except pydantic.ValidationError as exc:
             raise InvalidOption(f"Not started: {exc.errors()[0].get('msg', 'invalid value')}.") from None
         await start_job(interaction, params=params)

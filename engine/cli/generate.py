@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="A1111 sampler name (default: [generation] sampler)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME[:WEIGHT]", help="add a LoRA to the mix (repeatable)")
     p.add_argument("--adapters-dir", help="adapter directory (default: [adapters] dir)")
-    p.add_argument("--fast", action="store_true", help="fast mode: LCM-LoRA, few steps, no CFG")
+    p.add_argument("--fast", action="store_true", help="fast mode: the best installed few-step adapter, few steps")
+    p.add_argument("--fast-mode", metavar="MODE", help="fast mode with this recipe (dmd2, hyper-sd, lightning, tcd, lcm) or adapter")
+    p.add_argument("--fast-weight", type=float, metavar="W", help="weight of the fast-mode adapter (0.1-1.5)")
     p.add_argument("--no-quality-tags", action="store_true", help="do not prepend the configured quality tags")
     p.add_argument("--out", help="output directory (default: [storage] outputs_dir)")
     p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
@@ -101,7 +103,8 @@ def _request(args: argparse.Namespace, config: Any) -> Any:
         return GenerationParams(
             prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps, cfg=args.cfg,
             width=width, height=height, count=args.count, sampler=args.sampler,
-            adapters=_adapter_mix(args.adapter), fast=args.fast,
+            adapters=_adapter_mix(args.adapter), fast=args.fast or bool(args.fast_mode),
+            fast_mode=args.fast_mode, fast_weight=args.fast_weight,
             add_quality_tags=False if args.no_quality_tags else None,
         )
     except InvalidRequest as exc:
@@ -117,6 +120,7 @@ def _precheck(config: Any, params: Any) -> None:
     """Reject bad values before spending time on loading the model."""
     from engine.contract.errors import EngineError
     from engine.generation.params import fast_lcm_missing_message, resolve_params
+    from engine.generation.fast_modes import check_weight
 
     adapters_dir = config.path(config.adapters.dir)
     known = sorted(p.stem for p in adapters_dir.glob("*.safetensors")) if adapters_dir.is_dir() else []
@@ -124,12 +128,31 @@ def _precheck(config: Any, params: Any) -> None:
         if adapter.name not in known:
             listed = ", ".join(known) if known else f"none installed in {adapters_dir}"
             raise CliError(f"unknown adapter {adapter.name!r}; known adapters: {listed}")
-    if params.fast and config.adapters.lcm_adapter not in known:
-        raise CliError(fast_lcm_missing_message(config.adapters.lcm_adapter, str(adapters_dir)))
     try:
-        resolve_params(config.generation, params, max_active=config.adapters.max_active)
+        mode = _fast_mode(config, params, known) if params.fast else None
+        fast_adapter = (mode.adapter, check_weight(mode, params.fast_weight)) if mode else None
+        resolve_params(config.generation, params, max_active=config.adapters.max_active,
+                       fast_mode=mode, fast_adapter=fast_adapter)
     except EngineError as exc:
         raise CliError(exc.message) from None
+
+
+def _fast_mode(config: Any, params: Any, known: list[str]) -> Any:
+    """The fast mode a request will get; whether it fits the base is checked once the model is loaded."""
+    from engine.contract.errors import InvalidRequest
+    from engine.generation.fast_modes import choose_mode, configured_modes
+    from engine.generation.params import fast_lcm_missing_message
+
+    modes = configured_modes(config.adapters, config.generation)
+    missing = fast_lcm_missing_message(config.adapters.lcm_adapter, str(config.path(config.adapters.dir)))
+    failure: InvalidRequest | None = None
+    for prediction in ("epsilon", "v_prediction"):
+        try:
+            return choose_mode(modes, params.fast_mode, installed=known.__contains__, base_prediction=prediction,
+                               missing_hint=missing)
+        except InvalidRequest as exc:
+            failure = failure or exc
+    raise failure
 
 
 def run(args: argparse.Namespace) -> int:

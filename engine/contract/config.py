@@ -127,15 +127,44 @@ class ModelConfig(_Section):
     name: str = ""
     hub_token_env: str = "HF_TOKEN"
     cache_dir: str = ""
+    # What the UNet predicts: "auto" reads the checkpoint (a single file's ``v_pred`` key, a
+    # diffusers folder's scheduler config); "v" serves a v-prediction base (NoobAI-XL V-Pred).
+    prediction: Literal["auto", "epsilon", "v"] = "auto"
+    # CFG rescale (guidance_rescale) used on a v-prediction base; 0 turns it off.
+    cfg_rescale: float = Field(0.7, ge=0.0, le=1.0)
+
+
+FastRecipeName = Literal["lcm", "tcd", "dmd2", "hyper-sd", "lightning"]
+
+
+class FastAdapterConfig(_Section):
+    """One installed few-step adapter (an ``[adapters] fast`` entry) and the recipe its authors publish."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    recipe: FastRecipeName
+    steps: int | None = Field(None, ge=1, le=16)  # default steps (an n-step LoRA: n); None = the recipe's
+    weight: float | None = Field(None, ge=0.0, le=2.0)  # default weight; None = the recipe's
+    eta: float | None = Field(None, ge=0.0, le=1.0)  # TCD's gamma (eta); None = the recipe's
+    # The base the adapter was distilled from predicts noise (all published SDXL ones do).
+    prediction: Literal["epsilon", "v"] = "epsilon"
 
 
 class AdaptersConfig(_Section):
-    """LoRA adapters: where they live and which one is LCM-LoRA."""
+    """LoRA adapters: where they live, which one is LCM-LoRA, and the other few-step adapters."""
 
     dir: Path = Path("data/adapters")
     lcm_adapter: str = "lcm-lora-sdxl"
     max_active: int = Field(8, ge=1, le=32)
     default_weight: float = Field(1.0, ge=-4.0, le=4.0)
+    fast: list[FastAdapterConfig] = []
+
+    @model_validator(mode="after")
+    def _fast_names_unique(self) -> "AdaptersConfig":
+        names = [f.name for f in self.fast]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"few-step adapter {twice[0]!r} is listed twice in [adapters] fast; list it once")
+        return self
 
 
 class GenerationConfig(_Section):

@@ -67,6 +67,10 @@ class GenerationParams(_Msg):
     sampler: str | None = Field(None, max_length=64)
     adapters: list[AdapterWeight] = Field(default_factory=list, max_length=MAX_ADAPTERS_PER_REQUEST)
     fast: bool = False
+    # Which few-step mode (a recipe such as "dmd2", or an adapter name; None = the best installed)
+    # and its adapter weight (None = the mode's default). Setting fast_mode implies fast.
+    fast_mode: str | None = Field(None, max_length=64)
+    fast_weight: float | None = Field(None, ge=0.0, le=2.0)
     add_quality_tags: bool | None = None
 
 
@@ -85,6 +89,9 @@ class ResolvedParams(_Msg):
     adapters: list[AdapterWeight]
     fast: bool
     mode: Literal["txt2img", "variation", "upscale"] = "txt2img"
+    fast_mode: str | None = None  # the few-step recipe that ran ("lcm", "dmd2", ...)
+    eta: float | None = None  # the recipe's eta (TCD's gamma), when it has one
+    cfg_rescale: float = 0.0  # guidance_rescale applied (v-prediction bases with CFG)
     strength: float | None = None
     source_image: str | None = None
 

@@ -31,7 +31,8 @@ from engine.generation.models import LoadedModel, load_base_pipeline
 from engine.generation.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
 from engine.generation.prompts import pipe_encoder, tokenize_chunks
 from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
-from engine.generation.samplers import get_sampler, make_scheduler
+from engine.generation.samplers import get_sampler, make_scheduler, sampler_supports_zero_snr
+from engine.generation.fast_modes import RECIPES, check_weight, choose_mode, configured_modes, sampling_for, stored_fast_request
 
 __all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
 
@@ -108,6 +109,7 @@ class Generator:
             default_weight=config.adapters.default_weight,
             max_active=config.adapters.max_active,
         )  # scans the directory
+        configured_modes(config.adapters, config.generation)  # a bad [adapters] fast entry stops start-up
         return cls(config, model, registry, rater=rater)
 
     # ------------------------------------------------------------------ requests
@@ -125,23 +127,31 @@ class Generator:
         return self._resolve(params, mode, extra_negative=extra_negative, strength=strength, source_image=source_image)[0]
 
     def _resolve(self, params: GenerationParams, mode: Any, **kwargs: Any) -> tuple[ResolvedParams, list[str]]:
-        fast_adapter = None
-        if params.fast:
-            lcm = self.config.adapters.lcm_adapter
-            try:
-                self.registry.get(lcm)
-            except UnknownAdapter:
-                raise UnknownAdapter(fast_lcm_missing_message(lcm, str(self.config.path(self.config.adapters.dir)))) from None
-            fast_adapter = (lcm, self.config.generation.fast_lcm_weight)
-        return resolve_params(
+        fast_adapter, fast_mode = None, None
+        if params.fast or params.fast_mode:
+            adapters = self.config.adapters
+            fast_mode = choose_mode(
+                configured_modes(adapters, self.config.generation), params.fast_mode,
+                installed=lambda name: name in {a.name for a in self.registry.list()},
+                base_prediction=self.model.prediction,
+                missing_hint=fast_lcm_missing_message(adapters.lcm_adapter, str(self.config.path(adapters.dir))),
+            )
+            fast_adapter = (fast_mode.adapter, check_weight(fast_mode, params.fast_weight))
+        v_pred = self.model.prediction == "v_prediction"
+        resolved, warnings = resolve_params(
             self.config.generation,
             params,
             mode=mode,
             max_active=self.config.adapters.max_active,
             default_weight=lambda name: self.registry.get(name).default_weight,
             fast_adapter=fast_adapter,
+            fast_mode=fast_mode,
+            cfg_rescale=self.config.model.cfg_rescale if v_pred else 0.0,
             **kwargs,
         )
+        if v_pred and not fast_mode and not sampler_supports_zero_snr(resolved.sampler):
+            warnings.append(f"{resolved.sampler} has no zero-terminal-SNR schedule: this v-prediction model may look washed out")
+        return resolved, warnings
 
     def generate(
         self,
@@ -207,7 +217,7 @@ class Generator:
         )
         mix = tuple((a.name, float(a.weight or 0.0)) for a in resolved.adapters)
         r = resolved
-        return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, mix, chunks)
+        return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, r.fast_mode, r.eta, mix, chunks)
 
     def img2img(
         self,
@@ -306,13 +316,11 @@ class Generator:
         if not request or not isinstance(request.get("params"), dict):
             raise InvalidRequest(f"source image {path.name} has no Arcae request metadata (not made by Arcae?)")
         p = request["params"]
-        keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "adapters", "fast")
+        keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "adapters", "fast", "fast_mode")
         base = {k: p[k] for k in keys if k in p}
         base["add_quality_tags"] = False  # the stored prompt already has them
         if base.get("fast"):
-            # fast mode adds the LCM-LoRA itself; the stored mix includes it
-            lcm = self.config.adapters.lcm_adapter
-            base["adapters"] = [a for a in base.get("adapters", []) if a.get("name") != lcm]
+            base = stored_fast_request(base, configured_modes(self.config.adapters, self.config.generation))
         return path, base
 
     def _run(
@@ -350,7 +358,7 @@ class Generator:
         if should_cancel is not None and should_cancel():
             raise JobCanceled(f"job {_batch_name(items)} canceled before it started")
         self.registry.apply_mix([(a.name, float(a.weight or 0.0)) for a in first.adapters])
-        pipe.scheduler = make_scheduler(first.sampler, self._scheduler_config)
+        pipe.scheduler, sampling = sampling_for(first, self._scheduler_config)
         t1 = time.perf_counter()
         shared["adapters_s"] = t1 - t0
         with torch.no_grad():
@@ -375,6 +383,7 @@ class Generator:
             output_type="latent",
             callback_on_step_end=self._step_callback(items, should_cancel),
             callback_on_step_end_tensor_inputs=["latents"],
+            **sampling,
         )
         if image is not None:
             kwargs.update(image=image, strength=first.strength)
@@ -443,7 +452,7 @@ class Generator:
         seed = resolved.seed + index
         mix = [(a.name, float(a.weight or 0.0)) for a in resolved.adapters]
         hashes = self.registry.lora_hashes([n for n, _ in mix]) if mix else {}
-        spec = get_sampler(resolved.sampler)
+        spec = RECIPES[resolved.fast_mode] if resolved.fast_mode else get_sampler(resolved.sampler)
         fields = infotext.generation_fields(
             steps=resolved.steps,
             sampler=spec.infotext_sampler,
@@ -457,6 +466,9 @@ class Generator:
             lora_hashes=hashes,
             denoising_strength=resolved.strength,
             hires_upscale=self.config.generation.upscale_factor if resolved.mode == "upscale" else None,
+            cfg_rescale=resolved.cfg_rescale,
+            zero_terminal_snr=bool(self._scheduler_config.get("rescale_betas_zero_snr")),
+            fast_mode=resolved.fast_mode,
         )
         prompt_line = " ".join(p for p in (resolved.prompt, infotext.lora_prompt_tags(mix)) if p)
         text = infotext.build_infotext(prompt_line, resolved.negative_prompt, fields)

@@ -107,8 +107,16 @@ def generation_fields(
     denoising_strength: float | None = None,
     hires_upscale: float | None = None,
     version: str | None = None,
+    cfg_rescale: float = 0.0,
+    zero_terminal_snr: bool = False,
+    fast_mode: str | None = None,
 ) -> dict[str, Any]:
-    """The parameters line's fields in A1111's order (``create_infotext``)."""
+    """The parameters line's fields in A1111's order (``create_infotext``).
+
+    A v-prediction base is recorded as Forge does (``Noise Schedule: Zero Terminal SNR``) with
+    the CFG rescale extension's ``CFG Rescale phi``; a few-step mode as ``Fast mode`` (its
+    adapter is in ``Lora hashes``, its scheduler in ``Sampler``/``Schedule type``).
+    """
     return {
         "Steps": steps,
         "Sampler": sampler,
@@ -120,6 +128,9 @@ def generation_fields(
         "Model": model_name or None,
         "Denoising strength": denoising_strength,
         "Hires upscale": hires_upscale,
+        "Noise Schedule": "Zero Terminal SNR" if zero_terminal_snr else None,
+        "CFG Rescale phi": float(cfg_rescale) if cfg_rescale else None,
+        "Fast mode": fast_mode or None,
         "Lora hashes": ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) if lora_hashes else None,
         "Version": version or arcae_version(),
     }

@@ -12,6 +12,13 @@ display name and A1111 model hash). Every failure to find or fetch the model bec
   SDXL config files (a few KB) for it from the hub once, so offline mode needs them cached.
 
 dtype: fp16 (or bf16 when configured) on CUDA, fp32 on CPU.
+
+Prediction type: a v-prediction base (NoobAI-XL V-Pred) is found from the checkpoint (a single
+file's ``v_pred`` key, a folder's scheduler config) or ``[model] prediction``, and its scheduler
+config then gets ``prediction_type="v_prediction"``, zero-terminal-SNR betas and trailing
+timesteps. Every sampler, fast mode, img2img and training build their schedulers from that
+config, so the setting reaches all of them; run with epsilon settings, such a model gives
+washed-out images without any error.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class LoadedModel:
     name: str
     model_hash: str  # A1111 "Model hash": first 10 hex of the checkpoint's (or UNet's) sha256
     source: str
+    prediction: str = "epsilon"  # the scheduler's prediction_type: "epsilon" or "v_prediction"
 
 
 def resolve_device(config: ArcaeConfig) -> str:
@@ -113,6 +121,8 @@ def load_base_pipeline(config: ArcaeConfig, secrets: Secrets | None = None) -> L
         )
     if config.model.vae:
         pipe.vae = _load_vae(config, config.model.vae, dtype, token)
+    prediction = resolve_prediction(config.model.prediction, detect_prediction(pipe, hash_file))
+    apply_prediction(pipe, prediction)
     pipe.set_progress_bar_config(disable=True)  # callers show their own progress
     pipe.to(device)
     return LoadedModel(
@@ -122,7 +132,50 @@ def load_base_pipeline(config: ArcaeConfig, secrets: Secrets | None = None) -> L
         name=model_display_name(config),
         model_hash=short_model_hash(hash_file),
         source=source,
+        prediction=prediction,
     )
+
+
+def checkpoint_has_v_pred_key(path: Path) -> bool:
+    """True when a single-file SDXL checkpoint carries the ``v_pred`` marker key (read from its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "v_pred" in f.keys()
+    except (OSError, ValueError, RuntimeError) as exc:  # not safetensors: diffusers already loaded it
+        log.debug("cannot read the keys of %s: %s", path, exc)
+        return False
+
+
+def detect_prediction(pipe: Any, weight_files: list[Path]) -> str:
+    """``v_prediction`` or ``epsilon``, from the checkpoint file or the pipeline's scheduler config."""
+    if len(weight_files) == 1 and weight_files[0].parent.name != "unet":  # a single-file checkpoint
+        if checkpoint_has_v_pred_key(weight_files[0]):
+            return "v_prediction"
+    return "v_prediction" if pipe.scheduler.config.get("prediction_type") == "v_prediction" else "epsilon"
+
+
+def resolve_prediction(configured: str, detected: str) -> str:
+    """``[model] prediction`` wins over what the checkpoint says (a mislabelled merge); auto takes the latter."""
+    wanted = {"auto": detected, "epsilon": "epsilon", "v": "v_prediction"}[configured]
+    if wanted != detected:
+        log.warning("[model] prediction = %r overrides the checkpoint, which looks like %s", configured, detected)
+    return wanted
+
+
+def apply_prediction(pipe: Any, prediction: str) -> None:
+    """Give the pipeline's scheduler the settings the prediction type needs (see the module docstring)."""
+    config = dict(pipe.scheduler.config)
+    if prediction == "v_prediction":
+        wanted = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    elif config.get("prediction_type") == "v_prediction":  # forced to epsilon by [model] prediction
+        wanted = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    else:
+        return
+    if all(config.get(k) == v for k, v in wanted.items()):
+        return
+    pipe.scheduler = type(pipe.scheduler).from_config({**config, **wanted})
 
 
 def _offline() -> bool:

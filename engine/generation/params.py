@@ -18,6 +18,7 @@ from engine.contract.errors import InvalidRequest
 from engine.contract.protocol import MAX_SEED, AdapterWeight, GenerationParams, ResolvedParams
 from engine.contract.sizes import SIZES_BY_NAME
 from engine.generation.samplers import DEFAULT_SAMPLER, FAST_SAMPLER, get_sampler
+from engine.generation.fast_modes import FastChoice
 
 # SDXL's trained aspect-ratio buckets by name (one table with the bot's aspect labels).
 SIZE_PRESETS = SIZES_BY_NAME
@@ -116,8 +117,15 @@ def _adapters(
     return mix
 
 
-def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams) -> tuple[int, float]:
-    """Steps and CFG with defaults applied, within the normal or the fast-mode (LCM) range."""
+def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams, mode: FastChoice | None = None) -> tuple[int, float]:
+    """Steps and CFG with defaults applied, within the normal or the fast mode's range."""
+    if mode is not None:
+        steps = params.steps if params.steps is not None else mode.default_steps
+        cfg = params.cfg if params.cfg is not None else mode.default_cfg
+        hint = f" in fast mode {mode.recipe.name}"
+        _check_range("steps", steps, *mode.steps, hint)
+        _check_range("CFG", cfg, *mode.cfg, hint + (" (it runs without CFG)" if mode.cfg[1] <= 1.0 else ""))
+        return steps, cfg
     fast = params.fast
     steps = params.steps if params.steps is not None else (gen.fast_steps if fast else gen.steps)
     cfg = params.cfg if params.cfg is not None else (gen.fast_cfg if fast else gen.cfg)
@@ -137,15 +145,18 @@ def resolve_params(
     extra_negative: str = "",
     strength: float | None = None,
     source_image: str | None = None,
+    fast_mode: FastChoice | None = None,
+    cfg_rescale: float = 0.0,
 ) -> tuple[ResolvedParams, list[str]]:
     """Apply defaults and check limits; return what will run and warnings for the caller.
 
     ``default_weight(name)`` gives an adapter's default weight (and raises ``UnknownAdapter``);
-    ``fast_adapter`` is the LCM-LoRA (name, weight) fast mode adds to the mix.
+    ``fast_adapter`` is the few-step adapter (name, weight) fast mode adds to the mix and
+    ``fast_mode`` its recipe (steps, CFG and sampler); ``cfg_rescale`` applies when CFG is on.
     """
     warnings: list[str] = []
-    fast = params.fast
-    steps, cfg = _steps_and_cfg(gen, params)
+    fast = params.fast or fast_mode is not None
+    steps, cfg = _steps_and_cfg(gen, params, fast_mode)
     width = params.width if params.width is not None else gen.size[0]
     height = params.height if params.height is not None else gen.size[1]
     check_size(gen, width, height)
@@ -153,9 +164,10 @@ def resolve_params(
 
     sampler = get_sampler(params.sampler or gen.sampler or DEFAULT_SAMPLER).name
     if fast:
-        if params.sampler and sampler != FAST_SAMPLER:
-            warnings.append(f"sampler {sampler!r} is replaced by {FAST_SAMPLER} in fast mode")
-        sampler = FAST_SAMPLER
+        fast_sampler = fast_mode.recipe.infotext_sampler if fast_mode is not None else FAST_SAMPLER
+        if params.sampler and sampler != fast_sampler:
+            warnings.append(f"sampler {sampler!r} is replaced by {fast_sampler} in fast mode")
+        sampler = fast_sampler
     no_cfg = cfg <= 1.0
     negative = _negative(gen, params, no_cfg=no_cfg, extra=extra_negative)
     if no_cfg and negative:
@@ -187,5 +199,8 @@ def resolve_params(
         mode=mode,
         strength=strength,
         source_image=source_image,
+        fast_mode=fast_mode.recipe.name if fast_mode is not None else None,
+        eta=fast_mode.eta if fast_mode is not None else None,
+        cfg_rescale=cfg_rescale if cfg > 1.0 else 0.0,
     )
     return resolved, warnings

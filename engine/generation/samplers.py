@@ -83,6 +83,16 @@ def sampler_from_infotext(sampler: str, schedule_type: str = "Automatic") -> str
     return get_sampler(sampler).name
 
 
+def sampler_supports_zero_snr(name: str) -> bool:
+    """Whether the sampler's diffusers scheduler can rescale betas to zero terminal SNR (v-prediction bases)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, get_sampler(name).scheduler_class)
+    return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters
+
+
 def make_scheduler(name: str, base_config: Any) -> Any:
     """A fresh scheduler for sampler ``name`` built from a pipeline's scheduler config.
 

@@ -59,8 +59,12 @@ def _write_tokenizer(dest: Path) -> int:
     return len(vocab)
 
 
-def build_tiny_components(seed: int = 0) -> dict:
-    """Build the tiny pipeline's components in memory, deterministically for ``seed``."""
+def build_tiny_components(seed: int = 0, prediction: str = "epsilon") -> dict:
+    """Build the tiny pipeline's components in memory, deterministically for ``seed``.
+
+    ``prediction="v"`` gives a v-prediction model: its scheduler config says so the way a
+    v-prediction diffusers repository does (zero-terminal-SNR betas, trailing timesteps).
+    """
     import torch
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -107,13 +111,16 @@ def build_tiny_components(seed: int = 0) -> dict:
         sample_size=TINY_SIZE,
         scaling_factor=0.13025,
     )
+    v_pred = _check_prediction(prediction) == "v"
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
         steps_offset=1,
-        timestep_spacing="leading",
+        timestep_spacing="trailing" if v_pred else "leading",
+        prediction_type="v_prediction" if v_pred else "epsilon",
+        rescale_betas_zero_snr=v_pred,
     )
     return dict(
         unet=unet,
@@ -126,12 +133,19 @@ def build_tiny_components(seed: int = 0) -> dict:
     )
 
 
-def make_tiny_model(dest: str | Path, seed: int = 0) -> Path:
-    """Write a tiny SDXL pipeline in diffusers format to ``dest`` and return the path."""
+def _check_prediction(prediction: str) -> str:
+    key = {"epsilon": "epsilon", "eps": "epsilon", "v": "v", "v_prediction": "v"}.get(prediction)
+    if key is None:
+        raise ValueError(f"prediction {prediction!r}: use 'epsilon' (or 'eps') or 'v'")
+    return key
+
+
+def make_tiny_model(dest: str | Path, seed: int = 0, prediction: str = "epsilon") -> Path:
+    """Write a tiny SDXL pipeline (epsilon or ``"v"``-prediction) in diffusers format to ``dest``; return the path."""
     from diffusers import StableDiffusionXLPipeline
 
     dest = Path(dest)
-    components = build_tiny_components(seed)
+    components = build_tiny_components(seed, prediction)
     pipe = StableDiffusionXLPipeline(**components)
     dest.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(dest), safe_serialization=True)

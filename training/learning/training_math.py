@@ -17,6 +17,7 @@ from engine.contract.training_options import TrainOptions
 from training.data.training_set import TrainingDataset, augment_caption, load_image_rgb
 
 log = logging.getLogger(__name__)
+V_PRED_CFG_RESCALE = 0.7
 
 
 def _seed(seed: int, *parts: Any) -> int:
@@ -192,6 +193,8 @@ class TrainingMath:
                     emb = encoder.encode(prompt, opts.sample_negative)
                     latents = pipe(
                         **emb.as_kwargs(), num_inference_steps=opts.sample_steps, guidance_scale=opts.sample_cfg,
+                        # v-prediction bases need CFG rescale (the engine's default 0.7) or samples wash out.
+                        guidance_rescale=V_PRED_CFG_RESCALE if self.prediction_type == "v_prediction" else 0.0,
                         width=opts.resolution, height=opts.resolution, generator=[gen], output_type="latent",
                     ).images
                     decoded, _ = imaging.decode_latents(pipe.vae, latents[:1].to(pipe.vae.device))
