@@ -15,8 +15,10 @@ One module for inference and training, so a weighted caption such as
 - Positive and negative prompts are padded with empty chunks to the same length (for CFG).
 
 Deliberate differences from A1111: the mean rescale is per prompt and chunk, not over the
-whole batch of a chunk (so batching never changes an image), and ``BREAK`` inside brackets
-still breaks (A1111 turns it into the literal word with a negative weight).
+whole batch of a chunk (so batching never changes an image); ``BREAK`` inside brackets is the
+literal word at the brackets' weight (A1111 also keeps the word, but weighted by minus the
+brackets' weight); a malformed weight such as ``(x:1.2.3)`` is an ``InvalidRequest`` (A1111
+fails with a ValueError). ``AND`` is ordinary text (no composable diffusion).
 """
 
 from __future__ import annotations
@@ -73,12 +75,20 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             round_open.append(len(res))
         elif token == "[":
             square_open.append(len(res))
-        elif weight is not None and round_open and _is_float(weight):
+        elif weight is not None and round_open:
+            if not _is_float(weight):
+                # A1111 raises here; silently keeping the "(" open would weight the rest by 1.1.
+                raise InvalidRequest(
+                    f"weight {weight!r} in {match.group(0).strip()!r} is not a number: write (text:1.2), "
+                    "or escape literal brackets as \\( and \\)"
+                )
             multiply_from(round_open.pop(), float(weight))
         elif token == ")" and round_open:
             multiply_from(round_open.pop(), _ROUND)
         elif token == "]" and square_open:
             multiply_from(square_open.pop(), _SQUARE)
+        elif round_open or square_open:
+            res.append([token, 1.0, False])  # inside brackets BREAK is the literal word
         else:
             for i, part in enumerate(_RE_BREAK.split(token)):
                 if i > 0:
