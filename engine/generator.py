@@ -29,6 +29,7 @@ from engine.config import ArcaeConfig, Secrets
 from engine.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
 from engine.models import LoadedModel, load_base_pipeline
 from engine.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
+from engine.prompt_syntax import prompt_schedule
 from engine.prompts import pipe_encoder, tokenize_chunks
 from engine.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
 from engine.samplers import get_sampler, make_scheduler
@@ -200,11 +201,8 @@ class Generator:
         return self._batch_key(self._resolve(params, "txt2img")[0])
 
     def _batch_key(self, resolved: ResolvedParams) -> tuple:
-        chunks = max(
-            len(tokenize_chunks(tokenizer, text))
-            for tokenizer in self.encoder.tokenizers
-            for text in (resolved.prompt, resolved.negative_prompt)
-        )
+        texts = {t for p in (resolved.prompt, resolved.negative_prompt) for _, t in prompt_schedule(p, resolved.steps)}
+        chunks = max(len(tokenize_chunks(tokenizer, text)) for tokenizer in self.encoder.tokenizers for text in texts)
         mix = tuple((a.name, float(a.weight or 0.0)) for a in resolved.adapters)
         r = resolved
         return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, mix, chunks)
@@ -349,10 +347,12 @@ class Generator:
         t1 = time.perf_counter()
         shared["adapters_s"] = t1 - t0
         with torch.no_grad():
-            emb = self.encoder.encode([i.resolved.prompt for i in items], [i.resolved.negative_prompt for i in items])
+            scheduled = self.encoder.encode_scheduled(
+                [i.resolved.prompt for i in items], [i.resolved.negative_prompt for i in items], first.steps
+            )
         # One embedding row per image (what num_images_per_prompt would repeat for one job).
         rows = [j for j, item in enumerate(items) for _ in range(item.resolved.count)]
-        embeds = {k: v[torch.tensor(rows, device=v.device)] for k, v in emb.as_kwargs().items()}
+        embeds = _rows(scheduled.at(0), rows)
         t2 = time.perf_counter()
         shared["encode_s"] = t2 - t1
         generators = [
@@ -368,8 +368,8 @@ class Generator:
             num_images_per_prompt=1,
             generator=generators,
             output_type="latent",
-            callback_on_step_end=self._step_callback(items, should_cancel),
-            callback_on_step_end_tensor_inputs=["latents"],
+            callback_on_step_end=self._step_callback(items, should_cancel, scheduled, rows),
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds"],
         )
         if image is not None:
             kwargs.update(image=image, strength=first.strength)
@@ -398,7 +398,9 @@ class Generator:
         timings["total_s"] = elapsed + time.perf_counter() - t0
         return GenerationOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
 
-    def _step_callback(self, items: list[_BatchItem], should_cancel: ShouldCancel | None) -> Callable:
+    def _step_callback(
+        self, items: list[_BatchItem], should_cancel: ShouldCancel | None, scheduled: Any, rows: list[int]
+    ) -> Callable:
         previews = self.config.engine.previews
         offsets = _offsets(items)
 
@@ -415,7 +417,8 @@ class Generator:
                 if previews and _wants_preview(item.on_step, step + 1, total):
                     preview = imaging.latent_preview(tensors["latents"][off : off + 1])  # the job's first image
                 item.on_step(step + 1, total, preview)
-            return {}
+            # Prompt editing/alternation: the next step's conditioning, only where it changes.
+            return _conditioning(pipe, scheduled.at(step + 1), rows, tensors) if scheduled.changes_at(step + 1) else {}
 
         return callback
 
@@ -471,6 +474,30 @@ class Generator:
             path=str(path), seed=seed, width=picture.width, height=picture.height,
             sha256=digest, rating=rating, rating_scores=scores, data_b64=data_b64,
         )
+
+
+def _rows(emb: Any, rows: list[int]) -> dict[str, Any]:
+    """The pipeline's embedding kwargs with one row per image."""
+    import torch
+
+    return {k: v[torch.tensor(rows, device=v.device)] for k, v in emb.as_kwargs().items()}
+
+
+def _conditioning(pipe: Any, emb: Any, rows: list[int], tensors: dict[str, Any]) -> dict[str, Any]:
+    """What ``callback_on_step_end`` returns to swap the text conditioning (CFG: negatives first,
+    as the pipeline concatenates them)."""
+    import torch
+
+    e = _rows(emb, rows)
+    cond, pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
+    if pipe.do_classifier_free_guidance:
+        cond = torch.cat([e["negative_prompt_embeds"], cond])
+        pooled = torch.cat([e["negative_pooled_prompt_embeds"], pooled])
+    old, old_pooled = tensors["prompt_embeds"], tensors["add_text_embeds"]
+    return {
+        "prompt_embeds": cond.to(device=old.device, dtype=old.dtype),
+        "add_text_embeds": pooled.to(device=old_pooled.device, dtype=old_pooled.dtype),
+    }
 
 
 def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequest
+from engine.prompt_syntax import prompt_schedule, text_at_step
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; each chunk is BOS + 75 + EOS = 77
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
@@ -225,6 +226,33 @@ class SDXLPromptEncoder:
                 self._cache.popitem(last=False)
         return result
 
+    def encode_scheduled(self, prompts: Sequence[str], negatives: Sequence[str], steps: int) -> "ScheduledEmbeddings":
+        """Embeddings per sampling step for prompts with A1111 editing/alternation (``[a:b:when]``, ``[a|b]``).
+
+        Without such syntax this is ``encode`` exactly. With it, every distinct text of every
+        step is encoded once, in one batch (so all share one length), and cached.
+        """
+        import torch
+
+        prompts, negatives = list(prompts), list(negatives)
+        schedules = [prompt_schedule(t, steps) for t in prompts + negatives]
+        if all(len(s) == 1 for s in schedules):
+            return ScheduledEmbeddings(self.encode(prompts, negatives), None, schedules, len(prompts))
+        texts = list(dict.fromkeys(text for s in schedules for _, text in s))
+        key = ("scheduled", tuple(texts), self._encoder_state())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            encoded = self._cache[key]
+        else:
+            with torch.no_grad():
+                embeds, pooled = self._encode_texts(texts)
+            encoded = (texts, embeds, pooled)
+            if self.cache_size > 0:
+                self._cache[key] = encoded  # type: ignore[assignment]
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return ScheduledEmbeddings(None, encoded, schedules, len(prompts))
+
     def encode_for_training(self, captions: Sequence[str], *, train_text_encoders: bool = False) -> tuple[Any, Any]:
         """(prompt_embeds, pooled) for captions; keeps gradients when the text encoders train."""
         import torch
@@ -273,6 +301,35 @@ class SDXLPromptEncoder:
                 pooled = out.text_embeds[:n_texts]  # projection at the first EOS of the first chunk
         dtype = self.text_encoders[1].dtype
         return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+
+
+class ScheduledEmbeddings:
+    """A batch's prompt embeddings at each sampling step (from ``SDXLPromptEncoder.encode_scheduled``)."""
+
+    def __init__(self, fixed: PromptEmbeddings | None, encoded: Any, schedules: list[list[tuple[int, str]]], n: int) -> None:
+        self._fixed = fixed
+        self._encoded = encoded  # (texts, embeds, pooled) when some prompt is scheduled
+        self._schedules = schedules  # prompts' schedules, then the negatives'
+        self._n = n
+
+    def texts_at(self, step: int) -> tuple[str, ...]:
+        """Every row's text (prompts, then negatives) at the 0-based sampling step."""
+        return tuple(text_at_step(s, step) for s in self._schedules)
+
+    def changes_at(self, step: int) -> bool:
+        """Whether step ``step`` uses other embeddings than step ``step - 1``."""
+        return self._fixed is None and step > 0 and self.texts_at(step) != self.texts_at(step - 1)
+
+    def at(self, step: int) -> PromptEmbeddings:
+        """The embeddings of the 0-based sampling step ``step``."""
+        if self._fixed is not None:
+            return self._fixed
+        import torch
+
+        texts, embeds, pooled = self._encoded
+        rows = torch.tensor([texts.index(t) for t in self.texts_at(step)], device=embeds.device)
+        e, p, n = embeds[rows], pooled[rows.to(pooled.device)], self._n
+        return PromptEmbeddings(e[:n], e[n:], p[:n], p[n:])
 
 
 def _apply_emphasis(z: Any, weights: Any) -> Any:
