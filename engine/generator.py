@@ -352,7 +352,7 @@ class Generator:
             )
         # One embedding row per image (what num_images_per_prompt would repeat for one job).
         rows = [j for j, item in enumerate(items) for _ in range(item.resolved.count)]
-        embeds = _rows(scheduled.at(0), rows)
+        embeds = scheduled.pipeline_kwargs(0, rows)
         t2 = time.perf_counter()
         shared["encode_s"] = t2 - t1
         generators = [
@@ -418,7 +418,9 @@ class Generator:
                     preview = imaging.latent_preview(tensors["latents"][off : off + 1])  # the job's first image
                 item.on_step(step + 1, total, preview)
             # Prompt editing/alternation: the next step's conditioning, only where it changes.
-            return _conditioning(pipe, scheduled.at(step + 1), rows, tensors) if scheduled.changes_at(step + 1) else {}
+            if not scheduled.changes_at(step + 1):
+                return {}
+            return scheduled.callback_outputs(step + 1, rows, pipe.do_classifier_free_guidance, tensors)
 
         return callback
 
@@ -474,30 +476,6 @@ class Generator:
             path=str(path), seed=seed, width=picture.width, height=picture.height,
             sha256=digest, rating=rating, rating_scores=scores, data_b64=data_b64,
         )
-
-
-def _rows(emb: Any, rows: list[int]) -> dict[str, Any]:
-    """The pipeline's embedding kwargs with one row per image."""
-    import torch
-
-    return {k: v[torch.tensor(rows, device=v.device)] for k, v in emb.as_kwargs().items()}
-
-
-def _conditioning(pipe: Any, emb: Any, rows: list[int], tensors: dict[str, Any]) -> dict[str, Any]:
-    """What ``callback_on_step_end`` returns to swap the text conditioning (CFG: negatives first,
-    as the pipeline concatenates them)."""
-    import torch
-
-    e = _rows(emb, rows)
-    cond, pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
-    if pipe.do_classifier_free_guidance:
-        cond = torch.cat([e["negative_prompt_embeds"], cond])
-        pooled = torch.cat([e["negative_pooled_prompt_embeds"], pooled])
-    old, old_pooled = tensors["prompt_embeds"], tensors["add_text_embeds"]
-    return {
-        "prompt_embeds": cond.to(device=old.device, dtype=old.dtype),
-        "add_text_embeds": pooled.to(device=old_pooled.device, dtype=old_pooled.dtype),
-    }
 
 
 def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:

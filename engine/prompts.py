@@ -331,6 +331,31 @@ class ScheduledEmbeddings:
         e, p, n = embeds[rows], pooled[rows.to(pooled.device)], self._n
         return PromptEmbeddings(e[:n], e[n:], p[:n], p[n:])
 
+    def pipeline_kwargs(self, step: int, rows: list[int]) -> dict[str, Any]:
+        """The pipeline's four embedding arguments at ``step``, one row per image (``rows``: prompt index)."""
+        import torch
+
+        return {k: v[torch.tensor(rows, device=v.device)] for k, v in self.at(step).as_kwargs().items()}
+
+    def callback_outputs(self, step: int, rows: list[int], cfg: bool, current: dict[str, Any]) -> dict[str, Any]:
+        """What ``callback_on_step_end`` returns to switch the SDXL pipeline to ``step``'s conditioning.
+
+        With CFG the pipeline holds negatives first, then positives (as it concatenated them);
+        ``current`` holds its present ``prompt_embeds`` and ``add_text_embeds`` (device, dtype).
+        """
+        import torch
+
+        e = self.pipeline_kwargs(step, rows)
+        cond, pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
+        if cfg:
+            cond = torch.cat([e["negative_prompt_embeds"], cond])
+            pooled = torch.cat([e["negative_pooled_prompt_embeds"], pooled])
+        old, old_pooled = current["prompt_embeds"], current["add_text_embeds"]
+        return {
+            "prompt_embeds": cond.to(device=old.device, dtype=old.dtype),
+            "add_text_embeds": pooled.to(device=old_pooled.device, dtype=old_pooled.dtype),
+        }
+
 
 def _apply_emphasis(z: Any, weights: Any) -> Any:
     """A1111's "Original" emphasis: scale each token by its weight, keep each chunk's mean.
