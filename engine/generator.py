@@ -3,9 +3,10 @@
 ``Generator.from_config(config, secrets)`` loads the base model (``engine.models``), the adapter
 registry and the prompt encoder once. ``generate`` and ``img2img`` then run one request each:
 
-resolve defaults and limits -> set the adapter mix -> build the sampler -> encode prompts (A1111
-weighting, long prompts) -> denoise (``output_type="latent"``, progress and cancellation from the
-step callback) -> decode each image ourselves (fp16 NaN/black check) -> write PNGs atomically with
+resolve defaults and limits (``<lora:...>`` prompt tags join the mix) -> set the adapter mix ->
+build the sampler -> encode prompts (A1111 weighting, long prompts, ``[a:b:when]``/``[a|b]``
+schedules) -> denoise (``output_type="latent"``; progress, cancellation and schedule switches from
+the step callback) -> decode each image ourselves (fp16 NaN/black check) -> write PNGs atomically with
 the A1111 infotext and the request JSON.
 
 Not thread-safe: only the engine's GPU worker thread calls it. A count of N is one batch with

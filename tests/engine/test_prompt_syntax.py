@@ -220,3 +220,19 @@ def test_scheduled_prompt_image_reproduces_and_differs_from_either_text(env):
     assert a.params.prompt == "1girl, [red:blue:0.5] hair"
     assert np.abs(_pixels(a.images[0].path) - _pixels(red.images[0].path)).max() > 0
     assert Path(a.images[0].path).exists()
+
+
+def test_a_scheduled_and_a_plain_prompt_batch_like_they_run_alone(env):
+    scheduled = GenerationParams(prompt="1girl, [red:blue:0.5] hair", steps=4, seed=3, add_quality_tags=False)
+    plain = GenerationParams(prompt="1girl, green hair", steps=4, seed=4, add_quality_tags=False)
+    assert env.batch_key(scheduled) == env.batch_key(plain)
+    with _Conditioning(env.pipe.unet) as seen:
+        both = env.generate_batch([("b-sched", scheduled), ("b-plain", plain)])
+    assert len(seen.calls) == 4 and seen.calls[0].shape[0] == 4  # one call per step: 2 jobs x CFG
+    alone = [env.generate(p, job_id=j) for j, p in (("a-sched", scheduled), ("a-plain", plain))]
+    for batched, single in zip(both, alone):
+        # Batched matmuls may round differently by one 8-bit level (see Generator.generate_batch).
+        assert np.abs(_pixels(batched.images[0].path) - _pixels(single.images[0].path)).max() <= 1
+    # The plain job's conditioning never changed; the scheduled one's did, at A1111's step.
+    torch.testing.assert_close(seen.calls[0][[1, 3]], seen.calls[3][[1, 3]])
+    assert not torch.allclose(seen.calls[0][[0, 2]], seen.calls[3][[0, 2]])
