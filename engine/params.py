@@ -14,7 +14,8 @@ from typing import Callable, Literal
 
 from engine.config import GenerationConfig
 from engine.errors import InvalidRequest
-from engine.prompt_syntax import LoraTag, check_no_lora_tags, extract_lora_tags
+from engine.prompt_syntax import LoraTag, check_no_lora_tags, extract_lora_tags, prompt_schedule
+from engine.prompts import parse_prompt_attention
 from engine.protocol import MAX_SEED, AdapterWeight, GenerationParams, ResolvedParams
 from engine.samplers import DEFAULT_SAMPLER, FAST_SAMPLER, get_sampler
 
@@ -206,6 +207,10 @@ def resolve_params(
             steps = math.ceil(1 / strength - 1e-9)
             warnings.append(f"steps raised to {steps} so that one denoising step runs at strength {strength:g}")
     prompt, lora_tags = _prompt(gen, params)
+    for text in (prompt, negative):
+        # Every text a step will encode: a malformed weight fails here, not halfway into the queue.
+        for _, step_text in prompt_schedule(text, steps):
+            parse_prompt_attention(step_text)
     adapters = _adapters(
         params, lora_tags, warnings, max_active=max_active, default_weight=default_weight, fast_adapter=fast_adapter if fast else None
     )

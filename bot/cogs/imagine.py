@@ -19,6 +19,7 @@ from engine import protocol
 from engine.config import ArcaeConfig
 from engine.errors import InvalidRequest
 from engine.prompt_syntax import check_no_lora_tags, extract_lora_tags
+from engine.prompts import parse_prompt_attention
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -73,12 +74,14 @@ def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, names: list[s
 def prompt_lora_names(catalog: AdapterCatalog, prompt: str, negative: str | None) -> list[str]:
     """The adapters a prompt's ``<lora:NAME:W>`` tags name, checked with the engine's parser.
 
-    The tags stay in the prompt (the engine applies them); unknown names are refused here,
-    before the job is queued, with the closest installed names.
+    The tags stay in the prompt (the engine applies them); unknown names and malformed weights
+    are refused here, before the job is queued, unknown names with the closest installed ones.
     """
     try:
-        tags = extract_lora_tags(prompt)[1]
+        text, tags = extract_lora_tags(prompt)
         check_no_lora_tags(negative or "")
+        for part in (text, negative or ""):
+            parse_prompt_attention(part)
     except InvalidRequest as exc:
         raise InvalidOption(f"Not started: {exc}.") from None
     known = [a.name for a in catalog.all()]

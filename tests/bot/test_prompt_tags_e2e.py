@@ -58,3 +58,11 @@ async def test_unknown_lora_tag_is_refused_before_queueing_with_close_names(stac
     bad = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl <lora:ink-style:0.5:1>", "steps": 2})
     await d.wait_for(lambda: bad.callbacks, timeout=5)
     assert "give one weight" in ephemeral_reply(bad)["content"]
+
+
+async def test_malformed_weight_is_refused_before_queueing(stack):
+    d = stack.double
+    inter = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl, (smile:1.2.3), sky", "steps": 2})
+    await d.wait_for(lambda: inter.callbacks, timeout=5)
+    text = ephemeral_reply(inter)["content"]
+    assert "'1.2.3'" in text and "is not a number" in text and "(text:1.2)" in text

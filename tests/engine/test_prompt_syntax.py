@@ -236,3 +236,22 @@ def test_a_scheduled_and_a_plain_prompt_batch_like_they_run_alone(env):
     # The plain job's conditioning never changed; the scheduled one's did, at A1111's step.
     torch.testing.assert_close(seen.calls[0][[1, 3]], seen.calls[3][[1, 3]])
     assert not torch.allclose(seen.calls[0][[0, 2]], seen.calls[3][[0, 2]])
+
+
+def test_a_variation_of_a_scheduled_image_keeps_switching(env):
+    first = _run(env, "v-src", "1girl, [red:blue:1] hair", steps=4, cfg=5.0)
+    with _Conditioning(env.pipe.unet) as seen:
+        out = env.img2img(Path(first.images[0].path).name, "variation", job_id="v-var", strength=1.0)
+    assert out.params.prompt == "1girl, [red:blue:1] hair"
+    # Steps 0-1 "red", then "blue" (A1111's rule over the full step count).
+    assert len(seen.calls) == 4
+    torch.testing.assert_close(seen.calls[0], seen.calls[1])
+    assert not torch.allclose(seen.calls[1], seen.calls[2])
+
+
+def test_a_malformed_weight_is_refused_when_the_request_is_resolved(env):
+    bad = GenerationParams(prompt="1girl, [(smile:1.2.3):frown:2]", steps=4)
+    with pytest.raises(InvalidRequest, match=r"weight '1\.2\.3' .* is not a number"):
+        env.resolve(bad)  # what the engine checks before it queues a job
+    with pytest.raises(InvalidRequest, match="is not a number"):
+        env.resolve(GenerationParams(prompt="1girl", negative_prompt="(lowres:1..2)", steps=4))
