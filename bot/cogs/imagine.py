@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING, Optional
 
 import discord
@@ -16,6 +17,8 @@ from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access
                         content_rules, with_safety_negative)
 from engine.contract import protocol
 from engine.contract.config import ArcaeConfig
+from engine.contract.errors import InvalidRequest
+from engine.contract.prompt_syntax import check_no_lora_tags, extract_lora_tags, parse_prompt_attention
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -71,6 +74,28 @@ def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, names: list[s
         return [protocol.AdapterWeight(name=n, weight=weight) for n in names]
     except pydantic.ValidationError:
         raise InvalidOption("Adapter names are letters, digits, '.', '_' and '-' (see /adapters).") from None
+
+
+def prompt_lora_names(catalog: AdapterCatalog, prompt: str, negative: str | None) -> list[str]:
+    """The adapters a prompt's ``<lora:NAME:W>`` tags name, checked with the engine's parser.
+
+    The tags stay in the prompt (the engine applies them); unknown names and malformed weights
+    are refused here, before the job is queued, unknown names with the closest installed ones.
+    """
+    try:
+        text, tags = extract_lora_tags(prompt)
+        check_no_lora_tags(negative or "")
+        for part in (text, negative or ""):
+            parse_prompt_attention(part)
+    except InvalidRequest as exc:
+        raise InvalidOption(f"Not started: {exc}.") from None
+    known = [a.name for a in catalog.all()]
+    for tag in tags:
+        if known and catalog.get(tag.name) is None:
+            close = difflib.get_close_matches(tag.name, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see /adapters for the installed ones."
+            raise InvalidOption(f"Not started: <lora:{tag.name}> names no installed adapter; {hint}")
+    return [t.name for t in tags]
 
 
 def add_triggers(prompt: str, adapters: list[protocol.AdapterWeight], catalog: AdapterCatalog) -> str:
@@ -135,8 +160,10 @@ class Imagine(commands.Cog):
         styles = resolve_adapters(catalog, config, split_names(style or settings.style), "style", style_weight)
         characters = resolve_adapters(catalog, config, split_names(character), "character", character_weight)
         adapters = styles + characters
-        if len(adapters) > config.adapters.max_active:
-            raise InvalidOption(f"At most {config.adapters.max_active} adapters per image (you chose {len(adapters)}).")
+        tagged = prompt_lora_names(catalog, prompt, negative)
+        chosen = {a.name for a in adapters} | set(tagged)
+        if len(chosen) > config.adapters.max_active:
+            raise InvalidOption(f"At most {config.adapters.max_active} adapters per image (you chose {len(chosen)}).")
         if config.discord.add_character_triggers:
             prompt = add_triggers(prompt, characters, catalog)
         nsfw = channel_is_nsfw(interaction.channel)

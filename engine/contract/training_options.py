@@ -114,7 +114,7 @@ class TrainOptions(BaseModel):
     @classmethod
     def _known_sampler(cls, value: str) -> str:
         from engine.contract.errors import InvalidRequest
-        from engine.generation.samplers import get_sampler
+        from engine.contract.samplers import get_sampler
 
         try:
             return get_sampler(value).name

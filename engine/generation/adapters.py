@@ -25,6 +25,7 @@ Not thread-safe for GPU work: only the engine's GPU worker calls ``apply_mix``/`
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import re
 import threading
@@ -229,6 +230,9 @@ class AdapterRegistry:
         head = f"unknown adapter {name!r}" + (f" ({why})" if why else "")
         if not known:
             return f"{head}; no adapters are installed"
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) if isinstance(name, str) else []
+        if close:
+            head += f"; did you mean {' or '.join(close)}?"
         shown = ", ".join(known[:MAX_NAMES_IN_ERROR])
         more = f" and {len(known) - MAX_NAMES_IN_ERROR} more" if len(known) > MAX_NAMES_IN_ERROR else ""
         return f"{head}; known adapters: {shown}{more}"

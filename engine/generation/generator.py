@@ -3,9 +3,10 @@
 ``Generator.from_config(config, secrets)`` loads the base model (``engine.generation.models``), the adapter
 registry and the prompt encoder once. ``generate`` and ``img2img`` then run one request each:
 
-resolve defaults and limits -> set the adapter mix -> build the sampler -> encode prompts (A1111
-weighting, long prompts) -> denoise (``output_type="latent"``, progress and cancellation from the
-step callback) -> decode each image ourselves (fp16 NaN/black check) -> write PNGs atomically with
+resolve defaults and limits (``<lora:...>`` prompt tags join the mix) -> set the adapter mix ->
+build the sampler -> encode prompts (A1111 weighting, long prompts, ``[a:b:when]``/``[a|b]``
+schedules) -> denoise (``output_type="latent"``; progress, cancellation and schedule switches from
+the step callback) -> decode each image ourselves (fp16 NaN/black check) -> write PNGs atomically with
 the A1111 infotext and the request JSON.
 
 Not thread-safe: only the engine's GPU worker thread calls it. A count of N is one batch with
@@ -33,6 +34,7 @@ from engine.generation.prompts import pipe_encoder, tokenize_chunks
 from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
 from engine.generation.samplers import get_sampler, make_scheduler, sampler_supports_zero_snr
 from engine.generation.fast_modes import RECIPES, check_weight, choose_mode, configured_modes, sampling_for, stored_fast_request
+from engine.contract.prompt_syntax import prompt_schedule
 
 __all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
 
@@ -210,11 +212,8 @@ class Generator:
         return self._batch_key(self._resolve(params, "txt2img")[0])
 
     def _batch_key(self, resolved: ResolvedParams) -> tuple:
-        chunks = max(
-            len(tokenize_chunks(tokenizer, text))
-            for tokenizer in self.encoder.tokenizers
-            for text in (resolved.prompt, resolved.negative_prompt)
-        )
+        texts = {t for p in (resolved.prompt, resolved.negative_prompt) for _, t in prompt_schedule(p, resolved.steps)}
+        chunks = max(len(tokenize_chunks(tokenizer, text)) for tokenizer in self.encoder.tokenizers for text in texts)
         mix = tuple((a.name, float(a.weight or 0.0)) for a in resolved.adapters)
         r = resolved
         return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, r.fast_mode, r.eta, mix, chunks)
@@ -362,10 +361,12 @@ class Generator:
         t1 = time.perf_counter()
         shared["adapters_s"] = t1 - t0
         with torch.no_grad():
-            emb = self.encoder.encode([i.resolved.prompt for i in items], [i.resolved.negative_prompt for i in items])
+            scheduled = self.encoder.encode_scheduled(
+                [i.resolved.prompt for i in items], [i.resolved.negative_prompt for i in items], first.steps
+            )
         # One embedding row per image (what num_images_per_prompt would repeat for one job).
         rows = [j for j, item in enumerate(items) for _ in range(item.resolved.count)]
-        embeds = {k: v[torch.tensor(rows, device=v.device)] for k, v in emb.as_kwargs().items()}
+        embeds = scheduled.pipeline_kwargs(0, rows)
         t2 = time.perf_counter()
         shared["encode_s"] = t2 - t1
         generators = [
@@ -381,8 +382,8 @@ class Generator:
             num_images_per_prompt=1,
             generator=generators,
             output_type="latent",
-            callback_on_step_end=self._step_callback(items, should_cancel),
-            callback_on_step_end_tensor_inputs=["latents"],
+            callback_on_step_end=self._step_callback(items, should_cancel, scheduled, rows),
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "add_text_embeds"],
             **sampling,
         )
         if image is not None:
@@ -412,7 +413,9 @@ class Generator:
         timings["total_s"] = elapsed + time.perf_counter() - t0
         return GenerationOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
 
-    def _step_callback(self, items: list[_BatchItem], should_cancel: ShouldCancel | None) -> Callable:
+    def _step_callback(
+        self, items: list[_BatchItem], should_cancel: ShouldCancel | None, scheduled: Any, rows: list[int]
+    ) -> Callable:
         previews = self.config.engine.previews
         offsets = _offsets(items)
 
@@ -429,7 +432,10 @@ class Generator:
                 if previews and _wants_preview(item.on_step, step + 1, total):
                     preview = imaging.latent_preview(tensors["latents"][off : off + 1])  # the job's first image
                 item.on_step(step + 1, total, preview)
-            return {}
+            # Prompt editing/alternation: the next step's conditioning, only where it changes.
+            if not scheduled.changes_at(step + 1):
+                return {}
+            return scheduled.callback_outputs(step + 1, rows, pipe.do_classifier_free_guidance, tensors)
 
         return callback
 

@@ -125,11 +125,38 @@ def read_header(path: Path) -> LoraHeader:
     return LoraHeader(shapes=shapes, metadata=metadata, format=detect_format(shapes), header_len=n)
 
 
+# Network types from model sites that diffusers 0.42.1 / peft 0.21.2 cannot load into SDXL, by a
+# key part only they have, and why (checked on the tiny model: LoHa/LoKr/Tucker raise "keys have not
+# been correctly renamed"; DoRA loads with its ``dora_scale`` magnitudes silently dropped).
+REFUSED_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
+    "loha": ((".hada_w1", ".hada_t1"), "LyCORIS LoHa files (hada_* keys) cannot be loaded by diffusers for SDXL"),
+    "lokr": ((".lokr_w1",), "LyCORIS LoKr files (lokr_* keys) cannot be loaded by diffusers for SDXL"),
+    "dora": ((".dora_scale",), "DoRA files (dora_scale keys) are refused: diffusers drops their magnitude "
+             "vectors, so the adapter would not look as it was trained"),
+    "locon-tucker": ((".lora_mid.",), "LoCon files with Tucker decomposition (lora_mid keys) cannot be loaded "
+                     "by diffusers for SDXL"),
+    "oft": ((".oft_blocks", ".oft_diag", ".oft_R"), "LyCORIS OFT/BOFT files cannot be loaded by diffusers for SDXL"),
+    "ia3": ((".on_input",), "LyCORIS (IA)^3 files cannot be loaded by diffusers for SDXL"),
+    "glora": ((".a1.weight", ".b1.weight"), "LyCORIS GLoRA files cannot be loaded by diffusers for SDXL"),
+    "lycoris-full": ((".diff$", ".diff_b$"), "LyCORIS full (diff) files cannot be loaded by diffusers for SDXL"),
+}
+REFUSED_HINT = "; use a LoRA or LoCon version of it (most model pages offer one)"
+
+
+def _has_part(key: str, part: str) -> bool:
+    """``part`` inside ``key``; a trailing ``$`` means at its end."""
+    return key.endswith(part[:-1]) if part.endswith("$") else part in key
+
+
 def detect_format(keys: Any) -> str:
-    """The LoRA key convention of a state dict's keys: peft, kohya, kohya-sgm, lycoris or none."""
+    """The key convention of a state dict's keys: peft, kohya, kohya-sgm, none, or a ``REFUSED_FORMATS`` name.
+
+    kohya LoCon (conv layers as ``lora_down``/``lora_up``) is plain kohya here: it loads.
+    """
     keys = list(keys)
-    if any(".hada_w1" in k or ".lokr_w1" in k for k in keys):
-        return "lycoris"
+    for name, (parts, _) in REFUSED_FORMATS.items():
+        if any(_has_part(k, p) for k in keys for p in parts):
+            return name
     kohya = [k for k in keys if k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))]
     if kohya:
         sgm = any(p in k for k in kohya for p in ("_input_blocks_", "_middle_block_", "_output_blocks_"))
@@ -322,8 +349,8 @@ def scan_entry(
         header = read_header(path)
         if header.format == "none":
             problem = "it contains no LoRA weights (no lora_A/lora_B, lora_down/lora_up keys)"
-        elif header.format == "lycoris":
-            problem = "LyCORIS LoHa/LoKr files are not supported; use a plain LoRA (LoCon is fine)"
+        elif header.format in REFUSED_FORMATS:
+            problem = REFUSED_FORMATS[header.format][1] + REFUSED_HINT
     except LoraFileError as exc:
         problem = str(exc)
     sha, addnet = hashes.get(path, stat.st_size, stat.st_mtime_ns, header.header_len if header else None)

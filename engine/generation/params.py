@@ -19,6 +19,7 @@ from engine.contract.protocol import MAX_SEED, AdapterWeight, GenerationParams, 
 from engine.contract.sizes import SIZES_BY_NAME
 from engine.generation.samplers import DEFAULT_SAMPLER, FAST_SAMPLER, get_sampler
 from engine.generation.fast_modes import FastChoice
+from engine.contract.prompt_syntax import LoraTag, check_no_lora_tags, extract_lora_tags, parse_prompt_attention, prompt_schedule
 
 # SDXL's trained aspect-ratio buckets by name (one table with the bot's aspect labels).
 SIZE_PRESETS = SIZES_BY_NAME
@@ -72,19 +73,22 @@ def _check(problem: str | None) -> None:
         raise InvalidRequest(problem)
 
 
-def _prompt(gen: GenerationConfig, params: GenerationParams) -> str:
+def _prompt(gen: GenerationConfig, params: GenerationParams) -> tuple[str, list[LoraTag]]:
+    """The prompt without its ``<lora:...>`` tags (quality tags added) and those tags."""
     _check(limits.prompt_problem(gen, params.prompt))
+    prompt, lora_tags = extract_lora_tags(params.prompt)
     add_tags = gen.add_quality_tags if params.add_quality_tags is None else params.add_quality_tags
     tags = gen.quality_tags.strip()
-    if add_tags and tags and not params.prompt.lstrip().startswith(tags):
-        return f"{tags}, {params.prompt.strip()}"
-    return params.prompt
+    if add_tags and tags and not prompt.lstrip().startswith(tags):
+        return (f"{tags}, {prompt.strip()}" if prompt.strip() else tags), lora_tags
+    return prompt, lora_tags
 
 
 def _negative(gen: GenerationConfig, params: GenerationParams, *, no_cfg: bool, extra: str) -> str:
     if params.negative_prompt is not None:
         _check(limits.too_long(gen, params.negative_prompt, "negative prompt"))
     if params.negative_prompt is not None:
+        check_no_lora_tags(params.negative_prompt)
         negative = params.negative_prompt.strip()
     else:
         # Without CFG the default negative prompt would do nothing: leave it out of the record.
@@ -97,6 +101,8 @@ def _negative(gen: GenerationConfig, params: GenerationParams, *, no_cfg: bool, 
 
 def _adapters(
     params: GenerationParams,
+    lora_tags: list[LoraTag],
+    warnings: list[str],
     *,
     max_active: int,
     default_weight: Callable[[str], float],
@@ -106,12 +112,24 @@ def _adapters(
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidRequest(f"adapter {duplicates[0]!r} is named more than once; give each adapter once")
-    if len(params.adapters) > max_active:
-        raise InvalidRequest(f"{len(params.adapters)} adapters requested; at most {max_active} can be mixed")
     mix = [
         AdapterWeight(name=a.name, weight=a.weight if a.weight is not None else default_weight(a.name))
         for a in params.adapters
     ]
+    for tag in lora_tags:
+        default_weight(tag.name)  # raises UnknownAdapter (with close names) for a name not installed
+        _check_range(f"weight of <lora:{tag.name}>", tag.weight, -4.0, 4.0)
+        if tag.name in names:
+            # The tag is the more specific request (a pasted PNG prompt): it sets the weight.
+            i = names.index(tag.name)
+            if mix[i].weight != tag.weight:
+                warnings.append(f"adapter {tag.name!r} runs at the prompt tag's weight {tag.weight:g}")
+            mix[i] = AdapterWeight(name=tag.name, weight=tag.weight)
+        else:
+            names.append(tag.name)
+            mix.append(AdapterWeight(name=tag.name, weight=tag.weight))
+    if len(mix) > max_active:
+        raise InvalidRequest(f"{len(mix)} adapters requested; at most {max_active} can be mixed")
     if fast_adapter and fast_adapter[0] not in names:
         mix.append(AdapterWeight(name=fast_adapter[0], weight=fast_adapter[1]))
     return mix
@@ -181,11 +199,16 @@ def resolve_params(
             # img2img runs int(steps * strength) steps: at least one must run.
             steps = math.ceil(1 / strength - 1e-9)
             warnings.append(f"steps raised to {steps} so that one denoising step runs at strength {strength:g}")
+    prompt, lora_tags = _prompt(gen, params)
+    for text in (prompt, negative):
+        # Every text a step will encode: a malformed weight fails here, not halfway into the queue.
+        for _, step_text in prompt_schedule(text, steps):
+            parse_prompt_attention(step_text)
     adapters = _adapters(
-        params, max_active=max_active, default_weight=default_weight, fast_adapter=fast_adapter if fast else None
+        params, lora_tags, warnings, max_active=max_active, default_weight=default_weight, fast_adapter=fast_adapter if fast else None
     )
     resolved = ResolvedParams(
-        prompt=_prompt(gen, params),
+        prompt=prompt,
         negative_prompt=negative,
         seed=params.seed if params.seed is not None else random_seed(params.count),
         steps=steps,

@@ -15,13 +15,14 @@ One module for inference and training, so a weighted caption such as
 - Positive and negative prompts are padded with empty chunks to the same length (for CFG).
 
 Deliberate differences from A1111: the mean rescale is per prompt and chunk, not over the
-whole batch of a chunk (so batching never changes an image), and ``BREAK`` inside brackets
-still breaks (A1111 turns it into the literal word with a negative weight).
+whole batch of a chunk (so batching never changes an image); ``BREAK`` inside brackets is the
+literal word at the brackets' weight (A1111 also keeps the word, but weighted by minus the
+brackets' weight); a malformed weight such as ``(x:1.2.3)`` is an ``InvalidRequest`` (A1111
+fails with a ValueError). ``AND`` is ordinary text (no composable diffusion).
 """
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,85 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.contract.errors import InvalidRequest
+from engine.contract.prompt_syntax import BREAK_WEIGHT, parse_prompt_attention, prompt_schedule, text_at_step
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; each chunk is BOS + 75 + EOS = 77
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
-BREAK_WEIGHT = -1.0  # marks a BREAK fragment in parse_prompt_attention's output
-
-_ROUND = 1.1
-_SQUARE = 1 / 1.1
-_RE_ATTENTION = re.compile(
-    r"""
-\\\(|\\\)|\\\[|\\]|\\\\|\\|   # escapes, then a lone backslash (dropped, as A1111 does)
-\(|\[|
-:\s*([+-]?[.\d]+)\s*\)|      # (text:1.2)
-\)|]|
-[^\\()\[\]:]+|
-:
-""",
-    re.X,
-)
-_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
-
-
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """Split ``text`` into ``(fragment, weight)`` pairs; ``("BREAK", BREAK_WEIGHT)`` marks a break.
-
-    >>> parse_prompt_attention("a (b:1.5) [c]")
-    [('a ', 1.0), ('b', 1.5), (' ', 1.0), ('c', 0.9090909090909091)]
-    """
-    res: list[list[Any]] = []  # [fragment, weight, is_break]
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def multiply_from(start: int, factor: float) -> None:
-        for item in res[start:]:
-            if not item[2]:
-                item[1] *= factor
-
-    for match in _RE_ATTENTION.finditer(text):
-        token, weight = match.group(0), match.group(1)
-        if token.startswith("\\"):
-            res.append([token[1:], 1.0, False])
-        elif token == "(":
-            round_open.append(len(res))
-        elif token == "[":
-            square_open.append(len(res))
-        elif weight is not None and round_open and _is_float(weight):
-            multiply_from(round_open.pop(), float(weight))
-        elif token == ")" and round_open:
-            multiply_from(round_open.pop(), _ROUND)
-        elif token == "]" and square_open:
-            multiply_from(square_open.pop(), _SQUARE)
-        else:
-            for i, part in enumerate(_RE_BREAK.split(token)):
-                if i > 0:
-                    res.append(["BREAK", BREAK_WEIGHT, True])
-                res.append([part, 1.0, False])
-    for start in round_open:  # unclosed brackets reach to the end, as in A1111
-        multiply_from(start, _ROUND)
-    for start in square_open:
-        multiply_from(start, _SQUARE)
-
-    merged: list[list[Any]] = []
-    for item in res:
-        if merged and not item[2] and not merged[-1][2] and merged[-1][1] == item[1]:
-            merged[-1][0] += item[0]
-        else:
-            merged.append(item)
-    # Empty fragments carry no tokens; dropped after merging, so fragments (and therefore
-    # tokens) stay exactly as A1111 makes them.
-    return [(t, w) for t, w, brk in merged if t or brk] or [("", 1.0)]
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _comma_id(tokenizer: Any) -> int | None:
     """The id of the word-final comma, or None (get_vocab would copy 49k entries per call)."""
     token_id = tokenizer.convert_tokens_to_ids(",</w>")
@@ -215,6 +141,33 @@ class SDXLPromptEncoder:
                 self._cache.popitem(last=False)
         return result
 
+    def encode_scheduled(self, prompts: Sequence[str], negatives: Sequence[str], steps: int) -> "ScheduledEmbeddings":
+        """Embeddings per sampling step for prompts with A1111 editing/alternation (``[a:b:when]``, ``[a|b]``).
+
+        Without such syntax this is ``encode`` exactly. With it, every distinct text of every
+        step is encoded once, in one batch (so all share one length), and cached.
+        """
+        import torch
+
+        prompts, negatives = list(prompts), list(negatives)
+        schedules = [prompt_schedule(t, steps) for t in prompts + negatives]
+        if all(len(s) == 1 for s in schedules):
+            return ScheduledEmbeddings(self.encode(prompts, negatives), None, schedules, len(prompts))
+        texts = list(dict.fromkeys(text for s in schedules for _, text in s))
+        key = ("scheduled", tuple(texts), self._encoder_state())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            encoded = self._cache[key]
+        else:
+            with torch.no_grad():
+                embeds, pooled = self._encode_texts(texts)
+            encoded = (texts, embeds, pooled)
+            if self.cache_size > 0:
+                self._cache[key] = encoded  # type: ignore[assignment]
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return ScheduledEmbeddings(None, encoded, schedules, len(prompts))
+
     def encode_for_training(self, captions: Sequence[str], *, train_text_encoders: bool = False) -> tuple[Any, Any]:
         """(prompt_embeds, pooled) for captions; keeps gradients when the text encoders train."""
         import torch
@@ -263,6 +216,60 @@ class SDXLPromptEncoder:
                 pooled = out.text_embeds[:n_texts]  # projection at the first EOS of the first chunk
         dtype = self.text_encoders[1].dtype
         return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+
+
+class ScheduledEmbeddings:
+    """A batch's prompt embeddings at each sampling step (from ``SDXLPromptEncoder.encode_scheduled``)."""
+
+    def __init__(self, fixed: PromptEmbeddings | None, encoded: Any, schedules: list[list[tuple[int, str]]], n: int) -> None:
+        self._fixed = fixed
+        self._encoded = encoded  # (texts, embeds, pooled) when some prompt is scheduled
+        self._schedules = schedules  # prompts' schedules, then the negatives'
+        self._n = n
+
+    def texts_at(self, step: int) -> tuple[str, ...]:
+        """Every row's text (prompts, then negatives) at the 0-based sampling step."""
+        return tuple(text_at_step(s, step) for s in self._schedules)
+
+    def changes_at(self, step: int) -> bool:
+        """Whether step ``step`` uses other embeddings than step ``step - 1``."""
+        return self._fixed is None and step > 0 and self.texts_at(step) != self.texts_at(step - 1)
+
+    def at(self, step: int) -> PromptEmbeddings:
+        """The embeddings of the 0-based sampling step ``step``."""
+        if self._fixed is not None:
+            return self._fixed
+        import torch
+
+        texts, embeds, pooled = self._encoded
+        rows = torch.tensor([texts.index(t) for t in self.texts_at(step)], device=embeds.device)
+        e, p, n = embeds[rows], pooled[rows.to(pooled.device)], self._n
+        return PromptEmbeddings(e[:n], e[n:], p[:n], p[n:])
+
+    def pipeline_kwargs(self, step: int, rows: list[int]) -> dict[str, Any]:
+        """The pipeline's four embedding arguments at ``step``, one row per image (``rows``: prompt index)."""
+        import torch
+
+        return {k: v[torch.tensor(rows, device=v.device)] for k, v in self.at(step).as_kwargs().items()}
+
+    def callback_outputs(self, step: int, rows: list[int], cfg: bool, current: dict[str, Any]) -> dict[str, Any]:
+        """What ``callback_on_step_end`` returns to switch the SDXL pipeline to ``step``'s conditioning.
+
+        With CFG the pipeline holds negatives first, then positives (as it concatenated them);
+        ``current`` holds its present ``prompt_embeds`` and ``add_text_embeds`` (device, dtype).
+        """
+        import torch
+
+        e = self.pipeline_kwargs(step, rows)
+        cond, pooled = e["prompt_embeds"], e["pooled_prompt_embeds"]
+        if cfg:
+            cond = torch.cat([e["negative_prompt_embeds"], cond])
+            pooled = torch.cat([e["negative_pooled_prompt_embeds"], pooled])
+        old, old_pooled = current["prompt_embeds"], current["add_text_embeds"]
+        return {
+            "prompt_embeds": cond.to(device=old.device, dtype=old.dtype),
+            "add_text_embeds": pooled.to(device=old_pooled.device, dtype=old_pooled.dtype),
+        }
 
 
 def _apply_emphasis(z: Any, weights: Any) -> Any:

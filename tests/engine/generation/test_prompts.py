@@ -41,10 +41,11 @@ B = BREAK_WEIGHT
         (r"(hikari \(arcaea\):1.2), 1girl", [("hikari (arcaea)", 1.2), (", 1girl", 1.0)]),
         (r"back\\slash", [("back\\slash", 1.0)]),
         ("a:b (c:d)", [("a:b ", 1.0), ("c:d", 1.1)]),
-        ("(x:1.2.3)", [("x:1.2.3)", 1.1)]),
         ("a BREAK b", [("a", 1.0), ("BREAK", B), ("b", 1.0)]),
         ("a BREAK BREAK b", [("a", 1.0), ("BREAK", B), ("BREAK", B), ("b", 1.0)]),
-        ("(a BREAK b)", [("a", 1.1), ("BREAK", B), ("b", 1.1)]),
+        ("(a BREAK b)", [("a BREAK b", 1.1)]),  # inside brackets BREAK is the word
+        ("[a BREAK b", [("a BREAK b", 1 / 1.1)]),
+        ("(a) BREAK b", [("a", 1.1), ("BREAK", B), ("b", 1.0)]),
         ("aBREAKb", [("aBREAKb", 1.0)]),
         ("", [("", 1.0)]),
         (
@@ -57,6 +58,22 @@ def test_parse_prompt_attention(text, expected):
     got = parse_prompt_attention(text)
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+@pytest.mark.parametrize("text", ["(x:1.2.3), rest of the prompt", "a, (b:.), c", "((x:1..2))"])
+def test_malformed_weight_is_a_clear_error(text):
+    # A1111 raises here too; before, the "(" stayed open and weighted the rest of the prompt by 1.1.
+    with pytest.raises(InvalidRequest, match=r"weight .* is not a number.*\(text:1\.2\)"):
+        parse_prompt_attention(text)
+
+
+def test_a_colon_without_brackets_is_text():
+    assert parse_prompt_attention("ratio 1.2.3)") == [("ratio 1.2.3)", 1.0)]
+
+
+def test_break_inside_brackets_is_one_chunk(pipe):
+    assert len(tokenize_chunks(pipe.tokenizer, "(a BREAK b)")) == 1
+    assert len(tokenize_chunks(pipe.tokenizer, "(a) BREAK b")) == 2
 
 
 @pytest.fixture(scope="module")
