@@ -348,13 +348,17 @@ def test_metadata_records_keep_tokens_used_and_repeats_trained(tmp_path):
     source = make_dataset(tmp_path / "d", make_tiny_tagger(tmp_path / "tagger"))
     manifest = json.loads((source / "manifest.json").read_text())
     manifest["keep_tokens"] = 3
-    (source / "manifest.json").write_text(json.dumps(manifest))
     # kohya layout: the images in a "2_hkr" folder are trained twice per epoch.
     repeated = source / "2_hkr"
     repeated.mkdir()
+    moved = {}
     for image in sorted(source.glob("*.png"))[:2]:
         shutil.move(image, repeated / image.name)
         shutil.move(image.with_suffix(".txt"), repeated / image.with_suffix(".txt").name)
+        moved[image.name] = f"{repeated.name}/{image.name}"
+    for entry in manifest["images"]:  # the training set takes exactly the manifest's images
+        entry["file"] = moved.get(entry["file"], entry["file"])
+    (source / "manifest.json").write_text(json.dumps(manifest))
     run = TrainingRun(tiny_pipeline(), tiny_options(source, steps=3, batch_size=2), tmp_path / "run")
     while not run.done:
         run.step()
