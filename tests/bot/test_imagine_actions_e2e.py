@@ -49,11 +49,18 @@ async def test_preview_arrives_as_an_attachment_of_a_progress_edit(stack):
     assert [a["filename"].endswith(".png") for a in msg["attachments"]] == [True]
 
 
+async def batch_of_three(stack) -> dict:
+    """A finished count-3 result, made once per module (so each test also runs alone)."""
+    if getattr(stack, "batch", None) is None:
+        d = stack.double
+        inter = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl, batch", "steps": 2, "seed": 40,
+                                                                     "count": 3})
+        stack.batch = await d.wait_for(lambda: finished(d, inter), timeout=60)
+    return stack.batch
+
+
 async def test_each_image_of_a_batch_has_its_own_actions(stack):
-    d = stack.double
-    inter = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl, batch", "steps": 2, "seed": 40,
-                                                                 "count": 3})
-    msg = await d.wait_for(lambda: finished(d, inter), timeout=60)
+    msg = await batch_of_three(stack)
     job = job_id_of(msg)
     ids = buttons(msg)
     for n in (1, 2, 3):
@@ -61,12 +68,11 @@ async def test_each_image_of_a_batch_has_its_own_actions(stack):
     labels = [c["label"] for row in msg["components"] for c in row["components"]]
     assert {"U1", "U2", "U3", "V1", "V2", "V3", "V2 subtle"} <= set(labels), labels
     assert all(len(row["components"]) <= 5 for row in msg["components"]) and len(msg["components"]) <= 5
-    stack.batch = msg
 
 
 async def test_u2_upscales_image_2(stack):
     d = stack.double
-    msg = stack.batch
+    msg = await batch_of_three(stack)
     job = job_id_of(msg)
     up = await d.click(d.bob, msg, f"arcae:up2:{job}")
     result = await d.wait_for(lambda: (m := d.original(up)) and m.get("embeds") and m.get("attachments") and m,
@@ -79,7 +85,7 @@ async def test_u2_upscales_image_2(stack):
 
 async def test_v3_varies_image_3_strong_and_subtle(stack):
     d = stack.double
-    msg = stack.batch
+    msg = await batch_of_three(stack)
     job = job_id_of(msg)
     strong = await d.click(d.bob, msg, f"arcae:var3:{job}")
     s = await d.wait_for(lambda: finished(d, strong), timeout=60)
