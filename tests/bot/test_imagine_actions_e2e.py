@@ -49,6 +49,18 @@ async def test_preview_arrives_as_an_attachment_of_a_progress_edit(stack):
     assert [a["filename"].endswith(".png") for a in msg["attachments"]] == [True]
 
 
+async def test_a_canceled_job_drops_its_preview(stack):
+    d = stack.double
+    inter = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl, long", "steps": 60, "seed": 8})
+    shown = await d.wait_for(lambda: (m := d.original(inter)) and m.get("attachments") and m, timeout=60)
+    assert shown["attachments"][0]["filename"].startswith("preview_")
+    job = job_id_of(shown)
+    await d.click(d.alice, shown, f"arcae:cancel:{job}")
+    final = await d.wait_for(lambda: (m := d.original(inter)) and "canceled" in (m.get("content") or "") and m,
+                             timeout=60)
+    assert final["attachments"] == [], "the preview of a canceled job stays on its message"
+
+
 async def batch_of_three(stack) -> dict:
     """A finished count-3 result, made once per module (so each test also runs alone)."""
     if getattr(stack, "batch", None) is None:
