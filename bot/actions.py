@@ -39,7 +39,8 @@ def bot_of(interaction: discord.Interaction) -> "ArcaeBot":
 
 
 async def start_job(interaction: discord.Interaction, *, params: protocol.GenerationParams, kind: str = "txt2img",
-                    source_image: str | None = None, parent_job_id: str | None = None) -> Job:
+                    source_image: str | None = None, parent_job_id: str | None = None,
+                    strength: float | None = None) -> Job:
     """Check limits and persist (one transaction), then defer, then submit.
 
     The job row (with the interaction's token) is committed before Discord's acknowledgement,
@@ -53,7 +54,7 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
         job_id=job_id, user_id=interaction.user.id, guild_id=interaction.guild_id,
         channel_id=interaction.channel_id or 0, kind=kind, params=params,
         nsfw_channel=channel_is_nsfw(interaction.channel), source_image=source_image, parent_job_id=parent_job_id,
-        interaction_id=interaction.id, interaction_token=interaction.token, application_id=interaction.application_id,
+        strength=strength, interaction_id=interaction.id, interaction_token=interaction.token, application_id=interaction.application_id,
         attachment_limit=interaction.filesize_limit,
         admit=lambda: check_limits(bot.db, interaction.user.id, admin, bot.config))
     log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
@@ -115,15 +116,24 @@ async def _reroll(interaction: discord.Interaction, job: Job) -> None:
     await start_job(interaction, params=params, kind="txt2img", parent_job_id=job.job_id)
 
 
-async def _img2img(interaction: discord.Interaction, job: Job, mode: str) -> None:
+async def _img2img(interaction: discord.Interaction, job: Job, mode: str, image: int, *,
+                   subtle: bool = False) -> None:
+    """Upscale or vary image number ``image`` (1-based) of a finished job, under the clicker's limits."""
     bot = bot_of(interaction)
     check_access(interaction, bot.config)
     images = await bot.db.images(job.job_id)
     if job.status != "completed" or not images:
         raise Refused("This job has no finished image to start from yet.")
-    seed = None if mode == "variation" else (job.resolved.seed if job.resolved else images[0].seed)
+    source = next((i for i in images if i.idx == image - 1), None)
+    if source is None:
+        raise Refused(f"This job has {len(images)} image(s); there is no image {image}.")
+    # An upscale keeps the image's own seed (each image of a batch has its own); a variation draws a new one.
+    seed = None if mode == "variation" else source.seed
     params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1}))
-    await start_job(interaction, params=params, kind=mode, source_image=images[0].path, parent_job_id=job.job_id)
+    # A strong variation takes the engine's [generation] variation_strength; a subtle one the bot's smaller one.
+    strength = bot.config.generation.subtle_variation_strength if subtle else None
+    await start_job(interaction, params=params, kind=mode, source_image=source.path, parent_job_id=job.job_id,
+                    strength=strength)
 
 
 async def _share(interaction: discord.Interaction, job: Job) -> None:
@@ -179,10 +189,15 @@ async def _audit_if_other(interaction: discord.Interaction, job: Job, action: st
                                            action=action, target=job.job_id, detail={"owner": job.user_id})
 
 
+# Per-image actions (``bot.views.PER_IMAGE``): the image number is the third argument.
+_IMAGE_BUTTONS: dict[str, Callable[[discord.Interaction, Job, int], Awaitable[None]]] = {
+    "var": lambda i, j, n: _img2img(i, j, "variation", n),
+    "vsub": lambda i, j, n: _img2img(i, j, "variation", n, subtle=True),
+    "up": lambda i, j, n: _img2img(i, j, "upscale", n),
+}
+
 _BUTTONS: dict[str, Callable[[discord.Interaction, Job], Awaitable[None]]] = {
     "reroll": _reroll,
-    "var": lambda i, j: _img2img(i, j, "variation"),
-    "up": lambda i, j: _img2img(i, j, "upscale"),
     "share": _share,
     "del": _delete,
     "cancel": _cancel,
@@ -209,12 +224,15 @@ async def check_message_shows(interaction: discord.Interaction, action: str, job
                       "own message.")
 
 
-async def handle_button(interaction: discord.Interaction, action: str, job_id: str) -> None:
-    """Every persistent button lands here (see ``bot.views.JobButton``)."""
+async def handle_button(interaction: discord.Interaction, action: str, job_id: str, image: int = 1) -> None:
+    """Every persistent button lands here (see ``bot.views.JobButton``); ``image`` is 1-based."""
     try:
         job = await load_job(bot_of(interaction), job_id)
         await check_message_shows(interaction, action, job)
-        await _BUTTONS[action](interaction, job)
+        if action in _IMAGE_BUTTONS:
+            await _IMAGE_BUTTONS[action](interaction, job, image)
+        else:
+            await _BUTTONS[action](interaction, job)
     except Exception as exc:
         await report_error(interaction, exc, job_id=job_id)
 

@@ -199,9 +199,10 @@ class ArcaeBot(commands.Bot):
         await self.jobs.resubmit_unfinished()
         await self.jobs.notify_connect()
 
-    async def run_job_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
-        """A persistent job button was pressed (``bot.views.JobButton``): run its action."""
-        await handle_button(interaction, action, job_id)
+    async def run_job_button(self, interaction: discord.Interaction, action: str, job_id: str,
+                             image: int = 1) -> None:
+        """A persistent job button was pressed (``bot.views.JobButton``): run its action (on image ``image``)."""
+        await handle_button(interaction, action, job_id, image)
 
     async def on_ready(self) -> None:
         log.info("%s as %s in %d guild(s)", READY_LOG_LINE, self.user, len(self.guilds))

@@ -53,6 +53,7 @@ class Job:
     finished_at: float | None
     delivered_at: float | None
     elapsed_s: float | None
+    strength: float | None = None  # img2img: None = the engine's strength for the mode
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -198,7 +199,7 @@ class Database:
                          parent_job_id: str | None = None, interaction_id: int | None = None,
                          interaction_token: str | None = None, application_id: int | None = None,
                          attachment_limit: int | None = None, message_id: int | None = None,
-                         admit: Callable[[], Awaitable[None]] | None = None) -> None:
+                         admit: Callable[[], Awaitable[None]] | None = None, strength: float | None = None) -> None:
         """Insert a pending job; ``admit`` (the limits check) runs in the same transaction.
 
         Checking and inserting in one BEGIN IMMEDIATE..COMMIT means simultaneous requests see
@@ -210,20 +211,20 @@ class Database:
                 await admit()
             await self._insert_job_row(job_id, user_id, guild_id, channel_id, kind, params, nsfw_channel, source_image,
                                        parent_job_id, interaction_id, interaction_token, application_id,
-                                       attachment_limit, message_id)
+                                       attachment_limit, message_id, strength)
 
     async def _insert_job_row(self, job_id: str, user_id: int, guild_id: int | None, channel_id: int, kind: str,
                               params: protocol.GenerationParams, nsfw_channel: bool, source_image: str | None,
                               parent_job_id: str | None, interaction_id: int | None, interaction_token: str | None,
                               application_id: int | None, attachment_limit: int | None,
-                              message_id: int | None) -> None:
+                              message_id: int | None, strength: float | None = None) -> None:
         await self._write(
             "INSERT INTO jobs (job_id, user_id, guild_id, channel_id, kind, status, params_json, source_image,"
             " parent_job_id, nsfw_channel, interaction_id, interaction_token, application_id, attachment_limit,"
-            " message_id, created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " message_id, created_at, strength) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, user_id, guild_id, channel_id, kind, params.model_dump_json(), source_image, parent_job_id,
              int(nsfw_channel), interaction_id, interaction_token, application_id, attachment_limit, message_id,
-             time.time()))
+             time.time(), strength))
 
     async def set_message_id(self, job_id: str, message_id: int) -> None:
         """The message the acknowledgement created (known only after the job row exists)."""

@@ -42,6 +42,11 @@ def token_dead(exc: discord.HTTPException) -> bool:
     return exc.code in DEAD_TOKEN_CODES or exc.status == 401
 
 
+def delivery_file(data: bytes, filename: str) -> discord.File:
+    """Bytes as an upload."""
+    return discord.File(io.BytesIO(data), filename=filename)
+
+
 @dataclass
 class Prepared:
     """One image ready for upload."""
@@ -115,8 +120,12 @@ class Delivery:
         return self.bot.get_channel(job.channel_id) or self.bot.get_partial_messageable(
             job.channel_id, guild_id=job.guild_id)
 
-    async def edit_status(self, job: Job, content: str, view: discord.ui.View | None) -> bool:
-        """Edit the job's own message; False when the token or message is gone."""
+    async def edit_status(self, job: Job, content: str, view: discord.ui.View | None, *,
+                          attachments: list[discord.File] | None = None) -> bool:
+        """Edit the job's own message; False when the token or message is gone.
+
+        ``attachments`` replace the message's files (a step preview; [] removes it); None keeps them.
+        """
         webhook = self.webhook_for(job)
         if webhook is None:
             return False
@@ -124,7 +133,10 @@ class Delivery:
             message_id = await self.message_id(job, webhook)
             if message_id is None:
                 return False
-            await webhook.edit_message(message_id, content=content, view=view)
+            if attachments is None:
+                await webhook.edit_message(message_id, content=content, view=view)
+            else:
+                await webhook.edit_message(message_id, content=content, view=view, attachments=attachments)
             return True
         except discord.HTTPException as exc:
             if token_dead(exc) or exc.status == 404:
@@ -165,10 +177,10 @@ class Delivery:
                          f"parameters is kept on the server (`/info {job.job_id}`).")
         return files, notes
 
-    def _result_view(self, job: Job) -> discord.ui.View:
+    def _result_view(self, job: Job, count: int) -> discord.ui.View:
         g = self.config.gallery
         share = g.channel_id != 0 and g.post == "shared"
-        return result_view(job.job_id, share=share, upscale=job.kind != "upscale")
+        return result_view(job.job_id, share=share, upscale=job.kind != "upscale", count=count)
 
     async def deliver_result(self, job: Job, images: list[Image]) -> int | None:
         """Show a finished job; return the id of the message that carries its buttons."""
@@ -185,7 +197,8 @@ class Delivery:
         if webhook is not None and message_id is not None:
             try:
                 await webhook.edit_message(message_id, content=embeds.truncate(note, 2000) or None, embed=embed,
-                                           attachments=[f.file() for f in groups[0]], view=self._result_view(job))
+                                           attachments=[f.file() for f in groups[0]],
+                                           view=self._result_view(job, len(images)))
                 for group in groups[1:]:
                     await webhook.send(files=[f.file() for f in group], wait=True)
                 return message_id
@@ -193,22 +206,23 @@ class Delivery:
                 if not (token_dead(exc) or exc.status == 404):
                     raise
                 log.info("job %s: interaction token expired; delivering to the channel", job.job_id)
-        return await self._deliver_to_channel(job, groups, embed, note)
+        return await self._deliver_to_channel(job, groups, embed, note, len(images))
 
     async def _deliver_to_channel(self, job: Job, groups: list[list[Prepared]], embed: discord.Embed,
-                                  note: str) -> int:
+                                  note: str, count: int) -> int:
         channel = self.channel(job)
         mention = discord.AllowedMentions(users=True, roles=False, everyone=False)
         content = embeds.truncate(f"<@{job.user_id}> your job `{job.job_id}` is done.\n{note}".strip(), 2000)
         first = await channel.send(content=content, embed=embed, files=[f.file() for f in groups[0]],
-                                   view=self._result_view(job), allowed_mentions=mention)
+                                   view=self._result_view(job, count), allowed_mentions=mention)
         for group in groups[1:]:
             await channel.send(files=[f.file() for f in group])
         return first.id
 
     async def deliver_failure(self, job: Job, text: str) -> int | None:
         """Tell the user a job failed or was canceled, on its message or in the channel."""
-        if await self.edit_status(job, embeds.truncate(text, 2000), None):
+        # attachments=[]: a step preview shown while the job ran goes with it.
+        if await self.edit_status(job, embeds.truncate(text, 2000), None, attachments=[]):
             return job.message_id  # None after an "@original" edit: mark_delivered keeps the stored id
         msg = await self.channel(job).send(
             content=embeds.truncate(f"<@{job.user_id}> {text}", 2000),

@@ -6,6 +6,8 @@ are respected by truncating long text with an ellipsis, never by failing.
 
 from __future__ import annotations
 
+import re
+
 import discord
 
 from bot.db import Job
@@ -28,8 +30,18 @@ def adapters_text(adapters: list[protocol.AdapterWeight]) -> str:
     return ", ".join(f"{a.name}:{a.weight:g}" if a.weight is not None else a.name for a in adapters)
 
 
+def _source_text(job: Job, resolved: protocol.ResolvedParams | None) -> str:
+    """' of image 3 · strength 0.25' for an img2img job (the bot stores sources as <job>-<index>.png)."""
+    if job.kind == "txt2img" or not job.source_image:
+        return ""
+    match = re.search(r"-(\d+)\.(?:png|jpg)$", job.source_image)
+    text = f" of image {int(match.group(1)) + 1}" if match else ""
+    strength = resolved.strength if resolved and resolved.strength is not None else job.strength
+    return text + (f" · strength {strength:g}" if strength is not None else "")
+
+
 def _mode(job: Job, resolved: protocol.ResolvedParams | None) -> str:
-    mode = resolved.mode if resolved else job.kind
+    mode = (resolved.mode if resolved else job.kind) + _source_text(job, resolved)
     fast = resolved.fast if resolved else job.params.fast
     recipe = (resolved.fast_mode if resolved else job.params.fast_mode) or ("LCM" if resolved else "")
     return f"{mode}{f' · fast ({recipe})' if recipe else ' · fast'}" if fast else mode

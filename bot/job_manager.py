@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from bot import embeds
 from bot.db import Job
 from bot.db_retry import until_stored
-from bot.delivery import Delivery
+from bot.delivery import Delivery, delivery_file
 from bot.errors import Refused
-from bot.results import ResultLimits, ResultRejected, accept_completed
+from bot.results import ResultLimits, ResultRejected, accept_completed, accept_preview
 from bot.views import progress_view
 from engine.contract import protocol
 from engine.contract.transport import EngineRejected, EngineTransport, EngineUnavailable
@@ -53,6 +53,9 @@ class LiveJob:
     step: int | None = None
     total: int | None = None
     shown: str = ""
+    # The latest step preview (checked JPEG bytes) and whether the message shows it yet.
+    preview: bytes | None = None
+    preview_shown: bool = True
     last_edit: float = 0.0
     final: bool = False
     task: asyncio.Task[None] | None = None
@@ -94,7 +97,8 @@ class JobManager:
         if job.kind == "txt2img":
             return protocol.GenerateRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, params=job.params)
         return protocol.Img2ImgRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, mode=job.kind,
-                                       source=Path(job.source_image or "").name, params=job.params)
+                                       source=Path(job.source_image or "").name, strength=job.strength,
+                                       params=job.params)
 
     def _live_for(self, job: Job) -> LiveJob:
         live = self._live.get(job.job_id)
@@ -263,6 +267,8 @@ class JobManager:
             self._schedule(job.job_id)
         elif isinstance(event, protocol.Progress):
             live.state, live.step, live.total = "running", event.step, event.total
+            if event.preview_jpeg_b64:  # [engine] previews turns them off at the source
+                self._take_preview(job.job_id, live, event.preview_jpeg_b64)
             self._schedule(job.job_id)
         elif completed:
             await self._on_completed(job, event)
@@ -270,6 +276,14 @@ class JobManager:
             await self._on_failed(job, event)
         elif isinstance(event, protocol.Canceled):
             await self._canceled(job.job_id)
+
+    def _take_preview(self, job_id: str, live: LiveJob, data_b64: str) -> None:
+        """Keep a progress event's preview for the next status edit; an unusable one is dropped, not shown."""
+        try:
+            live.preview = accept_preview(data_b64)  # at most 128 px from the engine: fast enough inline
+            live.preview_shown = False
+        except ResultRejected as exc:
+            log.warning("job %s: preview not shown: %s", job_id, exc)
 
     async def _on_completed(self, job: Job, event: protocol.Completed) -> None:
         """Keep the result only as checked image bytes (``bot.results``); a bad one fails the job."""
@@ -322,16 +336,19 @@ class JobManager:
             async with live.edit_lock:
                 text = embeds.status_line(job_id, live.state, position=live.position, step=live.step,
                                           total=live.total)
-                if live.final or text == live.shown:
+                preview = live.preview if not live.preview_shown else None
+                if live.final or (text == live.shown and preview is None):
                     return
                 job = await self.db.get_job(job_id)
                 if job is None:
                     return
+                # The preview rides on the same edit as the step count: one edit per interval, never two.
+                files = [delivery_file(preview, f"preview_{job_id}.jpg")] if preview is not None else None
                 try:
-                    await self.delivery.edit_status(job, text, progress_view(job_id))
+                    await self.delivery.edit_status(job, text, progress_view(job_id), attachments=files)
                 except Exception:
                     log.exception("status edit for job %s failed", job_id)
-                live.shown, live.last_edit = text, time.monotonic()
+                live.shown, live.last_edit, live.preview_shown = text, time.monotonic(), True
 
     async def _finalize_live(self, job_id: str) -> None:
         self._locks.pop(job_id, None)

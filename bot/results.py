@@ -76,6 +76,26 @@ def check_image(data: bytes, limits: ResultLimits) -> tuple[str, int, int]:
     return fmt, width, height
 
 
+# A step preview (the engine sends at most 128 px a side as JPEG); generous caps, far below a result's.
+MAX_PREVIEW_BYTES = 256 << 10
+MAX_PREVIEW_B64_CHARS = 4 * ((MAX_PREVIEW_BYTES + 2) // 3)
+PREVIEW_LIMITS = ResultLimits(max_bytes=MAX_PREVIEW_BYTES, max_pixels=512 * 512)
+
+
+def accept_preview(data_b64: str) -> bytes:
+    """The bytes of a progress event's preview: valid base64 of a complete, small JPEG; else ``ResultRejected``."""
+    if len(data_b64) > MAX_PREVIEW_B64_CHARS:
+        raise ResultRejected(f"a preview over {MAX_PREVIEW_BYTES} bytes")
+    try:
+        data = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ResultRejected("the preview is not valid base64") from None
+    fmt, _, _ = check_image(data, PREVIEW_LIMITS)
+    if fmt != "JPEG":
+        raise ResultRejected(f"a {fmt} preview; previews are JPEG only")
+    return data
+
+
 def _decode(image: protocol.ImageResult, limits: ResultLimits) -> bytes:
     if not image.data_b64:
         raise ResultRejected("it carries no image bytes (a path in an event is never read)")

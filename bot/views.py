@@ -1,7 +1,8 @@
 """Buttons that keep working after a restart.
 
-Each button is a ``DynamicItem`` whose custom id carries the action and the job id
-(``arcae:<action>:<job_id>``); the bot registers the class once at start
+Each button is a ``DynamicItem`` whose custom id carries the action, for per-image actions the
+image's number, and the job id (``arcae:<action>[<n>]:<job_id>``, e.g. ``arcae:up2:<job_id>`` is
+Midjourney's U2); the bot registers the class once at start
 (``add_dynamic_items``), so a press on a week-old message still reaches the handler,
 which reads the job from the database. Views are built with ``timeout=None``.
 """
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 ACTIONS: dict[str, tuple[str, discord.ButtonStyle, str]] = {
     # action: (label, style, emoji)
     "reroll": ("Reroll", discord.ButtonStyle.secondary, "🎲"),
-    "var": ("Variations", discord.ButtonStyle.secondary, "🔀"),
+    "var": ("Vary (Strong)", discord.ButtonStyle.secondary, "🔀"),
+    "vsub": ("Vary (Subtle)", discord.ButtonStyle.secondary, "🌀"),
     "up": ("Upscale", discord.ButtonStyle.secondary, "🔍"),
     "share": ("Share to gallery", discord.ButtonStyle.primary, "🖼️"),
     "del": ("Delete", discord.ButtonStyle.danger, "🗑️"),
@@ -27,18 +29,27 @@ ACTIONS: dict[str, tuple[str, discord.ButtonStyle, str]] = {
     "remix": ("Remix", discord.ButtonStyle.primary, "🎨"),
     "gdel": ("Remove", discord.ButtonStyle.danger, "🗑️"),
 }
+# Actions on one image of a batch: the custom id names the image (1-based); none means image 1.
+PER_IMAGE = frozenset({"up", "var", "vsub"})
+# Short labels for a batch, as Midjourney shows them (U1, V1), with the subtle variation beside them.
+SHORT_LABELS = {"up": "U{n}", "var": "V{n}", "vsub": "V{n} subtle"}
+BUTTONS_PER_ROW = 5
+MAX_ROWS = 5
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                template=r"arcae:(?P<action>[a-z]+):(?P<job_id>[A-Za-z0-9_\-]{1,64})"):
-    """One action on one job; the bot routes the press to ``bot.actions`` (``ArcaeBot.run_job_button``)."""
+                template=r"arcae:(?P<action>[a-z]+)(?P<image>[1-8])?:(?P<job_id>[A-Za-z0-9_\-]{1,64})"):
+    """One action on one job (and image); the bot routes the press to ``bot.actions`` (``ArcaeBot.run_job_button``)."""
 
-    def __init__(self, action: str, job_id: str) -> None:
+    def __init__(self, action: str, job_id: str, image: int | None = None, *, row: int | None = None) -> None:
         label, style, emoji = ACTIONS[action]
-        super().__init__(discord.ui.Button(label=label, style=style, emoji=emoji,
-                                           custom_id=f"arcae:{action}:{job_id}"))
+        if image is not None:
+            label = SHORT_LABELS[action].format(n=image)
+        super().__init__(discord.ui.Button(label=label, style=style, emoji=emoji, row=row,
+                                           custom_id=f"arcae:{action}{image or ''}:{job_id}"))
         self.action = action
         self.job_id = job_id
+        self.image = image
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
@@ -46,12 +57,16 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         action = match["action"]
         if action not in ACTIONS:
             raise ValueError(f"unknown button action {action!r}")
-        return cls(action, match["job_id"])
+        image = int(match["image"]) if match["image"] else None
+        if image is not None and action not in PER_IMAGE:
+            raise ValueError(f"button action {action!r} takes no image number")
+        return cls(action, match["job_id"], image)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         # The handlers need the bot's services; the bot, which holds them, routes the press
         # (so that this module, imported by the handlers, does not import them back).
-        await interaction.client.run_job_button(interaction, self.action, self.job_id)  # type: ignore[attr-defined]
+        await interaction.client.run_job_button(  # type: ignore[attr-defined]
+            interaction, self.action, self.job_id, self.image or 1)
 
 
 def _view(job_id: str, actions: list[str]) -> discord.ui.View:
@@ -61,15 +76,40 @@ def _view(job_id: str, actions: list[str]) -> discord.ui.View:
     return view
 
 
+def _per_image_rows(actions: list[str], count: int) -> list[list[tuple[str, int]]]:
+    """Rows of (action, image) buttons: one group per action, each group in rows of five."""
+    rows = []
+    for action in actions:
+        group = [(action, n) for n in range(1, count + 1)]
+        rows += [group[i:i + BUTTONS_PER_ROW] for i in range(0, len(group), BUTTONS_PER_ROW)]
+    return rows
+
+
 def progress_view(job_id: str) -> discord.ui.View:
     """While a job waits or runs: Cancel."""
     return _view(job_id, ["cancel"])
 
 
-def result_view(job_id: str, *, share: bool, upscale: bool = True) -> discord.ui.View:
-    """Under every result: Reroll, Variations, Upscale, Share (when sharing is manual), Delete."""
-    actions = ["reroll", "var"] + (["up"] if upscale else []) + (["share"] if share else []) + ["del"]
-    return _view(job_id, actions)
+def result_view(job_id: str, *, share: bool, upscale: bool = True, count: int = 1) -> discord.ui.View:
+    """Under every result: Upscale and Vary (Strong / Subtle) per image, Reroll, Share (when manual), Delete.
+
+    One image gets worded buttons; a batch gets Midjourney's U1..Un / V1..Vn rows and a row of
+    subtle variations, as long as Discord's five rows of five hold them (the subtle row goes first).
+    """
+    common = ["reroll"] + (["share"] if share else []) + ["del"]
+    if count <= 1:
+        return _view(job_id, (["up"] if upscale else []) + ["var", "vsub"] + common)
+    per_image = (["up"] if upscale else []) + ["var", "vsub"]
+    rows = _per_image_rows(per_image, count)
+    if len(rows) + 1 > MAX_ROWS:
+        rows = _per_image_rows([a for a in per_image if a != "vsub"], count)
+    view = discord.ui.View(timeout=None)
+    for r, row in enumerate(rows):
+        for action, n in row:
+            view.add_item(JobButton(action, job_id, n, row=r))
+    for action in common:
+        view.add_item(JobButton(action, job_id, row=len(rows)))
+    return view
 
 
 def gallery_view(job_id: str) -> discord.ui.View:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import TYPE_CHECKING, Optional
 
 import discord
@@ -15,10 +16,11 @@ from bot.catalog import AdapterCatalog
 from bot.errors import InvalidOption
 from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access, check_content, check_ranges,
                         content_rules, with_safety_negative)
-from engine.contract import protocol
+from engine.contract import limits, protocol
 from engine.contract.config import ArcaeConfig
 from engine.contract.errors import InvalidRequest
 from engine.contract.prompt_syntax import check_no_lora_tags, extract_lora_tags, parse_prompt_attention
+from engine.contract.samplers import FAST_SAMPLER, available_samplers, get_sampler
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -44,25 +46,55 @@ def split_names(text: str | None) -> list[str]:
     return seen
 
 
+def split_weighted(text: str | None, option: str) -> list[tuple[str, float | None]]:
+    """'hikari:0.8, tairitsu' -> [('hikari', 0.8), ('tairitsu', None)]; a bad weight or a repeat is refused."""
+    items: list[tuple[str, float | None]] = []
+    for item in split_names(text):
+        name, colon, raw = item.partition(":")
+        name, raw = name.strip(), raw.strip()
+        weight = None
+        if colon:
+            try:
+                weight = float(raw)
+            except ValueError:
+                raise InvalidOption(f"{option}: {item!r} has no valid weight; write NAME or NAME:WEIGHT with a "
+                                    f"weight from -4 to 4, e.g. `{name or 'name'}:0.8`.") from None
+            problem = limits.weight_problem(f"{option}: the weight of {name}", weight)
+            if problem:
+                raise InvalidOption(f"Not started: {problem}.")
+        if any(n == name for n, _ in items):
+            raise InvalidOption(f"{option}: {name} is listed twice; give each adapter once.")
+        items.append((name, weight))
+    return items
+
+
 def list_autocomplete(current: str, names: list[str]) -> list[app_commands.Choice[str]]:
-    """Complete the last item of a comma-separated list, keeping the items before it."""
+    """Complete the last item of a comma-separated list, keeping the items before it (and their weights).
+
+    Only ``MAX_CHOICES`` fit in Discord's list, so typing narrows it: every adapter stays reachable by
+    name however many are installed. A ``:WEIGHT`` typed after a name is kept.
+    """
     head, _, last = current.rpartition(",")
     chosen = split_names(head)
+    chosen_names = {c.partition(":")[0].strip() for c in chosen}
     prefix = ", ".join(chosen) + (", " if chosen else "")
-    needle = last.strip().lower()
-    matches = [n for n in names if n not in chosen and needle in n.lower()]
-    matches.sort(key=lambda n: (not n.lower().startswith(needle), n.lower()))
+    needle, colon, weight = last.strip().partition(":")
+    needle = needle.strip().lower()
+    suffix = f":{weight.strip()}" if colon else ""
+    matches = [n for n in names if n not in chosen_names and needle in n.lower()]
+    matches.sort(key=lambda n: (n.lower() != needle, not n.lower().startswith(needle), n.lower()))
     choices = []
     for name in matches[:MAX_CHOICES]:
-        value = prefix + name
+        value = prefix + name + suffix
         if len(value) <= 100:
             choices.append(app_commands.Choice(name=value, value=value))
     return choices
 
 
-def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, names: list[str], kind: str,
-                     weight: float | None) -> list[protocol.AdapterWeight]:
-    """Check names against the known adapters (when known) and attach the weight."""
+def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, items: list[tuple[str, float | None]],
+                     kind: str, weight: float | None) -> list[protocol.AdapterWeight]:
+    """Check names against the known adapters (when known); an item's own weight wins over ``weight``."""
+    names = [n for n, _ in items]
     known = catalog.names((kind, "other"))
     if known or catalog.all():
         unknown = [n for n in names if catalog.get(n) is None]
@@ -71,9 +103,41 @@ def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, names: list[s
             raise InvalidOption(f"Unknown {kind} adapter(s): {', '.join(unknown)}. Known {kind} adapters: {shown}"
                                 f"{' …' if len(known) > 15 else ''} (see /adapters).")
     try:
-        return [protocol.AdapterWeight(name=n, weight=weight) for n in names]
+        return [protocol.AdapterWeight(name=n, weight=weight if w is None else w) for n, w in items]
     except pydantic.ValidationError:
         raise InvalidOption("Adapter names are letters, digits, '.', '_' and '-' (see /adapters).") from None
+
+
+SIZE_TEXT = re.compile(r"\s*(\d{1,5})\s*[x×*]\s*(\d{1,5})\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, config: ArcaeConfig) -> tuple[int, int]:
+    """'832x1216' -> (832, 1216) within the configured limits; else a message saying what is allowed."""
+    match = SIZE_TEXT.fullmatch(text)
+    if not match:
+        raise InvalidOption(f"size must be WIDTHxHEIGHT, e.g. 832x1216 (got {text[:40]!r}).")
+    width, height = int(match.group(1)), int(match.group(2))
+    problem = limits.size_problem(config.generation, width, height)
+    if problem:
+        raise InvalidOption(f"Not started: {problem}.")
+    return width, height
+
+
+def user_samplers() -> list[str]:
+    """A1111 sampler names a user may pick (LCM belongs to fast mode, which chooses it itself)."""
+    return [name for name in available_samplers() if name != FAST_SAMPLER]
+
+
+def check_sampler(name: str) -> str:
+    """The canonical A1111 name of ``name``; else a message listing the allowed ones."""
+    allowed = user_samplers()
+    try:
+        canonical = get_sampler(name).name
+    except InvalidRequest:
+        canonical = ""
+    if canonical not in allowed:
+        raise InvalidOption(f"sampler {name[:40]!r} is not available; choose one of: {', '.join(allowed)}.")
+    return canonical
 
 
 def prompt_lora_names(catalog: AdapterCatalog, prompt: str, negative: str | None) -> list[str]:
@@ -121,6 +185,18 @@ def fast_fields(choice: str | None, saved: bool | None, weight: float | None) ->
     return {"fast": on, "fast_mode": mode, "fast_weight": weight}
 
 
+def chosen_size(aspect: str | None, size: str | None, saved_aspect: str | None,
+                config: ArcaeConfig) -> tuple[int | None, int | None]:
+    """``size:`` (exact), else ``aspect:``, else the saved aspect, else the engine's default (None, None)."""
+    if size and aspect:
+        raise InvalidOption("Choose either aspect or size, not both.")
+    if size:
+        return parse_size(size, config)
+    if aspect or saved_aspect:
+        return aspect_size(aspect or saved_aspect or "", config)
+    return None, None
+
+
 class Imagine(commands.Cog):
     """The /imagine command."""
 
@@ -132,17 +208,19 @@ class Imagine(commands.Cog):
     @app_commands.describe(
         prompt="What to draw (danbooru-style tags work best)",
         negative="What to avoid (replaces the default negative prompt)",
-        style="Style adapter(s), comma-separated",
-        style_weight="Weight of the style adapter(s), -4 to 4 (default: the adapter's own)",
-        character="Character adapter(s), comma-separated; their trigger words are added",
-        character_weight="Weight of the character adapter(s), -4 to 4",
+        style="Style adapter(s), comma-separated, each with an optional weight: hikari:0.8, tairitsu:0.6",
+        style_weight="Weight of the style adapters without their own, -4 to 4 (default: the adapter's own)",
+        character="Character adapter(s), comma-separated, each optionally NAME:WEIGHT; trigger words are added",
+        character_weight="Weight of the character adapters without their own, -4 to 4",
         fast="Fast mode: a few-step adapter (DMD2, Hyper-SD, Lightning, TCD, LCM); a little less detail",
         fast_weight="Weight of the fast-mode adapter, 0.1 to 1.5 (default: the mode's own)",
         steps="Sampling steps",
-        cfg="Prompt adherence (CFG scale)",
+        cfg="Prompt adherence (CFG scale); in fast mode within the mode's own range",
         seed="Seed for reproducible results (empty = random)",
         aspect="Aspect ratio",
         count="How many images (1-4)",
+        sampler="Sampler, by its AUTOMATIC1111 name (default: the configured one)",
+        size="Exact size WIDTHxHEIGHT, multiples of 8 (instead of an aspect ratio)",
     )
     @app_commands.choices(aspect=ASPECT_CHOICES, fast=FAST_CHOICES)
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: Optional[str] = None,
@@ -150,15 +228,18 @@ class Imagine(commands.Cog):
                       character: Optional[str] = None, character_weight: Optional[float] = None,
                       fast: Optional[str] = None, steps: Optional[int] = None, cfg: Optional[float] = None,
                       seed: Optional[int] = None, aspect: Optional[str] = None, count: int = 1,
-                      fast_weight: Optional[app_commands.Range[float, 0.1, 1.5]] = None) -> None:
+                      fast_weight: Optional[app_commands.Range[float, 0.1, 1.5]] = None,
+                      sampler: Optional[str] = None, size: Optional[str] = None) -> None:
         config = self.bot.config
         settings = await self.bot.db.settings(interaction.user.id)
         check_access(interaction, config)
         check_ranges(config, prompt=prompt, steps=steps, cfg=cfg, count=count, seed=seed, negative=negative,
                      weights={"style_weight": style_weight, "character_weight": character_weight})
         catalog = self.bot.catalog
-        styles = resolve_adapters(catalog, config, split_names(style or settings.style), "style", style_weight)
-        characters = resolve_adapters(catalog, config, split_names(character), "character", character_weight)
+        styles = resolve_adapters(catalog, config, split_weighted(style or settings.style, "style"), "style",
+                                  style_weight)
+        characters = resolve_adapters(catalog, config, split_weighted(character, "character"), "character",
+                                      character_weight)
         adapters = styles + characters
         tagged = prompt_lora_names(catalog, prompt, negative)
         chosen = {a.name for a in adapters} | set(tagged)
@@ -169,15 +250,12 @@ class Imagine(commands.Cog):
         nsfw = channel_is_nsfw(interaction.channel)
         check_content(prompt, nsfw, config)
         rules = content_rules(nsfw, config)
-        width = height = None
-        chosen_aspect = aspect or settings.aspect
-        if chosen_aspect:
-            width, height = aspect_size(chosen_aspect, config)
+        width, height = chosen_size(aspect, size, settings.aspect, config)
         try:
             params = protocol.GenerationParams(
                 prompt=prompt, negative_prompt=with_safety_negative(negative or settings.negative, rules, config),
                 seed=seed, steps=steps, cfg=cfg, width=width, height=height, count=count, adapters=adapters,
-                **fast_fields(fast, settings.fast, fast_weight))
+                sampler=check_sampler(sampler) if sampler else None, **fast_fields(fast, settings.fast, fast_weight))
         except pydantic.ValidationError as exc:
             raise InvalidOption(f"Not started: {exc.errors()[0].get('msg', 'invalid value')}.") from None
         await start_job(interaction, params=params)
@@ -192,6 +270,12 @@ class Imagine(commands.Cog):
                                      current: str) -> list[app_commands.Choice[str]]:
         self.bot.catalog.refresh_soon()
         return list_autocomplete(current, self.bot.catalog.names(("character",)))
+
+    @imagine.autocomplete("sampler")
+    async def sampler_autocomplete(self, interaction: discord.Interaction,
+                                   current: str) -> list[app_commands.Choice[str]]:
+        needle = current.strip().lower()
+        return [app_commands.Choice(name=n, value=n) for n in user_samplers() if needle in n.lower()][:MAX_CHOICES]
 
 
 async def setup(bot: "ArcaeBot") -> None:

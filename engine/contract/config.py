@@ -185,6 +185,8 @@ class GenerationConfig(_Section):
     fast_cfg: float = Field(1.0, ge=0.0, le=3.0)
     fast_lcm_weight: float = Field(1.0, ge=0.0, le=2.0)
     variation_strength: float = Field(0.5, gt=0.0, le=1.0)
+    # Vary (Subtle) under a result; Vary (Strong) takes variation_strength.
+    subtle_variation_strength: float = Field(0.25, gt=0.0, le=1.0)
     upscale_factor: float = Field(1.5, ge=1.0, le=4.0)
     upscale_strength: float = Field(0.35, gt=0.0, le=1.0)
     min_steps: int = Field(1, ge=1)

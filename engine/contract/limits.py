@@ -86,5 +86,16 @@ def seed_problem(seed: int) -> str | None:
     return out_of_range("seed", seed, 0, MAX_SEED)
 
 
+def size_problem(gen: GenerationConfig, width: int, height: int) -> str | None:
+    """Sides multiples of 8 within [min_side, max_side], area within max_pixels."""
+    if width % 8 or height % 8:
+        return f"size {width}x{height}: width and height must be multiples of 8"
+    if not all(gen.min_side <= side <= gen.max_side for side in (width, height)):
+        return f"size {width}x{height}: each side must be between {gen.min_side} and {gen.max_side} pixels"
+    if width * height > gen.max_pixels:
+        return f"size {width}x{height}: at most {gen.max_pixels} pixels (width x height) allowed"
+    return None
+
+
 def weight_problem(label: str, weight: float) -> str | None:
     return out_of_range(label, weight, -ADAPTER_WEIGHT_LIMIT, ADAPTER_WEIGHT_LIMIT)

@@ -42,16 +42,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def check_size(gen: GenerationConfig, width: int, height: int) -> None:
-    """Sides multiples of 8 within [min_side, max_side], area within max_pixels."""
-    if width % 8 or height % 8:
-        raise InvalidRequest(f"size {width}x{height}: width and height must be multiples of 8")
-    for side in (width, height):
-        if not gen.min_side <= side <= gen.max_side:
-            raise InvalidRequest(
-                f"size {width}x{height}: each side must be between {gen.min_side} and {gen.max_side} pixels"
-            )
-    if width * height > gen.max_pixels:
-        raise InvalidRequest(f"size {width}x{height}: at most {gen.max_pixels} pixels (width x height) allowed")
+    """Sides multiples of 8 within [min_side, max_side], area within max_pixels (``limits.size_problem``)."""
+    problem = limits.size_problem(gen, width, height)
+    if problem:
+        raise InvalidRequest(problem)
 
 
 def fast_lcm_missing_message(lcm_adapter: str, adapters_dir: str) -> str:

@@ -57,3 +57,15 @@ def _any_text(double, interaction, needle: str) -> str | None:
             if needle in text:
                 return text
     return None
+
+
+async def test_fast_mode_cfg_per_request_within_the_recipes_bounds(stack):
+    d = stack.double
+    inter = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl", "seed": 4, "fast": "dmd2",
+                                                                 "cfg": 0.5, "fast_weight": 0.6})
+    msg = await d.wait_for(lambda: finished(d, inter), timeout=60)
+    params = png_parameters(d, msg)
+    assert "CFG scale: 0.5" in params and f"<lora:{DMD2}:0.6>" in params, params
+    refused = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl", "fast": "dmd2", "cfg": 3.0})
+    text = await d.wait_for(lambda: _any_text(d, refused, "CFG must be between"), timeout=30)
+    assert "between 0 and 1 in fast mode dmd2" in text, text

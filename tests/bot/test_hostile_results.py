@@ -265,3 +265,42 @@ async def test_delivery_reads_only_regular_files_inside_the_outputs_folder(tmp_p
     (outputs / "j-3.png").write_bytes(f"SECRET={CANARY}".encode())
     with pytest.raises(ResultRejected, match="only PNG or JPEG|not a complete"):
         read_result(outputs, "j-3.png", limits)
+
+
+def jpeg_with_canary(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(out, format="JPEG", comment=CANARY.encode())
+    return out.getvalue()
+
+
+BAD_PREVIEWS = {
+    "a png": lambda: png(),
+    "not an image": lambda: f"SECRET={CANARY}\n".encode(),
+    "truncated jpeg": lambda: truncated(jpeg_with_canary((96, 96))),
+    "too many pixels": lambda: jpeg_with_canary((1024, 1024)),
+}
+
+
+async def test_a_bad_preview_is_never_shown_and_the_job_still_arrives(hostile):
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (20, 40, 200)).save(good, format="PNG")
+
+    def plan(request: Any) -> list[Raw]:
+        events = []
+        for seq, make in enumerate(BAD_PREVIEWS.values(), start=2):
+            data = make()
+            assert CANARY.encode() in data
+            events.append(Raw({"type": "progress", "job_id": request.job_id, "attempt": request.attempt, "seq": seq,
+                               "step": seq, "total": 10, "preview_jpeg_b64": base64.b64encode(data).decode()}))
+        events.append(Raw({"type": "progress", "job_id": request.job_id, "attempt": request.attempt, "seq": 8,
+                           "step": 8, "total": 10, "preview_jpeg_b64": "%%% not base64 " + CANARY}))
+        final = json.loads(completed("/x.png", good.getvalue())(request)[0].text)
+        return [*events, Raw({**final, "seq": 9})]  # after the progress events
+
+    inter, msg = await run_job(hostile, plan)
+    assert not leaks(hostile.double), "a bad preview reached Discord"
+    previews = [name for c in hostile.double.calls for name, _ in c.files if name.startswith("preview_")]
+    assert not previews, previews
+    files = job_files(hostile.double, inter)
+    assert len(files) == 1 and files[0]["filename"].endswith(".png"), msg
+    assert "preview not shown" in hostile.bot.log()
