@@ -248,11 +248,12 @@ class GpuWorker(BatchingMixin):
             source = self.config.path(self.config.storage.outputs_dir) / request.source
             if not source.is_file():
                 raise SourceNotFound(f"image {request.source} is not in the engine's outputs; generate it first")
-            # The full parameters are only known once the source's stored request is merged in
-            # (on the worker thread); the adapter names can be checked now.
-            for adapter in params.adapters:
-                self.generator.registry.get(adapter.name)
-            return
+            if request.mode != "image":
+                # The full parameters are only known once the source's stored request is merged in
+                # (on the worker thread); the adapter names can be checked now.
+                for adapter in params.adapters:
+                    self.generator.registry.get(adapter.name)
+                return
         self.generator.resolve(params)  # reads the registry through its thread-safe get()
 
     def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:
