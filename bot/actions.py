@@ -25,6 +25,7 @@ from bot.job_manager import new_job_id
 from bot.policy import (channel_is_nsfw, check_access, check_content, check_limits, check_ranges, content_rules,
                         is_admin, with_safety_negative)
 from bot.replies import reply, report_error
+from bot.uploads import is_upload
 from bot.views import RemixModal
 from engine.contract import protocol
 
@@ -112,6 +113,10 @@ def params_for_channel(interaction: discord.Interaction, params: protocol.Genera
 async def _reroll(interaction: discord.Interaction, job: Job) -> None:
     check_access(interaction, bot_of(interaction).config)
     params = params_for_channel(interaction, job.params.model_copy(update={"seed": None}))
+    if is_upload(job.source_image):  # a picture's img2img rerolls from the same picture
+        await start_job(interaction, params=params, kind=job.kind, source_image=job.source_image,
+                        parent_job_id=job.job_id)
+        return
     await start_job(interaction, params=params, kind="txt2img", parent_job_id=job.job_id)
 
 
@@ -122,7 +127,8 @@ async def _img2img(interaction: discord.Interaction, job: Job, mode: str) -> Non
     if job.status != "completed" or not images:
         raise Refused("This job has no finished image to start from yet.")
     seed = None if mode == "variation" else (job.resolved.seed if job.resolved else images[0].seed)
-    params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1}))
+    params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1,
+                                                                                 "strength": None}))
     await start_job(interaction, params=params, kind=mode, source_image=images[0].path, parent_job_id=job.job_id)
 
 
@@ -191,8 +197,9 @@ _BUTTONS: dict[str, Callable[[discord.Interaction, Job], Awaitable[None]]] = {
 }
 
 
-# Buttons under a gallery post; all others sit under the job's own message.
+# Buttons under a gallery post; all others sit under the job's own message (some also on a /history page).
 _GALLERY_ACTIONS = frozenset({"remix", "gdel"})
+_HISTORY_ACTIONS = frozenset({"reroll", "var", "up", "share"})
 
 
 async def check_message_shows(interaction: discord.Interaction, action: str, job: Job) -> None:
@@ -202,6 +209,10 @@ async def check_message_shows(interaction: discord.Interaction, action: str, job
         shown = {i.gallery_message_id for i in await bot_of(interaction).db.images(job.job_id)}
     else:
         shown = {job.message_id}
+        # A /history answer listing this job carries its result buttons too (bot.cogs.history).
+        listed = getattr(bot_of(interaction), "history_pages", {}).get(message_id, frozenset())
+        if action in _HISTORY_ACTIONS and job.job_id in listed:
+            return
     if message_id is None or message_id not in shown:
         log.warning("button %s:%s pressed by user %s on message %s, which is not that job's", action, job.job_id,
                     interaction.user.id, message_id)
