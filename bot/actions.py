@@ -202,6 +202,19 @@ _GALLERY_ACTIONS = frozenset({"remix", "gdel"})
 _HISTORY_ACTIONS = frozenset({"reroll", "var", "up", "share"})
 
 
+def on_own_history(interaction: discord.Interaction, job: Job) -> bool:
+    """A press by the job's author on an ephemeral message of this bot: a /history page (bot.cogs.history).
+
+    Only its recipient sees an ephemeral message, and Discord delivers a press only for a custom id
+    the clicked message carries; this bot puts job buttons in an ephemeral message only on /history,
+    which lists the asker's own jobs. Stateless, so the page's buttons keep working after a restart.
+    """
+    message = interaction.message
+    me = interaction.client.user
+    return (message is not None and me is not None and message.author.id == me.id and message.flags.ephemeral
+            and interaction.user.id == job.user_id)
+
+
 async def check_message_shows(interaction: discord.Interaction, action: str, job: Job) -> None:
     """Refuse a press whose message is not the job's own (or its gallery post): a forged or stale custom id."""
     message_id = interaction.message.id if interaction.message is not None else None
@@ -209,9 +222,7 @@ async def check_message_shows(interaction: discord.Interaction, action: str, job
         shown = {i.gallery_message_id for i in await bot_of(interaction).db.images(job.job_id)}
     else:
         shown = {job.message_id}
-        # A /history answer listing this job carries its result buttons too (bot.cogs.history).
-        listed = getattr(bot_of(interaction), "history_pages", {}).get(message_id, frozenset())
-        if action in _HISTORY_ACTIONS and job.job_id in listed:
+        if action in _HISTORY_ACTIONS and on_own_history(interaction, job):
             return
     if message_id is None or message_id not in shown:
         log.warning("button %s:%s pressed by user %s on message %s, which is not that job's", action, job.job_id,

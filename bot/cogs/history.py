@@ -3,10 +3,10 @@
 The answer is private to the asker and lists only the asker's jobs started in the server asked
 in (see README "Security model"). Each job shows a thumbnail, its parameters and the result
 message's own buttons (Reroll, Variations, Upscale, Share: the same ``arcae:<action>:<job>`` ids),
-so the existing handlers and their ownership checks decide what a press may do;
-``bot.actions.check_message_shows`` accepts those presses on a history message that lists the
-job (``ArcaeBot.history_pages``). Paging buttons live as long as Discord lets the answer be
-edited (15 minutes); after that, or after a restart, /history again.
+so the existing handlers and their ownership checks decide what a press may do
+(``bot.actions.on_own_history`` accepts them on an ephemeral page of the job's author, also
+after a restart). The paging buttons live as long as Discord lets the answer be edited
+(15 minutes); after that, /history again.
 """
 
 from __future__ import annotations
@@ -39,15 +39,6 @@ VIEW_TIMEOUT_S = 14 * 60  # within the 15 minutes an interaction's answer may be
 THUMB_SIDE = 384
 # Buttons a history page carries per job; Delete stays under the result itself.
 HISTORY_ACTIONS = ("reroll", "var", "up", "share")
-
-
-def pages_of(bot: "ArcaeBot") -> dict[int, frozenset[str]]:
-    """History message id -> the job ids it lists (what ``check_message_shows`` accepts on it)."""
-    pages = getattr(bot, "history_pages", None)
-    if pages is None:
-        pages = {}
-        bot.history_pages = pages  # type: ignore[attr-defined]
-    return pages
 
 
 def thumbnail(data: bytes) -> bytes:
@@ -91,7 +82,6 @@ class HistoryView(discord.ui.View):
         self.rules = rules
         self.page = 0
         self.pages = max(1, math.ceil(len(job_ids) / PER_PAGE))
-        self.message_id: int | None = None
         nonce = secrets.token_hex(6)
         self.newer = discord.ui.Button(label="Newer", emoji="◀️", custom_id=f"arcae-history:{nonce}:newer", row=4)
         self.older = discord.ui.Button(label="Older", emoji="▶️", custom_id=f"arcae-history:{nonce}:older", row=4)
@@ -159,13 +149,6 @@ class HistoryView(discord.ui.View):
     async def _older(self, interaction: discord.Interaction) -> None:
         await self._turn(interaction, 1)
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return True  # an ephemeral answer: only its asker sees and presses it
-
-    async def on_timeout(self) -> None:
-        if self.message_id is not None:
-            pages_of(self.bot).pop(self.message_id, None)
-
 
 class History(commands.Cog):
     """The /history command."""
@@ -183,9 +166,6 @@ class History(commands.Cog):
         view = HistoryView(self.bot, job_ids, content_rules(channel_is_nsfw(interaction.channel), self.bot.config))
         shown, files = await view.render()
         await interaction.response.send_message(view.content(), embeds=shown, files=files, view=view, ephemeral=True)
-        message = await interaction.original_response()
-        view.message_id = message.id
-        pages_of(self.bot)[message.id] = frozenset(job_ids)
 
 
 async def setup(bot: "ArcaeBot") -> None:

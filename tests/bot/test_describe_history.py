@@ -158,7 +158,6 @@ async def test_describe_gives_the_tiny_taggers_tags_characters_first(stack):
     assert tags.index("1girl") < tags.index("red theme"), "general tags by confidence"
     assert "general" in text_of(msg).lower(), "the rating is shown"
     assert any("Imagine" in (b.get("label") or "") for b in buttons(msg))
-    stack.describe_msg = msg
 
     # In a channel that is not age-restricted a blocked tag is never shown.
     sfw = await invoke(d, d.alice, "describe", files={"image": ("red.png", red)})
@@ -180,7 +179,9 @@ async def test_describe_refuses_tags_of_a_questionable_picture_outside_age_restr
 
 async def test_describe_imagine_button_starts_a_job_from_the_prompt(stack):
     d = stack.double
-    msg = stack.describe_msg
+    inter = await invoke(d, d.alice, "describe", files={"image": ("red.png", picture((255, 0, 0)))},
+                         channel=d.nsfw_channel)
+    msg = await answer(d, inter)
     press = await d.click(d.alice, msg, button(msg, "Imagine this"))
     modal = await modal_of(d, press)
     values = modal_values(modal)
@@ -244,18 +245,19 @@ async def test_imagine_refuses_an_attachment_that_is_not_a_picture(stack):
 async def test_history_pages_through_only_the_callers_jobs_of_this_server(stack):
     d = stack.double
     made = []
-    for i in range(2 * PER_PAGE + 1):
-        inter = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": f"bob {i}", "steps": 2, "seed": i})
+    for i in range(2 * PER_PAGE + 1):  # the owner makes exactly these in this module: 3 pages
+        inter = await d.invoke_slash(d.owner, d.channel, "imagine", {"prompt": f"owner {i}", "steps": 2, "seed": i})
         made.append(inter)
     jobs = []
     for inter in made:
         jobs.append(job_of(await d.wait_for(lambda inter=inter: finished(d, inter), timeout=90)))
-    # alice's job in another server must not show in her history here, nor bob's ever.
+    # alice's job in another server must not show in her history here, nor the owner's.
     elsewhere = await d.invoke_slash(d.alice, d.other_channel, "imagine", {"prompt": "far away", "steps": 2},
                                      anywhere=True)
-    await d.wait_for(lambda: finished(d, elsewhere), timeout=60)
+    here = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "near here", "steps": 2})
+    await d.wait_for(lambda: finished(d, elsewhere) and finished(d, here), timeout=60)
 
-    inter = await d.invoke_slash(d.bob, d.channel, "history")
+    inter = await d.invoke_slash(d.owner, d.channel, "history")
     page = await d.wait_for(lambda: d.original(inter), timeout=20)
     assert page.get("flags", 0) & EPHEMERAL
     seen = []
@@ -268,24 +270,30 @@ async def test_history_pages_through_only_the_callers_jobs_of_this_server(stack)
         assert len(page["attachments"]) == len(ids), "each job's image is shown"
         seen += ids
         if n < 2:
-            press = await d.click(d.bob, page, button(page, "Older"))
+            press = await d.click(d.owner, page, button(page, "Older"))
             await d.wait_for(lambda press=press: press.callbacks, timeout=10)
     assert seen == list(reversed(jobs)), "newest first, each job once"
 
     alice = await d.invoke_slash(d.alice, d.channel, "history")
     alice_text = text_of(await d.wait_for(lambda: d.original(alice), timeout=20))
-    assert "far away" not in alice_text and "bob 0" not in alice_text and "1girl" in alice_text
+    assert "near here" in alice_text and "far away" not in alice_text and "owner 0" not in alice_text
 
 
 async def test_history_buttons_work_with_their_ownership_checks(stack):
     d = stack.double
+    made = await d.invoke_slash(d.bob, d.channel, "imagine", {"prompt": "bob's picture", "steps": 2})
+    await d.wait_for(lambda: finished(d, made), timeout=60)
     inter = await d.invoke_slash(d.bob, d.channel, "history")
     msg = await d.wait_for(lambda: d.original(inter), timeout=20)
     newest = job_ids(msg)[0]
     reroll = await d.click(d.bob, msg, f"arcae:reroll:{newest}")
     result = await d.wait_for(lambda: finished(d, reroll), timeout=60)
     _, params = result_png(d, result)
-    assert f"bob {2 * PER_PAGE}" in params
-    # Share stays with the job's author: alice pressing it on bob's history message is refused.
+    assert "bob's picture" in params
+    # Only bob sees his page; a press by anyone else arriving anyway is refused, and nothing is shared.
     share = await d.click(d.alice, msg, f"arcae:share:{newest}")
-    assert "Only the person who made this image" in (await answer(d, share))["content"]
+    assert "does not belong to job" in (await answer(d, share))["content"]
+    assert not any(newest in str(m) for m in d.channel_messages(d.gallery_channel))
+    # bob's own Share works from the page.
+    mine = await d.click(d.bob, msg, f"arcae:share:{newest}")
+    assert "Shared" in (await answer(d, mine))["content"]
