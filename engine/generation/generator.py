@@ -298,7 +298,8 @@ class Generator:
         strength = self.config.generation.variation_strength if strength is None else strength
         width, height = params.width, params.height
         if width is None or height is None:
-            width, height = picture_size(image.size, self.config.generation.size)
+            gen = self.config.generation
+            width, height = picture_size(image.size, gen.size, min_side=gen.min_side, max_side=gen.max_side)
         request = params.model_copy(update={"width": width, "height": height})
         resolved, warnings = self._resolve(
             request, "image", extra_negative=extra_negative, strength=strength, source_image=path.name
@@ -545,12 +546,15 @@ def _check_job_id(job_id: str) -> None:
         raise InvalidRequest(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")
 
 
-def picture_size(size: tuple[int, int], default: tuple[int, int]) -> tuple[int, int]:
-    """A picture's aspect ratio at the configured default size's area, in multiples of 8.
+def picture_size(size: tuple[int, int], default: tuple[int, int], *, min_side: int = 8,
+                 max_side: int = 8192) -> tuple[int, int]:
+    """A picture's aspect ratio at the configured default size's area, in multiples of 8, sides within limits.
 
     An upload of any size (a 4000x3000 photo, a 300 px sketch) is drawn at the area the model
-    was made for, so it neither runs out of memory nor comes out as mush.
+    was made for, so it neither runs out of memory nor comes out as mush; a very long strip is
+    squeezed into the allowed sides rather than refused.
     """
     w, h = max(1, size[0]), max(1, size[1])
     scale = math.sqrt(default[0] * default[1] / (w * h))
-    return max(8, round(w * scale / 8) * 8), max(8, round(h * scale / 8) * 8)
+    low, high = -(-max(8, min_side) // 8) * 8, max(8, max_side // 8 * 8)
+    return (min(high, max(low, round(w * scale / 8) * 8)), min(high, max(low, round(h * scale / 8) * 8)))
