@@ -54,7 +54,8 @@ def parameters_text(parameters: dict[str, str]) -> str:
     lines = [embeds.truncate(parameters.get("Prompt", ""), 600)]
     if parameters.get("Negative prompt"):
         lines.append(f"Negative: {embeds.truncate(parameters['Negative prompt'], 200)}")
-    rest = ", ".join(f"{k}: {parameters[k]}" for k in ("Steps", "Sampler", "CFG scale", "Seed", "Size") if k in parameters)
+    keys = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
+    rest = ", ".join(f"{k}: {parameters[k]}" for k in keys if k in parameters)
     return "\n".join(lines + ([rest] if rest else []))
 
 
@@ -163,8 +164,9 @@ class Describe(commands.Cog):
     @staticmethod
     def _embed(prompt: str, rating: str, hidden: int, picture: Picture,
                parameters: dict[str, str] | None) -> discord.Embed:
+        shown = embeds.truncate(prompt, 3500) or "(no tags above the thresholds)"
         embed = discord.Embed(title=f"Describe · {embeds.truncate(picture.filename, 200)}", colour=embeds.COLOR,
-                              description=f"```\n{embeds.truncate(prompt, 3500) or '(no tags above the thresholds)'}\n```")
+                              description=f"```\n{shown}\n```")
         embed.add_field(name="Rating", value=rating)
         if hidden:
             embed.add_field(name="Left out", value=f"{hidden} tag(s) not allowed in this channel")

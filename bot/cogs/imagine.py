@@ -131,16 +131,16 @@ async def start_from_picture(interaction: discord.Interaction, attachment: disco
     Downloading and checking a large picture can take longer than Discord's 3 s, so this
     acknowledges first; a refusal then removes the "thinking…" message and answers privately.
     """
-    bot = interaction.client
+    config: ArcaeConfig = interaction.client.config  # type: ignore[attr-defined]
     await interaction.response.defer(thinking=True)
     source = None
     try:
-        picture = await read_picture(attachment, bot.config)  # type: ignore[attr-defined]
-        source = await asyncio.to_thread(store_picture, picture, bot.config)  # type: ignore[attr-defined]
+        picture = await read_picture(attachment, config)
+        source = await asyncio.to_thread(store_picture, picture, config)
         await start_job(interaction, params=params, kind="variation", source_image=source)
     except UserFacingError:
         if source is not None:  # refused by a limit: the job was never stored, so neither is its picture
-            (bot.config.path(bot.config.storage.outputs_dir) / source).unlink(missing_ok=True)  # type: ignore[attr-defined]
+            (config.path(config.storage.outputs_dir) / source).unlink(missing_ok=True)
         with contextlib.suppress(discord.HTTPException):
             await interaction.delete_original_response()
         raise

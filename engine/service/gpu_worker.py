@@ -246,6 +246,10 @@ class GpuWorker(BatchingMixin):
                 raise InvalidRequest(problem)
         if isinstance(request, protocol.Img2ImgRequest):
             source = self.config.path(self.config.storage.outputs_dir) / request.source
+            if not source.is_file() and request.mode == "image":
+                # The bot stores a user's picture in its outputs folder; a remote engine must share it.
+                raise SourceNotFound(f"the picture {request.source} did not reach the engine (a remote engine must "
+                                     "share the bot's [storage] outputs_dir; Redis workers get it through Redis)")
             if not source.is_file():
                 raise SourceNotFound(f"image {request.source} is not in the engine's outputs; generate it first")
             if request.mode != "image":

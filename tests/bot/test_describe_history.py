@@ -186,8 +186,8 @@ async def test_describe_imagine_button_starts_a_job_from_the_prompt(stack):
     modal = await modal_of(d, press)
     values = modal_values(modal)
     assert values["prompt"].startswith("hikari \\(arcaea\\), 1girl")
-    job = await d.submit_modal(d.alice, d.nsfw_channel, modal["custom_id"], {"prompt": values["prompt"],
-                                                                              "negative": "", "seed": "3", "steps": "2", "cfg": ""})
+    job = await d.submit_modal(d.alice, d.nsfw_channel, modal["custom_id"],
+                               {"prompt": values["prompt"], "negative": "", "seed": "3", "steps": "2", "cfg": ""})
     result = await d.wait_for(lambda: finished(d, job), timeout=60)
     _, params = result_png(d, result)
     assert params.startswith("hikari \\(arcaea\\), 1girl") and "Seed: 3" in params
@@ -197,7 +197,8 @@ async def test_describe_offers_remix_of_a_png_with_a1111_parameters(stack):
     d = stack.double
     text = ("masterpiece, 1girl, silver hair\nNegative prompt: lowres, bad hands\n"
             "Steps: 3, Sampler: Euler a, CFG scale: 5.5, Seed: 1234, Size: 64x64")
-    inter = await invoke(d, d.alice, "describe", files={"image": ("a1111.png", picture((200, 200, 200), parameters=text))})
+    png = picture((200, 200, 200), parameters=text)
+    inter = await invoke(d, d.alice, "describe", files={"image": ("a1111.png", png)})
     msg = await answer(d, inter)
     assert "silver hair" in text_of(msg) and "1234" in text_of(msg)
     press = await d.click(d.alice, msg, button(msg, "Remix with these parameters"))
