@@ -25,6 +25,7 @@ from bot.job_manager import new_job_id
 from bot.policy import (channel_is_nsfw, check_access, check_content, check_limits, check_ranges, content_rules,
                         is_admin, with_safety_negative)
 from bot.replies import reply, report_error
+from bot.uploads import is_upload
 from bot.views import RemixModal
 from engine.contract import protocol
 
@@ -113,6 +114,10 @@ def params_for_channel(interaction: discord.Interaction, params: protocol.Genera
 async def _reroll(interaction: discord.Interaction, job: Job) -> None:
     check_access(interaction, bot_of(interaction).config)
     params = params_for_channel(interaction, job.params.model_copy(update={"seed": None}))
+    if is_upload(job.source_image):  # a picture's img2img rerolls from the same picture
+        await start_job(interaction, params=params, kind=job.kind, source_image=job.source_image,
+                        parent_job_id=job.job_id)
+        return
     await start_job(interaction, params=params, kind="txt2img", parent_job_id=job.job_id)
 
 
@@ -129,7 +134,8 @@ async def _img2img(interaction: discord.Interaction, job: Job, mode: str, image:
         raise Refused(f"This job has {len(images)} image(s); there is no image {image}.")
     # An upscale keeps the image's own seed (each image of a batch has its own); a variation draws a new one.
     seed = None if mode == "variation" else source.seed
-    params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1}))
+    params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1,
+                                                                                 "strength": None}))
     # A strong variation takes the engine's [generation] variation_strength; a subtle one the bot's smaller one.
     strength = bot.config.generation.subtle_variation_strength if subtle else None
     await start_job(interaction, params=params, kind=mode, source_image=source.path, parent_job_id=job.job_id,
@@ -206,8 +212,22 @@ _BUTTONS: dict[str, Callable[[discord.Interaction, Job], Awaitable[None]]] = {
 }
 
 
-# Buttons under a gallery post; all others sit under the job's own message.
+# Buttons under a gallery post; all others sit under the job's own message (some also on a /history page).
 _GALLERY_ACTIONS = frozenset({"remix", "gdel"})
+_HISTORY_ACTIONS = frozenset({"reroll", "var", "up", "share"})
+
+
+def on_own_history(interaction: discord.Interaction, job: Job) -> bool:
+    """A press by the job's author on an ephemeral message of this bot: a /history page (bot.cogs.history).
+
+    Only its recipient sees an ephemeral message, and Discord delivers a press only for a custom id
+    the clicked message carries; this bot puts job buttons in an ephemeral message only on /history,
+    which lists the asker's own jobs. Stateless, so the page's buttons keep working after a restart.
+    """
+    message = interaction.message
+    me = interaction.client.user
+    return (message is not None and me is not None and message.author.id == me.id and message.flags.ephemeral
+            and interaction.user.id == job.user_id)
 
 
 async def check_message_shows(interaction: discord.Interaction, action: str, job: Job) -> None:
@@ -217,6 +237,8 @@ async def check_message_shows(interaction: discord.Interaction, action: str, job
         shown = {i.gallery_message_id for i in await bot_of(interaction).db.images(job.job_id)}
     else:
         shown = {job.message_id}
+        if action in _HISTORY_ACTIONS and on_own_history(interaction, job):
+            return
     if message_id is None or message_id not in shown:
         log.warning("button %s:%s pressed by user %s on message %s, which is not that job's", action, job.job_id,
                     interaction.user.id, message_id)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 COGS = (
     "bot.cogs.imagine",
+    "bot.cogs.describe",
+    "bot.cogs.history",
     "bot.cogs.jobs",
     "bot.cogs.settings",
     "bot.cogs.adapters",

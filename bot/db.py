@@ -248,6 +248,12 @@ class Database:
                                " ORDER BY created_at", (user_id, *statuses, *(() if guild_id is None else (guild_id,))))
         return [Job.from_row(r) for r in rows]
 
+    async def finished_job_ids(self, user_id: int, guild_id: int | None, *, limit: int) -> list[str]:
+        """A user's completed jobs started in one server, newest first (/history)."""
+        rows = await self._all("SELECT job_id FROM jobs WHERE user_id = ? AND guild_id IS ? AND status = 'completed'"
+                               " ORDER BY created_at DESC, rowid DESC LIMIT ?", (user_id, guild_id, limit))
+        return [r["job_id"] for r in rows]
+
     async def count_active_in(self, guild_id: int | None) -> int:
         """Jobs waiting or running that were started in one server."""
         row = await self._one("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running') AND guild_id IS ?",

@@ -22,6 +22,7 @@ from bot.db_retry import until_stored
 from bot.delivery import Delivery, delivery_file
 from bot.errors import Refused
 from bot.results import ResultLimits, ResultRejected, accept_completed, accept_preview
+from bot.uploads import is_upload
 from bot.views import progress_view
 from engine.contract import protocol
 from engine.contract.transport import EngineRejected, EngineTransport, EngineUnavailable
@@ -96,9 +97,12 @@ class JobManager:
         owner = str(job.user_id)
         if job.kind == "txt2img":
             return protocol.GenerateRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, params=job.params)
-        return protocol.Img2ImgRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, mode=job.kind,
-                                       source=Path(job.source_image or "").name, strength=job.strength,
-                                       params=job.params)
+        # A user's picture has no stored request to start from (mode "image"); the jobs table's
+        # kind predates image input, so such a job is a "variation" whose source is an upload.
+        mode = "image" if is_upload(job.source_image) else job.kind
+        return protocol.Img2ImgRequest(job_id=job.job_id, owner=owner, attempt=job.attempt, mode=mode,
+                                       source=Path(job.source_image or "").name, params=job.params,
+                                       strength=job.params.strength if mode == "image" else job.strength)
 
     def _live_for(self, job: Job) -> LiveJob:
         live = self._live.get(job.job_id)

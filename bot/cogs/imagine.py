@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import difflib
 import re
 from typing import TYPE_CHECKING, Optional
@@ -13,9 +15,10 @@ from discord.ext import commands
 
 from bot.actions import start_job
 from bot.catalog import AdapterCatalog
-from bot.errors import InvalidOption
+from bot.errors import InvalidOption, UserFacingError
 from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access, check_content, check_ranges,
                         content_rules, with_safety_negative)
+from bot.uploads import read_picture, store_picture
 from engine.contract import limits, protocol
 from engine.contract.config import ArcaeConfig
 from engine.contract.errors import InvalidRequest
@@ -197,6 +200,28 @@ def chosen_size(aspect: str | None, size: str | None, saved_aspect: str | None,
     return None, None
 
 
+async def start_from_picture(interaction: discord.Interaction, attachment: discord.Attachment,
+                             params: protocol.GenerationParams) -> None:
+    """img2img from a user's picture: acknowledge, check and store it (training intake's checks), start the job.
+
+    Downloading and checking a large picture can take longer than Discord's 3 s, so this
+    acknowledges first; a refusal then removes the "thinking…" message and answers privately.
+    """
+    config: ArcaeConfig = interaction.client.config  # type: ignore[attr-defined]
+    await interaction.response.defer(thinking=True)
+    source = None
+    try:
+        picture = await read_picture(attachment, config)
+        source = await asyncio.to_thread(store_picture, picture, config)
+        await start_job(interaction, params=params, kind="variation", source_image=source)
+    except UserFacingError:
+        if source is not None:  # refused by a limit: the job was never stored, so neither is its picture
+            (config.path(config.storage.outputs_dir) / source).unlink(missing_ok=True)
+        with contextlib.suppress(discord.HTTPException):
+            await interaction.delete_original_response()
+        raise
+
+
 class Imagine(commands.Cog):
     """The /imagine command."""
 
@@ -221,6 +246,8 @@ class Imagine(commands.Cog):
         count="How many images (1-4)",
         sampler="Sampler, by its AUTOMATIC1111 name (default: the configured one)",
         size="Exact size WIDTHxHEIGHT, multiples of 8 (instead of an aspect ratio)",
+        image="Start from your picture (img2img): PNG, JPEG, WebP, GIF or BMP",
+        strength="With an image: how far to move from it, 0.05 (close) to 1 (new); default the variation strength",
     )
     @app_commands.choices(aspect=ASPECT_CHOICES, fast=FAST_CHOICES)
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: Optional[str] = None,
@@ -229,8 +256,12 @@ class Imagine(commands.Cog):
                       fast: Optional[str] = None, steps: Optional[int] = None, cfg: Optional[float] = None,
                       seed: Optional[int] = None, aspect: Optional[str] = None, count: int = 1,
                       fast_weight: Optional[app_commands.Range[float, 0.1, 1.5]] = None,
-                      sampler: Optional[str] = None, size: Optional[str] = None) -> None:
+                      sampler: Optional[str] = None, size: Optional[str] = None,
+                      image: Optional[discord.Attachment] = None,
+                      strength: Optional[app_commands.Range[float, 0.05, 1.0]] = None) -> None:
         config = self.bot.config
+        if strength is not None and image is None:
+            raise InvalidOption("strength applies only to a picture: attach one with the `image` option.")
         settings = await self.bot.db.settings(interaction.user.id)
         check_access(interaction, config)
         check_ranges(config, prompt=prompt, steps=steps, cfg=cfg, count=count, seed=seed, negative=negative,
@@ -255,9 +286,13 @@ class Imagine(commands.Cog):
             params = protocol.GenerationParams(
                 prompt=prompt, negative_prompt=with_safety_negative(negative or settings.negative, rules, config),
                 seed=seed, steps=steps, cfg=cfg, width=width, height=height, count=count, adapters=adapters,
-                sampler=check_sampler(sampler) if sampler else None, **fast_fields(fast, settings.fast, fast_weight))
+                sampler=check_sampler(sampler) if sampler else None, strength=strength if image is not None else None,
+                **fast_fields(fast, settings.fast, fast_weight))
         except pydantic.ValidationError as exc:
             raise InvalidOption(f"Not started: {exc.errors()[0].get('msg', 'invalid value')}.") from None
+        if image is not None:
+            await start_from_picture(interaction, image, params)
+            return
         await start_job(interaction, params=params)
 
     @imagine.autocomplete("style")

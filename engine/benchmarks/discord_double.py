@@ -55,6 +55,7 @@ class Interaction:
     expired: bool = False
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     original_id: int | None = None
+    message_id: int | None = None  # the message whose component was pressed
     attachment_size_limit: int = 10 * 1024 * 1024
 
 
@@ -326,6 +327,7 @@ class DiscordDouble:
         channel = self.channels[str(message["channel_id"])]
         record, payload = self._interaction_base(user, channel, 3)
         payload["message"] = message
+        record.message_id = int(message["id"])
         payload["data"] = {"custom_id": custom_id, "component_type": 2}
         await self.dispatch("INTERACTION_CREATE", payload)
         return record
@@ -497,8 +499,11 @@ class DiscordDouble:
             record.original_id = int(msg["id"])
             result["interaction"]["response_message_id"] = msg["id"]
             result["resource"] = {"type": kind, "message": self.public(msg)}
-        elif kind == 7:
-            result["resource"] = {"type": kind}
+        elif kind == 7:  # update the message whose component was pressed
+            msg = self.messages.get(record.message_id) if record.message_id is not None else None
+            if msg is not None:
+                self._apply(msg, data, files)
+            result["resource"] = {"type": kind, **({"message": self.public(msg)} if msg is not None else {})}
         else:
             result["resource"] = {"type": kind}
         return _json(result)

@@ -72,6 +72,8 @@ class GenerationParams(_Msg):
     fast_mode: str | None = Field(None, max_length=64)
     fast_weight: float | None = Field(None, ge=0.0, le=2.0)
     add_quality_tags: bool | None = None
+    # img2img from a user's picture (Img2ImgRequest mode "image"): how far to move from it, 0-1.
+    strength: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class ResolvedParams(_Msg):
@@ -88,7 +90,7 @@ class ResolvedParams(_Msg):
     sampler: str
     adapters: list[AdapterWeight]
     fast: bool
-    mode: Literal["txt2img", "variation", "upscale"] = "txt2img"
+    mode: Literal["txt2img", "variation", "upscale", "image"] = "txt2img"
     fast_mode: str | None = None  # the few-step recipe that ran ("lcm", "dmd2", ...)
     eta: float | None = None  # the recipe's eta (TCD's gamma), when it has one
     cfg_rescale: float = 0.0  # guidance_rescale applied (v-prediction bases with CFG)
@@ -134,7 +136,8 @@ class GenerateRequest(_Msg):
 
 
 class Img2ImgRequest(_Msg):
-    """A variation (same prompt, new seed) or an upscale (hires fix) of an existing image."""
+    """A variation (same prompt, new seed) or an upscale (hires fix) of an existing image, or
+    ``image``: img2img from a user's uploaded picture (no stored request; ``params`` is the whole request)."""
 
     type: Literal["img2img"] = "img2img"
     rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
@@ -142,7 +145,7 @@ class Img2ImgRequest(_Msg):
     owner: str = Field(min_length=1, max_length=64)
     priority: Priority = "interactive"
     attempt: int = Field(1, ge=1, le=100)
-    mode: Literal["variation", "upscale"]
+    mode: Literal["variation", "upscale", "image"]
     # File name (not a path) of an image in the engine's outputs directory.
     source: str = Field(pattern=r"^[A-Za-z0-9_\-.]{1,128}\.png$")
     strength: float | None = Field(None, gt=0.0, le=1.0)

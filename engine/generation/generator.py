@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import gc
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ class Generator:
     def img2img(
         self,
         source: str | Path,
-        mode: Literal["variation", "upscale"],
+        mode: Literal["variation", "upscale", "image"],
         params: GenerationParams | None = None,
         *,
         job_id: str,
@@ -230,16 +231,21 @@ class Generator:
         should_cancel: ShouldCancel | None = None,
         extra_negative: str = "",
     ) -> GenerationOutput:
-        """A variation (same request, new seed) or an upscale (hires fix) of an Arcae PNG.
+        """A variation (same request, new seed) or an upscale (hires fix) of an Arcae PNG, or
+        ``image``: img2img from any picture (a user's upload) with ``params`` as the whole request.
 
-        The request embedded in ``source`` is the starting point; fields set explicitly in
-        ``params`` override it. ``source`` is a path or a file name in the outputs directory.
+        For a variation or an upscale the request embedded in ``source`` is the starting point;
+        fields set explicitly in ``params`` override it. ``source`` is a path or a file name in
+        the outputs directory.
         """
         from PIL import Image
 
         _check_job_id(job_id)
-        if mode not in ("variation", "upscale"):
-            raise InvalidRequest(f"img2img mode must be 'variation' or 'upscale', not {mode!r}")
+        if mode not in ("variation", "upscale", "image"):
+            raise InvalidRequest(f"img2img mode must be 'variation', 'upscale' or 'image', not {mode!r}")
+        if mode == "image":
+            return self._from_picture(source, params, job_id=job_id, strength=strength, on_step=on_step,
+                                      should_cancel=should_cancel, extra_negative=extra_negative)
         path, base = self._source_request(source)
         gen = self.config.generation
         with Image.open(path) as im:
@@ -267,6 +273,38 @@ class Generator:
             request, mode, extra_negative=extra_negative, strength=strength, source_image=path.name
         )
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
+        item = _BatchItem(job_id, resolved, warnings, on_step)
+        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)[0]
+
+    def _from_picture(self, source: str | Path, params: GenerationParams | None, *, job_id: str,
+                      strength: float | None, on_step: OnStep | None, should_cancel: ShouldCancel | None,
+                      extra_negative: str) -> GenerationOutput:
+        """img2img from a picture that carries no Arcae request: its pixels, the request's everything else."""
+        from PIL import Image
+
+        if params is None:
+            raise InvalidRequest("img2img from a picture needs the request's parameters (at least a prompt)")
+        path = Path(source)
+        if not path.is_absolute():
+            path = self.outputs_dir / path
+        if not path.is_file():
+            raise InvalidRequest(f"source image {Path(source).name} not found in the outputs directory")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except OSError:
+            raise InvalidRequest(f"source image {path.name} is not a readable image") from None
+        strength = strength if strength is not None else params.strength
+        strength = self.config.generation.variation_strength if strength is None else strength
+        width, height = params.width, params.height
+        if width is None or height is None:
+            gen = self.config.generation
+            width, height = picture_size(image.size, gen.size, min_side=gen.min_side, max_side=gen.max_side)
+        request = params.model_copy(update={"width": width, "height": height})
+        resolved, warnings = self._resolve(
+            request, "image", extra_negative=extra_negative, strength=strength, source_image=path.name
+        )
+        init = image.resize((resolved.width, resolved.height), Image.LANCZOS)
         item = _BatchItem(job_id, resolved, warnings, on_step)
         return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)[0]
 
@@ -506,3 +544,17 @@ def _check_job_id(job_id: str) -> None:
     # The job id becomes a file name: keep it to the protocol's safe characters.
     if not _JOB_ID.fullmatch(job_id or ""):
         raise InvalidRequest(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")
+
+
+def picture_size(size: tuple[int, int], default: tuple[int, int], *, min_side: int = 8,
+                 max_side: int = 8192) -> tuple[int, int]:
+    """A picture's aspect ratio at the configured default size's area, in multiples of 8, sides within limits.
+
+    An upload of any size (a 4000x3000 photo, a 300 px sketch) is drawn at the area the model
+    was made for, so it neither runs out of memory nor comes out as mush; a very long strip is
+    squeezed into the allowed sides rather than refused.
+    """
+    w, h = max(1, size[0]), max(1, size[1])
+    scale = math.sqrt(default[0] * default[1] / (w * h))
+    low, high = -(-max(8, min_side) // 8) * 8, max(8, max_side // 8 * 8)
+    return (min(high, max(low, round(w * scale / 8) * 8)), min(high, max(low, round(h * scale / 8) * 8)))

@@ -25,7 +25,7 @@ from engine.contract.prompt_syntax import LoraTag, check_no_lora_tags, extract_l
 SIZE_PRESETS = SIZES_BY_NAME
 LCM_LORA_REPO = "latent-consistency/lcm-lora-sdxl"
 
-Mode = Literal["txt2img", "variation", "upscale"]
+Mode = Literal["txt2img", "variation", "upscale", "image"]
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
 

@@ -246,13 +246,18 @@ class GpuWorker(BatchingMixin):
                 raise InvalidRequest(problem)
         if isinstance(request, protocol.Img2ImgRequest):
             source = self.config.path(self.config.storage.outputs_dir) / request.source
+            if not source.is_file() and request.mode == "image":
+                # The bot stores a user's picture in its outputs folder; a remote engine must share it.
+                raise SourceNotFound(f"the picture {request.source} did not reach the engine (a remote engine must "
+                                     "share the bot's [storage] outputs_dir; Redis workers get it through Redis)")
             if not source.is_file():
                 raise SourceNotFound(f"image {request.source} is not in the engine's outputs; generate it first")
-            # The full parameters are only known once the source's stored request is merged in
-            # (on the worker thread); the adapter names can be checked now.
-            for adapter in params.adapters:
-                self.generator.registry.get(adapter.name)
-            return
+            if request.mode != "image":
+                # The full parameters are only known once the source's stored request is merged in
+                # (on the worker thread); the adapter names can be checked now.
+                for adapter in params.adapters:
+                    self.generator.registry.get(adapter.name)
+                return
         self.generator.resolve(params)  # reads the registry through its thread-safe get()
 
     def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:

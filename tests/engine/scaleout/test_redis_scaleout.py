@@ -168,6 +168,16 @@ async def test_workers_advertise_and_jobs_spread_by_affinity(scaleout, bot_side)
     varied = await r.wait_for("vary-1", (protocol.Completed, protocol.Failed), timeout=120)
     assert isinstance(varied, protocol.Completed), varied
     assert varied.images[0].data_b64
+    # A user's picture (/imagine image:) lives only in the bot's outputs folder; it travels the same way.
+    from PIL import Image
+
+    Image.new("RGB", (96, 48), (200, 40, 40)).save(scaleout["bot_outputs"] / "upload-redis.png")
+    await d.submit(protocol.Img2ImgRequest(job_id="pic-1", owner="alice", mode="image", source="upload-redis.png",
+                                           strength=0.6, params=protocol.GenerationParams(prompt="1girl", steps=2)))
+    drawn = await r.wait_for("pic-1", (protocol.Completed, protocol.Failed), timeout=120)
+    assert isinstance(drawn, protocol.Completed), drawn
+    assert (drawn.params.mode, drawn.params.strength) == ("image", 0.6)
+    assert (drawn.images[0].width, drawn.images[0].height) == (88, 48)  # the picture's 2:1 at the default area
 
 
 async def test_cancel_running_job_on_a_worker(scaleout, bot_side):
