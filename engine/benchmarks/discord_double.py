@@ -78,13 +78,14 @@ class DiscordDouble:
         self.channel = self._channel("general", nsfw=False)
         self.nsfw_channel = self._channel("after-dark", nsfw=True)
         self.gallery_channel = self._channel("gallery", nsfw=False)
+        self.highlight_channel = self._channel("highlights", nsfw=False)
         # A second server the bot was invited to, owned by a stranger: not one of Arcae's home servers.
         # alice is a member of both.
         self.other_guild_id = self.snowflake()
         self.stranger = self._user("stranger")
         self.other_channel = self._channel("elsewhere", nsfw=False, guild_id=self.other_guild_id)
         self.channels = {c["id"]: c for c in (self.channel, self.nsfw_channel, self.gallery_channel,
-                                              self.other_channel)}
+                                              self.highlight_channel, self.other_channel)}
         # Synced commands by scope, as Discord keeps them: "global", or a guild id; each PUT replaces one scope.
         self.command_scopes: dict[str, dict[str, dict[str, Any]]] = {}
         self.calls: list[Call] = []
@@ -338,13 +339,20 @@ class DiscordDouble:
         await self.dispatch("INTERACTION_CREATE", payload)
         return record
 
-    async def react(self, user: dict, message: dict, emoji: str) -> None:
-        """Add a unicode emoji reaction as ``user``."""
-        await self.dispatch("MESSAGE_REACTION_ADD", {
-            "user_id": user["id"], "channel_id": str(message["channel_id"]), "message_id": message["id"],
-            "guild_id": self.channels[str(message["channel_id"])]["guild_id"], "emoji": {"id": None, "name": emoji},
-            "member": self._member(user, self.channels[str(message["channel_id"])]["guild_id"]),
-            "burst": False, "type": 0})
+    async def react(self, user: dict, message: dict, emoji: str, *, remove: bool = False) -> None:
+        """Add (``remove``: take back) a unicode emoji reaction as ``user``."""
+        guild_id = self.channels[str(message["channel_id"])]["guild_id"]
+        data = {"user_id": user["id"], "channel_id": str(message["channel_id"]), "message_id": message["id"],
+                "guild_id": guild_id, "emoji": {"id": None, "name": emoji}, "burst": False, "type": 0}
+        if not remove:  # Discord sends the member with an add only
+            data["member"] = self._member(user, guild_id)
+        await self.dispatch("MESSAGE_REACTION_REMOVE" if remove else "MESSAGE_REACTION_ADD", data)
+
+    async def clear_reactions(self, message: dict) -> None:
+        """A moderator removes every reaction from ``message``."""
+        await self.dispatch("MESSAGE_REACTION_REMOVE_ALL", {
+            "channel_id": str(message["channel_id"]), "message_id": message["id"],
+            "guild_id": self.channels[str(message["channel_id"])]["guild_id"]})
 
     def expire(self, interaction: Interaction) -> None:
         """Make the interaction's token invalid, as Discord does after 15 minutes."""
@@ -532,6 +540,12 @@ class DiscordDouble:
             return _json(self.channels[cid])
         if rest == ["messages"] and method == "POST":
             return _json(self.public(self._new_message(cid, body, files)))
+        if rest[:2] == ["messages", "pins"] and len(rest) == 3:  # PUT pins, DELETE unpins
+            pinned = self.messages.get(int(rest[2]))
+            if pinned is None or int(rest[2]) in self.deleted or pinned["channel_id"] != cid:
+                return _json({"message": "Unknown Message", "code": 10008}, status=404)
+            pinned["pinned"] = method == "PUT"
+            return web.Response(status=204)
         msg = self.messages.get(int(rest[1])) if len(rest) > 1 else None
         if msg is None or int(rest[1]) in self.deleted:
             return _json({"message": "Unknown Message", "code": 10008}, status=404)
