@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import TYPE_CHECKING
 
 import discord
 
 from bot import embeds
+from bot.db import Image
+from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -112,20 +115,46 @@ class Starboard:
         log.info("gallery post %s promoted (%d stars)", message_id, stars)
 
     async def _post_highlight(self, message_id: int, stars: int) -> int | None:
-        """The highlight: the post's embed (with its image) under the star count and a link to the post."""
+        """The highlight: the job's parameters, an image the highlight channel may show, the count, a link.
+
+        The highlight channel's own content rules apply (it may be less age-restricted than the
+        gallery): a job they keep out gets no highlight, and an image they would withhold or
+        spoiler is not shown (an embed image cannot be spoilered).
+        """
+        job_id = await self.bot.db.job_for_gallery_message(message_id)
+        job = await self.bot.db.get_job(job_id) if job_id else None
+        if job is None:
+            return None
+        images = await self.bot.db.images(job.job_id)
+        nsfw = channel_is_nsfw(await self._channel(self.config.promote_to))
+        refusal = gallery_refusal(job, images, nsfw, self.bot.config)
+        if refusal:
+            log.warning("gallery post %s not highlighted in channel %s: %s", message_id, self.config.promote_to,
+                        refusal)
+            return None
         gallery = self.bot.get_partial_messageable(self.config.channel_id)
         try:
             post = await gallery.fetch_message(message_id)
         except discord.NotFound:
             return None  # the post is gone: nothing to promote
-        embed = post.embeds[0].copy() if post.embeds else discord.Embed(colour=embeds.COLOR)
-        embed.title = "Gallery highlight"
-        if post.attachments:
-            embed.set_image(url=post.attachments[0].url)
+        embed = embeds.params_embed(job, title="Gallery highlight")
+        url = _shown_image(post, images, content_rules(nsfw, self.bot.config))
+        if url:
+            embed.set_image(url=url)
         channel = self.bot.get_partial_messageable(self.config.promote_to)
         sent = await channel.send(self._content(message_id, stars), embed=embed,
                                   allowed_mentions=discord.AllowedMentions.none())
         return sent.id
+
+    async def _channel(self, channel_id: int) -> object | None:
+        """A channel from the cache, else from Discord; None (treated as not age-restricted) when unknown."""
+        channel = self.bot.get_channel(channel_id)
+        if channel is not None:
+            return channel
+        try:
+            return await self.bot.fetch_channel(channel_id)
+        except (discord.HTTPException, discord.InvalidData):
+            return None
 
     async def _edit_count(self, highlight: dict[str, int | None], message_id: int, stars: int) -> None:
         channel = self.bot.get_partial_messageable(int(highlight["channel_id"] or 0))
@@ -149,3 +178,16 @@ class Starboard:
             return
         await self.bot.db._write("DELETE FROM gallery_highlights WHERE gallery_message_id = ?", (message_id,))
         log.info("gallery post %s demoted", message_id)
+
+
+def _shown_image(post: discord.Message, images: list[Image], rules: ContentRules) -> str | None:
+    """The URL of the post's first image that ``rules`` show plainly (files are ``arcae_<job>_<n>.<ext>``)."""
+    by_number = {img.idx + 1: img for img in images}
+    for attachment in post.attachments:
+        match = re.search(r"_(\d+)\.[a-z]+$", attachment.filename)
+        image = by_number.get(int(match.group(1))) if match else None
+        if image is None or attachment.filename.startswith("SPOILER_"):
+            continue
+        if not rules.withheld(image.rating) and not rules.spoilered(image.rating):
+            return attachment.url
+    return None

@@ -99,3 +99,27 @@ async def test_a_highlight_channel_gets_the_post_and_loses_it_when_stars_go(stac
     await d.wait_for(lambda: not d.channel_messages(d.highlight_channel), timeout=15)
     await until_top_shows(d, post["id"], 0)
     assert len(d.channel_messages(d.highlight_channel)) == 0
+
+
+async def test_a_highlight_shows_only_an_image_its_channel_shows_plainly():
+    """A flagged image (withheld or spoilered in the highlight channel) is never the highlight's embed image."""
+    from types import SimpleNamespace
+
+    from bot.db import Image
+    from bot.policy import ContentRules
+    from bot.starboard import _shown_image
+
+    def image(idx: int, rating: str | None) -> Image:
+        return Image(job_id="j", idx=idx, path=f"j_{idx}.png", seed=idx, width=64, height=64, sha256="0" * 64,
+                     rating=rating, gallery_channel_id=1, gallery_message_id=2, stars=0)
+
+    post = SimpleNamespace(attachments=[SimpleNamespace(filename=f"arcae_j_{n}.png", url=f"https://cdn/{n}")
+                                        for n in (1, 2, 3)])
+    images = [image(0, "explicit"), image(1, "questionable"), image(2, "general")]
+    sfw = ContentRules(sfw=True, safety_negative="", flagged=("questionable", "explicit"), action="spoiler")
+    assert _shown_image(post, images, sfw) == "https://cdn/3"
+    nsfw = ContentRules(sfw=False, safety_negative="", flagged=(), action="withhold")
+    assert _shown_image(post, images, nsfw) == "https://cdn/1"
+    assert _shown_image(post, images[:2], sfw) is None, "nothing shown plainly: no image"
+    spoilered = SimpleNamespace(attachments=[SimpleNamespace(filename="SPOILER_arcae_j_3.png", url="https://cdn/s")])
+    assert _shown_image(spoilered, images, nsfw) is None
