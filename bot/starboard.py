@@ -72,6 +72,17 @@ class Starboard:
             elif highlight is not None and highlight["message_id"] is not None:
                 await self._edit_count(highlight, message_id, current)
 
+    async def withdrawn(self, message_id: int) -> None:
+        """A gallery post was deleted: delete its highlight (a deleted post needs no unpinning)."""
+        async with self._locks.setdefault(message_id, asyncio.Lock()):
+            highlight = await self._highlight(message_id)
+            if highlight is None:
+                return
+            if highlight["pinned"]:
+                await self.bot.db._write("DELETE FROM gallery_highlights WHERE gallery_message_id = ?", (message_id,))
+            else:
+                await self._demote(message_id, highlight)
+
     # ------------------------------------------------------------------ records
 
     async def _stars(self, message_id: int) -> int:

@@ -51,6 +51,12 @@ class Gallery(commands.Cog):
         if self.starboard.counts(payload.channel_id, payload.emoji, None):
             await self.starboard.unstarred(payload.message_id, None)
 
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        # A gallery post removed (its Remove button, or a moderator): its highlight goes too.
+        if payload.channel_id == self.bot.config.gallery.channel_id:
+            await self.starboard.withdrawn(payload.message_id)
+
     @gallery.command(name="top", description="The most starred gallery posts")
     async def top(self, interaction: discord.Interaction) -> None:
         count = self.bot.config.gallery.top_count

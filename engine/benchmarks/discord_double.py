@@ -102,6 +102,7 @@ class DiscordDouble:
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self._changed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -248,6 +249,13 @@ class DiscordDouble:
         """Send one gateway event to the connected bot."""
         ws = await self.wait_for(lambda: self._ws, timeout=30)
         await self._send(ws, event, data)
+
+    async def _dispatch_quietly(self, event: str, data: Any) -> None:
+        """``dispatch`` from a REST handler: a bot that is gone by then simply misses the event."""
+        try:
+            await self.dispatch(event, data)
+        except (AssertionError, ConnectionError, RuntimeError):
+            pass
 
     # ------------------------------------------------------------------ user actions
 
@@ -555,6 +563,11 @@ class DiscordDouble:
             self._apply(msg, body or {}, files)
         elif method == "DELETE":
             self.deleted.add(int(rest[1]))
+            # Discord tells the bot's gateway too (as it does for a message deleted by anyone).
+            task = asyncio.get_running_loop().create_task(self._dispatch_quietly("MESSAGE_DELETE", {
+                "id": rest[1], "channel_id": cid, "guild_id": self.channels[cid]["guild_id"]}))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return web.Response(status=204)
         return _json(self.public(msg))
 

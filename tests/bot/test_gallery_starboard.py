@@ -1,7 +1,7 @@
 """The gallery starboard on the real bot process over the Discord double: stars promote, removals demote.
 
-One stack serves the module; the tests run in file order. The first runs in pin mode
-(``promote_to = 0``), the second rewrites the config to a highlight channel and restarts the bot.
+One stack serves the module. Each test makes its own gallery post and sets the mode it needs
+(pin: ``promote_to = 0``, or the highlight channel) by rewriting the config and restarting the bot.
 """
 
 from __future__ import annotations
@@ -51,12 +51,31 @@ def pin_calls(d, method: str, post_id: str) -> list:
     return d.calls_to(method, f"/messages/pins/{post_id}")
 
 
+async def new_post(stack, user: dict, prompt: str) -> dict:
+    """``user`` runs /imagine; every result goes to the gallery: return its new post there."""
+    d = stack.double
+    before = {m["id"] for m in d.channel_messages(d.gallery_channel)}
+    inter = await d.invoke_slash(user, d.channel, "imagine", {"prompt": prompt, "steps": 2})
+    await d.wait_for(lambda: inter.callbacks, timeout=5)
+    posts = await d.wait_for(lambda: [m for m in d.channel_messages(d.gallery_channel) if m["id"] not in before],
+                             timeout=60)
+    return posts[0]
+
+
+async def promote_to(stack, channel_id: str) -> None:
+    """Set ``[gallery] promote_to`` (0: pin) and restart the bot, unless it is set so already."""
+    text = stack.config.read_text(encoding="utf-8")
+    current = re.search(r"(?m)^promote_to = (\d+)$", text).group(1)
+    if current != channel_id:
+        stack.config.write_text(text.replace(f"promote_to = {current}", f"promote_to = {channel_id}"),
+                                encoding="utf-8")
+        await stack.restart_bot()
+
+
 async def test_stars_pin_a_post_and_a_removed_star_unpins_it(stack):
     d = stack.double
-    inter = await d.invoke_slash(d.alice, d.channel, "imagine", {"prompt": "1girl, starboard", "steps": 2, "seed": 3})
-    await d.wait_for(lambda: inter.callbacks, timeout=5)
-    post = (await d.wait_for(lambda: d.channel_messages(d.gallery_channel), timeout=60))[0]
-    stack.post = post
+    await promote_to(stack, "0")
+    post = await new_post(stack, d.alice, "1girl, starboard")
 
     await d.react(d.bob, post, STAR)
     await d.react(d.bob, post, "🔥")  # another emoji is not a star
@@ -66,7 +85,8 @@ async def test_stars_pin_a_post_and_a_removed_star_unpins_it(stack):
     await d.wait_for(lambda: d.messages[int(post["id"])]["pinned"], timeout=15)
     await until_top_shows(d, post["id"], 2)
     assert len(pin_calls(d, "PUT", post["id"])) == 1, "promoted once"
-    assert not d.channel_messages(d.highlight_channel), "pin mode posts no highlight"
+    assert not [m for m in d.channel_messages(d.highlight_channel) if post["id"] in m["content"]], \
+        "pin mode posts no highlight"
 
     await d.react(d.bob, post, STAR, remove=True)
     await d.wait_for(lambda: not d.messages[int(post["id"])]["pinned"], timeout=15)
@@ -80,25 +100,24 @@ async def test_stars_pin_a_post_and_a_removed_star_unpins_it(stack):
 
 async def test_a_highlight_channel_gets_the_post_and_loses_it_when_stars_go(stack):
     d = stack.double
-    post = stack.post
-    text = stack.config.read_text(encoding="utf-8").replace(
-        "promote_to = 0", f"promote_to = {d.highlight_channel['id']}")
-    stack.config.write_text(text, encoding="utf-8")
-    await stack.restart_bot()
-
-    await d.react(d.bob, post, STAR)  # admin's star is still counted: 2
-    highlight = (await d.wait_for(lambda: d.channel_messages(d.highlight_channel), timeout=15))[0]
-    assert f"{STAR} **2**" in highlight["content"] and post["id"] in highlight["content"]
+    await promote_to(stack, d.highlight_channel["id"])
+    post = await new_post(stack, d.alice, "1girl, highlight")
+    await d.react(d.admin, post, STAR)
+    await until_top_shows(d, post["id"], 1)
+    await d.react(d.bob, post, STAR)
+    highlight = (await d.wait_for(lambda: [m for m in d.channel_messages(d.highlight_channel)
+                                           if post["id"] in m["content"]], timeout=15))[0]
+    assert f"{STAR} **2**" in highlight["content"]
     embed = highlight["embeds"][0]
     assert embed["image"]["url"] == post["attachments"][0]["url"], "the highlight shows the image"
     assert not d.messages[int(post["id"])]["pinned"]
     await d.react(d.owner, post, STAR)
     await d.wait_for(lambda: f"{STAR} **3**" in (d.messages[int(highlight["id"])].get("content") or ""), timeout=15)
 
+    await stack.restart_bot()  # the promotion is remembered: a restarted bot still demotes it
     await d.clear_reactions(post)  # a moderator clears the reactions: 0 stars, demoted
-    await d.wait_for(lambda: not d.channel_messages(d.highlight_channel), timeout=15)
+    await d.wait_for(lambda: int(highlight["id"]) in d.deleted, timeout=15)
     await until_top_shows(d, post["id"], 0)
-    assert len(d.channel_messages(d.highlight_channel)) == 0
 
 
 async def test_a_highlight_shows_only_an_image_its_channel_shows_plainly():
@@ -123,3 +142,18 @@ async def test_a_highlight_shows_only_an_image_its_channel_shows_plainly():
     assert _shown_image(post, images[:2], sfw) is None, "nothing shown plainly: no image"
     spoilered = SimpleNamespace(attachments=[SimpleNamespace(filename="SPOILER_arcae_j_3.png", url="https://cdn/s")])
     assert _shown_image(spoilered, images, nsfw) is None
+
+
+async def test_removing_a_promoted_post_takes_its_highlight_down(stack):
+    d = stack.double
+    await promote_to(stack, d.highlight_channel["id"])
+    post = await new_post(stack, d.bob, "1boy, starboard")
+    for user in (d.alice, d.admin):
+        await d.react(user, post, STAR)
+    highlight = (await d.wait_for(lambda: [m for m in d.channel_messages(d.highlight_channel)
+                                           if post["id"] in m["content"]], timeout=15))[0]
+    job = next(c.split(":")[2] for row in post["components"] for c in [b["custom_id"] for b in row["components"]]
+               if c.startswith("arcae:gdel:"))
+    await d.click(d.bob, post, f"arcae:gdel:{job}")  # the author removes the post from the gallery
+    await d.wait_for(lambda: int(post["id"]) in d.deleted, timeout=15)
+    await d.wait_for(lambda: int(highlight["id"]) in d.deleted, timeout=15)
