@@ -3,7 +3,7 @@
 The engine trains the tiny model for real; the message must edit itself as the run goes (the step
 count grows, the loss curve and sample grid appear), keep doing so across a bot restart, and end
 with the checkpoint table and a Promote button that works for an admin and is refused for a member.
-One stack serves the module; tests run in file order (the second promotes the first's run).
+One stack serves the module; the promote test uses the first test's run (or, alone, a short one of its own).
 """
 
 from __future__ import annotations
@@ -63,14 +63,27 @@ def steps_shown(calls: list) -> list[int]:
     return out
 
 
-async def test_the_status_message_edits_itself_through_a_restart_and_ends_with_the_table(stack):
-    d = stack.double
+def final(d: DiscordDouble, msg: dict) -> dict | None:
+    """The status message once it carries its Promote button (the run completed and was scored)."""
+    current = d.messages[int(msg["id"])]
+    return current if any(b.startswith("arcae-run:promote:") for b in buttons(current)) else None
+
+
+async def start_run(d: DiscordDouble, steps: int, save_every: int) -> tuple[dict, str, dict]:
+    """/train start on the module's dataset (made by the first run): (the reply, run id, status message)."""
+    options = {"name": NAME, "kind": "character", "trigger": "lv", "steps": steps, "save_every": save_every,
+               "sample_steps": 1, "seed": 1}
     images = {f"image{i + 1}": (f"blue{i}.png", png((30, 40 + 20 * i, 200), 4 + 2 * i)) for i in range(3)}
-    start = await invoke(d, d.admin, "train start", {"name": NAME, "kind": "character", "trigger": "lv", "steps": 24,
-                                                     "save_every": 8, "sample_steps": 1, "seed": 1}, files=images)
+    dataset_made = any("captioned into dataset" in (m.get("content") or "") for m in d.messages.values())
+    start = await invoke(d, d.admin, "train start", options, files=None if dataset_made else images)
     started = await answer(d, start, timeout=60)
     run_id = started["content"].split("`")[1]
-    msg = await d.wait_for(lambda: status_message(d, run_id), timeout=10)
+    return started, run_id, await d.wait_for(lambda: status_message(d, run_id), timeout=10)
+
+
+async def test_the_status_message_edits_itself_through_a_restart_and_ends_with_the_table(stack):
+    d = stack.double
+    started, run_id, msg = await start_run(d, 24, 8)
     assert f"/channels/{d.guild_id}/{d.channel['id']}/{msg['id']}" in started["content"], "the reply links to it"
     assert f"arcae-run:cancel:{run_id}" in buttons(msg) and not msg["attachments"]
 
@@ -78,11 +91,7 @@ async def test_the_status_message_edits_itself_through_a_restart_and_ends_with_t
     restarted_at = time.monotonic()
     await stack.restart_bot()  # the message keeps updating with the new process
 
-    def final() -> dict | None:
-        current = d.messages[int(msg["id"])]
-        return current if any(b.startswith("arcae-run:promote:") for b in buttons(current)) else None
-
-    done = await d.wait_for(final, timeout=180)
+    done = await d.wait_for(lambda: final(d, msg), timeout=180)
     calls = edits(d, msg)
     steps = steps_shown(calls)
     assert len(set(steps)) >= 3 and steps == sorted(steps) and steps[-1] == 24, steps
@@ -104,6 +113,9 @@ async def test_the_status_message_edits_itself_through_a_restart_and_ends_with_t
 
 async def test_promote_button_is_refused_for_a_member_and_works_for_an_admin(stack):
     d = stack.double
+    if getattr(stack, "run_id", None) is None:  # run alone: a short run of its own
+        _, stack.run_id, msg = await start_run(d, 4, 2)
+        stack.status = await d.wait_for(lambda: final(d, msg), timeout=180)
     msg, run_id = stack.status, stack.run_id
     custom_id = f"arcae-run:promote:{run_id}"
     refused = await d.click(d.alice, msg, custom_id)
@@ -120,10 +132,7 @@ async def test_promote_button_is_refused_for_a_member_and_works_for_an_admin(sta
 
 async def test_cancel_button_stops_a_run_for_an_admin_only(stack):
     d = stack.double
-    start = await invoke(d, d.admin, "train start", {"name": NAME, "kind": "character", "trigger": "lv",
-                                                     "steps": 500, "save_every": 500})
-    run_id = (await answer(d, start, timeout=60))["content"].split("`")[1]
-    msg = await d.wait_for(lambda: status_message(d, run_id), timeout=10)
+    _, run_id, msg = await start_run(d, 500, 500)
     refused = await d.click(d.bob, msg, f"arcae-run:cancel:{run_id}")
     assert "admins only" in (await answer(d, refused, timeout=10))["content"]
     cancel = await d.click(d.admin, msg, f"arcae-run:cancel:{run_id}")
