@@ -287,6 +287,13 @@ class GalleryConfig(_Section):
     promote_at: int = Field(0, ge=0, le=10_000)
     promote_to: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _highlights_elsewhere(self) -> "GalleryConfig":
+        if self.promote_to and self.promote_to == self.channel_id:
+            raise ValueError(f"promote_to = {self.promote_to} is the gallery channel itself; name another channel "
+                             "for highlights, or 0 to pin promoted posts in the gallery channel")
+        return self
+
 
 class LimitsConfig(_Section):
     """Per-user and global limits the bot enforces (admins are exempt)."""
