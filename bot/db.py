@@ -344,10 +344,29 @@ class Database:
         return row[0] if row else None
 
     async def add_star(self, message_id: int, user_id: int) -> int | None:
-        """Count one star per user on a gallery post; return the post's stars (None: not a post)."""
+        """Count one star per user on a gallery post; return the post's stars (None: not a post).
+
+        The author's own star is not counted: a post rises by other people's stars only.
+        """
+        row = await self._one("SELECT jobs.user_id FROM images JOIN jobs USING (job_id)"
+                              " WHERE images.gallery_message_id = ? LIMIT 1", (message_id,))
+        if row is None:
+            return None
+        if row[0] != user_id:
+            await self._write("INSERT OR IGNORE INTO stars VALUES (?, ?)", (message_id, user_id))
+        return await self._recount_stars(message_id)
+
+    async def remove_star(self, message_id: int, user_id: int | None = None) -> int | None:
+        """Take back one user's star (every star when ``user_id`` is None); return the post's stars."""
         if await self.job_for_gallery_message(message_id) is None:
             return None
-        await self._write("INSERT OR IGNORE INTO stars VALUES (?, ?)", (message_id, user_id))
+        if user_id is None:
+            await self._write("DELETE FROM stars WHERE gallery_message_id = ?", (message_id,))
+        else:
+            await self._write("DELETE FROM stars WHERE gallery_message_id = ? AND user_id = ?", (message_id, user_id))
+        return await self._recount_stars(message_id)
+
+    async def _recount_stars(self, message_id: int) -> int:
         row = await self._one("SELECT COUNT(*) FROM stars WHERE gallery_message_id = ?", (message_id,))
         stars = int(row[0]) if row else 0
         await self._write("UPDATE images SET stars = ? WHERE gallery_message_id = ?", (stars, message_id))

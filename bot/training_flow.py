@@ -54,6 +54,8 @@ class TrainingFlow:
         self.config = bot.config
         self.store = TrainingStore(bot.db)
         self.notice: Notice | None = None  # set by the /train cog: tells the admin a run ended
+        # Set by the /train cog: a run's row changed (its live status message follows it).
+        self.on_change: Callable[[str], Any] | None = None
         self._tagger: Any = None
         self._tagger_lock = asyncio.Lock()
         self._active: set[str] = set()
@@ -245,8 +247,11 @@ class TrainingFlow:
                 await self._stop_crashing(run)
                 return
             await self.store.mark_started(run.run_id, event.attempt, event.seq)
+            self.changed(run.run_id)
         elif isinstance(event, protocol.Progress):
-            await self.store.record_progress(run.run_id, event.attempt, event.seq, event.step, event.total, event.loss)
+            if await self.store.record_progress(run.run_id, event.attempt, event.seq, event.step, event.total,
+                                                event.loss):
+                self.changed(run.run_id)
         elif isinstance(event, protocol.Completed):
             # Scoring tags every checkpoint's samples: off the event path, so that generation
             # events keep flowing meanwhile; once per run even if the event comes twice.
@@ -264,6 +269,11 @@ class TrainingFlow:
             await self._finished(run.run_id, "failed", error=discord_wording(event.message))
         elif isinstance(event, protocol.Canceled):
             await self._finished(run.run_id, "canceled")
+
+    def changed(self, run_id: str) -> None:
+        """Tell the watcher (the live status message) that a run's row changed."""
+        if self.on_change is not None:
+            self.on_change(run_id)
 
     async def _stop_crashing(self, run: RunRow) -> None:
         """A run started more often than allowed: each earlier start ended with the engine stopping
@@ -325,6 +335,7 @@ class TrainingFlow:
             return
         self._active.discard(run_id)
         log.info("training run %s %s%s", run_id, status, f": {error}" if error else "")
+        self.changed(run_id)
         run = await self.store.get(run_id)
         if run is not None and self.notice is not None:
             self.spawn(self.notice(run, status))

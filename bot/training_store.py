@@ -1,4 +1,4 @@
-"""The bot's record of training runs (table ``training_runs``, migrations 0001 and 0006).
+"""The bot's record of training runs (table ``training_runs``, migrations 0001, 0006, 0011 and 0014).
 
 A run row is written before anything reaches the engine, so a run is never lost between the
 Discord command and the engine. Engine events are applied idempotently: a progress event
@@ -49,6 +49,10 @@ class RunRow:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    # The run's live status message (bot.training_live) and when its final edit was made.
+    status_channel_id: int | None = None
+    status_message_id: int | None = None
+    status_final_at: float | None = None
 
     @property
     def active(self) -> bool:
@@ -66,7 +70,8 @@ class RunRow:
             run_dir=data["run_dir"], loss=data["loss"], last_seq=data["last_seq"],
             recommended_step=data["recommended_step"], chosen_step=data["chosen_step"],
             promoted_as=data["promoted_as"], created_at=data["created_at"], started_at=data["started_at"],
-            finished_at=data["finished_at"],
+            finished_at=data["finished_at"], status_channel_id=data.get("status_channel_id"),
+            status_message_id=data.get("status_message_id"), status_final_at=data.get("status_final_at"),
         )
 
 
@@ -140,7 +145,20 @@ class TrainingStore:
     async def set_promoted(self, run_id: str, adapter: str) -> None:
         await self.db._write("UPDATE training_runs SET promoted_as = ? WHERE run_id = ?", (adapter, run_id))
 
+    async def set_status_message(self, run_id: str, channel_id: int, message_id: int) -> None:
+        await self.db._write("UPDATE training_runs SET status_channel_id = ?, status_message_id = ?,"
+                             " status_final_at = NULL WHERE run_id = ?", (channel_id, message_id, run_id))
+
+    async def set_status_final(self, run_id: str) -> None:
+        await self.db._write("UPDATE training_runs SET status_final_at = ? WHERE run_id = ?", (time.time(), run_id))
+
     # ------------------------------------------------------------------ reads
+
+    async def followed(self) -> list[RunRow]:
+        """Runs whose live status message has not had its final edit yet (active, or ended meanwhile)."""
+        rows = await self.db._all("SELECT * FROM training_runs WHERE status_message_id IS NOT NULL"
+                                  " AND status_final_at IS NULL ORDER BY created_at")
+        return [RunRow.from_row(r) for r in rows]
 
     async def get(self, run_id: str) -> RunRow | None:
         row = await self.db._one("SELECT * FROM training_runs WHERE run_id = ?", (run_id,))

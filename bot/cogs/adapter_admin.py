@@ -84,14 +84,19 @@ class AdapterAdmin(commands.Cog):
                       checkpoint: Optional[int] = None, name: Optional[str] = None,
                       weight: Optional[float] = None) -> None:
         require_admin(interaction, self.bot.config)
-        from training.data import lifecycle
-
         store = self.flow.store
         row = await store.get(run) if run else await store.latest(("completed",), guild_id=interaction.guild_id)
         if row is not None and row.guild_id != interaction.guild_id:
             row = None  # another server's run is not shown, even by id
         if row is None:
             raise InvalidOption(f"No training run `{run}`." if run else "No completed training run to promote.")
+        await self.promote_run(interaction, row, checkpoint=checkpoint, name=name, weight=weight)
+
+    async def promote_run(self, interaction: discord.Interaction, row: RunRow, *, checkpoint: Optional[int] = None,
+                          name: Optional[str] = None, weight: Optional[float] = None) -> None:
+        """Promote a run of this server (the command, and the Promote button of its status message)."""
+        from training.data import lifecycle
+
         if row.active:
             raise Refused(f"Training run `{row.run_id}` is still {row.status}; promote it once it has completed "
                           "(or cancel it and promote one of its checkpoints).")
@@ -105,6 +110,7 @@ class AdapterAdmin(commands.Cog):
             lifecycle_call, lifecycle.promote, self.flow.run_dir(row), step, target, self.flow.adapters_dir,
             kind=row.kind, triggers=[row.trigger] if row.trigger else [], default_weight=weight)
         await self.flow.store.set_promoted(row.run_id, target)
+        self.flow.changed(row.run_id)  # the run's status message drops its Promote button
         await self._audit(interaction, "adapter.promote", target, run=row.run_id, step=step,
                           version=result.version, previous=result.previous, weight=weight)
         warning = await self._go_live(interaction)

@@ -1,4 +1,4 @@
-"""The gallery channel: star reactions counted, /gallery top."""
+"""The gallery channel: star reactions counted (and taken back), the starboard, /gallery top."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from discord.ext import commands
 from bot import embeds
 from bot.policy import blocked_tags_in, channel_is_nsfw
 from bot.replies import reply
+from bot.starboard import Starboard
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
@@ -27,17 +28,34 @@ class Gallery(commands.Cog):
 
     def __init__(self, bot: "ArcaeBot") -> None:
         self.bot = bot
+        self.starboard = Starboard(bot)
 
+    # Reaction events arrive for any message the bot can see; Starboard.counts keeps the stars.
     @commands.Cog.listener()
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        config = self.bot.config.gallery
-        if payload.channel_id != config.channel_id or str(payload.emoji) != config.star_emoji:
-            return
-        if self.bot.user is not None and payload.user_id == self.bot.user.id:
-            return
-        stars = await self.bot.db.add_star(payload.message_id, payload.user_id)
-        if stars is not None:
-            log.info("gallery post %s has %d star(s)", payload.message_id, stars)
+        if self.starboard.counts(payload.channel_id, payload.emoji, payload.user_id):
+            await self.starboard.starred(payload.message_id, payload.user_id)
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        if self.starboard.counts(payload.channel_id, payload.emoji, payload.user_id):
+            await self.starboard.unstarred(payload.message_id, payload.user_id)
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_clear(self, payload: discord.RawReactionClearEvent) -> None:
+        if self.starboard.counts(payload.channel_id, None, None):
+            await self.starboard.unstarred(payload.message_id, None)
+
+    @commands.Cog.listener()
+    async def on_raw_reaction_clear_emoji(self, payload: discord.RawReactionClearEmojiEvent) -> None:
+        if self.starboard.counts(payload.channel_id, payload.emoji, None):
+            await self.starboard.unstarred(payload.message_id, None)
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        # A gallery post removed (its Remove button, or a moderator): its highlight goes too.
+        if payload.channel_id == self.bot.config.gallery.channel_id:
+            await self.starboard.withdrawn(payload.message_id)
 
     @gallery.command(name="top", description="The most starred gallery posts")
     async def top(self, interaction: discord.Interaction) -> None:

@@ -1,7 +1,8 @@
 """/train: LoRA training from Discord (admins only; every action audit-logged).
 
 ``start`` (images as attachments or a .zip -> captioned dataset -> a run on the engine's GPU
-worker, between generation jobs), ``add-images``, ``captions`` (per-image tags, the tag chart,
+worker, between generation jobs, followed by a live status message in the channel:
+``bot.training_live``), ``add-images``, ``captions`` (per-image tags, the tag chart,
 edits by uploading .txt files), ``status`` (progress, ETA, loss plot, latest sample grid),
 ``cancel``, ``checkpoints`` (score table and sample grids; choose one). The work behind the
 commands lives in ``bot.training_flow``; this module is the Discord side.
@@ -27,6 +28,8 @@ from bot import embeds
 from bot.errors import InvalidOption, Refused
 from bot.job_manager import new_job_id
 from bot.policy import is_admin, require_admin
+from bot.replies import report_error
+from bot.training_live import LiveStatus, RunButton
 from bot.training_flow import TrainingFlow, flow_for
 from bot.training_store import RunRow
 from engine.contract import protocol
@@ -135,14 +138,20 @@ class Training(commands.Cog):
         self.bot = bot
         self.flow: TrainingFlow = flow_for(bot)
         self.flow.notice = self._notice
+        self.live = LiveStatus(bot, self.flow)
+        self.flow.on_change = self.live.touch
         self._interactions: dict[str, discord.Interaction] = {}
         self._starting = asyncio.Lock()
 
     async def cog_load(self) -> None:
         # Engine events and reconnects reach the flow through JobManager's listeners.
         await self.flow.start()
+        # Cancel/Promote on status messages of any age ("arcae-run:<action>:<run>").
+        self.bot.add_dynamic_items(RunButton)
+        await self.live.start()
 
     async def cog_unload(self) -> None:
+        await self.live.stop()
         await self.flow.stop()
 
     # ------------------------------------------------------------------ helpers
@@ -270,18 +279,23 @@ class Training(commands.Cog):
         run = await flow.store.get(run_id)
         assert run is not None
         self._interactions[run_id] = interaction
+        status = await self.live.post(run, interaction.channel_id) if interaction.channel_id else None
+        if status is not None:
+            report_lines.append(f"Live status: {status.jump_url}")
         try:
             await flow.submit(run)
         except EngineRejected as exc:
             self._interactions.pop(run_id, None)
             await flow.store.finish(run_id, "failed", error=exc.message)
+            flow.changed(run_id)
             await interaction.followup.send(f"❌ The engine refused training run `{run_id}`: "
                                             f"{exc.message}", ephemeral=True)
             return
         except EngineUnavailable:
             report_lines.append("The engine is not reachable right now; the run starts when it is back.")
         report_lines.append(f"Steps {options.get('steps', self.bot.config.training.steps)}, rank "
-                            f"{options.get('rank', self.bot.config.training.rank)}. Follow it with /train status.")
+                            f"{options.get('rank', self.bot.config.training.rank)}. Follow it with /train status"
+                            f"{' or the live status message' if status is not None else ''}.")
         await interaction.followup.send(
             embeds.truncate(f"🏋️ Training run `{run_id}` for **{name}** ({kind}, trigger `{trigger}`) started.\n"
                             + "\n".join(report_lines), 2000), ephemeral=True)
@@ -381,6 +395,10 @@ class Training(commands.Cog):
         require_admin(interaction, self.bot.config)
         row = await self._run(interaction, run, statuses=("pending", "running"),
                               none="No training run is being trained now.")
+        await self.cancel_run(interaction, row)
+
+    async def cancel_run(self, interaction: discord.Interaction, row: RunRow) -> None:
+        """Stop an active run (the /train cancel command and the Cancel button)."""
         if not row.active:
             raise Refused(f"Training run `{row.run_id}` has already ended ({row.status}).")
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -417,6 +435,24 @@ class Training(commands.Cog):
         if choose is not None:
             text = f"Chose checkpoint step {choose} of `{row.run_id}`; /adapter promote uses it.\n" + text
         await interaction.followup.send(embeds.truncate(text, 2000), files=files, ephemeral=True)
+
+    async def run_button(self, interaction: discord.Interaction, action: str, run_id: str) -> None:
+        """Cancel or Promote pressed on a run's live status message: admins of this home server only."""
+        try:
+            require_admin(interaction, self.bot.config)
+            row = await self._run(interaction, run_id)
+            if interaction.message is None or interaction.message.id != row.status_message_id:
+                raise Refused(f"This button does not belong to training run `{run_id}`; use the buttons on that "
+                              "run's own status message.")
+            if action == "cancel":
+                await self.cancel_run(interaction, row)
+                return
+            if row.promoted_as:
+                raise Refused(f"Training run `{row.run_id}` was already promoted as **{row.promoted_as}**; promote "
+                              "another checkpoint with /adapter promote.")
+            await self.bot.get_cog("AdapterAdmin").promote_run(interaction, row)  # type: ignore[union-attr]
+        except Exception as exc:
+            await report_error(interaction, exc)
 
     for _command in (status, cancel, checkpoints):
         _command.autocomplete("run")(_autocomplete_runs)

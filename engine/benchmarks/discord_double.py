@@ -79,13 +79,14 @@ class DiscordDouble:
         self.channel = self._channel("general", nsfw=False)
         self.nsfw_channel = self._channel("after-dark", nsfw=True)
         self.gallery_channel = self._channel("gallery", nsfw=False)
+        self.highlight_channel = self._channel("highlights", nsfw=False)
         # A second server the bot was invited to, owned by a stranger: not one of Arcae's home servers.
         # alice is a member of both.
         self.other_guild_id = self.snowflake()
         self.stranger = self._user("stranger")
         self.other_channel = self._channel("elsewhere", nsfw=False, guild_id=self.other_guild_id)
         self.channels = {c["id"]: c for c in (self.channel, self.nsfw_channel, self.gallery_channel,
-                                              self.other_channel)}
+                                              self.highlight_channel, self.other_channel)}
         # Synced commands by scope, as Discord keeps them: "global", or a guild id; each PUT replaces one scope.
         self.command_scopes: dict[str, dict[str, dict[str, Any]]] = {}
         self.calls: list[Call] = []
@@ -102,6 +103,7 @@ class DiscordDouble:
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self._changed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -249,6 +251,13 @@ class DiscordDouble:
         ws = await self.wait_for(lambda: self._ws, timeout=30)
         await self._send(ws, event, data)
 
+    async def _dispatch_quietly(self, event: str, data: Any) -> None:
+        """``dispatch`` from a REST handler: a bot that is gone by then simply misses the event."""
+        try:
+            await self.dispatch(event, data)
+        except (AssertionError, ConnectionError, RuntimeError):
+            pass
+
     # ------------------------------------------------------------------ user actions
 
     def _interaction_base(self, user: dict[str, Any], channel: dict[str, Any], kind: int) -> tuple[Interaction, dict]:
@@ -340,13 +349,20 @@ class DiscordDouble:
         await self.dispatch("INTERACTION_CREATE", payload)
         return record
 
-    async def react(self, user: dict, message: dict, emoji: str) -> None:
-        """Add a unicode emoji reaction as ``user``."""
-        await self.dispatch("MESSAGE_REACTION_ADD", {
-            "user_id": user["id"], "channel_id": str(message["channel_id"]), "message_id": message["id"],
-            "guild_id": self.channels[str(message["channel_id"])]["guild_id"], "emoji": {"id": None, "name": emoji},
-            "member": self._member(user, self.channels[str(message["channel_id"])]["guild_id"]),
-            "burst": False, "type": 0})
+    async def react(self, user: dict, message: dict, emoji: str, *, remove: bool = False) -> None:
+        """Add (``remove``: take back) a unicode emoji reaction as ``user``."""
+        guild_id = self.channels[str(message["channel_id"])]["guild_id"]
+        data = {"user_id": user["id"], "channel_id": str(message["channel_id"]), "message_id": message["id"],
+                "guild_id": guild_id, "emoji": {"id": None, "name": emoji}, "burst": False, "type": 0}
+        if not remove:  # Discord sends the member with an add only
+            data["member"] = self._member(user, guild_id)
+        await self.dispatch("MESSAGE_REACTION_REMOVE" if remove else "MESSAGE_REACTION_ADD", data)
+
+    async def clear_reactions(self, message: dict) -> None:
+        """A moderator removes every reaction from ``message``."""
+        await self.dispatch("MESSAGE_REACTION_REMOVE_ALL", {
+            "channel_id": str(message["channel_id"]), "message_id": message["id"],
+            "guild_id": self.channels[str(message["channel_id"])]["guild_id"]})
 
     def expire(self, interaction: Interaction) -> None:
         """Make the interaction's token invalid, as Discord does after 15 minutes."""
@@ -537,6 +553,12 @@ class DiscordDouble:
             return _json(self.channels[cid])
         if rest == ["messages"] and method == "POST":
             return _json(self.public(self._new_message(cid, body, files)))
+        if rest[:2] == ["messages", "pins"] and len(rest) == 3:  # PUT pins, DELETE unpins
+            pinned = self.messages.get(int(rest[2]))
+            if pinned is None or int(rest[2]) in self.deleted or pinned["channel_id"] != cid:
+                return _json({"message": "Unknown Message", "code": 10008}, status=404)
+            pinned["pinned"] = method == "PUT"
+            return web.Response(status=204)
         msg = self.messages.get(int(rest[1])) if len(rest) > 1 else None
         if msg is None or int(rest[1]) in self.deleted:
             return _json({"message": "Unknown Message", "code": 10008}, status=404)
@@ -546,6 +568,11 @@ class DiscordDouble:
             self._apply(msg, body or {}, files)
         elif method == "DELETE":
             self.deleted.add(int(rest[1]))
+            # Discord tells the bot's gateway too (as it does for a message deleted by anyone).
+            task = asyncio.get_running_loop().create_task(self._dispatch_quietly("MESSAGE_DELETE", {
+                "id": rest[1], "channel_id": cid, "guild_id": self.channels[cid]["guild_id"]}))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return web.Response(status=204)
         return _json(self.public(msg))
 

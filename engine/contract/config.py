@@ -254,6 +254,8 @@ class TrainingConfig(_Section):
     min_save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(5, ge=1, le=1000)  # the newest K, plus the recommended/chosen ones
     min_free_disk_mb: int = Field(2048, ge=0)  # checked before a run and before each checkpoint
+    # The run's live message in Discord edits itself at most this often (Discord rate-limits edits).
+    status_edit_interval_s: float = Field(10.0, ge=1.0, le=600.0)
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> "TrainingConfig":
@@ -281,6 +283,18 @@ class GalleryConfig(_Section):
     post: Literal["all", "shared", "off"] = "shared"
     star_emoji: str = "⭐"
     top_count: int = Field(10, ge=1, le=25)
+    # Starboard: a post with this many stars (0 = never) is promoted: posted in the highlight
+    # channel promote_to, or pinned in the gallery channel when promote_to = 0. It is demoted
+    # again when removed stars bring it below the threshold.
+    promote_at: int = Field(0, ge=0, le=10_000)
+    promote_to: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _highlights_elsewhere(self) -> "GalleryConfig":
+        if self.promote_to and self.promote_to == self.channel_id:
+            raise ValueError(f"promote_to = {self.promote_to} is the gallery channel itself; name another channel "
+                             "for highlights, or 0 to pin promoted posts in the gallery channel")
+        return self
 
 
 class LimitsConfig(_Section):

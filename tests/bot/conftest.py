@@ -25,8 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "", gallery_post: str = "shared") -> str:
-    """The [discord]/[gallery]/[limits] sections pointing the bot at the double and the engine."""
+def bot_config_text(double: DiscordDouble, engine_port: int, *, extra: str = "", gallery_post: str = "shared",
+                    gallery: str = "") -> str:
+    """The [discord]/[gallery]/[limits] sections pointing the bot at the double and the engine.
+
+    ``gallery``: more lines for the [gallery] section (e.g. the starboard's ``promote_at``).
+    """
     return f"""
 [discord]
 guild_ids = [{double.guild_id}]
@@ -38,6 +42,7 @@ gateway_url = "{double.gateway_url}"
 [gallery]
 channel_id = {double.gallery_channel["id"]}
 post = "{gallery_post}"
+{gallery}
 
 [limits]
 max_queued_per_user = 3
@@ -58,14 +63,15 @@ def with_unrated_action(extra: str, unrated_action: str | None) -> str:
 
 def write_stack_config(tmp_path: Path, model_dir: Path, double: DiscordDouble, engine_port: int, *,
                        extra: str = "", rate_outputs: bool = False, unrated_action: str | None = "show",
-                       gallery_post: str = "shared") -> Path:
+                       gallery_post: str = "shared", gallery: str = "") -> Path:
     """One config file shared by the engine and the bot (remote mode on a fixed loopback port).
 
     The tiny model's outputs are unrated unless ``rate_outputs``; most tests want to see them in
     any channel, so ``unrated_action`` defaults to "show" here (the product's default is "withhold").
     """
     extra = with_unrated_action(extra, unrated_action)
-    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra, gallery_post=gallery_post))
+    path = write_config(tmp_path, model_dir, bot_config_text(double, engine_port, extra=extra, gallery_post=gallery_post,
+                                                                 gallery=gallery))
     text = path.read_text(encoding="utf-8").replace(
         "[engine]\ndevice = \"cpu\"\nport = 0\n",
         f"[engine]\ndevice = \"cpu\"\nmode = \"remote\"\nhost = \"127.0.0.1\"\nport = {engine_port}\n"
@@ -142,18 +148,18 @@ class Stack:
 @contextlib.asynccontextmanager
 async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_outputs: bool = False,
                         unrated_action: str | None = "show", gallery_post: str = "shared",
-                        limits: dict[str, float] | None = None):
+                        limits: dict[str, float] | None = None, gallery: str = ""):
     """Start the double, the real engine (tiny model) and the real bot process; stop them after.
 
     ``extra`` is TOML for sections the base config lacks (e.g. [tagger], [training], [content]);
     ``unrated_action`` None leaves ``[content] unrated_action`` at the product default ("withhold");
-    ``limits`` replaces values of the [limits] section.
+    ``limits`` replaces values of the [limits] section; ``gallery`` adds lines to [gallery].
     """
     double = DiscordDouble()
     await double.start()
     port = free_port()
     config = write_stack_config(tmp, model_dir, double, port, extra=extra, rate_outputs=rate_outputs,
-                                unrated_action=unrated_action, gallery_post=gallery_post)
+                                unrated_action=unrated_action, gallery_post=gallery_post, gallery=gallery)
     for key, value in (limits or {}).items():
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", config.read_text(encoding="utf-8"))
         assert n == 1, f"[limits] {key} not in the base config"

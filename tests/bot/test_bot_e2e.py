@@ -148,7 +148,8 @@ async def test_gallery_stars_top_and_remix(stack):
     d = stack.double
     post = stack.gallery_post
     job = job_id_of(post)
-    for user in (d.alice, d.bob, d.bob):  # one star per user
+    # One star per user; alice's own star on her post is not counted.
+    for user in (d.alice, d.admin, d.bob, d.bob):
         await d.react(user, post, "⭐")
     await d.react(d.bob, post, "🔥")  # not a star
     async def top_line():

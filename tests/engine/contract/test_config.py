@@ -36,6 +36,10 @@ def test_example_config_is_complete_and_valid():
         ({"engine": {"port": "eighty"}}, ["[engine] port = 'eighty'", "integer"]),
         ({"generation": {"size": "big"}}, ["[generation] size", "1024x1024"]),
         ({"nonsense": {}}, ["unknown key nonsense", "discord"]),
+        ({"gallery": {"promote_at": -1}}, ["[gallery] promote_at = -1", "greater than or equal to 0"]),
+        ({"gallery": {"channel_id": 5, "promote_to": 5}}, ["promote_to = 5 is the gallery channel", "0 to pin"]),
+        ({"training": {"status_edit_interval_s": 0.1}}, ["[training] status_edit_interval_s = 0.1",
+                                                          "greater than or equal to 1"]),
     ],
 )
 def test_bad_values_name_key_value_and_rule(data, expected):
