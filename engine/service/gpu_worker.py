@@ -67,6 +67,8 @@ class GpuWorker(BatchingMixin):
         self.config = config
         self.name = name
         self.train_factory = train_factory
+        # DriftRequest -> a steppable drift measurement (engine.service.drift_hook); runs in the training slot.
+        self.drift_factory: Callable[[protocol.DriftRequest], SteppableRun] | None = None
         self.scheduler = FairScheduler(config.engine.queue_limit)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -94,7 +96,7 @@ class GpuWorker(BatchingMixin):
         ``SourceNotFound``, ``ShuttingDown``). Idempotent: a job id the worker already holds is
         not queued twice; the answer describes the job as it is (position 0 when running).
         """
-        if isinstance(request, protocol.TrainRequest):
+        if isinstance(request, (protocol.TrainRequest, protocol.DriftRequest)):
             return self._submit_training(request)
         if not isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest)):
             raise InvalidRequest(f"cannot queue a {type(request).__name__}; send generate, img2img or train")
@@ -260,8 +262,9 @@ class GpuWorker(BatchingMixin):
 
         Options the factory refuses arrive as a ``Failed`` event (code bad_request).
         """
-        if self.train_factory is None:
-            raise InvalidRequest("this engine does not accept training runs")
+        drift = isinstance(request, protocol.DriftRequest)
+        if (self.drift_factory if drift else self.train_factory) is None:
+            raise InvalidRequest(f"this engine does not accept {'drift measurements' if drift else 'training runs'}")
         with self._lock:
             known = self._known_state(request)
             if known is not None:
@@ -269,7 +272,8 @@ class GpuWorker(BatchingMixin):
             if self._stopping:
                 raise ShuttingDown("the engine is shutting down; try again shortly")
             if self._training is not None:
-                raise InvalidRequest(f"training run {self._training.job_id} is still active; one at a time")
+                raise InvalidRequest(f"training run or drift measurement {self._training.job_id} is still active; "
+                                     "one at a time")
             record = JobRecord(request.job_id, request.attempt, request)
             self._jobs[request.job_id] = record
             self._training = record
@@ -471,8 +475,10 @@ class GpuWorker(BatchingMixin):
                     record.run.cancel()
                 raise JobCanceled("training canceled")
             if record.run is None:
-                assert self.train_factory is not None
-                record.run = self.train_factory(record.request)
+                drift = isinstance(record.request, protocol.DriftRequest)
+                factory = self.drift_factory if drift else self.train_factory
+                assert factory is not None
+                record.run = factory(record.request)
             if not record.started:
                 record.started = True
                 self._emit_job(record, protocol.Started, worker=self.name)
