@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="", help="fast modes to measure, comma-separated recipes or adapters (default: every installed one)")
     p.add_argument("--lcm-weights", default="0.25,0.5,0.75,1.0", help="LCM-LoRA weights to sweep (0.1-1.5; default 0.25,0.5,0.75,1.0)")
     p.add_argument("--steps", default="4-8", help="step counts to sweep, e.g. 4-8 or 4,6,8 (1-8; default 4-8)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR[:STEP]",
+                   help="measure a training run's checkpoint (default step: chosen, else recommended) in the mix; "
+                        "the report goes to RUN_DIR/drift and its summary into the run's run.json")
     p.add_argument("--out", metavar="DIR", help="report folder (default: [storage] runs_dir/drift-TIMESTAMP)")
     p.add_argument("--tagger", metavar="DIR_OR_ID", help="WD tagger (default: [tagger] model)")
     p.add_argument("--no-tagger", action="store_true", help="measure without a tagger (no tag recall)")
@@ -91,6 +94,14 @@ def _tagger(args: argparse.Namespace, config: Any) -> tuple[Any, str]:
     return tagger_tag_fn(tagger), source
 
 
+def _checkpoint(value: str) -> tuple[Path, int | None]:
+    """``RUN_DIR`` or ``RUN_DIR:STEP``."""
+    head, sep, tail = value.rpartition(":")
+    if sep and tail.isdigit():
+        return Path(head), int(tail)
+    return Path(value), None
+
+
 def run(args: argparse.Namespace) -> int:
     from engine.cli import load_cli_config
     from engine.contract.errors import EngineError
@@ -103,11 +114,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(config.path(config.storage.runs_dir)) / time.strftime("drift-%Y%m%d-%H%M%S")
 
     from engine.generation.generator import Generator
-    from training.learning.drift import DriftRun
+    from training.learning.drift import DriftRun, checkpoint_run
 
     try:
         generator = Generator.from_config(config)
-        run = DriftRun(generator, out, tag_fn=tag_fn, tagger_name=tagger_name, **settings)
+        if args.checkpoint:
+            run_dir, step = _checkpoint(args.checkpoint)
+            run = checkpoint_run(generator, run_dir, step, out_dir=Path(args.out) if args.out else None,
+                                 tag_fn=tag_fn, tagger_name=tagger_name, **settings)
+            out = run.out_dir
+        else:
+            run = DriftRun(generator, out, tag_fn=tag_fn, tagger_name=tagger_name, **settings)
         print(f"measuring {len(run.tasks)} images ({len(run.modes)} fast mode(s))", file=sys.stderr)
         report = run.run_all()
     except EngineError as exc:

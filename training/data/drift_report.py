@@ -261,9 +261,9 @@ class DriftReport:
 def format_table(report: DriftReport) -> str:
     """A fixed-width table of the rows; * marks the recommendation, F the white-fog rows."""
     best = report.recommended
-    lines = [f"  {'mode':<10} {'weight':>6} {'steps':>5} {'keep':>6} {'ssim':>6} {'recall':>6} {'dLum':>7} {'dContr':>7} {'dSat':>7}"]
+    lines = [f"   {'mode':<10} {'weight':>6} {'steps':>5} {'keep':>6} {'ssim':>6} {'recall':>6} {'dLum':>7} {'dContr':>7} {'dSat':>7}"]
     for r in report.rows:
-        mark = ("*" if r == best else " ") + ("F" if r.fog else " ")
+        mark = ("*" if r == best else " ") + ("F" if r.fog else " ") + " "
         recall = f"{r.recall:6.2f}" if r.recall is not None else f"{'-':>6}"
         lines.append(f"{mark}{r.mode:<10} {r.weight:6.2f} {r.steps:5d} {r.keep:6.3f} {r.ssim:6.3f} {recall} "
                      f"{r.d_luminance:+7.3f} {r.d_contrast:+7.3f} {r.d_saturation:+7.3f}")

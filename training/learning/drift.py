@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from engine.contract.errors import InvalidRequest, JobCanceled
 from engine.contract.protocol import AdapterWeight, GenerationParams
@@ -73,7 +73,8 @@ class DriftRun:
         prompts: Sequence[str] = dr.DEFAULT_PROMPTS, seeds: Sequence[int] = dr.DEFAULT_SEEDS,
         modes: Sequence[str] = (), lcm_weights: Sequence[float] = dr.LCM_WEIGHTS,
         steps: Sequence[int] = dr.STEPS, tag_fn: dr.TagFn | None = None, tagger_name: str = "",
-        job_id: str = "drift", attempt: int = 1,
+        job_id: str = "drift", attempt: int = 1, record_run: Path | None = None,
+        cleanup: Callable[[], None] | None = None, record_extra: dict[str, Any] | None = None,
     ) -> None:
         if not prompts or not seeds:
             raise InvalidRequest("a drift measurement needs at least one prompt and one seed")
@@ -82,6 +83,8 @@ class DriftRun:
         self.mix = [AdapterWeight(name=n, weight=w) for n, w in mix]
         self.prompts, self.seeds = list(prompts), [int(s) for s in seeds]
         self.tag_fn, self.tagger_name = tag_fn, tagger_name
+        self.record_run, self._cleanup = record_run, cleanup  # a training run whose run.json gets the summary
+        self.record_extra = dict(record_extra or {})
         generator.resolve(GenerationParams(prompt=self.prompts[0], adapters=self.mix))  # unknown adapters: now
         self.modes = plan_modes(generator, modes)
         self.tasks = [_Task(p, s) for p in range(len(self.prompts)) for s in self.seeds]
@@ -110,6 +113,13 @@ class DriftRun:
     def cancel(self) -> None:
         if not self.done:
             self.status = "canceled"
+            self._release()
+
+    def _release(self) -> None:
+        """Run the cleanup once (e.g. take a measured checkpoint out of the adapter registry)."""
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
 
     def step(self) -> tuple[int, int, None]:
         """Make the next image, or (after the last one) score and write the report."""
@@ -125,6 +135,7 @@ class DriftRun:
                 self._finish()
         except BaseException:
             self.status = "failed"
+            self._release()
             raise
         self.index += 1
         return self.index, self.total, None
@@ -183,7 +194,15 @@ class DriftRun:
             tagger=self.tagger_name, notes=notes,
         )
         dr.write_report(self.out_dir, self.report)
+        if self.record_run is not None:
+            from training.data.run_record import update_run
+
+            best = self.report.recommended
+            update_run(self.record_run, drift={"report_dir": str(self.out_dir), "summary": dr.summary_line(self.report),
+                                               "recommended": asdict(best) if best else None, "mix": self.report.mix,
+                                               **self.record_extra})
         self.status = "completed"
+        self._release()
         log.info("drift measurement %s: %d images in %.1f s; %s", self.job_id, len(self.tasks),
                  time.monotonic() - self._started, dr.summary_line(self.report))
 
@@ -202,3 +221,43 @@ class DriftRun:
                 chart_png_b64=base64.b64encode((self.out_dir / dr.REPORT_PNG).read_bytes()).decode("ascii"),
             )
         return out
+
+
+CHECKPOINT_ADAPTER = "arcae-drift-checkpoint"  # the name a measured checkpoint has in the adapter registry
+
+
+def checkpoint_file(run_dir: Path, step: int | None = None) -> tuple[Path, int]:
+    """A training run's checkpoint adapter: ``step``, else the chosen one, else the recommended one."""
+    from engine.contract.training_errors import TrainingError
+    from training.data.run_record import checkpoint_dir, list_checkpoints, read_run
+
+    try:
+        record = read_run(run_dir)
+    except TrainingError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if step is None:
+        step = record.get("chosen_checkpoint") or record.get("recommended_checkpoint")
+    if step is None:
+        raise InvalidRequest(f"run {Path(run_dir).name} has no recommended checkpoint yet: score it first "
+                             "(python -m training checkpoints RUN_DIR) or name a step")
+    path = checkpoint_dir(run_dir, int(step)) / "adapter.safetensors"
+    if not path.is_file():
+        steps = [s for s, _ in list_checkpoints(run_dir)]
+        raise InvalidRequest(f"run {Path(run_dir).name} has no checkpoint at step {step}; checkpoints: {steps or 'none'}")
+    return path, int(step)
+
+
+def checkpoint_run(generator: Any, run_dir: Path, step: int | None = None, *, out_dir: Path | None = None,
+                   mix: Sequence[tuple[str, float | None]] = (), **kwargs: Any) -> DriftRun:
+    """A ``DriftRun`` of a training run's checkpoint (at weight 1, plus ``mix``), written to
+    ``RUN_DIR/drift`` and summarised in the run's run.json (its run report)."""
+    path, step = checkpoint_file(run_dir, step)
+    registry = generator.registry
+    registry.add_file(CHECKPOINT_ADAPTER, path)
+    try:
+        return DriftRun(generator, out_dir or Path(run_dir) / "drift", mix=[(CHECKPOINT_ADAPTER, 1.0), *mix],
+                        record_run=Path(run_dir), record_extra={"checkpoint": step},
+                        cleanup=lambda: registry.remove_file(CHECKPOINT_ADAPTER), **kwargs)
+    except BaseException:
+        registry.remove_file(CHECKPOINT_ADAPTER)
+        raise

@@ -77,3 +77,60 @@ def test_bad_drift_input_says_what_is_allowed(drift_config, tmp_path, capsys, ar
     code = main(["drift", "--config", str(drift_config), "--no-tagger", "--out", str(tmp_path / "r"), *argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_runs_recommended_checkpoint_gets_its_drift_in_the_run_report(drift_config, tmp_path, capsys):
+    """``--checkpoint RUN_DIR``: the recommended checkpoint joins the mix; RUN_DIR/drift holds the
+    report and run.json its summary."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tests.engine.generation.lora_factory import make_lora
+    from training.cli import main
+    from training.data.run_record import checkpoint_dir, read_run, update_run
+
+    run_dir = tmp_path / "run-1"
+    pipe = StableDiffusionXLPipeline.from_pretrained(_model_dir(drift_config))
+    for step in (3, 6):
+        make_lora(pipe, checkpoint_dir(run_dir, step) / "adapter.safetensors", seed=step, sidecar=False)
+    update_run(run_dir, status="completed", recommended_checkpoint=3, kind="style", trigger="mystyle")
+    code = main(["drift", "--config", str(drift_config), "--checkpoint", str(run_dir), "--modes", "lcm",
+                 "--prompt", "1girl", "--seeds", "1", "--lcm-weights", "1.0", "--steps", "4"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((run_dir / "drift" / "drift.json").read_text())
+    assert report["mix"] == [{"name": "arcae-drift-checkpoint", "weight": 1.0}]
+    recorded = read_run(run_dir)["drift"]
+    assert recorded["checkpoint"] == 3 and recorded["recommended"] == report["recommended"]
+    assert recorded["summary"].startswith("recommended: lcm")
+    code = main(["drift", "--config", str(drift_config), "--checkpoint", f"{run_dir}:9", "--no-tagger"])
+    assert code == 2 and "has no checkpoint at step 9; checkpoints: [3, 6]" in capsys.readouterr().err
+
+
+def _model_dir(config_path):
+    import tomllib
+
+    return tomllib.loads(config_path.read_text())["model"]["source"]
+
+
+def test_a_measured_checkpoint_leaves_the_adapter_list_when_done_or_canceled(drift_config, tmp_path):
+    """On the engine the Generator is shared: the checkpoint must not stay loaded or listed."""
+    from engine.contract.config import load_config
+    from engine.generation.generator import Generator
+    from tests.engine.generation.lora_factory import make_lora
+    from training.data.run_record import checkpoint_dir, update_run
+    from training.learning.drift import CHECKPOINT_ADAPTER, checkpoint_run
+
+    generator = Generator.from_config(load_config(drift_config))
+    run_dir = tmp_path / "run-2"
+    make_lora(generator.pipe, checkpoint_dir(run_dir, 2) / "adapter.safetensors", seed=2, sidecar=False)
+    update_run(run_dir, status="completed", recommended_checkpoint=2)
+    names = lambda: {a.name for a in generator.registry.list()}  # noqa: E731
+    settings = dict(prompts=["1girl"], seeds=[1], modes=["tcd"], steps=[4])
+    run = checkpoint_run(generator, run_dir, **settings)
+    assert CHECKPOINT_ADAPTER in names()
+    run.step()
+    assert CHECKPOINT_ADAPTER in generator.registry.loaded
+    run.cancel()
+    assert CHECKPOINT_ADAPTER not in names() and CHECKPOINT_ADAPTER not in generator.registry.loaded
+    run = checkpoint_run(generator, run_dir, **settings)
+    run.run_all()
+    assert CHECKPOINT_ADAPTER not in names() and run.report.rows[0].mode == "tcd"

@@ -115,8 +115,8 @@ def test_report_writes_json_and_chart_and_reads_back(tmp_path):
     assert again.rows == rows and again.recommended == report.recommended
     table = dr.format_table(report)
     lines = table.splitlines()
-    assert any(line.startswith("* lcm") and "1.00" in line for line in lines)  # recommended, no fog
-    assert any(line.startswith(" Flcm") and "0.25" in line for line in lines)  # weight 0.25: white fog
+    assert any(line.startswith("*  lcm") and "1.00" in line for line in lines)  # recommended, no fog
+    assert any(line.startswith(" F lcm") and "0.25" in line for line in lines)  # weight 0.25: white fog
     assert "recommended: lcm (lcm-lora) at weight 1, 4 steps" in dr.summary_line(report)
 
 
