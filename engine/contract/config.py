@@ -252,6 +252,9 @@ class TrainingConfig(_Section):
     min_save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(5, ge=1, le=1000)  # the newest K, plus the recommended/chosen ones
     min_free_disk_mb: int = Field(2048, ge=0)  # checked before a run and before each checkpoint
+    # After a run is scored, measure its recommended checkpoint against the standard mode in every
+    # installed fast mode (training.learning.drift); the summary lands in the run's run.json.
+    drift_report: bool = False
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> "TrainingConfig":

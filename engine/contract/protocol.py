@@ -191,6 +191,10 @@ class DriftOptions(_Msg):
     modes: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=8)
     lcm_weights: list[Annotated[float, Field(ge=0.1, le=1.5)]] = Field(default_factory=list, max_length=8)
     steps: list[Annotated[int, Field(ge=1, le=8)]] = Field(default_factory=list, max_length=8)
+    # A training run's checkpoint to measure in the mix (the run's job id, never a path; step None:
+    # the chosen, else the recommended one): the report goes to the run's folder and run.json.
+    checkpoint_run: str | None = Field(None, pattern=JOB_ID_PATTERN)
+    checkpoint_step: int | None = Field(None, ge=0)
 
 
 class DriftRequest(_Msg):

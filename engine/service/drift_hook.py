@@ -2,7 +2,7 @@
 
 The run makes its images through the worker's own ``Generator`` (the loaded base and adapters;
 no second copy), one image per worker step, between users' jobs. Its report goes to
-``[storage] runs_dir / drift / <job_id>``; the WD tagger of ``[tagger]`` measures tag recall
+``[storage] runs_dir / drift / <job_id>`` (a training run's checkpoint: that run's ``drift`` folder); the WD tagger of ``[tagger]`` measures tag recall
 (without one the run measures SSIM and colour only, and its report says so).
 """
 
@@ -36,16 +36,21 @@ def drift_factory(config: ArcaeConfig, generator: Any) -> Callable[[protocol.Dri
 
     def make_run(request: protocol.DriftRequest) -> Any:
         from training.data import drift_report as dr
-        from training.learning.drift import DriftRun
+        from training.learning.drift import DriftRun, checkpoint_run
 
         o = request.options
         fn, name = tag_fn()
-        out = Path(config.path(config.storage.runs_dir)) / "drift" / request.job_id
-        return DriftRun(
-            generator, out, mix=[(a.name, a.weight) for a in o.adapters],
-            prompts=o.prompts or dr.DEFAULT_PROMPTS, seeds=o.seeds or dr.DEFAULT_SEEDS, modes=o.modes,
+        runs_dir = Path(config.path(config.storage.runs_dir))
+        settings = dict(
+            mix=[(a.name, a.weight) for a in o.adapters],
+            seeds=o.seeds or dr.DEFAULT_SEEDS, modes=o.modes,
             lcm_weights=o.lcm_weights or dr.LCM_WEIGHTS, steps=o.steps or dr.STEPS,
             tag_fn=fn, tagger_name=name, job_id=request.job_id, attempt=request.attempt,
         )
+        if o.prompts:
+            settings["prompts"] = o.prompts
+        if o.checkpoint_run:  # a training run's report: RUN_DIR/drift and run.json
+            return checkpoint_run(generator, runs_dir / o.checkpoint_run, o.checkpoint_step, **settings)
+        return DriftRun(generator, runs_dir / "drift" / request.job_id, **settings)
 
     return make_run

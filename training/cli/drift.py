@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="a LoRA of the mix every image runs with (repeatable; default: no adapter)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a fixed prompt (repeatable; default: four built-in anime prompts)")
+                   help="a fixed prompt (repeatable; default: four built-in anime prompts; with --checkpoint the run's sample prompts)")
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
     p.add_argument("--modes", default="", help="fast modes to measure, comma-separated recipes or adapters (default: every installed one)")
     p.add_argument("--lcm-weights", default="0.25,0.5,0.75,1.0", help="LCM-LoRA weights to sweep (0.1-1.5; default 0.25,0.5,0.75,1.0)")
@@ -71,7 +71,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         steps = dr.parse_steps(args.steps)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    return dict(mix=_mix(args.adapter), prompts=args.prompt or list(dr.DEFAULT_PROMPTS), seeds=seeds,
+    return dict(mix=_mix(args.adapter), prompts=list(args.prompt), seeds=seeds,
                 modes=[m for m in args.modes.split(",") if m.strip()], lcm_weights=weights, steps=steps)
 
 
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
                                  tag_fn=tag_fn, tagger_name=tagger_name, **settings)
             out = run.out_dir
         else:
+            settings["prompts"] = settings["prompts"] or list(dr.DEFAULT_PROMPTS)
             run = DriftRun(generator, out, tag_fn=tag_fn, tagger_name=tagger_name, **settings)
         print(f"measuring {len(run.tasks)} images ({len(run.modes)} fast mode(s))", file=sys.stderr)
         report = run.run_all()

@@ -250,8 +250,13 @@ def checkpoint_file(run_dir: Path, step: int | None = None) -> tuple[Path, int]:
 def checkpoint_run(generator: Any, run_dir: Path, step: int | None = None, *, out_dir: Path | None = None,
                    mix: Sequence[tuple[str, float | None]] = (), **kwargs: Any) -> DriftRun:
     """A ``DriftRun`` of a training run's checkpoint (at weight 1, plus ``mix``), written to
-    ``RUN_DIR/drift`` and summarised in the run's run.json (its run report)."""
+    ``RUN_DIR/drift`` and summarised in the run's run.json (its run report). Without ``prompts``
+    it measures the run's own sample prompts (at most four), the ones its checkpoints were judged by."""
+    from training.data.run_record import read_run
+
     path, step = checkpoint_file(run_dir, step)
+    if not kwargs.get("prompts"):
+        kwargs["prompts"] = list(read_run(run_dir).get("sample_prompts") or dr.DEFAULT_PROMPTS)[:4]
     registry = generator.registry
     registry.add_file(CHECKPOINT_ADAPTER, path)
     try:
