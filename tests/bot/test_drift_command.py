@@ -7,12 +7,14 @@ bad options get a message saying what is allowed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 import pytest_asyncio
 
 from tests.bot.conftest import make_adapters, running_stack
+from tests.bot.test_training_commands import invoke, png, training_extra
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -31,7 +33,8 @@ async def stack(tiny_model_dir, tmp_path_factory):
     for i, name in enumerate(("lcm-lora-sdxl", "tcd-sdxl")):
         make_lora(unet, tmp / "adapters" / f"{name}.safetensors", kind="other", seed=40 + i)
     tagger = make_tiny_tagger(tmp / "tagger")
-    extra = f'\n[[adapters.fast]]\nname = "tcd-sdxl"\nrecipe = "tcd"\n\n[tagger]\nmodel = "{tagger.as_posix()}"\n'
+    # [tagger] and tiny [training] settings as the /train tests use, plus the run report's drift.
+    extra = '\n[[adapters.fast]]\nname = "tcd-sdxl"\nrecipe = "tcd"\n' + training_extra(tagger) + "drift_report = true\n"
     async with running_stack(tmp, tiny_model_dir, extra=extra) as s:
         yield s
 
@@ -52,9 +55,12 @@ def _download(d, attachment: dict) -> bytes:
 
 async def test_members_are_refused(stack):
     d = stack.double
+    reports = stack.tmp / "data" / "runs" / "drift"
+    before = set(reports.iterdir()) if reports.is_dir() else set()
     inter = await d.invoke_slash(d.alice, d.channel, "adapter drift", {"steps": "4"})
     assert "admins only" in (await _reply(d, inter, 15))["content"]
-    assert not (stack.tmp / "data" / "runs" / "drift").exists(), "a refused measurement must not run"
+    await asyncio.sleep(1)
+    assert (set(reports.iterdir()) if reports.is_dir() else set()) == before, "a refused measurement must not run"
 
 
 @pytest.mark.parametrize("options, message", [
@@ -93,3 +99,30 @@ async def test_admin_gets_the_table_chart_and_recommendation(stack):
         ("lcm", 0.5, 4), ("lcm", 1.0, 4), ("tcd", 1.0, 4)}
     assert report["mix"] == [{"name": "ink-style", "weight": 0.8}] and report["tagger"]
     assert (stack.tmp / "data" / "runs" / "drift" / f"drift-{inter.id}" / "drift.json").is_file()
+
+
+async def test_a_trained_runs_report_includes_the_drift_of_its_recommended_checkpoint(stack):
+    """[training] drift_report: after scoring, the engine measures the recommended checkpoint in
+    every fast mode; run.json gets the summary and /train checkpoints shows it."""
+    d = stack.double
+    images = {f"image{i + 1}": (f"red{i}.png", png((200 + 15 * i, 20 + 10 * i, 30), 4 + 2 * i)) for i in range(3)}
+    start = await invoke(d, d.admin, "train start", {"name": "drifty", "kind": "style", "trigger": "drf",
+                                                     "sample_steps": 2, "seed": 1}, files=images)
+    started = await _reply(d, start, 60)
+    run_id = started["content"].split("`")[1]
+    run_json = stack.tmp / "data" / "runs" / run_id / "run.json"
+
+    def drift_recorded():
+        return run_json.is_file() and "drift" in json.loads(run_json.read_text())
+
+    await d.wait_for(drift_recorded, timeout=300)
+    record = json.loads(run_json.read_text())
+    drift = record["drift"]
+    assert drift["checkpoint"] == record["recommended_checkpoint"]
+    assert drift["summary"].startswith("recommended: ")
+    report = json.loads((stack.tmp / "data" / "runs" / run_id / "drift" / "drift.json").read_text())
+    assert {r["mode"] for r in report["rows"]} == {"lcm", "tcd"} and report["seeds"] == [1]
+    assert report["prompts"] == record["sample_prompts"][:4]
+    inter = await invoke(d, d.admin, "train checkpoints", {"run": run_id})
+    text = (await _reply(d, inter, 30))["content"]
+    assert f"Fast modes with checkpoint {drift['checkpoint']}: recommended: " in text
