@@ -257,14 +257,17 @@ class GpuWorker(BatchingMixin):
             return
         self.generator.resolve(params)  # reads the registry through its thread-safe get()
 
+    def _factory_for(self, request: Any) -> Callable[[Any], SteppableRun] | None:
+        return self.drift_factory if isinstance(request, protocol.DriftRequest) else self.train_factory
+
     def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:
         """Accept a training run; it is built on the worker thread (it changes the pipeline).
 
         Options the factory refuses arrive as a ``Failed`` event (code bad_request).
         """
-        drift = isinstance(request, protocol.DriftRequest)
-        if (self.drift_factory if drift else self.train_factory) is None:
-            raise InvalidRequest(f"this engine does not accept {'drift measurements' if drift else 'training runs'}")
+        if self._factory_for(request) is None:
+            raise InvalidRequest("this engine does not accept " + ("drift measurements" if isinstance(
+                request, protocol.DriftRequest) else "training runs"))
         with self._lock:
             known = self._known_state(request)
             if known is not None:
@@ -272,8 +275,7 @@ class GpuWorker(BatchingMixin):
             if self._stopping:
                 raise ShuttingDown("the engine is shutting down; try again shortly")
             if self._training is not None:
-                raise InvalidRequest(f"training run or drift measurement {self._training.job_id} is still active; "
-                                     "one at a time")
+                raise InvalidRequest(f"training run {self._training.job_id} is still active; one at a time")
             record = JobRecord(request.job_id, request.attempt, request)
             self._jobs[request.job_id] = record
             self._training = record
@@ -475,10 +477,7 @@ class GpuWorker(BatchingMixin):
                     record.run.cancel()
                 raise JobCanceled("training canceled")
             if record.run is None:
-                drift = isinstance(record.request, protocol.DriftRequest)
-                factory = self.drift_factory if drift else self.train_factory
-                assert factory is not None
-                record.run = factory(record.request)
+                record.run = self._factory_for(record.request)(record.request)  # type: ignore[misc]
             if not record.started:
                 record.started = True
                 self._emit_job(record, protocol.Started, worker=self.name)

@@ -339,19 +339,25 @@ def draw_chart(report: DriftReport, size: tuple[int, int] = (900, 380)) -> Image
     best = report.recommended
     for i, (name, rows) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        points = [(lx(r.steps), ly(r.keep)) for r in rows]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for (x, y), r in zip(points, rows):
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-            if r == best:
-                draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline="black", width=2)
-            px, py = rx(r.d_contrast), ry(r.d_luminance)
-            draw.rectangle([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        keep_points = [(lx(r.steps), ly(r.keep)) for r in rows]
+        colour_points = [(rx(r.d_contrast), ry(r.d_luminance)) for r in rows]
+        _plot_series(draw, colour, keep_points, colour_points, [r == best for r in rows])
         draw.text((width - 140, 34 + 14 * i), f"- {name}", fill=colour, font=font)
     if best is not None:
         draw.text((left[0], height - 16), summary_line(report)[:140], fill="black", font=font)
     return image
+
+
+def _plot_series(draw: ImageDraw.ImageDraw, colour: tuple[int, int, int], keep_points: list[tuple[float, float]],
+                 colour_points: list[tuple[float, float]], marked: list[bool]) -> None:
+    """One mode and weight: its keep line (the recommendation circled) and its colour-drift dots."""
+    if len(keep_points) > 1:
+        draw.line(keep_points, fill=colour, width=2)
+    for (x, y), (px, py), mark in zip(keep_points, colour_points, marked):
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if mark:
+            draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline="black", width=2)
+        draw.rectangle([px - 2, py - 2, px + 2, py + 2], fill=colour)
 
 
 def write_report(folder: Path, report: DriftReport) -> tuple[Path, Path]:
