@@ -151,8 +151,7 @@ class DriftRun:
     def _make(self, task: _Task) -> None:
         from PIL import Image
 
-        params = GenerationParams(prompt=self.prompts[task.prompt], seed=task.seed, adapters=self.mix,
-                                  add_quality_tags=False)
+        params = GenerationParams(prompt=self.prompts[task.prompt], seed=task.seed, adapters=self.mix)
         if task.mode is not None:
             params = params.model_copy(update={"fast_mode": task.mode.adapter, "fast_weight": task.weight,
                                                "steps": task.steps})
@@ -161,7 +160,8 @@ class DriftRun:
         gen.outputs_dir = self.out_dir / "images"  # kept beside the report, not among users' outputs
         gen.outputs_dir.mkdir(parents=True, exist_ok=True)
         try:
-            out = gen.generate(params, job_id=f"{self.job_id}-{self.index:04d}")
+            # A file name under OUT/images (the measurement's job id may already use the 64 characters).
+            out = gen.generate(params, job_id=f"drift-{self.index:04d}")
         finally:
             gen.outputs_dir = saved_dir
         if task.mode is None and not self._standard:
