@@ -65,8 +65,8 @@ def build_request(job_id: str, owner: str, *, adapters: str | None = None, promp
         if isinstance(exc, ValidationError):
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err.get("loc", ()))
-            raise InvalidOption(f"{where}: {err.get('msg')} (seeds 0-{2**32 - 1}, at most 4 seeds, "
-                                "8 weights, 8 step counts).") from None
+            raise InvalidOption(f"{where}: {err.get('msg')} (allowed: a prompt up to 2000 characters, at most "
+                                f"4 seeds 0-{2**32 - 1}, 8 modes, 8 weights, 8 step counts).") from None
         if "invalid literal" in str(exc):
             raise InvalidOption(f"seeds: `{seeds}` must be whole numbers, e.g. `1,2`.") from None
         raise InvalidOption(str(exc) + ".") from None
