@@ -195,6 +195,11 @@ class JobManager:
         """Also hand every engine event to ``listener`` (e.g. a training cog following its runs)."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Callable[[Any], Awaitable[None]]) -> None:
+        """Stop handing events to ``listener`` (one that waited for a single job's end)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def add_connect_listener(self, listener: Callable[[], Awaitable[None]]) -> None:
         """Call ``listener`` after every (re)connection to the engine, after jobs were resubmitted."""
         self._connect_listeners.append(listener)

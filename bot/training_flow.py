@@ -307,6 +307,8 @@ class TrainingFlow:
         recommended = await self.score(run)
         result["recommended_checkpoint"] = recommended
         await self._finished(run.run_id, "completed", result=result)
+        if recommended is not None and self.config.training.drift_report:
+            await self.measure_drift(run, recommended)
 
     async def score(self, run: RunRow) -> int | None:
         """Score the run's checkpoints (tagger in a thread); store and return the recommended step."""
@@ -328,6 +330,23 @@ class TrainingFlow:
                  recommended)
         await self.store.set_recommended(run.run_id, recommended)
         return recommended
+
+    async def measure_drift(self, run: RunRow, step: int) -> None:
+        """The run report's optional last part (``[training] drift_report``): the engine measures
+        checkpoint ``step`` against the standard mode in every installed fast mode, between users'
+        jobs, and writes the summary into the run's run.json (shown by /train checkpoints)."""
+        engine = self._engine()
+        request = protocol.DriftRequest(
+            job_id=f"{run.run_id[:56]}-drift", owner=str(run.created_by),
+            # One seed and three step counts keep the report to ~15 images per sample prompt.
+            options=protocol.DriftOptions(checkpoint_run=run.run_id, checkpoint_step=step, seeds=[1], steps=[4, 6, 8]))
+        try:
+            if engine is None:
+                raise RuntimeError("the engine is not connected")
+            await engine.submit(request)
+            log.info("training run %s: drift of checkpoint %d sent to the engine", run.run_id, step)
+        except Exception as exc:  # optional: the run itself is complete either way
+            log.warning("training run %s: drift measurement not started: %s", run.run_id, exc)
 
     async def _finished(self, run_id: str, status: str, *, error: str | None = None,
                         result: dict[str, Any] | None = None) -> None:

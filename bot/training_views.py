@@ -187,6 +187,9 @@ def checkpoint_page(run: RunRow, run_dir: Path, record: dict[str, Any], max_grid
             f"Recommended: step {recommended if recommended is not None else '—'}"
             f"{f'; chosen: step {chosen}' if chosen is not None else ''}. Choose another with "
             "/train checkpoints choose:<step>; make it live with /adapter promote.")
+    drift = record.get("drift")
+    if isinstance(drift, dict) and drift.get("summary"):  # [training] drift_report
+        text += f"\nFast modes with checkpoint {drift.get('checkpoint', '?')}: {str(drift['summary'])[:300]}."
     order = sorted(checkpoints, key=lambda c: (c[0] != chosen, c[0] != recommended, -c[0]))
     files = [_file(folder / "grid.png", f"step-{step:06d}-grid.png")
              for step, folder in order if (folder / "grid.png").is_file()][:max_grids]

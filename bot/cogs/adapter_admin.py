@@ -198,6 +198,27 @@ class AdapterAdmin(commands.Cog):
         await interaction.followup.send(f"⚖️ **{name}** now has default weight {weight:g}.{warning}",
                                         ephemeral=True)
 
+    # ------------------------------------------------------------------ drift
+
+    @adapter.command(name="drift", description="Measure each fast mode against the standard mode for a mix (admins)")
+    @app_commands.describe(adapters="The mix, e.g. `mystyle:0.8, hero-a` (default: the base alone)",
+                           prompt="One fixed prompt (default: four built-in prompts)",
+                           seeds="Seeds, e.g. `1,2` (default 1,2)",
+                           modes="Fast modes, e.g. `lcm, dmd2` (default: every installed one)",
+                           lcm_weights="LCM-LoRA weights 0.1-1.5 (default 0.25,0.5,0.75,1)",
+                           steps="Step counts 1-8, e.g. `4-8` (default 4-8)")
+    async def drift(self, interaction: discord.Interaction, adapters: Optional[str] = None,
+                    prompt: Optional[str] = None, seeds: Optional[str] = None, modes: Optional[str] = None,
+                    lcm_weights: Optional[str] = None, steps: Optional[str] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        from bot.drift_flow import build_request
+
+        request = build_request(f"drift-{interaction.id}", str(interaction.user.id), adapters=adapters,
+                                prompt=prompt, seeds=seeds, modes=modes, lcm_weights=lcm_weights, steps=steps)
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await self._audit(interaction, "adapter.drift", request.job_id, options=request.options.model_dump())
+        await interaction.followup.send(**await drift_answer(self.bot, request), ephemeral=True)
+
     # ------------------------------------------------------------------ autocomplete
 
     async def _autocomplete_adapters(self, interaction: discord.Interaction,
@@ -224,6 +245,38 @@ class AdapterAdmin(commands.Cog):
         _command.autocomplete("name")(_autocomplete_adapters)
     promote.autocomplete("run")(_autocomplete_runs)
     del _command
+
+
+DRIFT_WAIT_S = 14 * 60  # an interaction's follow-ups expire after 15 minutes
+
+
+async def drift_answer(bot: "ArcaeBot", request: Any) -> dict[str, Any]:
+    """The follow-up for a drift measurement: the recommendation, the table and the chart, or why not."""
+    import io
+    import json
+
+    from bot.drift_flow import chart_bytes, run_on_engine
+    from engine.contract.transport import EngineRejected, EngineUnavailable
+
+    try:
+        outcome = await run_on_engine(bot, request, DRIFT_WAIT_S)
+    except EngineUnavailable as exc:
+        return {"content": f"⚠️ The engine is not reachable now ({exc}); try again shortly."}
+    except EngineRejected as exc:
+        return {"content": f"❌ Drift measurement refused: {exc.message}"}
+    if not outcome.ok:
+        return {"content": f"❌ Drift measurement `{request.job_id}`: {outcome.message}"[:2000]}
+    result = outcome.result
+    files = [discord.File(io.BytesIO(json.dumps(result.get("report", {}), indent=2).encode()), filename="drift.json")]
+    chart = chart_bytes(result)
+    if chart is not None:
+        files.insert(0, discord.File(io.BytesIO(chart), filename="drift.png"))
+    table = str(result.get("table", ""))
+    text = f"📏 **Drift report** ({result.get('images', 0)} images): {outcome.message}\n```\n{table}\n```"
+    if len(text) > 2000:  # Discord's message limit: the table travels as a file
+        files.append(discord.File(io.BytesIO(table.encode()), filename="drift.txt"))
+        text = f"📏 **Drift report** ({result.get('images', 0)} images): {outcome.message}\n(the table is in drift.txt)"
+    return {"content": text[:2000], "files": files}
 
 
 async def setup(bot: "ArcaeBot") -> None:

@@ -256,6 +256,9 @@ class TrainingConfig(_Section):
     min_free_disk_mb: int = Field(2048, ge=0)  # checked before a run and before each checkpoint
     # The run's live message in Discord edits itself at most this often (Discord rate-limits edits).
     status_edit_interval_s: float = Field(10.0, ge=1.0, le=600.0)
+    # After a run is scored, measure its recommended checkpoint against the standard mode in every
+    # installed fast mode (training.learning.drift); the summary lands in the run's run.json.
+    drift_report: bool = False
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> "TrainingConfig":

@@ -185,6 +185,36 @@ class TrainRequest(_Msg):
     options: TrainOverrides = Field(default_factory=TrainOverrides)
 
 
+class DriftOptions(_Msg):
+    """What a drift measurement compares (empty lists: the defaults of ``training.data.drift_report``)."""
+
+    adapters: list[AdapterWeight] = Field(default_factory=list, max_length=MAX_ADAPTERS_PER_REQUEST)
+    prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default_factory=list, max_length=8)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=list, max_length=4)
+    modes: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=8)
+    lcm_weights: list[Annotated[float, Field(ge=0.1, le=1.5)]] = Field(default_factory=list, max_length=8)
+    steps: list[Annotated[int, Field(ge=1, le=8)]] = Field(default_factory=list, max_length=8)
+    # A training run's checkpoint to measure in the mix (the run's job id, never a path; step None:
+    # the chosen, else the recommended one): the report goes to the run's folder and run.json.
+    checkpoint_run: str | None = Field(None, pattern=JOB_ID_PATTERN)
+    checkpoint_step: int | None = Field(None, ge=0)
+
+
+class DriftRequest(_Msg):
+    """Measure each installed few-step mode against the standard mode, on the engine's GPU worker.
+
+    Runs in the training slot (one step = one image, between generation jobs); ``Completed.result``
+    carries the table, the recommendation and the chart (``chart_png_b64``).
+    """
+
+    type: Literal["drift"] = "drift"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    owner: str = Field(min_length=1, max_length=64)
+    attempt: int = Field(1, ge=1, le=100)
+    options: DriftOptions = Field(default_factory=DriftOptions)
+
+
 Request = Annotated[
     Union[
         Hello,
@@ -196,6 +226,7 @@ Request = Annotated[
         ReloadAdaptersRequest,
         StatusRequest,
         TrainRequest,
+        DriftRequest,
     ],
     Field(discriminator="type"),
 ]

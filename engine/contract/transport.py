@@ -16,7 +16,7 @@ from engine.contract import protocol
 
 EventCallback = Callable[[Any], Awaitable[None]]
 ConnectCallback = Callable[[], Awaitable[None]]
-JobRequest = protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.TrainRequest
+JobRequest = protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.TrainRequest | protocol.DriftRequest
 
 
 class TransportError(Exception):

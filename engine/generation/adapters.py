@@ -181,6 +181,7 @@ class AdapterRegistry:
         self._loaded: dict[str, _Loaded] = {}
         self._index: _LayerIndex | None = None
         self._mix: list[tuple[str, float]] = []  # the mix the pipeline has now
+        self._extra: dict[str, AdapterEntry] = {}  # files outside the directory (add_file), kept by rescans
         self.scan()
 
     @classmethod
@@ -203,8 +204,37 @@ class AdapterRegistry:
             write_sidecars=self.write_sidecars,
         )
         with self._lock:
+            entries.update(self._extra)
             self._entries = entries
         return dict(entries)
+
+    def add_file(self, name: str, path: Path) -> AdapterInfo:
+        """Make a LoRA file outside the directory (a training checkpoint being measured) usable as
+        ``name`` until ``remove_file``; users never see it unless they know the name. A name already
+        in use is refused."""
+        import dataclasses
+
+        from engine.generation.lora_files import scan_entry
+
+        problem = adapter_name_problem(name)
+        if problem:
+            raise InvalidRequest(f"adapter name {name!r}: {problem}")
+        entry = scan_entry(Path(path), default_weight=1.0, lcm_adapter="", hashes=self._hashes, write_sidecars=False)
+        entry = dataclasses.replace(entry, name=name)
+        with self._lock:
+            if name in self._entries:
+                raise InvalidRequest(f"adapter name {name!r} is already in use")
+            self._extra[name] = self._entries[name] = entry
+        return entry.to_info()
+
+    def remove_file(self, name: str) -> None:
+        """Undo ``add_file``: unload the adapter and forget it (idempotent)."""
+        if name not in self._extra:
+            return
+        self.unload(name)
+        with self._lock:
+            self._extra.pop(name, None)
+            self._entries.pop(name, None)
 
     def list(self) -> list[AdapterInfo]:
         """Every adapter of the directory, sorted by name."""

@@ -165,6 +165,9 @@ class Dispatcher(LeaseKeeper):
 
     async def submit(self, request: JobRequest) -> protocol.Queued:
         """Queue a job; resubmitting a job that is queued or on a worker changes nothing."""
+        if isinstance(request, protocol.DriftRequest):  # Redis workers accept generate, img2img and train only
+            raise EngineRejected("bad_request", "drift measurements run on one engine (local or remote mode), not "
+                                 "through Redis scale-out; run `python -m training drift` on a GPU host instead")
         job_id = request.job_id
         if job_id in self._inflight:
             d = self._inflight[job_id]

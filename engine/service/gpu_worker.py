@@ -67,6 +67,8 @@ class GpuWorker(BatchingMixin):
         self.config = config
         self.name = name
         self.train_factory = train_factory
+        # DriftRequest -> a steppable drift measurement (engine.service.drift_hook); runs in the training slot.
+        self.drift_factory: Callable[[protocol.DriftRequest], SteppableRun] | None = None
         self.scheduler = FairScheduler(config.engine.queue_limit)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -94,7 +96,7 @@ class GpuWorker(BatchingMixin):
         ``SourceNotFound``, ``ShuttingDown``). Idempotent: a job id the worker already holds is
         not queued twice; the answer describes the job as it is (position 0 when running).
         """
-        if isinstance(request, protocol.TrainRequest):
+        if isinstance(request, (protocol.TrainRequest, protocol.DriftRequest)):
             return self._submit_training(request)
         if not isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest)):
             raise InvalidRequest(f"cannot queue a {type(request).__name__}; send generate, img2img or train")
@@ -260,13 +262,17 @@ class GpuWorker(BatchingMixin):
                 return
         self.generator.resolve(params)  # reads the registry through its thread-safe get()
 
+    def _factory_for(self, request: Any) -> Callable[[Any], SteppableRun] | None:
+        return self.drift_factory if isinstance(request, protocol.DriftRequest) else self.train_factory
+
     def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:
         """Accept a training run; it is built on the worker thread (it changes the pipeline).
 
         Options the factory refuses arrive as a ``Failed`` event (code bad_request).
         """
-        if self.train_factory is None:
-            raise InvalidRequest("this engine does not accept training runs")
+        if self._factory_for(request) is None:
+            raise InvalidRequest("this engine does not accept " + ("drift measurements" if isinstance(
+                request, protocol.DriftRequest) else "training runs"))
         with self._lock:
             known = self._known_state(request)
             if known is not None:
@@ -476,8 +482,7 @@ class GpuWorker(BatchingMixin):
                     record.run.cancel()
                 raise JobCanceled("training canceled")
             if record.run is None:
-                assert self.train_factory is not None
-                record.run = self.train_factory(record.request)
+                record.run = self._factory_for(record.request)(record.request)  # type: ignore[misc]
             if not record.started:
                 record.started = True
                 self._emit_job(record, protocol.Started, worker=self.name)

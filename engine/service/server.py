@@ -262,7 +262,8 @@ class EngineServer:
         try:
             if isinstance(request, (protocol.Hello, protocol.HelloProof)):
                 return protocol.ErrorResponse(code="bad_request", message="already authenticated", rid=rid)
-            if isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest, protocol.TrainRequest)):
+            if isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest, protocol.TrainRequest,
+                                    protocol.DriftRequest)):
                 return self.worker.submit(request).model_copy(update={"rid": rid})
             if isinstance(request, protocol.CancelRequest):
                 if self.worker.cancel(request.job_id):
@@ -401,7 +402,11 @@ def build_worker(config: ArcaeConfig, secrets: Secrets) -> GpuWorker:
         from engine.service.training_hook import training_factory
 
         train_factory = training_factory(config, generator)
-    return GpuWorker(generator, config, train_factory=train_factory)
+    from engine.service.drift_hook import drift_factory
+
+    worker = GpuWorker(generator, config, train_factory=train_factory)
+    worker.drift_factory = drift_factory(config, generator)  # DriftRequests: fast modes measured
+    return worker
 
 
 async def serve(

@@ -47,6 +47,9 @@ REQUESTS = [
     p.ReloadAdaptersRequest(),
     p.StatusRequest(rid="r4"),
     p.TrainRequest(job_id="train-1", owner="admin", options={"steps": 10, "rank": 4, "trigger": "x"}),
+    p.DriftRequest(job_id="drift-1", owner="admin", options={"adapters": [{"name": "ink", "weight": 0.8}],
+                                                             "lcm_weights": [0.5, 1.0], "steps": [4, 6],
+                                                             "checkpoint_run": "run-1"}),
 ]
 EVENTS = [
     p.Challenge(nonce="12" * 32, proof="ef" * 32, rid="hello"),

@@ -359,3 +359,13 @@ async def test_redis_losing_its_data_mid_job_loses_no_job(cluster):
         assert isinstance(await r.wait_for(job_id, (protocol.Completed, protocol.Failed), timeout=20), protocol.Completed)
     await d.submit(gen("third"))  # and the cluster still works afterwards
     assert (await r.wait_for("third", protocol.Completed, timeout=20)).attempt == 1
+
+
+async def test_a_drift_measurement_is_refused_with_the_way_to_run_it(cluster):
+    from engine.contract.transport import EngineRejected
+
+    d = cluster.new_dispatcher()
+    with pytest.raises(EngineRejected) as err:
+        await d.submit(protocol.DriftRequest(job_id="drift-1", owner="admin"))
+    assert "not through Redis scale-out" in err.value.message and "python -m training drift" in err.value.message
+    assert len(d._queue) == 0
