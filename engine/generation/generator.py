@@ -146,8 +146,9 @@ class Generator:
                 # A mix's own distilled adapter (looked for below) runs without any stock one installed.
                 if not (wants_distilled(params.fast_mode) and self._distilled_entries()):
                     raise
-                missing, fast_mode = exc, distilled_choice("", self.model.prediction)
-            fast_adapter = (fast_mode.adapter, check_weight(fast_mode, params.fast_weight))
+                missing, fast_mode = exc, distilled_choice("", self.model.prediction)  # its adapter comes below
+            if missing is None:
+                fast_adapter = (fast_mode.adapter, check_weight(fast_mode, params.fast_weight))
         resolved, warnings = self._resolve_with(params, mode, fast_adapter, fast_mode, **kwargs)
         if fast_mode is not None and wants_distilled(params.fast_mode):
             own = [a for a in resolved.adapters if a.name != fast_mode.adapter]

@@ -73,6 +73,11 @@ def _check(problem: str | None) -> None:
         raise InvalidRequest(problem)
 
 
+def _check_range(label: str, value: float, low: float, high: float, hint: str = "") -> None:
+    # Lost in a merge (every fast-mode request raised NameError); the contract's wording.
+    _check(limits.out_of_range(label, value, low, high, hint))
+
+
 def _prompt(gen: GenerationConfig, params: GenerationParams) -> tuple[str, list[LoraTag]]:
     """The prompt without its ``<lora:...>`` tags (quality tags added) and those tags."""
     _check(limits.prompt_problem(gen, params.prompt))

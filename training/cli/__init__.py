@@ -9,6 +9,7 @@ COMMANDS: dict[str, str] = {
     "dataset": "training.cli.dataset",
     "train": "training.cli.train",
     "checkpoints": "training.cli.checkpoints",
+    "distill-fast": "training.cli.distill",
 }
 
 

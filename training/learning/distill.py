@@ -122,7 +122,7 @@ class DistillRun:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.options.seed)
                 config = LoraConfig(r=self.options.rank, lora_alpha=self.options.rank, init_lora_weights=True,
-                                    target_modules=unet_targets(True, False, "kohya"))
+                                    target_modules=unet_targets(False, False, "locon"))
                 self.params = add_training_adapter(unet, STUDENT, config)
         if not self.params:
             raise TrainingError("distill-fast: the student adapter has no UNet weights")
