@@ -39,6 +39,7 @@ class DistillOptions:
     solver_steps: int = 50  # DDIM skipping-step schedule of the consistency objective
     teacher_steps: int = 25  # DDIM steps of the teacher's own samples (training targets and judging)
     student_steps: int = 4  # steps the student is judged at
+    variants: int = 4  # teacher samples per caption (different seeds): the clean latents it learns from
     huber_c: float = 0.001
     negative_prompt: str = ""
     init: str = "auto"  # "auto" (a stock few-step adapter when given), "scratch"
@@ -83,7 +84,7 @@ def check_options(o: DistillOptions) -> list[str]:
         problems.append(str(exc))
     for name, low, high in (("steps", 1, 100_000), ("rank", 1, 256), ("batch_size", 1, 16),
                             ("solver_steps", 2, 1000), ("teacher_steps", 2, 150), ("student_steps", 1, 8),
-                            ("save_every", 1, 100_000)):
+                            ("save_every", 1, 100_000), ("variants", 1, 64)):
         _range(problems, name, getattr(o, name), low, high)
         if not isinstance(getattr(o, name), int):
             problems.append(f"{name} must be a whole number")

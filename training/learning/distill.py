@@ -75,7 +75,7 @@ class DistillRun:
         self.solver = lcd.DDIMSolver(self.noise_scheduler.alphas_cumprod,
                                      self.noise_scheduler.config.num_train_timesteps, options.solver_steps)
         self._conds: dict[int, lcd.Conditioning] = {}
-        self._x0: dict[int, Any] = {}
+        self._x0: dict[tuple[int, int], Any] = {}
         self._teacher_eval: Any = None
         self.report = DistillReport()
         self._add_student()
@@ -197,17 +197,18 @@ class DistillRun:
     def _on_device(self, c: lcd.Conditioning) -> lcd.Conditioning:
         return lcd.Conditioning(c.embeds.to(self.device), c.pooled.to(self.device), c.time_ids.to(self.device))
 
-    def _teacher_sample(self, index: int) -> Any:
-        """The teacher's DDIM sample of caption ``index`` (the clean latent of its training pairs)."""
+    def _teacher_sample(self, index: int, variant: int) -> Any:
+        """Teacher DDIM sample ``variant`` of caption ``index`` (a clean latent of its training pairs; cached)."""
         from diffusers import DDIMScheduler
 
-        if index not in self._x0:
+        key = (index, variant)
+        if key not in self._x0:
             o = self.options
             scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
-            self._x0[index] = lcd.sample_latents(
+            self._x0[key] = lcd.sample_latents(
                 self.pipe, scheduler, self._on_device(self._cond(index)), self._on_device(self._uncond()),
-                steps=o.teacher_steps, cfg=o.teacher_cfg, size=o.resolution, seed=_seed(o.seed, "x0", index))[0]
-        return self._x0[index]
+                steps=o.teacher_steps, cfg=o.teacher_cfg, size=o.resolution, seed=_seed(o.seed, "x0", index, variant))[0]
+        return self._x0[key]
 
     # ------------------------------------------------------------------ public API (as TrainingRun)
     @property
@@ -274,9 +275,11 @@ class DistillRun:
         self.params = {}
 
     # ------------------------------------------------------------------ the step
-    def _batch(self) -> list[int]:
+    def _batch(self) -> list[tuple[int, int]]:
+        """(caption, teacher sample variant) pairs of this step."""
         rng = random.Random(_seed(self.options.seed, "batch", self.step_index))
-        return [rng.randrange(len(self.options.captions)) for _ in range(self.options.batch_size)]
+        o = self.options
+        return [(rng.randrange(len(o.captions)), rng.randrange(o.variants)) for _ in range(o.batch_size)]
 
     def _optimizer_step(self) -> float:
         import torch
@@ -286,8 +289,8 @@ class DistillRun:
         indices = self._batch()
         try:
             self._set(student=False, train=False)
-            x0 = torch.stack([self._teacher_sample(i) for i in indices]).to(self.device)
-            cond = self._on_device(_stack([self._cond(i) for i in indices]))
+            x0 = torch.stack([self._teacher_sample(i, v) for i, v in indices]).to(self.device)
+            cond = self._on_device(_stack([self._cond(i) for i, _ in indices]))
             uncond = self._on_device(_stack([self._uncond()] * len(indices)))
             gen = torch.Generator("cpu").manual_seed(_seed(o.seed, "noise", self.step_index))
             noise = torch.randn(x0.shape, generator=gen).to(self.device)
