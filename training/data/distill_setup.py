@@ -83,7 +83,7 @@ def check_options(o: DistillOptions) -> list[str]:
     except MixError as exc:
         problems.append(str(exc))
     for name, low, high in (("steps", 1, 100_000), ("rank", 1, 256), ("batch_size", 1, 16),
-                            ("solver_steps", 2, 1000), ("teacher_steps", 2, 150), ("student_steps", 1, 8),
+                            ("solver_steps", 1, 1000), ("teacher_steps", 1, 150), ("student_steps", 1, 8),
                             ("save_every", 1, 100_000), ("variants", 1, 64)):
         _range(problems, name, getattr(o, name), low, high)
         if not isinstance(getattr(o, name), int):

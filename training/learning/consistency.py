@@ -134,10 +134,7 @@ def sample_latents(pipe: Any, scheduler: Any, cond: Conditioning, uncond: Condit
     saved = pipe.scheduler
     pipe.scheduler = scheduler
     try:
-        gen = torch.Generator("cpu").manual_seed(seed)
-        batch = cond.embeds.shape[0]
-        noise = torch.randn((batch, pipe.unet.config.in_channels, size // pipe.vae_scale_factor,
-                             size // pipe.vae_scale_factor), generator=gen)
+        noise = initial_noise(pipe, cond.embeds.shape[0], size, seed)
         kwargs: dict[str, Any] = {}
         if cfg > 1.0 and uncond is not None:
             kwargs = {"negative_prompt_embeds": uncond.embeds, "negative_pooled_prompt_embeds": uncond.pooled}
@@ -154,3 +151,38 @@ def sample_latents(pipe: Any, scheduler: Any, cond: Conditioning, uncond: Condit
 def latent_distance(a: Any, b: Any) -> float:
     """Root mean square difference of two latent batches."""
     return float(((a.float() - b.float()) ** 2).mean().sqrt())
+
+
+def initial_noise(pipe: Any, batch: int, size: int, seed: int) -> Any:
+    """The starting noise ``sample_latents`` uses for ``seed`` (CPU generator, fp32)."""
+    import torch
+
+    gen = torch.Generator("cpu").manual_seed(seed)
+    side = size // pipe.vae_scale_factor
+    return torch.randn((batch, pipe.unet.config.in_channels, side, side), generator=gen)
+
+
+def consistency_trajectory(pipe: Any, cond: Conditioning, timesteps: list[int], alphas: Any, prediction: str,
+                           *, size: int, seed: int) -> Any:
+    """The student's few-step latents along the teacher's trajectory (deterministic).
+
+    LCM's own sampler re-noises each estimate with fresh noise, so even a perfect student lands on
+    another sample than the teacher's from the same seed; here each step re-noises with the noise
+    the estimate implies (DDIM with the consistency output, TCD at gamma 0), so the latents can be
+    compared with the teacher's from the same starting noise.
+    """
+    import torch
+
+    unet = pipe.unet
+    x = initial_noise(pipe, cond.embeds.shape[0], size, seed).to(unet.device, unet.dtype)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+            x0 = consistency_output(unet, x, tt, cond, alphas, prediction)
+            if i + 1 == len(timesteps):
+                return x0.float().cpu()
+            a_t = _per_sample(alphas[tt], x0)
+            eps = (x.float() - a_t.sqrt() * x0) / (1 - a_t).clamp(min=1e-8).sqrt()
+            a_next = _per_sample(alphas[torch.full_like(tt, int(timesteps[i + 1]))], x0)
+            x = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).to(unet.dtype)
+    return x.float().cpu()

@@ -21,8 +21,9 @@ Memory at 1024x1024 (an ESTIMATE from the model's sizes, not measured: no GPU he
 base is ~6.9 GB, shared with serving. A step runs the UNet four times on one latent (student with
 gradients, teacher with CFG as a batch of two, target without gradients): activations of the
 student pass ~3-4 GB with gradient checkpointing, ~12 GB without; the others are inference-sized.
-A rank-64 student (LCM-LoRA's size, ~200 M parameters... ~197 MB in fp16) adds fp32 weights,
-gradients and AdamW moments, ~3 GB. So ~14-16 GB at batch 1 with checkpointing: a 24 GB card.
+A rank-64 student (LCM-LoRA's size: ~197 MB in fp16, ~100 M parameters) adds fp32 weights,
+gradients and AdamW moments, ~1.6 GB. So ~12-14 GB at batch 1 with gradient checkpointing, plus
+what generations need meanwhile when it trains while serving: a 24 GB card (16 GB exclusive).
 """
 
 from __future__ import annotations
@@ -330,8 +331,9 @@ class DistillRun:
 
     # ------------------------------------------------------------------ judging
     def distance(self) -> float:
-        """RMS distance, on held-out seeds, of the student's ``student_steps`` latents (LCM sampler, no CFG)
-        to the teacher's ``teacher_steps`` DDIM latents with CFG: what distillation drives down."""
+        """RMS distance, on held-out seeds, of the student's ``student_steps`` latents (fast mode's LCM
+        timesteps, no CFG, deterministic: ``consistency.consistency_trajectory``) to the teacher's
+        ``teacher_steps`` DDIM latents with CFG from the same starting noise: what distillation drives down."""
         from diffusers import DDIMScheduler, LCMScheduler
 
         o = self.options
@@ -346,10 +348,13 @@ class DistillRun:
                                                          cond, uncond, steps=o.teacher_steps, cfg=o.teacher_cfg,
                                                          size=o.resolution, seed=s) for s in o.eval_seeds]
             self._set(student=True, train=False)
+            scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
+            scheduler.set_timesteps(o.student_steps)  # fast mode's own timesteps (999/759/499/259 at 4)
+            steps = [int(t) for t in scheduler.timesteps]
             dists = []
             for seed, teacher in zip(o.eval_seeds, self._teacher_eval):
-                student = lcd.sample_latents(self.pipe, LCMScheduler.from_config(self.pipe.scheduler.config), cond, None,
-                                             steps=o.student_steps, cfg=1.0, size=o.resolution, seed=seed)
+                student = lcd.consistency_trajectory(self.pipe, cond, steps, self.alphas, self.prediction,
+                                                     size=o.resolution, seed=seed)
                 dists.append(lcd.latent_distance(student, teacher))
             return sum(dists) / len(dists)
         finally:
