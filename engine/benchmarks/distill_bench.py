@@ -24,7 +24,7 @@ from engine.benchmarks.ratios import Ratio
 TINY_OPTIONS: dict[str, Any] = dict(
     captions=("1girl, solo, smile", "landscape, sky, cloud", "cat, animal focus", "red hair, long hair"),
     mix=(("style", 0.8),), rank=16, resolution=64, teacher_steps=8, solver_steps=4, teacher_cfg=3.0,
-    huber_c=0.0, save_every=1000, eval_seeds=(1001, 1002),
+    huber_c=0.0, save_every=1000, eval_seeds=(1001, 1002), batch_size=4,
 )
 
 
@@ -47,7 +47,7 @@ def tiny_distill_run(root: Path, *, steps: int, lr: float, name: str = "style-fa
     return DistillRun(pipe, options, root / "run", mixer=registry, base_model="tiny-sdxl-v", resume=resume)
 
 
-def measure_distill(steps: int = 60, lr: float = 3e-4) -> dict[str, float]:
+def measure_distill(steps: int = 40, lr: float = 1e-4) -> dict[str, float]:
     """Distances before/after ``steps`` distillation steps and the mean seconds per step."""
     import torch
 
