@@ -6,7 +6,8 @@ and reports the ratio of medians. Absolute seconds are printed for context only.
 Cases: ``service`` (a job through the engine process vs the same call on the library),
 ``mix`` (adapter mix change with 2 vs 50 adapters loaded, and vs loading from disk), ``fast``
 (LCM 4 steps vs 28 steps with CFG), ``batching`` (4 compatible jobs as one call vs four
-calls), ``training`` (generation latency while a LoRA trains vs idle, through the engine).
+calls), ``training`` (generation latency while a LoRA trains vs idle, through the engine),
+``distill_gain`` (4-step student vs teacher distance after / before distillation; distill_bench).
 """
 
 from __future__ import annotations
