@@ -107,3 +107,28 @@ def test_bad_options_say_what_is_allowed():
     text = str(info.value)
     assert "name 'no spaces' is not allowed" in text and "no captions" in text
     assert "student_steps = 20 is out of range; allowed: 1 to 8" in text and "teacher_cfg" in text
+
+
+def test_a_stock_few_step_adapter_is_the_students_starting_point(tmp_path):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from engine.generation.tiny import build_tiny_components
+    from tests.engine.generation.lora_factory import make_lora
+    from training.learning.distill import DistillRun
+
+    torch.set_num_threads(1)
+    stock = tmp_path / "stock" / "lcm-lora-sdxl.safetensors"
+    make_lora(StableDiffusionXLPipeline(**build_tiny_components(0, "v")), stock, seed=7, kind="lcm")
+    run = tiny_distill_run(tmp_path, steps=1, lr=LR)  # builds the pipeline and the mix ...
+    pipe, mixer, options = run.pipe, run.mixer, run.options
+    run.release()
+    run = DistillRun(pipe, options, tmp_path / "stock-run", mixer=mixer, stock=stock)  # ... restarted from stock
+    assert run.params, "the student took the stock adapter's layers"
+    run.step()
+    assert run.status == "completed"
+    saved = load_file(str(run.run_dir / "adapter.safetensors"))
+    stock_keys = set(load_file(str(stock)))
+    assert set(saved) == stock_keys  # same layers and ranks as the stock adapter
+    assert json.loads((run.run_dir / "run.json").read_text())["report"]["init"] == "stock"
