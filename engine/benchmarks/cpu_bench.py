@@ -6,7 +6,8 @@ and reports the ratio of medians. Absolute seconds are printed for context only.
 Cases: ``service`` (a job through the engine process vs the same call on the library),
 ``mix`` (adapter mix change with 2 vs 50 adapters loaded, and vs loading from disk), ``fast``
 (LCM 4 steps vs 28 steps with CFG), ``batching`` (4 compatible jobs as one call vs four
-calls), ``training`` (generation latency while a LoRA trains vs idle, through the engine).
+calls), ``training`` (generation latency while a LoRA trains vs idle, through the engine),
+``distill_gain`` (4-step student vs teacher distance after / before distillation; distill_bench).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from engine.benchmarks.ratios import Ratio, alternate, write_bench_config
 
-CASES = ("service", "mix", "fast", "batching", "training", "ack")
+CASES = ("service", "mix", "fast", "batching", "training", "ack", "distill_gain")
 
 
 class _Env:
@@ -237,7 +238,7 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
     results: list[Ratio] = []
     print(f"Arcae CPU benchmark (tiny model, median of {trials} trials, ratios measured in this run)", flush=True)
     with tempfile.TemporaryDirectory(prefix="arcae-bench-") as tmp:
-        env = _Env(Path(tmp)) if set(selected) - {"mix", "ack"} else None
+        env = _Env(Path(tmp)) if set(selected) - {"mix", "ack", "distill_gain"} else None
         client = _EngineClient(env) if env is not None and {"service", "training"} & set(selected) else None
         try:
             for case in selected:
@@ -249,6 +250,10 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
                     new = bench_batching(env, trials)
                 elif case == "service":
                     new = bench_service(env, client, trials)
+                elif case == "distill_gain":
+                    from engine.benchmarks.distill_bench import bench_distill
+
+                    new = bench_distill(trials)
                 elif case == "ack":
                     from engine.benchmarks.bot_bench import bench_ack
 

@@ -228,3 +228,38 @@ def sampling_for(resolved: Any, base_config: Any) -> tuple[Any, dict[str, Any]]:
     if resolved.cfg_rescale:  # v-prediction bases with CFG on
         extra["guidance_rescale"] = resolved.cfg_rescale
     return scheduler, extra
+
+
+# ------------------------------------------------------------------ distilled fast adapters
+
+
+def wants_distilled(wanted: str | None) -> bool:
+    """Whether a fast request may run a mix's own distilled adapter: 'best' (the default) or 'lcm'."""
+    return (wanted or "").strip().casefold() in BEST + ("lcm",)
+
+
+def find_distilled(entries: list[Any], mix: list[Any]) -> Any | None:
+    """The adapter entry distilled for exactly ``mix`` (few-step adapters left out), or None.
+
+    ``entries``: scanned ``AdapterEntry`` objects; a binding matches on names and weights to 0.01.
+    """
+    from engine.contract.distilled_mix import MixError, normalise_mix
+
+    try:
+        wanted = normalise_mix(mix)
+    except MixError:
+        return None
+    for entry in sorted(entries, key=lambda e: e.name):
+        # Distilled on this server's base (whichever prediction type it has): no prediction check.
+        if entry.kind == "lcm" and entry.distilled_for == wanted and entry.problem is None:
+            return entry
+    return None
+
+
+def distilled_choice(name: str, prediction: str = "epsilon", default_steps: int = 4) -> FastChoice:
+    """The ``lcm`` recipe with a distilled adapter: 4 steps, no CFG (the teacher's CFG is baked in)."""
+    recipe = RECIPES["lcm"]
+    return FastChoice(
+        adapter=name, recipe=recipe, default_steps=default_steps, steps=(1, 8), default_cfg=1.0, cfg=(1.0, 2.0),
+        default_weight=1.0, eta=None, prediction=prediction,
+    )

@@ -34,7 +34,10 @@ from engine.generation.params import SIZE_PRESETS, fast_lcm_missing_message, res
 from engine.generation.prompts import pipe_encoder, tokenize_chunks
 from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
 from engine.generation.samplers import get_sampler, make_scheduler, sampler_supports_zero_snr
-from engine.generation.fast_modes import RECIPES, check_weight, choose_mode, configured_modes, sampling_for, stored_fast_request
+from engine.generation.fast_modes import (
+    RECIPES, check_weight, choose_mode, configured_modes, distilled_choice, find_distilled, sampling_for, stored_fast_request,
+    wants_distilled,
+)
 from engine.contract.prompt_syntax import prompt_schedule
 
 __all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
@@ -130,16 +133,50 @@ class Generator:
         return self._resolve(params, mode, extra_negative=extra_negative, strength=strength, source_image=source_image)[0]
 
     def _resolve(self, params: GenerationParams, mode: Any, **kwargs: Any) -> tuple[ResolvedParams, list[str]]:
-        fast_adapter, fast_mode = None, None
+        fast_adapter, fast_mode, missing = None, None, None
         if params.fast or params.fast_mode:
             adapters = self.config.adapters
-            fast_mode = choose_mode(
-                configured_modes(adapters, self.config.generation), params.fast_mode,
-                installed=lambda name: name in {a.name for a in self.registry.list()},
-                base_prediction=self.model.prediction,
-                missing_hint=fast_lcm_missing_message(adapters.lcm_adapter, str(self.config.path(adapters.dir))),
-            )
-            fast_adapter = (fast_mode.adapter, check_weight(fast_mode, params.fast_weight))
+            try:
+                fast_mode = choose_mode(
+                    configured_modes(adapters, self.config.generation), params.fast_mode,
+                    installed=lambda name: name in {a.name for a in self.registry.list()},
+                    base_prediction=self.model.prediction,
+                    missing_hint=fast_lcm_missing_message(adapters.lcm_adapter, str(self.config.path(adapters.dir))),
+                )
+            except UnknownAdapter as exc:
+                # A mix's own distilled adapter (looked for below) runs without any stock one installed.
+                if not (wants_distilled(params.fast_mode) and self._distilled_entries()):
+                    raise
+                missing, fast_mode = exc, distilled_choice("", self.model.prediction)  # its adapter comes below
+            if missing is None:
+                fast_adapter = (fast_mode.adapter, check_weight(fast_mode, params.fast_weight))
+        resolved, warnings = self._resolve_with(params, mode, fast_adapter, fast_mode, **kwargs)
+        if fast_mode is not None and wants_distilled(params.fast_mode):
+            own = [a for a in resolved.adapters if a.name != fast_mode.adapter]
+            entry = find_distilled(self._distilled_entries(), own)
+            if entry is not None:
+                fast_mode = distilled_choice(entry.name, self.model.prediction)
+                fast_adapter = (entry.name, check_weight(fast_mode, params.fast_weight))
+                resolved, warnings = self._resolve_with(params, mode, fast_adapter, fast_mode, **kwargs)
+                warnings.append(f"fast mode uses {entry.name}, the few-step adapter distilled for this adapter mix")
+            elif missing is not None:
+                raise missing
+        return resolved, warnings
+
+    def _distilled_entries(self) -> list[Any]:
+        """Installed few-step adapters that were distilled for a mix."""
+        entries = [self.registry.entry(a.name) for a in self.registry.list() if a.kind == "lcm"]
+        return [e for e in entries if getattr(e, "distilled_for", None) is not None]
+
+    def _distilled_in(self, resolved: ResolvedParams) -> str | None:
+        """The distilled few-step adapter a fast request ran with (for the infotext), if any."""
+        if not resolved.fast_mode:
+            return None
+        distilled = {e.name for e in self._distilled_entries()}
+        return next((a.name for a in resolved.adapters if a.name in distilled), None)
+
+    def _resolve_with(self, params: GenerationParams, mode: Any, fast_adapter: Any, fast_mode: Any,
+                      **kwargs: Any) -> tuple[ResolvedParams, list[str]]:
         v_pred = self.model.prediction == "v_prediction"
         resolved, warnings = resolve_params(
             self.config.generation,
@@ -357,7 +394,8 @@ class Generator:
         base = {k: p[k] for k in keys if k in p}
         base["add_quality_tags"] = False  # the stored prompt already has them
         if base.get("fast"):
-            base = stored_fast_request(base, configured_modes(self.config.adapters, self.config.generation))
+            distilled = [distilled_choice(e.name) for e in self._distilled_entries()]
+            base = stored_fast_request(base, configured_modes(self.config.adapters, self.config.generation) + distilled)
         return path, base
 
     def _run(
@@ -513,6 +551,7 @@ class Generator:
             cfg_rescale=resolved.cfg_rescale,
             zero_terminal_snr=bool(self._scheduler_config.get("rescale_betas_zero_snr")),
             fast_mode=resolved.fast_mode,
+            fast_adapter=self._distilled_in(resolved),
         )
         prompt_line = " ".join(p for p in (resolved.prompt, infotext.lora_prompt_tags(mix)) if p)
         text = infotext.build_infotext(prompt_line, resolved.negative_prompt, fields)

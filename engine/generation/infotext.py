@@ -95,6 +95,7 @@ def generation_fields(
     cfg_rescale: float = 0.0,
     zero_terminal_snr: bool = False,
     fast_mode: str | None = None,
+    fast_adapter: str | None = None,
 ) -> dict[str, Any]:
     """The parameters line's fields in A1111's order (``create_infotext``).
 
@@ -116,6 +117,8 @@ def generation_fields(
         "Noise Schedule": "Zero Terminal SNR" if zero_terminal_snr else None,
         "CFG Rescale phi": float(cfg_rescale) if cfg_rescale else None,
         "Fast mode": fast_mode or None,
+        # A few-step adapter distilled for the request's own mix (``python -m training distill-fast``).
+        "Fast adapter": f"{fast_adapter} (distilled for this mix)" if fast_adapter else None,
         "Lora hashes": ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) if lora_hashes else None,
         "Version": version or arcae_version(),
     }

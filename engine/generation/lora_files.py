@@ -28,6 +28,7 @@ from typing import Any
 
 from engine.fsutil import write_json_atomic
 from engine.contract.protocol import ADAPTER_NAME_PATTERN, AdapterInfo
+from engine.contract.distilled_mix import HEADER_KEY, SIDECAR_KEY, parse_stored
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class AdapterEntry:
     size: int = 0
     mtime_ns: int = 0
     has_sidecar: bool = False
+    # The adapter mix a distilled few-step adapter was made for (``engine.contract.distilled_mix``).
+    distilled_for: tuple[tuple[str, float], ...] | None = None
     # Why the file cannot be loaded (unreadable header, no LoRA keys); None when it looks fine.
     problem: str | None = None
     notes: tuple[str, ...] = field(default=())
@@ -267,6 +270,7 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], list[str], bool]:
         "description": (lambda v: isinstance(v, str), "a string"),
         "base_model": (lambda v: isinstance(v, str), "a string"),
         "sha256": (lambda v: isinstance(v, str) and bool(_HEX64_RE.fullmatch(v.lower())), "64 hex digits"),
+        SIDECAR_KEY: (lambda v: parse_stored(v) is not None, "a list of [adapter name, weight] pairs"),
     }
     for key, value in data.items():
         check = checks.get(key)
@@ -286,6 +290,9 @@ def defaults_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
     kind = metadata.get("arcae.kind", "").strip()
     if kind in KINDS:
         out["kind"] = kind
+    distilled = parse_stored(metadata.get(HEADER_KEY, ""))
+    if distilled is not None:
+        out[SIDECAR_KEY] = distilled
     desc = metadata.get("modelspec.description") or metadata.get("modelspec.title") or metadata.get("ss_output_name")
     if desc:
         out["description"] = desc.strip()[:500]
@@ -382,6 +389,7 @@ def scan_entry(
         size=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
         has_sidecar=has_sidecar,
+        distilled_for=parse_stored(fields[SIDECAR_KEY]) if SIDECAR_KEY in fields else None,
         problem=problem,
         notes=tuple(notes),
     )

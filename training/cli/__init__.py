@@ -10,6 +10,7 @@ COMMANDS: dict[str, str] = {
     "train": "training.cli.train",
     "checkpoints": "training.cli.checkpoints",
     "drift": "training.cli.drift",
+    "distill-fast": "training.cli.distill",
 }
 
 
