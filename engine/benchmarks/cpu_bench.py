@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.benchmarks.ratios import Ratio, alternate, write_bench_config
 
-CASES = ("service", "mix", "fast", "batching", "training", "ack")
+CASES = ("service", "mix", "fast", "batching", "training", "ack", "worker")
 
 
 class _Env:
@@ -248,6 +248,10 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
                     new = bench_batching(env, trials)
                 elif case == "service":
                     new = bench_service(env, client, trials)
+                elif case == "worker":
+                    from engine.benchmarks.worker_bench import bench_worker
+
+                    new = bench_worker(env, trials)
                 elif case == "ack":
                     from engine.benchmarks.bot_bench import bench_ack
 

@@ -119,6 +119,7 @@ class SDXLPromptEncoder:
         self.text_encoders = (text_encoder, text_encoder_2)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, PromptEmbeddings] = OrderedDict()
+        self._first_params: tuple[Any, ...] | None = None
 
     def encode(self, prompt: str | Sequence[str], negative: str | Sequence[str] = "") -> PromptEmbeddings:
         """Embeddings for a prompt (or a batch) and its negative, padded to the same length."""
@@ -186,7 +187,11 @@ class SDXLPromptEncoder:
         or the loaded adapters change: a cache hit costs the same with 2 adapters loaded or 50.
         """
         state = pipe_state(self.text_encoders[1])
-        return (state.weights_version, *((e.device, e.dtype) for e in self.text_encoders))
+        if self._first_params is None:
+            # One parameter per encoder stands for its device and dtype (``.to()`` changes
+            # parameters in place); the models' own .device/.dtype walk their modules each call.
+            self._first_params = tuple(next(e.parameters()) for e in self.text_encoders)
+        return (state.weights_version, *((p.device, p.dtype) for p in self._first_params))
 
     def _encode_texts(self, texts: list[str]) -> tuple[Any, Any]:
         """(B, 77 * chunks, C1 + C2) embeddings and (B, P) pooled for already-validated texts.

@@ -110,8 +110,10 @@ class AdapterSwitch:
         return cached[1]
 
     def set_mode(self, model: Any, train: bool, name: str | None = None) -> None:
+        """``model.train(train)`` for ``mode_modules`` only."""
         for module in self.mode_modules(model, name):
-            module.training = train
+            # nn.Module keeps ``training`` in its __dict__; its __setattr__ would cost ~20x more.
+            module.__dict__["training"] = train
 
     def activate(self, name: str | None, *, train: bool, frozen: tuple[Any, ...] = ()) -> None:
         """Make ``name`` the only active adapter (None: none) and set train/eval mode (``frozen``
@@ -120,9 +122,10 @@ class AdapterSwitch:
         self._prev_held = self._held
         for model in self.models:
             for layer in self.layers(model):
-                # What peft's set_adapter stores, without its per-adapter requires_grad walk.
-                layer._disable_adapters = False
-                layer._active_adapter = [name] if name else []
+                # What peft's set_adapter stores, without its per-adapter requires_grad walk
+                # (plain attributes: written to __dict__ as nn.Module.__setattr__ would, faster).
+                layer.__dict__["_disable_adapters"] = False
+                layer.__dict__["_active_adapter"] = [name] if name else []
             self.set_mode(model, train and model not in frozen, name)
         self._held = (name, train)
 
@@ -136,8 +139,8 @@ class AdapterSwitch:
         for state in saved:
             if state.active is not None:
                 for layer in self.layers(state.model):
-                    layer._active_adapter = list(state.active)
-                    layer._disable_adapters = state.disabled
+                    layer.__dict__["_active_adapter"] = list(state.active)
+                    layer.__dict__["_disable_adapters"] = state.disabled
             self.set_mode(state.model, state.training, name)
 
     def hold(self, name: str, *, train: bool, state: Any, frozen: tuple[Any, ...] = ()) -> bool:
