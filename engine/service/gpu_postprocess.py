@@ -15,6 +15,8 @@ import logging
 import threading
 from typing import Any, Callable, Sequence
 
+from engine.contract import protocol
+
 log = logging.getLogger(__name__)
 
 POOL_THREADS = 2  # PNG encoding (zlib) and onnxruntime release the GIL: two overlap well
@@ -67,3 +69,31 @@ class PostPool:
     def shutdown(self) -> None:
         """Finish everything submitted (their Completed events go out), then stop the threads."""
         self._pool.shutdown(wait=True)
+
+
+class PostProcessingMixin:
+    """``GpuWorker``'s side of the pool: a job leaves "running" when its pipeline call returns,
+    and its ``Completed`` goes out from the pool once its files are written."""
+
+    # Set by GpuWorker; declared here so that this module needs no import of GpuWorker.
+    _lock: Any
+    _running: Any
+    _batch: list[Any]
+    _emit_job: Callable[..., Any]
+
+    def _left_gpu(self) -> None:
+        """The pipeline call returned: its jobs are not running any more (their files are
+        being written); a status shows the next job as soon as it starts."""
+        with self._lock:
+            self._running, self._batch = None, []
+
+    def _completed(self, record: Any, output: Any) -> None:
+        """A job's files are written (on the post-processing pool): send its ``Completed``."""
+        self._emit_job(
+            record,
+            protocol.Completed,
+            images=list(output.images),
+            params=output.params,
+            timings=dict(output.timings),
+            warnings=list(output.warnings),
+        )

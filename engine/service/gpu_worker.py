@@ -9,8 +9,8 @@ pipeline call (``engine.service.gpu_batching``, ``[engine] max_batch_jobs``).
 The worker knows nothing about transports: requests come in through ``submit``/``cancel``
 (from any thread), protocol events go out through the ``emit`` callback given to ``start``.
 ``emit`` is called from the worker's, the post-processing pool's (``gpu_postprocess``) and the
-submitters' threads, while the worker's lock is
-held (so that each job's events leave in ``seq`` order): it must be thread-safe and must not
+submitters' threads, while the worker's lock is held (so that each job's events leave in ``seq``
+order): it must be thread-safe and must not
 block (e.g. ``loop.call_soon_threadsafe``). The websocket server (``engine.service.server``) is one
 transport; the Redis worker is another. ``GpuWorker`` offers the same methods as
 ``engine.service.job_executor.JobExecutor`` (start, submit, cancel, describe, list_adapters,
@@ -33,7 +33,7 @@ from engine.contract.config import ArcaeConfig
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory
 from engine.scheduler import FairScheduler, ScheduledJob
 from engine.service.gpu_batching import BatchingMixin
-from engine.service.gpu_postprocess import PostPool
+from engine.service.gpu_postprocess import PostPool, PostProcessingMixin
 from engine.service.gpu_jobs import (
     JobRecord,
     ShuttingDown,
@@ -54,7 +54,7 @@ PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second
 _FINISHED_MEMORY = 512  # terminal events kept so that a resubmitted finished job is not rerun
 
 
-class GpuWorker(BatchingMixin):
+class GpuWorker(BatchingMixin, PostProcessingMixin):
     """Owns the Generator on one thread; see the module docstring for the threading contract."""
 
     def __init__(
@@ -390,23 +390,6 @@ class GpuWorker(BatchingMixin):
             self._emit_job(record, protocol.Failed, error=exc.code, message=exc.message)
         except Exception as exc:
             self._unexpected_failure(record, exc)
-
-    def _left_gpu(self) -> None:
-        """The pipeline call returned: its jobs are not running any more (their files are
-        being written); a status shows the next job as soon as it starts."""
-        with self._lock:
-            self._running, self._batch = None, []
-
-    def _completed(self, record: JobRecord, output: Any) -> None:
-        """A job's files are written (on the post-processing pool): send its ``Completed``."""
-        self._emit_job(
-            record,
-            protocol.Completed,
-            images=list(output.images),
-            params=output.params,
-            timings=dict(output.timings),
-            warnings=list(output.warnings),
-        )
 
     def _generate(self, record: JobRecord, request: Any) -> Any:
         """Run the job's pipeline call; its decoded, unwritten outputs (``PendingOutput`` list)."""
