@@ -222,7 +222,8 @@ def bench_worker(env: Any, trials: int) -> list[Ratio]:
         Ratio("worker", "training switch after a generation, 50 loaded / 2", switch50, switch2, switch50 / switch2,
               f"bound <= 1.5; {threads}", id="train_switch_50_vs_2"),
         Ratio("worker", "GPU thread: time in the pipeline call / all its time", in_pipe, wall, in_pipe / wall,
-              f"bound >= 0.9; files + rating took {post:.2f} s on the pool meanwhile; {threads}", id="worker_pipeline_share"),
+              f"bound >= 0.9; files + rating took {post:.2f} s on the pool meanwhile (on this thread the share "
+              f"would be about {in_pipe / (wall + post):.2f}); {threads}", id="worker_pipeline_share"),
         Ratio("worker", "PNG encode 832x1216, zlib level 6 / level 4 (the one used)", t6, t4, t6 / t4,
               f"{sizes}; {threads}", id="png_level_4_vs_6"),
     ]

@@ -228,8 +228,9 @@ class TrainingRun:
         if self._released:
             return
         self._released = True
-        if self._state.holder is self._switch:
-            self._state.claim_for_inference()  # the inference state back before the adapter goes
+        state = pipe_state(self.pipe)
+        if state.holder is getattr(self, "_switch", None):
+            state.claim_for_inference()  # the inference state back before the adapter goes
         for model in (self.pipe.unet, *self.text_encoders.values()):
             remove_adapter(model, self.options.adapter_name)
         pipe_state(self.pipe).bump()
