@@ -17,9 +17,25 @@ class Ratio:
     denominator_s: float
     ratio: float
     note: str = ""
+    id: str = ""  # stable row id in the JSON (``python -m engine bench --table`` reads it)
 
     def line(self) -> str:
         return f"{self.case:9} {self.what:58} {self.ratio:8.2f}x   ({self.numerator_s * 1000:8.1f} ms / {self.denominator_s * 1000:8.1f} ms){'  ' + self.note if self.note else ''}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e6:.0f} µs" if value < 0.01 else f"{value * 1000:.1f} ms"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README performance table for the rows of a ``bench --out`` JSON file."""
+    lines = ["| row | what | ratio | measured | note |", "|---|---|---:|---|---|"]
+    for row in rows:
+        row_id = row.get("id") or row.get("case", "")
+        measured = f"{_seconds(row['numerator_s'])} / {_seconds(row['denominator_s'])}"
+        note = str(row.get("note", "")).replace("|", "/")
+        lines.append(f"| `{row_id}` | {row['what']} | {row['ratio']:.2f}x | {measured} | {note} |")
+    return "\n".join(lines)
 
 
 def alternate(a: Callable[[], Any], b: Callable[[], Any], trials: int) -> tuple[float, float]:

@@ -17,11 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=5, help="repeated trials per measurement; the median is reported")
     p.add_argument("--only", default="", help="CPU suite: comma-separated case names to run (default all)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--table", type=Path, default=None, metavar="F.json",
+                   help="print the README performance table from a CPU bench JSON written by --out, and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     from engine.cli import CliError
 
+    if args.table is not None:
+        print(_table(args.table))
+        return 0
     if args.trials < 1:
         raise CliError("--trials must be at least 1")
     if args.gpu:
@@ -53,3 +58,20 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"unknown case {unknown[0]!r}; cases: {', '.join(CASES)}")
     run_cpu_bench(trials=args.trials, only=only or None, out=args.out)
     return 0
+
+
+def _table(path: Path) -> str:
+    """The markdown table of a CPU bench JSON (``CliError`` saying what is expected otherwise)."""
+    import json
+
+    from engine.benchmarks.ratios import markdown_table
+    from engine.cli import CliError
+
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--table: cannot read {path}: {exc}") from None
+    needed = {"what", "ratio", "numerator_s", "denominator_s"}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and needed <= set(r) for r in rows):
+        raise CliError(f"--table: {path} is not a CPU bench result (a JSON list of rows written by 'python -m engine bench --out')")
+    return markdown_table(rows)

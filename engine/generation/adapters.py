@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.contract.errors import IncompatibleAdapter, InvalidRequest, UnknownAdapter
+from engine.generation.pipe_state import pipe_state
 from engine.generation.lora_files import AdapterEntry, HashCache, LoraFileError, adapter_name_problem, read_header, scan_directory
 from engine.contract.protocol import AdapterInfo
 
@@ -315,7 +316,11 @@ class AdapterRegistry:
         self._activate(resolved)
         return resolved
 
-    def _activate(self, mix: list[tuple[str, float]]) -> None:
+    def _activate(self, mix: list[tuple[str, float]], *, changed: bool = False) -> None:
+        state = pipe_state(self.pipe)
+        # A training run may have left its adapter active (and the UNet in train mode) after its
+        # last step: put the inference state back first (once; see engine.generation.pipe_state).
+        changed = state.claim_for_inference() or changed or mix != self._mix
         index = self._current_index()
         # Zero-weight adapters would add exactly 0 to every output: leave them out (saves work).
         active = [n for n, w in mix if w != 0.0]
@@ -329,6 +334,8 @@ class AdapterRegistry:
                 for layer in index.by_name.get(name, ()):
                     layer.set_scale(name, weight)
         self._mix = list(mix)
+        if changed:  # the prompt encoder's cache keys on this: a same-mix job keeps its hits
+            state.bump()
 
     def _current_index(self) -> _LayerIndex:
         # Rebuilt only when adapters were added or deleted (by us or by a training run).
@@ -338,7 +345,7 @@ class AdapterRegistry:
 
     def _restore_mix(self) -> None:
         """Put back the mix the pipeline had (loads and deletions change peft's active adapters)."""
-        self._activate([(n, w) for n, w in self._mix if n in self._loaded])
+        self._activate([(n, w) for n, w in self._mix if n in self._loaded], changed=True)
 
     # ------------------------------------------------------------ loading
 

@@ -16,23 +16,23 @@ seeds seed..seed+N-1, one ``torch.Generator`` each, so image i reproduces alone 
 
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from engine.generation import imaging, infotext
+from engine.generation.postprocess import GenerationOutput, Rater, PendingImage, PendingOutput, finish_outputs
 from engine.contract.config import ArcaeConfig, Secrets
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
 from engine.generation.models import LoadedModel, load_base_pipeline
 from engine.generation.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
 from engine.generation.prompts import pipe_encoder, tokenize_chunks
-from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ImageResult, ResolvedParams
+from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ResolvedParams
 from engine.generation.samplers import get_sampler, make_scheduler, sampler_supports_zero_snr
 from engine.generation.fast_modes import (
     RECIPES, check_weight, choose_mode, configured_modes, distilled_choice, find_distilled, sampling_for, stored_fast_request,
@@ -40,7 +40,7 @@ from engine.generation.fast_modes import (
 )
 from engine.contract.prompt_syntax import prompt_schedule
 
-__all__ = ["GenerationOutput", "Generator", "SIZE_PRESETS"]
+__all__ = ["GenerationOutput", "Generator", "PendingOutput", "SIZE_PRESETS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +48,7 @@ log = logging.getLogger(__name__)
 # attribute gets a preview only at the steps where it returns True (previews cost a GPU sync).
 OnStep = Callable[[int, int, Any], None]
 ShouldCancel = Callable[[], bool]
-Rater = Callable[[Any], tuple[str, dict[str, float]]]
 _JOB_ID = re.compile(JOB_ID_PATTERN)
-
-
-@dataclass
-class GenerationOutput:
-    """What one request produced: the written images, the parameters that ran, timings, warnings."""
-
-    images: list[ImageResult]
-    params: ResolvedParams
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,12 +190,27 @@ class Generator:
         on_step: OnStep | None = None,
         should_cancel: ShouldCancel | None = None,
         extra_negative: str = "",
-    ) -> GenerationOutput:
-        """Text-to-image. Raises ``JobCanceled`` (nothing decoded or written) or ``OutOfMemory``."""
+        deferred: bool = False,
+    ) -> Any:
+        """Text-to-image. Raises ``JobCanceled`` (nothing decoded or written) or ``OutOfMemory``.
+
+        ``deferred``: return a one-item list of ``PendingOutput`` (decoded, not written) for
+        ``finish`` to complete on another thread, instead of the ``GenerationOutput``.
+        """
         _check_job_id(job_id)
         resolved, warnings = self._resolve(params, "txt2img", extra_negative=extra_negative)
         item = _BatchItem(job_id, resolved, warnings, on_step)
-        return self._run(self.pipe, [item], should_cancel=should_cancel)[0]
+        return self._outputs(self._run(self.pipe, [item], should_cancel=should_cancel), deferred, single=True)
+
+    def finish(self, pending: Sequence[PendingOutput]) -> list[GenerationOutput]:
+        """Write, hash and rate deferred outputs (any thread; touches nothing of the pipeline)."""
+        return finish_outputs(pending, self.rater)
+
+    def _outputs(self, pending: list[PendingOutput], deferred: bool, *, single: bool = False) -> Any:
+        if deferred:
+            return pending
+        outputs = self.finish(pending)
+        return outputs[0] if single else outputs
 
     def generate_batch(
         self,
@@ -214,7 +218,8 @@ class Generator:
         *,
         on_steps: Sequence[OnStep | None] | None = None,
         should_cancel: ShouldCancel | None = None,
-    ) -> list[GenerationOutput]:
+        deferred: bool = False,
+    ) -> list[Any]:
         """Several text-to-image jobs as ONE pipeline call; one output per job, in order.
 
         The jobs must share ``batch_key`` (else ``InvalidRequest``). Every image is what its job
@@ -238,7 +243,7 @@ class Generator:
             raise InvalidRequest(
                 "jobs in one batch must share size, steps, CFG, sampler, fast mode, adapter mix and prompt length"
             )
-        return self._run(self.pipe, items, should_cancel=should_cancel)
+        return self._outputs(self._run(self.pipe, items, should_cancel=should_cancel), deferred)
 
     def batch_key(self, params: GenerationParams) -> tuple:
         """What text-to-image jobs must share to run as one pipeline call (``generate_batch``).
@@ -267,7 +272,8 @@ class Generator:
         on_step: OnStep | None = None,
         should_cancel: ShouldCancel | None = None,
         extra_negative: str = "",
-    ) -> GenerationOutput:
+        deferred: bool = False,
+    ) -> Any:
         """A variation (same request, new seed) or an upscale (hires fix) of an Arcae PNG, or
         ``image``: img2img from any picture (a user's upload) with ``params`` as the whole request.
 
@@ -311,7 +317,8 @@ class Generator:
         )
         init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
         item = _BatchItem(job_id, resolved, warnings, on_step)
-        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)[0]
+        pending = self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)
+        return self._outputs(pending, deferred, single=True)
 
     def _from_picture(self, source: str | Path, params: GenerationParams | None, *, job_id: str,
                       strength: float | None, on_step: OnStep | None, should_cancel: ShouldCancel | None,
@@ -400,7 +407,7 @@ class Generator:
 
     def _run(
         self, pipe: Any, items: list[_BatchItem], *, should_cancel: ShouldCancel | None, image: Any = None
-    ) -> list[GenerationOutput]:
+    ) -> list[PendingOutput]:
         import torch
 
         previous = pipe.scheduler
@@ -422,7 +429,7 @@ class Generator:
 
     def _run_inner(
         self, pipe: Any, items: list[_BatchItem], should_cancel: ShouldCancel | None, image: Any
-    ) -> list[GenerationOutput]:
+    ) -> list[PendingOutput]:
         """One pipeline call for every image of ``items`` (which share everything but prompts,
         seeds and counts): row r of the batch is image i of its job, seeded ``seed + i``."""
         import torch
@@ -477,17 +484,16 @@ class Generator:
         return [self._finish(item, latents[off : off + item.resolved.count], shared, t3 - t0)
                 for item, off in zip(items, _offsets(items))]
 
-    def _finish(self, item: _BatchItem, latents: Any, shared: dict[str, float], elapsed: float) -> GenerationOutput:
-        """Decode and save one job's images; its timings are the shared call's plus its own."""
+    def _finish(self, item: _BatchItem, latents: Any, shared: dict[str, float], elapsed: float) -> PendingOutput:
+        """Decode one job's images (GPU); its timings are the shared call's plus its own. The
+        files are written by ``finish`` (``engine.generation.postprocess``)."""
         t0 = time.perf_counter()
         timings = dict(shared)
-        pictures = self._decode(latents, item.warnings)
-        t1 = time.perf_counter()
-        timings["decode_s"] = t1 - t0
-        images = [self._save(picture, item.resolved, i, item.job_id) for i, picture in enumerate(pictures)]
-        timings["save_s"] = time.perf_counter() - t1
+        pixels = self._decode(latents, item.warnings)
+        images = [self._pending_image(array, item.resolved, i, item.job_id) for i, array in enumerate(pixels)]
+        timings["decode_s"] = time.perf_counter() - t0
         timings["total_s"] = elapsed + time.perf_counter() - t0
-        return GenerationOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
+        return PendingOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
 
     def _step_callback(
         self, items: list[_BatchItem], should_cancel: ShouldCancel | None, scheduled: Any, rows: list[int]
@@ -527,10 +533,11 @@ class Generator:
                     "Set [model] vae = 'madebyollin/sdxl-vae-fp16-fix' to avoid it"
                 )
                 warnings.append("the fp16 VAE produced a black image; it was decoded again in fp32")
-            pictures.append(imaging.to_pil(decoded))
+            pictures.append(imaging.to_array(decoded))
         return pictures
 
-    def _save(self, picture: Any, resolved: ResolvedParams, index: int, job_id: str) -> ImageResult:
+    def _pending_image(self, pixels: Any, resolved: ResolvedParams, index: int, job_id: str) -> PendingImage:
+        """The image's file path, A1111 infotext and request JSON (cheap; the PNG is written later)."""
         seed = resolved.seed + index
         mix = [(a.name, float(a.weight or 0.0)) for a in resolved.adapters]
         hashes = self.registry.lora_hashes([n for n, _ in mix]) if mix else {}
@@ -563,14 +570,7 @@ class Generator:
             "batch": {"seed": resolved.seed, "count": resolved.count, "index": index},
         }
         path = self.outputs_dir / f"{job_id}-{index}.png"
-        digest = infotext.write_png_atomic(path, picture, text, request)
-        rating, scores = self.rater(picture) if self.rater is not None else (None, None)
-        # The bytes travel in the event: the bot may be on another host, and never reads a path.
-        data_b64 = base64.b64encode(path.read_bytes()).decode("ascii")
-        return ImageResult(
-            path=str(path), seed=seed, width=picture.width, height=picture.height,
-            sha256=digest, rating=rating, rating_scores=scores, data_b64=data_b64,
-        )
+        return PendingImage(path=path, seed=seed, pixels=pixels, infotext=text, request=request)
 
 
 def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:

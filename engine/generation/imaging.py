@@ -82,8 +82,20 @@ def to_pil(image: Any) -> Any:
     """A decoded image tensor (1, 3, H, W) in [-1, 1] as an RGB PIL image (diffusers' rounding)."""
     from PIL import Image
 
-    array = (image[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
-    return Image.fromarray((array * 255).round().astype("uint8"))
+    return Image.fromarray(to_array(image))
+
+
+def to_array(image: Any) -> Any:
+    """``to_pil``'s pixels as an (H, W, 3) uint8 array, computed where the tensor lives.
+
+    The same float32 maths as numpy would do (x * 255, round half to even), on the device: a GPU
+    copies a quarter of the bytes and the GPU worker's thread does no per-pixel work.
+    """
+    import torch
+
+    with torch.no_grad():
+        array = (image[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).float()
+        return (array * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def latent_preview(latents: Any, max_side: int = LATENT_PREVIEW_MAX_SIDE) -> Any:

@@ -143,24 +143,30 @@ def write_png_atomic(
     image: Any,
     infotext: str,
     request_json: Mapping[str, Any] | str,
+    *,
+    compress_level: int = 6,
 ) -> str:
     """Write ``image`` as a PNG with both metadata chunks, atomically; return the file's sha256.
 
     The bytes go to a temporary file in the same directory, are flushed and fsynced, then
     renamed over ``path``: a reader sees either no file or the whole file, never half of one.
     """
+    data = encode_png(image, infotext, request_json, compress_level=compress_level)
+    write_bytes_atomic(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_png(image: Any, infotext: str, request_json: Mapping[str, Any] | str, *, compress_level: int = 6) -> bytes:
+    """The PNG bytes of ``image`` with the A1111 ``parameters`` text and the Arcae request chunk."""
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
     info = PngInfo()
     info.add_text(INFOTEXT_KEY, infotext)  # tEXt, or iTXt when not latin-1 (as A1111 does)
     request_text = request_json if isinstance(request_json, str) else json.dumps(request_json, ensure_ascii=False)
     info.add_itxt(REQUEST_KEY, request_text, zip=True)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    data = buffer.getvalue()
-    write_bytes_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return buffer.getvalue()
 
 
 def read_png_metadata(path: str | os.PathLike[str]) -> tuple[str | None, dict[str, Any] | None]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.contract.errors import InvalidRequest
+from engine.generation.pipe_state import pipe_state
 from engine.contract.prompt_syntax import BREAK_WEIGHT, parse_prompt_attention, prompt_schedule, text_at_step
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; each chunk is BOS + 75 + EOS = 77
@@ -118,6 +119,7 @@ class SDXLPromptEncoder:
         self.text_encoders = (text_encoder, text_encoder_2)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, PromptEmbeddings] = OrderedDict()
+        self._first_params: tuple[Any, ...] | None = None
 
     def encode(self, prompt: str | Sequence[str], negative: str | Sequence[str] = "") -> PromptEmbeddings:
         """Embeddings for a prompt (or a batch) and its negative, padded to the same length."""
@@ -178,20 +180,18 @@ class SDXLPromptEncoder:
             return self._encode_texts(list(captions))
 
     def _encoder_state(self) -> tuple:
-        """What the embeddings depend on besides the text: active LoRAs, scales, weights.
+        """What the embeddings depend on besides the text: the pipeline's weights version and the
+        encoders' device and dtype.
 
-        A tensor's ``_version`` grows with every in-place change (optimizer steps, LoRA
-        fusing, state-dict loads), so a trained or reloaded adapter never hits a stale entry.
+        The version (``engine.generation.pipe_state``) grows whenever the mix, an adapter's weights
+        or the loaded adapters change: a cache hit costs the same with 2 adapters loaded or 50.
         """
-        state: list[Any] = []
-        for encoder in self.text_encoders:
-            state.append((encoder.device, encoder.dtype))
-            for module in encoder.modules():
-                if hasattr(module, "active_adapters") and hasattr(module, "scaling"):  # a peft LoRA layer
-                    scales = tuple(sorted(module.scaling.items()))
-                    state.append((tuple(module.active_adapters), scales, bool(module.disable_adapters), tuple(module.merged_adapters)))
-            state.extend((id(p), p._version) for p in encoder.parameters())  # ~1 us per tensor
-        return tuple(state)
+        state = pipe_state(self.text_encoders[1])
+        if self._first_params is None:
+            # One parameter per encoder stands for its device and dtype (``.to()`` changes
+            # parameters in place); the models' own .device/.dtype walk their modules each call.
+            self._first_params = tuple(next(e.parameters()) for e in self.text_encoders)
+        return (state.weights_version, *((p.device, p.dtype) for p in self._first_params))
 
     def _encode_texts(self, texts: list[str]) -> tuple[Any, Any]:
         """(B, 77 * chunks, C1 + C2) embeddings and (B, P) pooled for already-validated texts.

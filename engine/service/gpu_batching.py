@@ -33,6 +33,7 @@ from engine.contract.errors import EngineError, JobCanceled
 from engine.generation.params import random_seed
 from engine.scheduler import FairScheduler
 from engine.service.gpu_jobs import JobRecord
+from engine.service.gpu_postprocess import PostPool
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class BatchingMixin:
     scheduler: FairScheduler
     name: str
     _jobs: dict[str, JobRecord]
+    _post: PostPool
+    _left_gpu: Any
 
     def _take_batch_mates(self, record: JobRecord) -> list[JobRecord]:
         """Queued jobs that may share ``record``'s pipeline call, taken off the queue (lock held)."""
@@ -89,6 +92,7 @@ class BatchingMixin:
                     [(r.job_id, r.request.params) for r in pending],
                     on_steps=[self._progress_callback(r) for r in pending],
                     should_cancel=lambda jobs=tuple(pending): any(r.cancel.is_set() for r in jobs),
+                    deferred=True,
                 )
             except JobCanceled:
                 canceled = [r.cancel.is_set() for r in pending]
@@ -106,16 +110,10 @@ class BatchingMixin:
                 for record in pending:
                     self._run_job(record, started=True)
                 return
-            for record, output in zip(pending, outputs):
-                self._emit_job(
-                    record,
-                    protocol.Completed,
-                    images=list(output.images),
-                    params=output.params,
-                    timings=dict(output.timings),
-                    warnings=list(output.warnings),
-                )
-            log.info("batch of %d jobs completed: %s", len(pending), ", ".join(r.job_id for r in pending))
+            # Each job's Completed comes from the post-processing pool once its files exist.
+            self._left_gpu()
+            self._post.submit(pending, outputs)
+            log.info("batch of %d jobs decoded: %s", len(pending), ", ".join(r.job_id for r in pending))
             return
 
 

@@ -8,8 +8,9 @@ pipeline call (``engine.service.gpu_batching``, ``[engine] max_batch_jobs``).
 
 The worker knows nothing about transports: requests come in through ``submit``/``cancel``
 (from any thread), protocol events go out through the ``emit`` callback given to ``start``.
-``emit`` is called from the worker's and the submitters' threads, while the worker's lock is
-held (so that each job's events leave in ``seq`` order): it must be thread-safe and must not
+``emit`` is called from the worker's, the post-processing pool's (``gpu_postprocess``) and the
+submitters' threads, while the worker's lock is held (so that each job's events leave in ``seq``
+order): it must be thread-safe and must not
 block (e.g. ``loop.call_soon_threadsafe``). The websocket server (``engine.service.server``) is one
 transport; the Redis worker is another. ``GpuWorker`` offers the same methods as
 ``engine.service.job_executor.JobExecutor`` (start, submit, cancel, describe, list_adapters,
@@ -32,6 +33,7 @@ from engine.contract.config import ArcaeConfig
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory
 from engine.scheduler import FairScheduler, ScheduledJob
 from engine.service.gpu_batching import BatchingMixin
+from engine.service.gpu_postprocess import PostPool, PostProcessingMixin
 from engine.service.gpu_jobs import (
     JobRecord,
     ShuttingDown,
@@ -52,7 +54,7 @@ PREVIEW_INTERVAL_S = 1.0  # at most one preview image a second
 _FINISHED_MEMORY = 512  # terminal events kept so that a resubmitted finished job is not rerun
 
 
-class GpuWorker(BatchingMixin):
+class GpuWorker(BatchingMixin, PostProcessingMixin):
     """Owns the Generator on one thread; see the module docstring for the threading contract."""
 
     def __init__(
@@ -81,6 +83,11 @@ class GpuWorker(BatchingMixin):
         self._finished: OrderedDict[str, Any] = OrderedDict()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        # PNG files, hashes and ratings are made here while the worker thread runs the next job.
+        self._post = PostPool(
+            lambda pending: self.generator.finish(pending), on_done=self._completed,
+            on_error=self._unexpected_failure, name=f"{name}-post",
+        )
 
     # ------------------------------------------------------------------ public API (any thread)
 
@@ -216,6 +223,7 @@ class GpuWorker(BatchingMixin):
             self._wake.notify_all()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        self._post.shutdown()  # jobs past their pipeline call still get their Completed
 
     @property
     def alive(self) -> bool:
@@ -381,16 +389,10 @@ class GpuWorker(BatchingMixin):
             self._emit_job(record, protocol.Started, worker=self.name)
         started = time.monotonic()
         try:
-            output = self._generate(record, request)
-            self._emit_job(
-                record,
-                protocol.Completed,
-                images=list(output.images),
-                params=output.params,
-                timings=dict(output.timings),
-                warnings=list(output.warnings),
-            )
-            log.info("job %s completed in %.2f s", record.job_id, time.monotonic() - started)
+            pending = self._generate(record, request)
+            log.info("job %s decoded in %.2f s; its files are written meanwhile", record.job_id, time.monotonic() - started)
+            self._left_gpu()
+            self._post.submit([record], pending)
         except JobCanceled:
             self._canceled_event(record)
         except EngineError as exc:
@@ -401,11 +403,12 @@ class GpuWorker(BatchingMixin):
             self._unexpected_failure(record, exc)
 
     def _generate(self, record: JobRecord, request: Any) -> Any:
+        """Run the job's pipeline call; its decoded, unwritten outputs (``PendingOutput`` list)."""
         on_step = self._progress_callback(record)
         should_cancel = record.cancel.is_set
         if isinstance(request, protocol.GenerateRequest):
             return self.generator.generate(
-                request.params, job_id=record.job_id, on_step=on_step, should_cancel=should_cancel
+                request.params, job_id=record.job_id, on_step=on_step, should_cancel=should_cancel, deferred=True
             )
         source = self.config.path(self.config.storage.outputs_dir) / request.source
         return self.generator.img2img(
@@ -416,6 +419,7 @@ class GpuWorker(BatchingMixin):
             strength=request.strength,
             on_step=on_step,
             should_cancel=should_cancel,
+            deferred=True,
         )
 
     def _canceled_event(self, record: JobRecord) -> Any:

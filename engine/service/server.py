@@ -358,7 +358,7 @@ def load_rater(config: ArcaeConfig) -> Any:
         tagger = WDTagger.load(
             source,
             revision=config.tagger.revision,
-            batch_size=1,
+            batch_size=8,  # the images of one pipeline call are rated together (Generator.finish)
             general_threshold=config.tagger.general_threshold,
             character_threshold=config.tagger.character_threshold,
             mcut=config.tagger.mcut,

@@ -324,10 +324,16 @@ class WDTagger:
 
     def rate(self, image: "Image.Image") -> tuple[str, dict[str, float]]:
         """The image's rating (general/sensitive/questionable/explicit) and every rating's score."""
-        row = self.probabilities([image])[0]
+        return self.rate_many([image])[0]
+
+    def rate_many(self, images: Sequence["Image.Image"]) -> list[tuple[str, dict[str, float]]]:
+        """``rate`` for several images, run through the model ``batch_size`` at a time."""
         names = self.labels.names
-        scores = {names[i]: float(row[i]) for i in self.labels.rating}
-        return max(scores, key=scores.__getitem__), scores
+        rated = []
+        for row in self.probabilities(images):
+            scores = {names[i]: float(row[i]) for i in self.labels.rating}
+            rated.append((max(scores, key=scores.__getitem__), scores))
+        return rated
 
 
 def _above(names: list[str], idx: np.ndarray, probs: np.ndarray, threshold: float) -> list[tuple[str, float]]:

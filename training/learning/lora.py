@@ -67,44 +67,108 @@ class _ModelState:
     training: bool
 
 
+# peft's per-adapter containers inside a LoRA layer: their entries belong to one adapter each.
+_ADAPTER_CONTAINERS = frozenset({"lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B",
+                                 "lora_magnitude_vector"})
+
+
 @dataclass
 class AdapterSwitch:
-    """Activate one adapter on some models for a while, then restore what was there before."""
+    """Activate one adapter on some models for a while, then restore what was there before.
+
+    Flat in the number of loaded adapters: it writes each LoRA layer's active list directly
+    (peft's ``set_adapter`` walks every adapter of every layer to flip ``requires_grad``) and
+    sets train/eval mode only on the base modules and the named adapter's own modules
+    (``model.train()`` walks every adapter's modules too). ``hold`` leaves the adapter active
+    until the inference side claims the pipeline back (``engine.generation.pipe_state``).
+    """
 
     models: list[Any]
     _saved: list[_ModelState] = field(default_factory=list)
     # model id -> (adapter names when walked, its LoRA layers): walking a full SDXL UNet's
     # modules costs ~10 ms, and a step switches twice; adding/deleting adapters changes the key.
     _layers: dict[int, tuple[tuple[str, ...], list[Any]]] = field(default_factory=dict)
+    _modes: dict[tuple[int, str | None], tuple[tuple[str, ...], list[Any]]] = field(default_factory=dict)
+    _held: tuple[str | None, bool] | None = None
+    _prev_held: tuple[str | None, bool] | None = None
 
     def layers(self, model: Any) -> list[Any]:
-        key = tuple(sorted(adapter_names(model)))
+        key = tuple(adapter_names_in_order(model))
         cached = self._layers.get(id(model))
         if cached is None or cached[0] != key:
             cached = (key, _tuner_layers(model))
             self._layers[id(model)] = cached
         return cached[1]
 
-    def activate(self, name: str | None, *, train: bool) -> None:
-        """Make ``name`` the only active adapter (None: none) and set train/eval mode."""
+    def mode_modules(self, model: Any, name: str | None) -> list[Any]:
+        """The modules whose train/eval mode matters while only ``name`` is active."""
+        key = tuple(adapter_names_in_order(model))
+        cached = self._modes.get((id(model), name))
+        if cached is None or cached[0] != key:
+            cached = (key, _modules_without_other_adapters(model, name))
+            self._modes[(id(model), name)] = cached
+        return cached[1]
+
+    def set_mode(self, model: Any, train: bool, name: str | None = None) -> None:
+        """``model.train(train)`` for ``mode_modules`` only."""
+        for module in self.mode_modules(model, name):
+            # nn.Module keeps ``training`` in its __dict__; its __setattr__ would cost ~20x more.
+            module.__dict__["training"] = train
+
+    def activate(self, name: str | None, *, train: bool, frozen: tuple[Any, ...] = ()) -> None:
+        """Make ``name`` the only active adapter (None: none) and set train/eval mode (``frozen``
+        models: eval always) until ``restore``."""
         self._saved = [self._capture(m) for m in self.models]
+        self._prev_held = self._held
         for model in self.models:
-            layers = self.layers(model)
-            for layer in layers:
-                layer.enable_adapters(True)
-                # Layers without the adapter just skip it; the list form is what peft stores.
-                layer.set_adapter([name] if name else [])
-            model.train(train)
+            for layer in self.layers(model):
+                # What peft's set_adapter stores, without its per-adapter requires_grad walk
+                # (plain attributes: written to __dict__ as nn.Module.__setattr__ would, faster).
+                layer.__dict__["_disable_adapters"] = False
+                layer.__dict__["_active_adapter"] = [name] if name else []
+            self.set_mode(model, train and model not in frozen, name)
+        self._held = (name, train)
 
     def restore(self) -> None:
         """Put back the active adapters, the disabled flag and the mode captured by ``activate``."""
-        for state in self._saved:
+        self._put_back(self._saved, self._held[0] if self._held else None)
+        self._saved = []
+        self._held, self._prev_held = self._prev_held, None
+
+    def _put_back(self, saved: list[_ModelState], name: str | None) -> None:
+        for state in saved:
             if state.active is not None:
                 for layer in self.layers(state.model):
-                    layer.set_adapter(list(state.active))
-                    layer.enable_adapters(not state.disabled)
-            state.model.train(state.training)
-        self._saved = []
+                    layer.__dict__["_active_adapter"] = list(state.active)
+                    layer.__dict__["_disable_adapters"] = state.disabled
+            self.set_mode(state.model, state.training, name)
+
+    def hold(self, name: str, *, train: bool, state: Any, frozen: tuple[Any, ...] = ()) -> bool:
+        """``activate`` and leave it so until the inference side claims the pipeline (``state``, a
+        ``PipeState``); True when anything had to switch (a generation ran since the last hold)."""
+        ours = state.holder is self and self._still_active(name)
+        if ours and self._held == (name, train):
+            return False
+        if ours:  # only train <-> eval (a step after samples)
+            for model in self.models:
+                self.set_mode(model, train and model not in frozen, name)
+            self._held = (name, train)
+            return True
+        state.claim_for_inference()  # someone else's hold, or our own gone stale: undo it first
+        self.activate(name, train=train, frozen=frozen)
+        saved, self._saved, self._prev_held = self._saved, [], None
+
+        def release() -> None:
+            self._put_back(saved, name)
+            self._held = None
+
+        state.hold(self, release)
+        return True
+
+    def _still_active(self, name: str) -> bool:
+        """Cheap check that nobody re-set the adapters behind the pipe state (e.g. ``set_adapters``)."""
+        layers = self.layers(self.models[0])
+        return not layers or (layers[0]._active_adapter == [name] and not layers[0]._disable_adapters)
 
     def _capture(self, model: Any) -> _ModelState:
         layers = self.layers(model)
@@ -113,6 +177,23 @@ class AdapterSwitch:
         active = layers[0].active_adapter
         active = [active] if isinstance(active, str) else list(active)
         return _ModelState(model, active, bool(layers[0].disable_adapters), model.training)
+
+
+def adapter_names_in_order(model: Any) -> list[str]:
+    """``adapter_names`` in load order, without sorting (cheap enough to check on every switch)."""
+    config = getattr(model, "peft_config", None)
+    return list(config) if isinstance(config, dict) else []
+
+
+def _modules_without_other_adapters(model: Any, keep: str | None) -> list[Any]:
+    """Every module of ``model`` except those that belong to an adapter other than ``keep``."""
+    out = []
+    for qualified, module in model.named_modules():
+        parts = qualified.split(".")
+        if any(part in _ADAPTER_CONTAINERS and i + 1 < len(parts) and parts[i + 1] != keep for i, part in enumerate(parts)):
+            continue
+        out.append(module)
+    return out
 
 
 def add_training_adapter(model: Any, name: str, config: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 from training.data import checkpoints as ckpt
 from engine.contract.training_errors import ResumeMismatch, TrainingCanceled, TrainingDiverged, TrainingError
+from engine.generation.pipe_state import pipe_state
 from training.learning.lora import (
     AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, text_encoder_targets, unet_targets,
 )
@@ -163,6 +164,8 @@ class TrainingRun:
         # Both text encoders always: an inference LoRA left active on them by a generation must
         # not reach training captions or samples.
         self._switch = AdapterSwitch([self.pipe.unet, self.pipe.text_encoder, self.pipe.text_encoder_2])
+        self._state = pipe_state(self.pipe)
+        self._state.bump()  # new adapter layers on the text encoders
         self._frozen = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m not in self.text_encoders.values()]
 
     # ------------------------------------------------------------------ public API
@@ -225,8 +228,12 @@ class TrainingRun:
         if self._released:
             return
         self._released = True
+        state = pipe_state(self.pipe)
+        if state.holder is getattr(self, "_switch", None):
+            state.claim_for_inference()  # the inference state back before the adapter goes
         for model in (self.pipe.unet, *self.text_encoders.values()):
             remove_adapter(model, self.options.adapter_name)
+        pipe_state(self.pipe).bump()
         self.params = {}
 
     # ------------------------------------------------------------------ the step
@@ -234,9 +241,7 @@ class TrainingRun:
         import torch
 
         opts = self.options
-        self._switch.activate(opts.adapter_name, train=True)
-        for model in self._frozen:
-            model.eval()  # text encoders that do not train stay in eval mode (restore() resets it)
+        self._hold(train=True)
         checkpointing = self.math.gradient_checkpointing_on()
         try:
             with torch.random.fork_rng(devices=self.math.fork_devices):
@@ -263,19 +268,26 @@ class TrainingRun:
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             self.math.gradient_checkpointing_off(checkpointing)
-            self._switch.restore()
+        if self.text_encoders:  # the adapter's text-encoder weights changed: no stale cached prompts
+            self._state.bump()
         return total, lr
+
+    def _hold(self, *, train: bool) -> None:
+        """Make the training adapter the active one, switching only when something else (a
+        generation) used the pipeline since the last step; flat in the number of loaded adapters.
+        The inference side puts its own mix back when it next generates (``pipe_state``)."""
+        switched = self._switch.hold(self.options.adapter_name, train=train, state=self._state, frozen=tuple(self._frozen))
+        if switched and train:
+            for param in self.params.values():  # diffusers' set_adapters may have turned them off
+                param.requires_grad_(True)
 
     def evaluate_loss(self, micro: int = 0) -> float:
         """Loss of micro-batch ``micro`` (its own fixed noise and timesteps), without training."""
         import torch
 
-        self._switch.activate(self.options.adapter_name, train=False)
-        try:
-            with torch.no_grad(), self.accelerator.autocast():
-                return float(self.math.micro_batch_loss(micro))
-        finally:
-            self._switch.restore()
+        self._hold(train=False)
+        with torch.no_grad(), self.accelerator.autocast():
+            return float(self.math.micro_batch_loss(micro))
 
     # ------------------------------------------------------------------ files
     def checkpoint(self) -> Path:
@@ -308,11 +320,8 @@ class TrainingRun:
 
     def _write_samples(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._switch.activate(self.options.adapter_name, train=False)
-        try:
-            images = self.math.sample_images(self.sample_prompts)
-        finally:
-            self._switch.restore()
+        self._hold(train=False)
+        images = self.math.sample_images(self.sample_prompts)
         for i, image in enumerate(images):
             image.save(folder / f"{i:02d}.png")
         # The exact settings of these images (sample options may change on --resume).
@@ -327,6 +336,7 @@ class TrainingRun:
         with torch.no_grad():
             for name, value in state["params"].items():
                 self.params[name].copy_(value.to(self.params[name].device))
+        pipe_state(self.pipe).bump()  # the adapter's weights changed
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         # Recompute this step's rate from the current schedule (--steps may have changed).

@@ -185,6 +185,7 @@ def test_batches_pad_and_match_single_prompts(encoder):
 
 
 def test_cache_returns_same_result_and_notices_weight_changes():
+    from engine.generation.pipe_state import pipe_state
     from engine.generation.tiny import build_tiny_components
 
     c = build_tiny_components(seed=3)
@@ -193,6 +194,7 @@ def test_cache_returns_same_result_and_notices_weight_changes():
     assert enc.encode("1girl", "lowres") is first
     with torch.no_grad():
         c["text_encoder"].get_input_embeddings().weight.mul_(1.5)
+    pipe_state(c["text_encoder_2"]).bump()  # whoever changes weights says so (the registry, a training run)
     changed = enc.encode("1girl", "lowres")
     assert not torch.allclose(changed.prompt_embeds, first.prompt_embeds)
 

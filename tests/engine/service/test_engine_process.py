@@ -256,8 +256,13 @@ async def test_adapter_reload_waits_for_the_running_job(engine):
         await ws.send_str(json.dumps({"type": "reload_adapters", "rid": "rl"}))
         ack = await read_until(lambda m: m.get("rid") == "rl")
         assert ack["type"] == "ack" and json.loads(ack["detail"]) == {"added": [], "removed": [], "changed": []}
-        # The reload ran between jobs: the job's end reached the wire before the reload's answer.
-        assert any(m["type"] == "completed" and m["job_id"] == "under-reload" for m in seen)
+        # The reload ran between jobs: the job's last step reached the wire before the reload's
+        # answer. (Its Completed may come after: the files are written off the GPU thread while
+        # the worker goes on, and writing them does not touch the pipeline.)
+        steps = [m for m in seen if m["type"] == "progress" and m["job_id"] == "under-reload"]
+        assert steps and steps[-1]["step"] == steps[-1]["total"]
+        if not any(m["type"] == "completed" and m["job_id"] == "under-reload" for m in seen):
+            await read_until(lambda m: m["type"] == "completed" and m["job_id"] == "under-reload")
     finally:
         await ws.close()
         await session.close()

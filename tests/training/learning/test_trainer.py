@@ -237,6 +237,7 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(dataset, tmp_path)
 
 def test_interleaved_generations_change_nothing(dataset, trained, tmp_path):
     """Same seed: identical losses with generations in between; those images ignore training."""
+    from engine.generation.pipe_state import pipe_state
     from training.learning.trainer import TrainingRun
 
     _, trained_dir, _, _ = trained
@@ -250,14 +251,17 @@ def test_interleaved_generations_change_nothing(dataset, trained, tmp_path):
     reference = tiny_pipeline()  # the same, never trained on
     for pipe in (serving, reference):
         pipe.load_lora_weights(str(style), weight_name="adapter.safetensors", adapter_name="style")
-    serving.set_adapters(["style"], [0.7])  # set once: each training step must put the mix back
+    serving.set_adapters(["style"], [0.7])  # set once: the mix comes back whenever the serving side claims the pipe
     run = TrainingRun(serving, options, tmp_path / "serving")
+    state = pipe_state(serving)
     losses, images = [], []
     for i in range(5):
+        state.claim_for_inference()  # what AdapterRegistry.apply_mix does before every generation
         images.append(generate(serving, seed=i))
         losses.append(run.step().loss)
         if i == 2:  # the serving side may also change its mix between steps
             serving.set_adapters(["style"], [0.4])
+    state.claim_for_inference()
     images.append(generate(serving, seed=5))
     assert losses == losses_alone
     assert run.done and "arcae_training" not in serving.unet.peft_config  # released when done
