@@ -72,6 +72,28 @@ def test_positions_match_the_order_jobs_run_in():
     assert drain(s) == sorted(predicted, key=predicted.get) == snapshot
 
 
+def test_order_and_positions_match_what_pop_runs_after_random_traffic():
+    """order/position are computed without replaying pop; they must still predict pop exactly."""
+    import copy
+    import random
+
+    rng = random.Random(15)
+    for trial in range(60):
+        s = FairScheduler(500)
+        owners = [f"u{i}" for i in range(rng.randint(1, 7))]
+        for step in range(rng.randint(1, 80)):
+            roll = rng.random()
+            if roll < 0.6 or not len(s):
+                push(s, f"j{trial}-{step}", rng.choice(owners), rng.choice(["interactive", "batch"]))
+            elif roll < 0.85:
+                s.pop()
+            else:
+                s.remove(rng.choice(s.order()).job_id)
+        predicted = [job.job_id for job in s.order()]
+        assert [s.position(job_id) for job_id in predicted] == list(range(len(predicted)))
+        assert drain(copy.deepcopy(s)) == predicted
+
+
 def test_full_queue_refuses_with_a_clear_message_and_recovers():
     s = FairScheduler(3)
     for i in range(3):
