@@ -168,7 +168,12 @@ class AdapterRegistry:
         default_weight: float = 1.0,
         max_active: int = 8,
         write_sidecars: bool = True,
+        lora_execution: str = "unfused",
     ) -> None:
+        from engine.generation.lora_fusion import EXECUTIONS, LoraFusion
+
+        if lora_execution not in EXECUTIONS:
+            raise ValueError(f"lora_execution must be one of {', '.join(EXECUTIONS)}, not {lora_execution!r}")
         self.adapters_dir = Path(adapters_dir)
         self.pipe = pipe
         self.lcm_adapter = lcm_adapter
@@ -181,6 +186,10 @@ class AdapterRegistry:
         self._loaded: dict[str, _Loaded] = {}
         self._index: _LayerIndex | None = None
         self._mix: list[tuple[str, float]] = []  # the mix the pipeline has now
+        # "fused": the mix runs as base weights (engine.generation.lora_fusion); bumped whenever an
+        # adapter's weights may have changed, so a fused mix is never reused across a reload.
+        self._fusion = LoraFusion() if lora_execution == "fused" else None
+        self._weights_generation = 0
         self.scan()
 
     @classmethod
@@ -188,7 +197,8 @@ class AdapterRegistry:
         """Build from an ``ArcaeConfig`` (its ``[adapters]`` section)."""
         a = config.adapters
         return cls(
-            config.path(a.dir), pipe, lcm_adapter=a.lcm_adapter, default_weight=a.default_weight, max_active=a.max_active
+            config.path(a.dir), pipe, lcm_adapter=a.lcm_adapter, default_weight=a.default_weight, max_active=a.max_active,
+            lora_execution=config.engine.lora_execution,
         )
 
     # ------------------------------------------------------------ the directory
@@ -299,6 +309,32 @@ class AdapterRegistry:
                 for layer in index.by_name.get(name, ()):
                     layer.set_scale(name, weight)
         self._mix = list(mix)
+        if self._fusion is not None:
+            key = (tuple(mix), index.signature, self._weights_generation)
+            self._fusion.fuse(index.layers, index.by_name, mix, key)
+
+    @property
+    def lora_execution(self) -> str:
+        return "fused" if self._fusion is not None else "unfused"
+
+    def restore_base(self) -> None:
+        """Give the base weights back bit-identical, the mix running unfused (before a training step).
+
+        Training shares the base with generation and must never see a fused weight; the next
+        ``apply_mix`` fuses again.
+        """
+        if self._fusion is None or not self._fusion.fused_layers:
+            return
+        self._fusion.restore()
+        active = [n for n, w in self._mix if w != 0.0]
+        for layer in self._current_index().layers:
+            layer._active_adapter = list(active)
+
+    def _weights_changing(self) -> None:
+        """An adapter is about to be loaded, replaced or removed: unfuse first, refuse afterwards."""
+        self._weights_generation += 1
+        if self._fusion is not None:
+            self._fusion.restore()
 
     def _current_index(self) -> _LayerIndex:
         # Rebuilt only when adapters were added or deleted (by us or by a training run).
@@ -332,6 +368,7 @@ class AdapterRegistry:
         header = read_header(path)
         captured: list[str] = []
         started = time.perf_counter()
+        self._weights_changing()
         try:
             with _quiet_loading(captured):
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
@@ -386,6 +423,7 @@ class AdapterRegistry:
 
     def _discard(self, name: str) -> None:
         """Remove every trace of ``name`` from the pipeline (a failed or partial load) and restore the mix."""
+        self._weights_changing()
         if any(name in names for names in adapter_signature(self.pipe)):
             with _quiet_loading([]):
                 self.pipe.delete_adapters([name])
@@ -441,6 +479,7 @@ class AdapterRegistry:
         if alphas != loaded.alphas:
             return False
         started = time.perf_counter()
+        self._weights_changing()
         try:
             with _quiet_loading([]):
                 self.pipe.load_lora_weights(str(entry.path), adapter_name=entry.name, hotswap=True)

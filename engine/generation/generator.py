@@ -110,6 +110,7 @@ class Generator:
             lcm_adapter=config.adapters.lcm_adapter,
             default_weight=config.adapters.default_weight,
             max_active=config.adapters.max_active,
+            lora_execution=config.engine.lora_execution,
         )  # scans the directory
         configured_modes(config.adapters, config.generation)  # a bad [adapters] fast entry stops start-up
         return cls(config, model, registry, rater=rater)

@@ -470,6 +470,10 @@ class GpuWorker(BatchingMixin):
                 if record.run is not None:
                     record.run.cancel()
                 raise JobCanceled("training canceled")
+            # Training shares the base weights: a fused LoRA mix must be undone, bit-identical, first.
+            restore_base = getattr(getattr(self.generator, "registry", None), "restore_base", None)
+            if restore_base is not None:
+                restore_base()
             if record.run is None:
                 assert self.train_factory is not None
                 record.run = self.train_factory(record.request)
