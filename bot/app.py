@@ -113,7 +113,8 @@ class ArcaeBot(commands.Bot):
             log.info("synced %d commands to guild %s", len(synced), guild_id)
 
     async def _connect_engine(self) -> None:
-        from bot.engine_link import EngineLink, EngineSupervisor, engine_url
+        from bot.engine_link import EngineLink, engine_url
+        from bot.engine_child import EngineSupervisor
         from engine.contract.transport import EngineRejected
 
         mode = self.config.engine.mode

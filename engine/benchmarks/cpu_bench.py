@@ -125,7 +125,8 @@ class _EngineClient:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self) -> None:
-        from bot.engine_link import EngineLink, EngineSupervisor
+        from bot.engine_link import EngineLink
+        from bot.engine_child import EngineSupervisor
 
         self.supervisor = EngineSupervisor(self.env.config_path, self.env.config)
         url = await self.supervisor.start()

@@ -118,7 +118,7 @@ def _adapters(
     ]
     for tag in lora_tags:
         default_weight(tag.name)  # raises UnknownAdapter (with close names) for a name not installed
-        _check_range(f"weight of <lora:{tag.name}>", tag.weight, -4.0, 4.0)
+        _check(limits.weight_problem(f"weight of <lora:{tag.name}>", tag.weight))
         if tag.name in names:
             # The tag is the more specific request (a pasted PNG prompt): it sets the weight.
             i = names.index(tag.name)
@@ -141,8 +141,8 @@ def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams, mode: FastCh
         steps = params.steps if params.steps is not None else mode.default_steps
         cfg = params.cfg if params.cfg is not None else mode.default_cfg
         hint = f" in fast mode {mode.recipe.name}"
-        _check_range("steps", steps, *mode.steps, hint)
-        _check_range("CFG", cfg, *mode.cfg, hint + (" (it runs without CFG)" if mode.cfg[1] <= 1.0 else ""))
+        _check(limits.out_of_range("steps", steps, *mode.steps, hint))
+        _check(limits.out_of_range("CFG", cfg, *mode.cfg, hint + (" (it runs without CFG)" if mode.cfg[1] <= 1.0 else "")))
         return steps, cfg
     fast = params.fast
     steps = params.steps if params.steps is not None else (gen.fast_steps if fast else gen.steps)

@@ -49,7 +49,7 @@ def test_no_token_exits_with_what_to_do(tmp_path):
 
 
 async def test_the_engine_child_gets_its_secret_but_not_the_discord_token(tmp_path, monkeypatch):
-    from bot.engine_link import READY_PREFIX, EngineSupervisor
+    from bot.engine_child import READY_PREFIX, EngineSupervisor
 
     monkeypatch.setenv("ARCAE_DISCORD_TOKEN", "discord-token-value")
     fake_python = tmp_path / "python"  # stands in for `python -m engine serve`: records its environment

@@ -63,11 +63,22 @@ def env(tmp_path_factory, tiny_model_dir):
 
 
 class UnetCalls:
-    """Counts UNet forward calls and their batch sizes (a forward hook on the real UNet)."""
+    """Counts UNet forward calls and their batch sizes (a forward hook on the real UNet).
 
-    def __init__(self, unet):
+    Also records the scheduler the pipeline ran with: the generator puts the pipeline's own
+    scheduler back after every job, so it cannot be read afterwards.
+    """
+
+    def __init__(self, unet, pipe=None):
         self.batches: list[int] = []
-        self._handle = unet.register_forward_hook(lambda mod, args, out: self.batches.append(args[0].shape[0]))
+        self.scheduler = None
+
+        def hook(mod, args, out):
+            self.batches.append(args[0].shape[0])
+            if pipe is not None and self.scheduler is None:
+                self.scheduler = pipe.scheduler
+
+        self._handle = unet.register_forward_hook(hook)
 
     def __enter__(self):
         return self
@@ -82,9 +93,9 @@ def test_recipe_sets_the_published_scheduler_and_runs_steps_unet_calls(env, reci
 
     scheduler_class, steps, timesteps, sampler, schedule = PUBLISHED[recipe]
     params = GenerationParams(prompt="1girl", fast_mode=recipe, seed=5, steps=4 if recipe == "lcm" else None)
-    with UnetCalls(env.pipe.unet) as calls:
+    with UnetCalls(env.pipe.unet, env.pipe) as calls:
         out = env.generate(params, job_id=f"fast-{recipe}")
-    scheduler = env.pipe.scheduler
+    scheduler = calls.scheduler
     assert type(scheduler).__name__ == scheduler_class
     assert [int(t) for t in scheduler.timesteps] == timesteps
     assert calls.batches == [1] * steps  # no CFG: one UNet call per step
@@ -150,10 +161,12 @@ def test_configured_but_missing_adapter_says_where_to_get_it(tmp_path, env):
 ])
 def test_variation_of_a_fast_image_keeps_its_mode_and_weight(env, recipe, adapter, scheduler):
     first = env.generate(GenerationParams(prompt="1girl", fast_mode=recipe, fast_weight=0.8, seed=2), job_id="fast-src")
-    out = env.img2img(first.images[0].path, "variation", job_id="fast-var")
+    img2img = env._img2img()
+    with UnetCalls(img2img.unet, img2img) as calls:
+        out = env.img2img(first.images[0].path, "variation", job_id="fast-var")
     assert out.params.fast_mode == recipe
     assert [(a.name, a.weight) for a in out.params.adapters] == [(adapter, 0.8)]
-    assert type(env._img2img().scheduler).__name__ == scheduler
+    assert type(calls.scheduler).__name__ == scheduler
 
 
 def test_cli_generate_with_a_fast_mode(env):

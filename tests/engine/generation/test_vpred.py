@@ -56,8 +56,13 @@ def test_vpred_model_is_detected_and_every_sampler_gets_v_settings(env):
 
     assert env.model.prediction == "v_prediction"
     for sampler in ("Euler a", "DPM++ 2M Karras", "DDIM", "UniPC"):
-        out = env.generate(GenerationParams(prompt="1girl", sampler=sampler, steps=2, cfg=5.0, seed=1), job_id="v")
-        config = env.pipe.scheduler.config
+        used = []  # the scheduler the pipeline ran with (the generator restores its own afterwards)
+        handle = env.pipe.unet.register_forward_hook(lambda *_: used.append(env.pipe.scheduler))
+        try:
+            out = env.generate(GenerationParams(prompt="1girl", sampler=sampler, steps=2, cfg=5.0, seed=1), job_id="v")
+        finally:
+            handle.remove()
+        config = used[0].config
         assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
             "v_prediction", True, "trailing"), sampler
         assert out.params.cfg_rescale == 0.7

@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from bot.engine_link import EngineLink, EngineSupervisor
+from bot.engine_link import EngineLink
+from bot.engine_child import EngineSupervisor
 from engine.contract.transport import EngineRejected, EngineUnavailable
 from engine.contract import protocol as p
 from engine.contract.config import load_config

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bot.engine_link import EngineLink, EngineSupervisor, EngineUnavailable, client_ssl_context, engine_url
+from bot.engine_link import EngineLink, EngineUnavailable, client_ssl_context, engine_url
+from bot.engine_child import EngineSupervisor
 from engine.contract.config import ConfigError, load_config, parse_config
 from tests.conftest import write_config
 from tests.engine.service.link_helpers import authenticated

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from bot.engine_link import READY_PREFIX, EngineLink, EngineRejected, EngineSupervisor, EngineUnavailable
+from bot.engine_link import EngineLink, EngineRejected, EngineUnavailable
+from bot.engine_child import READY_PREFIX, EngineSupervisor
 from engine.contract import protocol as p
 from engine.contract.config import load_config, parse_config
 from tests.conftest import write_config
@@ -206,9 +207,9 @@ time.sleep(30)
 
 
 async def test_the_restart_backoff_resets_after_a_healthy_run(tmp_path, monkeypatch):
-    from bot import engine_link
+    from bot import engine_child
 
-    monkeypatch.setattr(engine_link, "STABLE_RUN_S", 1.0)
+    monkeypatch.setattr(engine_child, "STABLE_RUN_S", 1.0)
     starts = tmp_path / "starts"
     script = f"""
 import time
