@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.benchmarks.ratios import Ratio, alternate, write_bench_config
 
-CASES = ("service", "mix", "fast", "batching", "training", "ack")
+CASES = ("service", "mix", "fast", "batching", "training", "ack", "fusion")
 
 
 class _Env:
@@ -249,6 +249,10 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
                     new = bench_batching(env, trials)
                 elif case == "service":
                     new = bench_service(env, client, trials)
+                elif case == "fusion":  # issue 15's rows (fused LoRA, scheduler, SQLite indexes)
+                    from engine.benchmarks.fusion_bench import bench_fusion
+
+                    new = bench_fusion(env, trials)
                 elif case == "ack":
                     from engine.benchmarks.bot_bench import bench_ack
 

@@ -317,6 +317,16 @@ class AdapterRegistry:
     def lora_execution(self) -> str:
         return "fused" if self._fusion is not None else "unfused"
 
+    def set_lora_execution(self, execution: str) -> None:
+        """Switch between fused and unfused execution (base weights restored first); the mix stays."""
+        from engine.generation.lora_fusion import EXECUTIONS, LoraFusion
+
+        if execution not in EXECUTIONS:
+            raise ValueError(f"lora_execution must be one of {', '.join(EXECUTIONS)}, not {execution!r}")
+        self.restore_base()
+        self._fusion = LoraFusion() if execution == "fused" else None
+        self._restore_mix()
+
     def restore_base(self) -> None:
         """Give the base weights back bit-identical, the mix running unfused (before a training step).
 

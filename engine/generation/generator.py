@@ -112,7 +112,12 @@ class Generator:
             lora_execution=config.engine.lora_execution,
         )  # scans the directory
         configured_modes(config.adapters, config.generation)  # a bad [adapters] fast entry stops start-up
-        return cls(config, model, registry, rater=rater)
+        generator = cls(config, model, registry, rater=rater)
+        if config.engine.compile != "off":
+            from engine.generation.compiled import prepare_compiled
+
+            prepare_compiled(generator)
+        return generator
 
     # ------------------------------------------------------------------ requests
 
