@@ -11,10 +11,16 @@ from engine.benchmarks.gpu_bench import peak_for, run_gpu_bench
 
 def test_gpu_suite_code_runs_on_the_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
-    report = run_gpu_bench(tiny=True, dtypes=("fp32",), batches=(1,), trials=1, compile_unet=False, out=out, device="cpu")
+    # The compile path runs too (aot_eager: inductor's C++ builds take minutes per graph on a small CPU).
+    report = run_gpu_bench(tiny=True, dtypes=("fp32",), batches=(1,), trials=1, compile_unet=True, out=out, device="cpu",
+                           compile_backend="aot_eager")
     names = [c.name for c in report.cases]
     for expected in ("std 4 steps CFG", "VAE decode", "train step", "unfused", "fused", "end to end"):
         assert any(expected in n for n in names), (expected, names)
+    # Arcae's own Generator end to end, as production runs it: eager, fused and compiled.
+    for execution in ("unfused", "fused", "compiled"):
+        for case in ("Arcae LCM 4 64x64 2 LoRAs + LCM", "Arcae LCM 6 64x96 2 LoRAs + LCM", "Arcae 4 steps CFG 64x64 2 LoRAs"):
+            assert f"{case}, {execution}" in names, (case, execution, names)
     assert all(c.seconds > 0 for c in report.cases)
     # SDXL FLOP counts mean nothing for the tiny model: no TFLOP/s is claimed.
     assert all(c.tflops is None for c in report.cases)
