@@ -48,19 +48,22 @@ def _config(root: Path, tiny: bool, device: str) -> Any:
     return parse_config(data, base_dir=root, source="bench")
 
 
-def _write_loras(pipe: Any, adapters: Path, tiny: bool) -> None:
-    from engine.benchmarks.gpu_bench import ATTN_TARGETS, LCM_TARGETS
-    from engine.benchmarks.lora_synth import make_lora
+def _write_loras(pipe: Any, adapters: Path, tiny: bool, lcm_targets: list[str]) -> None:
+    from engine.benchmarks.lora_synth import ATTENTION_TARGETS, make_lora
 
     small, big = (4, 8) if tiny else (32, 64)
-    make_lora(pipe, adapters / f"{LCM}.safetensors", kind="lcm", rank=big, seed=3, target_modules=LCM_TARGETS)
+    make_lora(pipe, adapters / f"{LCM}.safetensors", kind="lcm", rank=big, seed=3, target_modules=lcm_targets)
     for seed, name in enumerate(STYLES):
-        make_lora(pipe, adapters / f"{name}.safetensors", kind="style", rank=small, seed=seed, target_modules=ATTN_TARGETS)
+        make_lora(pipe, adapters / f"{name}.safetensors", kind="style", rank=small, seed=seed,
+                  target_modules=ATTENTION_TARGETS)
 
 
-def bench_generator(pipe: Any, record: Callable[..., None], timer: Any, dt: str, *, tiny: bool,
+def bench_generator(pipe: Any, record: Callable[..., None], timer: Any, dt: str, *, tiny: bool, lcm_targets: list[str],
                     compile_mode: str = "default", compile_backend: str = "inductor") -> None:
-    """Record one row per case and execution through ``record(name, dtype, batch, result, **kw)``."""
+    """Record one row per case and execution through ``record(name, dtype, batch, result, **kw)``.
+
+    ``lcm_targets``: the modules the LCM-style LoRA adapts (``gpu_bench.LCM_TARGETS``).
+    """
     from engine.contract.protocol import AdapterWeight, GenerationParams
     from engine.generation.adapters import AdapterRegistry
     from engine.generation.compiled import compile_unet, warm_up
@@ -73,7 +76,7 @@ def bench_generator(pipe: Any, record: Callable[..., None], timer: Any, dt: str,
         config = _config(root, tiny, device)
         adapters = config.path(config.adapters.dir)
         adapters.mkdir(parents=True)
-        _write_loras(pipe, adapters, tiny)
+        _write_loras(pipe, adapters, tiny, lcm_targets)
         model = LoadedModel(pipe=pipe, device=device, dtype=pipe.unet.dtype, name="random-sdxl", model_hash="0" * 10,
                             source="bench")
         registry = AdapterRegistry(adapters, pipe, lcm_adapter=LCM, max_active=4, lora_execution="unfused")

@@ -253,7 +253,7 @@ def run_gpu_bench(*, tiny: bool = False, dtypes=("fp16", "bf16"), batches=(1, 4)
         if dt == ("bf16" if "bf16" in dtypes else dtypes[0]):  # the production dtype: Arcae's own Generator
             from engine.benchmarks.generator_bench import bench_generator
 
-            bench_generator(pipe, lambda *a, **k: _record(report, *a, **k), timer, dt, tiny=tiny,
+            bench_generator(pipe, lambda *a, **k: _record(report, *a, **k), timer, dt, tiny=tiny, lcm_targets=LCM_TARGETS,
                             compile_mode="default" if compile_unet else "off", compile_backend=compile_backend)
         del pipe
         if device.startswith("cuda"):
