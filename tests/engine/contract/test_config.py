@@ -36,6 +36,8 @@ def test_example_config_is_complete_and_valid():
         ({"engine": {"port": "eighty"}}, ["[engine] port = 'eighty'", "integer"]),
         ({"generation": {"size": "big"}}, ["[generation] size", "1024x1024"]),
         ({"nonsense": {}}, ["unknown key nonsense", "discord"]),
+        ({"engine": {"lora_execution": "merged"}}, ["[engine] lora_execution = 'merged'", "'fused' or 'unfused'"]),
+        ({"engine": {"compile": "max"}}, ["[engine] compile = 'max'", "'off', 'default' or 'max-autotune'"]),
     ],
 )
 def test_bad_values_name_key_value_and_rule(data, expected):
