@@ -16,6 +16,7 @@ with its own lock, so that a submit, the worker's pop and a cancel never interle
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ class FairScheduler:
                 for i, owner in enumerate(owners):
                     later[owner] = (1, len(queues[owner]) - 1, i)
                 continue
-            rank = queues[job.owner].index(job)
+            # An owner's queue is in arrival order (FIFO, removals keep it): bisect, not a scan.
+            rank = bisect.bisect_left(queues[job.owner], job.arrival, key=lambda queued: queued.arrival)
             for owner in owners:
                 if owner == job.owner:
                     before += rank
