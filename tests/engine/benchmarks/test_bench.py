@@ -29,6 +29,15 @@ def test_gpu_suite_code_runs_on_the_tiny_model(tmp_path):
     assert "case" in report.table().splitlines()[0]
 
 
+def test_issue_15_rows_run_on_small_inputs():
+    """The scheduler and SQLite rows (the fusion case's cheap part) run and report both sides."""
+    from engine.benchmarks.fusion_bench import bench_scheduler, bench_sqlite
+
+    rows = [bench_scheduler(), *bench_sqlite(rows=2_000)]
+    assert [r.case for r in rows] == ["scheduler_1000_vs_10", "sqlite_undelivered_1m", "sqlite_count_active_guild_1m"]
+    assert all(r.numerator_s > 0 and r.denominator_s > 0 for r in rows)
+
+
 def test_device_peaks_are_matched_most_specific_first():
     assert peak_for("NVIDIA H100 PCIe") == 756.0
     assert peak_for("NVIDIA H100 80GB HBM3") == 989.0
