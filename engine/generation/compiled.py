@@ -66,15 +66,25 @@ def warm_up(pipe: Any, sizes: Iterable[tuple[int, int]]) -> float:
     """Compile every size now, with and without CFG (one UNet step each, no decode); return seconds."""
     import torch
 
+    from diffusers import LCMScheduler
+
     sizes = list(sizes)
     started = time.perf_counter()
-    for i, (width, height) in enumerate(sizes, 1):
-        t0 = time.perf_counter()
-        for cfg in (5.0, 1.0):  # CFG doubles the UNet batch; fast modes run without it
-            with torch.no_grad():
-                pipe(prompt="warm-up", negative_prompt="", width=width, height=height, num_inference_steps=1,
-                     guidance_scale=cfg, output_type="latent", generator=torch.Generator().manual_seed(0))
-        log.info("compile warm-up %d/%d: %dx%d in %.1f s", i, len(sizes), width, height, time.perf_counter() - t0)
+    standard = pipe.scheduler
+    # Fast modes run without CFG and (LCM, TCD, DDIM) with integer timesteps, which dynamo guards
+    # on: warm that variant up with the LCM scheduler, the standard one with the pipeline's own.
+    variants = ((5.0, standard), (1.0, LCMScheduler.from_config(standard.config)))
+    try:
+        for i, (width, height) in enumerate(sizes, 1):
+            t0 = time.perf_counter()
+            for cfg, scheduler in variants:
+                pipe.scheduler = scheduler
+                with torch.no_grad():
+                    pipe(prompt="warm-up", negative_prompt="", width=width, height=height, num_inference_steps=1,
+                         guidance_scale=cfg, output_type="latent", generator=torch.Generator().manual_seed(0))
+            log.info("compile warm-up %d/%d: %dx%d in %.1f s", i, len(sizes), width, height, time.perf_counter() - t0)
+    finally:
+        pipe.scheduler = standard
     return time.perf_counter() - started
 
 
