@@ -23,7 +23,7 @@ from typing import Any
 
 from engine.benchmarks.ratios import Ratio, alternate, write_bench_config
 
-CASES = ("service", "mix", "fast", "batching", "training", "ack", "worker", "distill_gain")
+CASES = ("service", "mix", "fast", "batching", "training", "ack", "worker", "fusion", "distill_gain")
 
 
 class _Env:
@@ -258,6 +258,10 @@ def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path |
                     from engine.benchmarks.worker_bench import bench_worker
 
                     new = bench_worker(env, trials)
+                elif case == "fusion":  # issue 15's rows (fused LoRA, scheduler, SQLite indexes)
+                    from engine.benchmarks.fusion_bench import bench_fusion
+
+                    new = bench_fusion(env, trials)
                 elif case == "ack":
                     from engine.benchmarks.bot_bench import bench_ack
 

@@ -6,6 +6,8 @@ nothing is downloaded. Each case reports the median of repeated trials, peak VRA
 TFLOP/s against the device's peak, using FLOP counts measured with ``torch.utils.flop_counter``
 on the SDXL base configuration (UNet 6.76 TFLOP per evaluation at 1024x1024 batch 1, VAE
 decode 10.5 TFLOP). ``tiny=True`` runs the same code on the tiny model (CPU smoke test).
+The production rows (``Arcae ...``, Arcae's own Generator end to end, eager / fused / compiled)
+come from ``engine.benchmarks.generator_bench``, for the production dtype (bf16 when listed).
 """
 
 from __future__ import annotations
@@ -229,8 +231,11 @@ def _record(report: BenchReport, name: str, dtype: str, batch: int, result, *, e
     print(report.table().splitlines()[-1], flush=True)
 
 
-def run_gpu_bench(*, tiny: bool = False, dtypes=("fp16", "bf16"), batches=(1, 4), compile_unet: bool = True, trials: int = 3, out: Path | None = None, device: str | None = None) -> BenchReport:
-    """Run the suite and return the report (also written as JSON to ``out``)."""
+def run_gpu_bench(*, tiny: bool = False, dtypes=("fp16", "bf16"), batches=(1, 4), compile_unet: bool = True, trials: int = 3, out: Path | None = None, device: str | None = None, compile_backend: str = "inductor") -> BenchReport:
+    """Run the suite and return the report (also written as JSON to ``out``).
+
+    ``compile_backend``: the production rows' compile backend (the CPU tests use ``aot_eager``).
+    """
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,6 +250,11 @@ def run_gpu_bench(*, tiny: bool = False, dtypes=("fp16", "bf16"), batches=(1, 4)
         pipe = build_pipeline(tiny=tiny, dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
         _bench_dtype(pipe, report, timer, dt, size, batches, std_steps, lcm_steps, compile_unet=compile_unet and not tiny, tiny=tiny)
+        if dt == ("bf16" if "bf16" in dtypes else dtypes[0]):  # the production dtype: Arcae's own Generator
+            from engine.benchmarks.generator_bench import bench_generator
+
+            bench_generator(pipe, lambda *a, **k: _record(report, *a, **k), timer, dt, tiny=tiny, lcm_targets=LCM_TARGETS,
+                            compile_mode="default" if compile_unet else "off", compile_backend=compile_backend)
         del pipe
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

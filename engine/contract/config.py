@@ -105,6 +105,11 @@ class EngineConfig(_Section):
     max_attempts: int = Field(3, ge=1, le=20)
     accepts_training: bool = True
     worker_capacity: int = Field(2, ge=1, le=2)
+    # How LoRA runs: "fused" folds the active mix into the base weights (exact originals kept,
+    # restored bit-identical before a training step); "unfused" runs each adapter per layer.
+    lora_execution: Literal["fused", "unfused"] = "fused"
+    # torch.compile of the UNet (channels_last; one warm-up per size preset at start-up).
+    compile: Literal["off", "default", "max-autotune"] = "off"
 
     @model_validator(mode="after")
     def _tls_keys_agree(self) -> "EngineConfig":

@@ -169,7 +169,12 @@ class AdapterRegistry:
         default_weight: float = 1.0,
         max_active: int = 8,
         write_sidecars: bool = True,
+        lora_execution: str = "unfused",
     ) -> None:
+        from engine.generation.lora_fusion import EXECUTIONS, LoraFusion
+
+        if lora_execution not in EXECUTIONS:
+            raise ValueError(f"lora_execution must be one of {', '.join(EXECUTIONS)}, not {lora_execution!r}")
         self.adapters_dir = Path(adapters_dir)
         self.pipe = pipe
         self.lcm_adapter = lcm_adapter
@@ -183,6 +188,10 @@ class AdapterRegistry:
         self._index: _LayerIndex | None = None
         self._mix: list[tuple[str, float]] = []  # the mix the pipeline has now
         self._extra: dict[str, AdapterEntry] = {}  # files outside the directory (add_file), kept by rescans
+        # "fused": the mix runs as base weights (engine.generation.lora_fusion); bumped whenever an
+        # adapter's weights may have changed, so a fused mix is never reused across a reload.
+        self._fusion = LoraFusion() if lora_execution == "fused" else None
+        self._weights_generation = 0
         self.scan()
 
     @classmethod
@@ -190,7 +199,8 @@ class AdapterRegistry:
         """Build from an ``ArcaeConfig`` (its ``[adapters]`` section)."""
         a = config.adapters
         return cls(
-            config.path(a.dir), pipe, lcm_adapter=a.lcm_adapter, default_weight=a.default_weight, max_active=a.max_active
+            config.path(a.dir), pipe, lcm_adapter=a.lcm_adapter, default_weight=a.default_weight, max_active=a.max_active,
+            lora_execution=config.engine.lora_execution,
         )
 
     # ------------------------------------------------------------ the directory
@@ -334,8 +344,45 @@ class AdapterRegistry:
                 for layer in index.by_name.get(name, ()):
                     layer.set_scale(name, weight)
         self._mix = list(mix)
+        if self._fusion is not None:
+            key = (tuple(mix), index.signature, self._weights_generation)
+            self._fusion.fuse(index.layers, index.by_name, mix, key)
         if changed:  # the prompt encoder's cache keys on this: a same-mix job keeps its hits
             state.bump()
+
+    @property
+    def lora_execution(self) -> str:
+        return "fused" if self._fusion is not None else "unfused"
+
+    def set_lora_execution(self, execution: str) -> None:
+        """Switch between fused and unfused execution (base weights restored first); the mix stays."""
+        from engine.generation.lora_fusion import EXECUTIONS, LoraFusion
+
+        if execution not in EXECUTIONS:
+            raise ValueError(f"lora_execution must be one of {', '.join(EXECUTIONS)}, not {execution!r}")
+        self.restore_base()
+        self._fusion = LoraFusion() if execution == "fused" else None
+        self._restore_mix()
+
+    def restore_base(self) -> None:
+        """Give the base weights back bit-identical, the mix running unfused (before a training step).
+
+        Training shares the base with generation and must never see a fused weight; the next
+        ``apply_mix`` fuses again.
+        """
+        if self._fusion is None or not self._fusion.fused_layers:
+            return
+        self._fusion.restore()
+        pipe_state(self.pipe).bump()  # the text encoders' weights changed (exactly back to the base)
+        active = [n for n, w in self._mix if w != 0.0]
+        for layer in self._current_index().layers:
+            layer._active_adapter = list(active)
+
+    def _weights_changing(self) -> None:
+        """An adapter is about to be loaded, replaced or removed: unfuse first, refuse afterwards."""
+        self._weights_generation += 1
+        if self._fusion is not None:
+            self._fusion.restore()
 
     def _current_index(self) -> _LayerIndex:
         # Rebuilt only when adapters were added or deleted (by us or by a training run).
@@ -369,6 +416,7 @@ class AdapterRegistry:
         header = read_header(path)
         captured: list[str] = []
         started = time.perf_counter()
+        self._weights_changing()
         try:
             with _quiet_loading(captured):
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
@@ -423,6 +471,7 @@ class AdapterRegistry:
 
     def _discard(self, name: str) -> None:
         """Remove every trace of ``name`` from the pipeline (a failed or partial load) and restore the mix."""
+        self._weights_changing()
         if any(name in names for names in adapter_signature(self.pipe)):
             with _quiet_loading([]):
                 self.pipe.delete_adapters([name])
@@ -478,6 +527,7 @@ class AdapterRegistry:
         if alphas != loaded.alphas:
             return False
         started = time.perf_counter()
+        self._weights_changing()
         try:
             with _quiet_loading([]):
                 self.pipe.load_lora_weights(str(entry.path), adapter_name=entry.name, hotswap=True)

@@ -89,7 +89,6 @@ class Generator:
         # Samplers are built from the model's own scheduler config, never from the previous
         # job's scheduler (whose options, e.g. Karras sigmas, would leak into the next sampler).
         self._scheduler_config = dict(self.pipe.scheduler.config)
-        self._vae_fp32 = False  # set after an fp16 decode failed once: decode in fp32 from then on
 
     @classmethod
     def from_config(cls, config: ArcaeConfig, secrets: Secrets | None = None, *, rater: Rater | None = None) -> "Generator":
@@ -103,9 +102,15 @@ class Generator:
             lcm_adapter=config.adapters.lcm_adapter,
             default_weight=config.adapters.default_weight,
             max_active=config.adapters.max_active,
+            lora_execution=config.engine.lora_execution,
         )  # scans the directory
         configured_modes(config.adapters, config.generation)  # a bad [adapters] fast entry stops start-up
-        return cls(config, model, registry, rater=rater)
+        generator = cls(config, model, registry, rater=rater)
+        if config.engine.compile != "off":
+            from engine.generation.compiled import prepare_compiled
+
+            prepare_compiled(generator)
+        return generator
 
     # ------------------------------------------------------------------ requests
 
@@ -525,12 +530,12 @@ class Generator:
         vae = self.pipe.vae
         pictures = []
         for i in range(latents.shape[0]):
-            decoded, fell_back = imaging.decode_latents(vae, latents[i : i + 1].to(vae.device), force_fp32=self._vae_fp32)
+            # The fp32 fallback is per image: one overflowing image must not slow every later one.
+            decoded, fell_back = imaging.decode_latents(vae, latents[i : i + 1].to(vae.device))
             if fell_back:
-                self._vae_fp32 = True
                 log.warning(
-                    "the VAE produced NaN/black images in fp16; decoding in fp32 from now on (slower). "
-                    "Set [model] vae = 'madebyollin/sdxl-vae-fp16-fix' to avoid it"
+                    "the VAE produced a NaN/black image in %s; that image was decoded again in fp32. Use "
+                    "[engine] dtype = 'bf16' or [model] vae = 'madebyollin/sdxl-vae-fp16-fix' to avoid it", vae.dtype
                 )
                 warnings.append("the fp16 VAE produced a black image; it was decoded again in fp32")
             pictures.append(imaging.to_array(decoded))

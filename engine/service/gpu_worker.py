@@ -485,6 +485,10 @@ class GpuWorker(BatchingMixin, PostProcessingMixin):
                 if record.run is not None:
                     record.run.cancel()
                 raise JobCanceled("training canceled")
+            # Training shares the base weights: a fused LoRA mix must be undone, bit-identical, first.
+            restore_base = getattr(getattr(self.generator, "registry", None), "restore_base", None)
+            if restore_base is not None:
+                restore_base()
             if record.run is None:
                 record.run = self._factory_for(record.request)(record.request)  # type: ignore[misc]
             if not record.started:

@@ -72,6 +72,28 @@ def test_positions_match_the_order_jobs_run_in():
     assert drain(s) == sorted(predicted, key=predicted.get) == snapshot
 
 
+def test_order_and_positions_match_what_pop_runs_after_random_traffic():
+    """order/position are computed without replaying pop; they must still predict pop exactly."""
+    import copy
+    import random
+
+    rng = random.Random(15)
+    for trial in range(60):
+        s = FairScheduler(500)
+        owners = [f"u{i}" for i in range(rng.randint(1, 7))]
+        for step in range(rng.randint(1, 80)):
+            roll = rng.random()
+            if roll < 0.6 or not len(s):
+                push(s, f"j{trial}-{step}", rng.choice(owners), rng.choice(["interactive", "batch"]))
+            elif roll < 0.85:
+                s.pop()
+            else:
+                s.remove(rng.choice(s.order()).job_id)
+        predicted = [job.job_id for job in s.order()]
+        assert [s.position(job_id) for job_id in predicted] == list(range(len(predicted)))
+        assert drain(copy.deepcopy(s)) == predicted
+
+
 def test_full_queue_refuses_with_a_clear_message_and_recovers():
     s = FairScheduler(3)
     for i in range(3):
@@ -234,3 +256,46 @@ def test_a_training_run_reports_progress_and_completes(worker_setup):
     progress = [e for e in mine if type(e).__name__ == "Progress"]
     assert progress and progress[-1].step == 3 and progress[-1].total == 3 and progress[-1].loss == 0.25
     assert [e.seq for e in mine] == sorted(e.seq for e in mine)
+
+
+class BaseCheckingRun(CountingRun):
+    """A training run that checks, at every step, that the base weights are exactly the originals."""
+
+    def __init__(self, job_id: str, total: int, log: list, originals: list) -> None:
+        super().__init__(job_id, total, log)
+        self.originals = originals
+        self.fused_steps = 0
+
+    def step(self):
+        import torch
+
+        if any(not torch.equal(param, copy) for param, copy in self.originals):
+            self.fused_steps += 1
+        return super().step()
+
+
+def test_training_between_fused_lora_jobs_sees_the_exact_base(worker_setup):
+    """The default fused LoRA execution changes the base weights; a training step must never see that."""
+    from engine.contract import protocol as p
+    from tests.engine.generation.lora_factory import make_lora
+
+    worker, log, events = worker_setup
+    generator = worker.generator
+    assert generator.registry.lora_execution == "fused"
+    make_lora(generator.pipe, generator.registry.adapters_dir / "ink.safetensors", seed=5, strength=2.0)
+    generator.registry.reload()
+    # Parameters keep their identity when peft wraps a layer: the snapshot covers every base weight.
+    originals = [(param, param.detach().clone()) for param in generator.pipe.unet.parameters()]
+    run = BaseCheckingRun("train-fused", total=100_000, log=log, originals=originals)
+    worker.start_training(run)
+    params = p.GenerationParams(prompt="1girl", steps=2, seed=3, adapters=[p.AdapterWeight(name="ink", weight=1.0)])
+    for i in range(3):
+        _wait(lambda: run.steps >= 2 * (i + 1))
+        worker.submit(p.GenerateRequest(job_id=f"fused-{i}", owner="alice", params=params))
+        _wait(lambda: _terminal(events, f"fused-{i}"))
+        assert type(_terminal(events, f"fused-{i}")[0]).__name__ == "Completed"
+    steps = run.steps
+    _wait(lambda: run.steps > steps + 1)
+    assert worker.cancel("train-fused")
+    _wait(lambda: _terminal(events, "train-fused"))
+    assert run.fused_steps == 0, f"{run.fused_steps} training steps saw fused weights"

@@ -11,16 +11,31 @@ from engine.benchmarks.gpu_bench import peak_for, run_gpu_bench
 
 def test_gpu_suite_code_runs_on_the_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
-    report = run_gpu_bench(tiny=True, dtypes=("fp32",), batches=(1,), trials=1, compile_unet=False, out=out, device="cpu")
+    # The compile path runs too (dynamo's eager backend: inductor's C++ builds take minutes per graph here).
+    report = run_gpu_bench(tiny=True, dtypes=("fp32",), batches=(1,), trials=1, compile_unet=True, out=out, device="cpu",
+                           compile_backend="eager")
     names = [c.name for c in report.cases]
     for expected in ("std 4 steps CFG", "VAE decode", "train step", "unfused", "fused", "end to end"):
         assert any(expected in n for n in names), (expected, names)
+    # Arcae's own Generator end to end, as production runs it: eager, fused and compiled.
+    for execution in ("unfused", "fused", "compiled"):
+        for case in ("Arcae LCM 4 64x64 2 LoRAs + LCM", "Arcae LCM 6 64x96 2 LoRAs + LCM", "Arcae 4 steps CFG 64x64 2 LoRAs"):
+            assert f"{case}, {execution}" in names, (case, execution, names)
     assert all(c.seconds > 0 for c in report.cases)
     # SDXL FLOP counts mean nothing for the tiny model: no TFLOP/s is claimed.
     assert all(c.tflops is None for c in report.cases)
     saved = json.loads(out.read_text())
     assert saved["tiny"] is True and len(saved["cases"]) == len(report.cases)
     assert "case" in report.table().splitlines()[0]
+
+
+def test_issue_15_rows_run_on_small_inputs():
+    """The scheduler and SQLite rows (the fusion case's cheap part) run and report both sides."""
+    from engine.benchmarks.fusion_bench import bench_scheduler, bench_sqlite
+
+    rows = [bench_scheduler(), *bench_sqlite(rows=2_000)]
+    assert [r.case for r in rows] == ["scheduler_1000_vs_10", "sqlite_undelivered_1m", "sqlite_count_active_guild_1m"]
+    assert all(r.numerator_s > 0 and r.denominator_s > 0 for r in rows)
 
 
 def test_device_peaks_are_matched_most_specific_first():

@@ -40,6 +40,8 @@ def test_example_config_is_complete_and_valid():
         ({"gallery": {"channel_id": 5, "promote_to": 5}}, ["promote_to = 5 is the gallery channel", "0 to pin"]),
         ({"training": {"status_edit_interval_s": 0.1}}, ["[training] status_edit_interval_s = 0.1",
                                                           "greater than or equal to 1"]),
+        ({"engine": {"lora_execution": "merged"}}, ["[engine] lora_execution = 'merged'", "'fused' or 'unfused'"]),
+        ({"engine": {"compile": "max"}}, ["[engine] compile = 'max'", "'off', 'default' or 'max-autotune'"]),
     ],
 )
 def test_bad_values_name_key_value_and_rule(data, expected):

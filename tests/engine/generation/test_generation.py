@@ -242,6 +242,32 @@ def test_fp16_vae_nan_falls_back_to_fp32(env):
     assert fell_back and bool(torch.isfinite(image).all()) and vae16.dtype == torch.float16
 
 
+def test_an_fp16_vae_fallback_is_per_image_not_for_the_rest_of_the_process(env):
+    """One overflowing image decodes in fp32; the next normal image decodes in fp16 again."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from engine.generation.imaging import decode_latents, to_pil
+
+    vae16 = copy.deepcopy(env.pipe.vae).to(torch.float16)
+    normal = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    in_fp16 = np.asarray(to_pil(decode_latents(vae16, normal)[0]))
+    in_fp32 = np.asarray(to_pil(decode_latents(vae16, normal, force_fp32=True)[0]))
+    assert not np.array_equal(in_fp16, in_fp32), "the test needs fp16 and fp32 decodes to differ"
+    saved, env.pipe.vae = env.pipe.vae, vae16
+    try:
+        warnings: list[str] = []
+        env._decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 1e4, warnings)
+        assert warnings and "fp32" in warnings[0]
+        later: list[str] = []
+        picture = env._decode(normal, later)[0]
+    finally:
+        env.pipe.vae = saved
+    assert later == [] and np.array_equal(np.asarray(picture), in_fp16)
+
+
 @pytest.mark.cuda
 def test_fp16_generation_on_cuda_is_never_black(tiny_model_dir, tmp_path):
     import torch
@@ -252,7 +278,7 @@ def test_fp16_generation_on_cuda_is_never_black(tiny_model_dir, tmp_path):
     from engine.generation.generator import Generator
 
     config = load_config(write_config(tmp_path, tiny_model_dir))
-    config = config.model_copy(update={"engine": config.engine.model_copy(update={"device": "cuda"})})
+    config = config.model_copy(update={"engine": config.engine.model_copy(update={"device": "cuda", "dtype": "fp16"})})
     generator = Generator.from_config(config)
     assert generator.pipe.unet.dtype == torch.float16
     out = generator.generate(GenerationParams(prompt="1girl", steps=2, seed=1), job_id="cuda")

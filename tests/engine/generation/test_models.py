@@ -111,6 +111,8 @@ def test_names_and_dtypes():
     assert model_display_name(_config("/models/ponyXL_v6.safetensors")) == "ponyXL_v6"
     assert model_display_name(_config("x/y", name="shown")) == "shown"
     fp16 = parse_config({"engine": {"device": "cpu", "dtype": "fp16"}})
-    assert resolve_dtype(fp16, "cpu") == torch.float32  # fp32 on CPU whatever is configured
+    assert resolve_dtype(fp16, "cpu") == torch.float32  # no fp16 on CPU
+    assert resolve_dtype(parse_config({"engine": {"dtype": "bf16"}}), "cpu") == torch.bfloat16  # bf16 is honoured
+    assert resolve_dtype(parse_config({}), "cpu") == torch.float32
     assert resolve_dtype(fp16, "cuda") == torch.float16
     assert resolve_dtype(parse_config({"engine": {"dtype": "bf16"}}), "cuda") == torch.bfloat16
