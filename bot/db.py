@@ -313,7 +313,7 @@ class Database:
     async def undelivered(self) -> list[Job]:
         """Finished jobs whose result or failure was not yet shown to the user."""
         # Without statistics SQLite prefers jobs_status, which walks every finished job (129 ms at
-        # 1M jobs); the partial index (migration 0012) holds only the undelivered few.
+        # 1M jobs); the partial index (migration 0013) holds only the undelivered few.
         rows = await self._all("SELECT * FROM jobs INDEXED BY jobs_undelivered"
                                " WHERE status IN ('completed', 'failed') AND delivered_at IS NULL ORDER BY finished_at")
         return [Job.from_row(r) for r in rows]
