@@ -292,8 +292,9 @@ class Generator:
         if mode not in ("variation", "upscale", "image"):
             raise InvalidRequest(f"img2img mode must be 'variation', 'upscale' or 'image', not {mode!r}")
         if mode == "image":
-            return self._from_picture(source, params, job_id=job_id, strength=strength, on_step=on_step,
-                                      should_cancel=should_cancel, extra_negative=extra_negative)
+            pending = self._from_picture(source, params, job_id=job_id, strength=strength, on_step=on_step,
+                                         should_cancel=should_cancel, extra_negative=extra_negative)
+            return self._outputs(pending, deferred, single=True)
         path, base = self._source_request(source)
         gen = self.config.generation
         with Image.open(path) as im:
@@ -327,7 +328,7 @@ class Generator:
 
     def _from_picture(self, source: str | Path, params: GenerationParams | None, *, job_id: str,
                       strength: float | None, on_step: OnStep | None, should_cancel: ShouldCancel | None,
-                      extra_negative: str) -> GenerationOutput:
+                      extra_negative: str) -> list[PendingOutput]:
         """img2img from a picture that carries no Arcae request: its pixels, the request's everything else."""
         from PIL import Image
 
@@ -355,7 +356,7 @@ class Generator:
         )
         init = image.resize((resolved.width, resolved.height), Image.LANCZOS)
         item = _BatchItem(job_id, resolved, warnings, on_step)
-        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)[0]
+        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)
 
     def describe(self) -> dict[str, Any]:
         """Model, device, dtype, adapters and VRAM use, for status requests."""

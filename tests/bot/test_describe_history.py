@@ -224,7 +224,7 @@ async def test_imagine_from_a_picture_changes_with_strength(stack):
         msg = await d.wait_for(lambda: finished(d, inter), timeout=60)
         pixels, params = result_png(d, msg)
         assert f"Denoising strength: {strength:g}" in params and "Seed: 5" in params, params
-        assert field(msg, "Mode") == "image"
+        assert field(msg, "Mode") == f"image · strength {strength:g}"
         out[strength] = pixels
     assert out[0.3].shape == out[0.9].shape
     assert np.abs(out[0.3] - out[0.9]).mean() > 1.0, "two strengths gave the same image"
