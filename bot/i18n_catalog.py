@@ -20,7 +20,7 @@ from babel.messages.pofile import write_po
 
 BOT_DIR = Path(__file__).parent
 TEMPLATE = BOT_DIR / "locale" / "arcae.pot"
-KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2)}
+KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2), "tr": (2,)}
 COMMAND_CALLS = {"command", "Group"}  # calls whose ``description=`` Discord shows
 
 
