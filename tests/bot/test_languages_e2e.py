@@ -75,3 +75,11 @@ async def test_synced_commands_carry_descriptions_in_both_languages(stack):
                 have = item.get("description_localizations") or {}
                 missing += [f"/{name} {item.get('name')} [{lang}]" for lang in LANGUAGES if not have.get(lang)]
     assert not missing, missing
+
+
+async def test_queue_answers_in_the_users_language(stack):
+    d = stack.double
+    inter = await d.invoke_slash(speaking(d.alice, "zh-CN"), d.channel, "queue")
+    await d.wait_for(lambda: ephemeral_reply(inter), timeout=20)
+    text = ephemeral_reply(inter)["content"]
+    assert "个任务在等待或运行" in text and "你没有等待中或运行中的任务。" in text, text
