@@ -93,20 +93,6 @@ class Text:
     def __repr__(self) -> str:
         return f"Text({self.msgid!r})"
 
-    def __add__(self, other: object) -> "Joined":
-        return Joined(self, other)
-
-
-class Joined(Text):
-    """Pieces rendered one after another (a message with a suffix added where it is raised)."""
-
-    def __init__(self, *parts: object) -> None:
-        super().__init__("")
-        self.parts = parts
-
-    def render(self, language: str | None) -> str:
-        return "".join(localize(p, language) for p in self.parts)
-
 
 def _(msgid: str, **params: Any) -> Text:
     """A translatable message with named ``%(name)s`` placeholders (extracted by Babel)."""
