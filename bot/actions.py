@@ -21,6 +21,7 @@ import discord
 
 from bot.db import Job
 from bot.errors import InvalidOption, JobNotFound, NotAllowed, Refused, UserFacingError
+from bot.i18n import _, interaction_language
 from bot.job_manager import new_job_id
 from bot.policy import (channel_is_nsfw, check_access, check_content, check_limits, check_ranges, content_rules,
                         is_admin, with_safety_negative)
@@ -56,7 +57,7 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
         channel_id=interaction.channel_id or 0, kind=kind, params=params,
         nsfw_channel=channel_is_nsfw(interaction.channel), source_image=source_image, parent_job_id=parent_job_id,
         strength=strength, interaction_id=interaction.id, interaction_token=interaction.token, application_id=interaction.application_id,
-        attachment_limit=interaction.filesize_limit,
+        attachment_limit=interaction.filesize_limit, locale=interaction_language(interaction),
         admit=lambda: check_limits(bot.db, interaction.user.id, admin, bot.config))
     log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
     message_id = None
@@ -84,7 +85,8 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
 async def load_job(bot: "ArcaeBot", job_id: str) -> Job:
     job = await bot.db.get_job(job_id)
     if job is None:
-        raise JobNotFound(f"Job `{job_id}` is not known (it may have been made by another Arcae instance).")
+        raise JobNotFound(_("Job `%(job_id)s` is not known (it may have been made by another Arcae instance).",
+                             job_id=job_id))
     return job
 
 

@@ -20,6 +20,7 @@ from bot.actions import handle_button
 from bot.catalog import AdapterCatalog
 from bot.db import Database
 from bot.errors import NotAllowed, StartupError
+from bot.i18n import ArcaeTranslator, _
 from bot.job_manager import JobManager
 from bot.replies import report_error
 from bot.views import JobButton
@@ -48,7 +49,7 @@ class ArcaeTree(app_commands.CommandTree):
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         if isinstance(error, app_commands.CommandNotFound):
             # E.g. an admin command Discord still shows from an older global sync: not registered here.
-            error = NotAllowed(f"/{error.name} is not available in this server.")
+            error = NotAllowed(_("/%(command)s is not available in this server.", command=error.name))
         await report_error(interaction, error)
 
 
@@ -81,6 +82,8 @@ class ArcaeBot(commands.Bot):
         self.add_dynamic_items(JobButton)
         for cog in COGS:
             await self.load_extension(cog)
+        # Command descriptions in zh-CN and ja (bot.i18n); names stay ASCII.
+        await self.tree.set_translator(ArcaeTranslator())
         await self._sync_commands()
         if not self.config.engine.rate_outputs:
             self._warn_unrated(False)

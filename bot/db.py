@@ -54,6 +54,7 @@ class Job:
     delivered_at: float | None
     elapsed_s: float | None
     strength: float | None = None  # img2img: None = the engine's strength for the mode
+    locale: str | None = None  # the requester's catalog (bot.i18n), None: English
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -199,7 +200,8 @@ class Database:
                          parent_job_id: str | None = None, interaction_id: int | None = None,
                          interaction_token: str | None = None, application_id: int | None = None,
                          attachment_limit: int | None = None, message_id: int | None = None,
-                         admit: Callable[[], Awaitable[None]] | None = None, strength: float | None = None) -> None:
+                         admit: Callable[[], Awaitable[None]] | None = None, strength: float | None = None,
+                         locale: str | None = None) -> None:
         """Insert a pending job; ``admit`` (the limits check) runs in the same transaction.
 
         Checking and inserting in one BEGIN IMMEDIATE..COMMIT means simultaneous requests see
@@ -212,6 +214,8 @@ class Database:
             await self._insert_job_row(job_id, user_id, guild_id, channel_id, kind, params, nsfw_channel, source_image,
                                        parent_job_id, interaction_id, interaction_token, application_id,
                                        attachment_limit, message_id, strength)
+            if locale is not None:
+                await self._write("UPDATE jobs SET locale = ? WHERE job_id = ?", (locale, job_id))
 
     async def _insert_job_row(self, job_id: str, user_id: int, guild_id: int | None, channel_id: int, kind: str,
                               params: protocol.GenerationParams, nsfw_channel: bool, source_image: str | None,

@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 from bot import embeds
 from bot.db import Image, Job
 from bot.errors import Refused
+from bot.i18n import _
 from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
 from bot.results import ResultLimits, ResultRejected, read_result, result_suffix
 from bot.views import gallery_view, result_view
@@ -180,7 +181,8 @@ class Delivery:
     def _result_view(self, job: Job, count: int) -> discord.ui.View:
         g = self.config.gallery
         share = g.channel_id != 0 and g.post == "shared"
-        return result_view(job.job_id, share=share, upscale=job.kind != "upscale", count=count)
+        return result_view(job.job_id, share=share, upscale=job.kind != "upscale", count=count,
+                           language=job.locale)
 
     async def deliver_result(self, job: Job, images: list[Image]) -> int | None:
         """Show a finished job; return the id of the message that carries its buttons."""
@@ -190,7 +192,7 @@ class Delivery:
         # gateway heartbeat and every other interaction: off the event loop.
         files, notes = await asyncio.to_thread(self.prepare, job, images, rules, limit)
         groups = batches(files, limit)
-        embed = embeds.params_embed(job, title="Done")
+        embed = embeds.params_embed(job, title=_("Done").render(job.locale), language=job.locale)
         note = "\n".join(notes)
         webhook = self.webhook_for(job)
         message_id = await self.message_id(job, webhook) if webhook is not None else None
@@ -212,7 +214,8 @@ class Delivery:
                                   note: str, count: int) -> int:
         channel = self.channel(job)
         mention = discord.AllowedMentions(users=True, roles=False, everyone=False)
-        content = embeds.truncate(f"<@{job.user_id}> your job `{job.job_id}` is done.\n{note}".strip(), 2000)
+        done = _("<@%(user)s> your job `%(job_id)s` is done.", user=job.user_id, job_id=job.job_id)
+        content = embeds.truncate(f"{done.render(job.locale)}\n{note}".strip(), 2000)
         first = await channel.send(content=content, embed=embed, files=[f.file() for f in groups[0]],
                                    view=self._result_view(job, count), allowed_mentions=mention)
         for group in groups[1:]:

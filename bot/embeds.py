@@ -11,6 +11,7 @@ import re
 import discord
 
 from bot.db import Job
+from bot.i18n import Text, _
 from engine.contract import protocol
 
 DESCRIPTION_LIMIT = 4096
@@ -47,29 +48,34 @@ def _mode(job: Job, resolved: protocol.ResolvedParams | None) -> str:
     return f"{mode}{f' · fast ({recipe})' if recipe else ' · fast'}" if fast else mode
 
 
-def params_embed(job: Job, *, title: str | None = None, author: str | None = None) -> discord.Embed:
-    """The full parameters of a job: what ran when it finished, else what was asked."""
+def params_embed(job: Job, *, title: str | None = None, author: str | None = None,
+                 language: str | None = None) -> discord.Embed:
+    """The full parameters of a job: what ran when it finished, else what was asked (labels in ``language``)."""
+    def t(message: Text) -> str:
+        return message.render(language)
+
     r = job.resolved
     p = job.params
     prompt = r.prompt if r else p.prompt
     # Keep the whole embed under 6000 characters: the prompt gets what the other fields leave.
     embed = discord.Embed(title=title or "Arcae", colour=COLOR,
                           description=truncate(prompt, min(DESCRIPTION_LIMIT, 3000)))
-    negative = r.negative_prompt if r else (p.negative_prompt or "(default)")
-    embed.add_field(name="Negative", value=truncate(negative or "(none)", FIELD_LIMIT), inline=False)
-    seed = str(r.seed) if r else (str(p.seed) if p.seed is not None else "random")
-    size = f"{r.width}×{r.height}" if r else (f"{p.width}×{p.height}" if p.width and p.height else "default")
-    embed.add_field(name="Seed", value=seed)
-    embed.add_field(name="Size", value=size)
-    embed.add_field(name="Steps", value=str(r.steps if r else (p.steps or "default")))
-    embed.add_field(name="CFG", value=f"{r.cfg:g}" if r else (f"{p.cfg:g}" if p.cfg is not None else "default"))
-    embed.add_field(name="Sampler", value=(r.sampler if r else p.sampler) or "default")
-    embed.add_field(name="Mode", value=_mode(job, r))
-    embed.add_field(name="Adapters", value=truncate(adapters_text(r.adapters if r else p.adapters), FIELD_LIMIT),
+    default = t(_("default"))
+    negative = r.negative_prompt if r else (p.negative_prompt or t(_("(default)")))
+    embed.add_field(name=t(_("Negative")), value=truncate(negative or t(_("(none)")), FIELD_LIMIT), inline=False)
+    seed = str(r.seed) if r else (str(p.seed) if p.seed is not None else t(_("random")))
+    size = f"{r.width}×{r.height}" if r else (f"{p.width}×{p.height}" if p.width and p.height else default)
+    embed.add_field(name=t(_("Seed")), value=seed)
+    embed.add_field(name=t(_("Size")), value=size)
+    embed.add_field(name=t(_("Steps")), value=str(r.steps if r else (p.steps or default)))
+    embed.add_field(name="CFG", value=f"{r.cfg:g}" if r else (f"{p.cfg:g}" if p.cfg is not None else default))
+    embed.add_field(name=t(_("Sampler")), value=(r.sampler if r else p.sampler) or default)
+    embed.add_field(name=t(_("Mode")), value=_mode(job, r))
+    embed.add_field(name=t(_("Adapters")), value=truncate(adapters_text(r.adapters if r else p.adapters), FIELD_LIMIT),
                     inline=False)
     if job.elapsed_s is not None:
-        embed.add_field(name="Time", value=f"{job.elapsed_s:.1f} s")
-    embed.add_field(name="Job", value=f"`{job.job_id}`")
+        embed.add_field(name=t(_("Time")), value=f"{job.elapsed_s:.1f} s")
+    embed.add_field(name=t(_("Job")), value=f"`{job.job_id}`")
     if author:
         embed.set_author(name=truncate(author, 256))
     return embed
@@ -81,19 +87,23 @@ def progress_bar(step: int, total: int, width: int = 12) -> str:
 
 
 def status_line(job_id: str, state: str, *, position: int | None = None, step: int | None = None,
-                total: int | None = None, note: str = "") -> str:
-    """The one-line status shown while a job waits or runs."""
+                total: int | None = None, note: str = "", language: str | None = None) -> str:
+    """The one-line status shown while a job waits or runs (in ``language``, a ``bot.i18n`` catalog)."""
     if state == "queued":
-        where = "next" if position == 0 else (f"position {position + 1}" if position is not None else "waiting")
-        text = f"⏳ Queued ({where}) · `{job_id}`"
+        where = (_("next") if position == 0 else
+                 _("position %(n)s", n=position + 1) if position is not None else _("waiting"))
+        message = _("⏳ Queued (%(where)s) · `%(job_id)s`", where=where, job_id=job_id)
     elif state == "unavailable":
-        text = f"⏳ Queued: the engine is restarting; your job starts when it is back · `{job_id}`"
+        message = _("⏳ Queued: the engine is restarting; your job starts when it is back · `%(job_id)s`",
+                    job_id=job_id)
     elif state == "restarting":
-        text = f"🔄 Engine restarting — your job will resume · `{job_id}`"
+        message = _("🔄 Engine restarting — your job will resume · `%(job_id)s`", job_id=job_id)
     elif state == "running" and step is not None and total:
-        text = f"🎨 Generating… step {step}/{total} {progress_bar(step, total)} · `{job_id}`"
+        message = _("🎨 Generating… step %(step)s/%(total)s %(bar)s · `%(job_id)s`", step=step, total=total,
+                    bar=progress_bar(step, total), job_id=job_id)
     elif state == "running":
-        text = f"🎨 Generating… · `{job_id}`"
+        message = _("🎨 Generating… · `%(job_id)s`", job_id=job_id)
     else:
-        text = f"{state} · `{job_id}`"
+        message = _("%(state)s · `%(job_id)s`", state=state, job_id=job_id)
+    text = message.render(language)
     return truncate(text + (f"\n{note}" if note else ""), CONTENT_LIMIT)

@@ -12,11 +12,22 @@ class BotError(Exception):
 
 
 class UserFacingError(BotError):
-    """Something the user can fix or should know; ``message`` is shown to them as is."""
+    """Something the user can fix or should know; ``message`` is shown to them as is.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    ``message`` may be a ``bot.i18n.Text``: ``.message`` is then its English text and ``.text``
+    renders in the user's language (``text_for``).
+    """
+
+    def __init__(self, message: object) -> None:
+        super().__init__(str(message))
+        self.message = str(message)
+        self.text = message
+
+    def text_for(self, language: str | None) -> str:
+        """The message in ``language`` (a catalog name from ``bot.i18n``), English when None."""
+        from bot.i18n import localize
+
+        return localize(self.text, language)
 
 
 class InvalidOption(UserFacingError):

@@ -60,6 +60,7 @@ class LiveJob:
     last_edit: float = 0.0
     final: bool = False
     task: asyncio.Task[None] | None = None
+    language: str | None = None  # the requester's catalog (bot.i18n)
     edit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -107,7 +108,7 @@ class JobManager:
     def _live_for(self, job: Job) -> LiveJob:
         live = self._live.get(job.job_id)
         if live is None or live.attempt < job.attempt:
-            live = LiveJob(attempt=job.attempt, last_seq=job.last_seq)
+            live = LiveJob(attempt=job.attempt, last_seq=job.last_seq, language=job.locale)
             self._live[job.job_id] = live
         return live
 
@@ -344,7 +345,7 @@ class JobManager:
                 await asyncio.sleep(wait)
             async with live.edit_lock:
                 text = embeds.status_line(job_id, live.state, position=live.position, step=live.step,
-                                          total=live.total)
+                                          total=live.total, language=live.language)
                 preview = live.preview if not live.preview_shown else None
                 if live.final or (text == live.shown and preview is None):
                     return
@@ -354,7 +355,8 @@ class JobManager:
                 # The preview rides on the same edit as the step count: one edit per interval, never two.
                 files = [delivery_file(preview, f"preview_{job_id}.jpg")] if preview is not None else None
                 try:
-                    await self.delivery.edit_status(job, text, progress_view(job_id), attachments=files)
+                    await self.delivery.edit_status(job, text, progress_view(job_id, language=job.locale),
+                                                    attachments=files)
                 except Exception:
                     log.exception("status edit for job %s failed", job_id)
                 live.shown, live.last_edit, live.preview_shown = text, time.monotonic(), True

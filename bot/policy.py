@@ -17,6 +17,7 @@ import discord
 
 from bot.db import Database, Image, Job
 from bot.errors import InvalidOption, NotAllowed, Refused
+from bot.i18n import Problems, _
 from engine.contract import limits
 from engine.contract.config import ArcaeConfig
 from engine.contract.sizes import SIZES_BY_ASPECT
@@ -27,7 +28,7 @@ SDXL_PRESETS = SIZES_BY_ASPECT  # the engine's size presets, by the aspect label
 def aspect_size(aspect: str, config: ArcaeConfig) -> tuple[int, int]:
     """The size for an aspect label: SDXL's preset at full size, else scaled to the default size's area."""
     if aspect not in SDXL_PRESETS:
-        raise InvalidOption(f"aspect must be one of {', '.join(SDXL_PRESETS)}")
+        raise InvalidOption(_("aspect must be one of %(allowed)s", allowed=", ".join(SDXL_PRESETS)))
     w, h = SDXL_PRESETS[aspect]
     dw, dh = config.generation.size
     if dw * dh >= 768 * 768:
@@ -59,11 +60,11 @@ def is_admin(user: discord.abc.User, guild: discord.Guild | None, config: ArcaeC
 def require_admin(interaction: discord.Interaction, config: ArcaeConfig) -> None:
     """Raise ``NotAllowed`` unless the interaction's user is an Arcae admin of this (home) server."""
     if not is_home(interaction.guild_id, config):
-        raise NotAllowed("Admin commands work only in Arcae's home servers (chosen by the bot's operator), "
-                         "and this server is not one of them.")
+        raise NotAllowed(_("Admin commands work only in Arcae's home servers (chosen by the bot's operator), "
+                           "and this server is not one of them."))
     if not is_admin(interaction.user, interaction.guild, config):
-        raise NotAllowed("This command is for Arcae admins only (configured admin roles or users, "
-                         "or the owner of this home server).")
+        raise NotAllowed(_("This command is for Arcae admins only (configured admin roles or users, "
+                           "or the owner of this home server)."))
 
 
 def channel_is_nsfw(channel: object) -> bool:
@@ -81,13 +82,13 @@ def check_access(interaction: discord.Interaction, config: ArcaeConfig) -> None:
     parent_id = getattr(interaction.channel, "parent_id", None)
     if allowed_channels and channel_id not in allowed_channels and parent_id not in allowed_channels:
         where = ", ".join(f"<#{c}>" for c in allowed_channels)
-        raise Refused(f"Image generation is not enabled in this channel. Try {where}.")
+        raise Refused(_("Image generation is not enabled in this channel. Try %(channels)s.", channels=where))
     allowed_roles = config.discord.allowed_role_ids
     if allowed_roles:
         roles = {r.id for r in getattr(interaction.user, "roles", [])}
         if not roles.intersection(allowed_roles):
             names = ", ".join(f"<@&{r}>" for r in allowed_roles)
-            raise Refused(f"You need one of these roles to generate images: {names}.")
+            raise Refused(_("You need one of these roles to generate images: %(roles)s.", roles=names))
 
 
 async def check_limits(db: Database, user_id: int, admin: bool, config: ArcaeConfig) -> None:
@@ -97,18 +98,19 @@ async def check_limits(db: Database, user_id: int, admin: bool, config: ArcaeCon
     limits = config.limits
     mine = await db.count_active(user_id)
     if mine >= limits.max_queued_per_user:
-        raise Refused(f"You already have {mine} job(s) waiting or running; the limit is "
-                      f"{limits.max_queued_per_user}. Wait for one to finish (see /queue) or /cancel one.")
+        raise Refused(_("You already have %(mine)s job(s) waiting or running; the limit is %(limit)s. "
+                        "Wait for one to finish (see /queue) or /cancel one.",
+                        mine=mine, limit=limits.max_queued_per_user))
     last = await db.last_job_time(user_id)
     if last is not None and limits.cooldown_s > 0:
         wait = last + limits.cooldown_s - time.time()
         if wait > 0:
-            raise Refused(f"Cooldown: you can start a new job in {math.ceil(wait)} s "
-                          f"(one every {limits.cooldown_s:g} s).")
+            raise Refused(_("Cooldown: you can start a new job in %(wait)s s (one every %(every)s s).",
+                            wait=math.ceil(wait), every=format(limits.cooldown_s, "g")))
     total = await db.count_active()
     if total >= limits.global_max_queued:
-        raise Refused(f"The queue is full ({total} jobs, limit {limits.global_max_queued}). "
-                      "Please try again in a few minutes.")
+        raise Refused(_("The queue is full (%(total)s jobs, limit %(limit)s). Please try again in a few minutes.",
+                        total=total, limit=limits.global_max_queued))
 
 
 # Characters that render as nothing: format (zero-width space/joiners, word joiner, BOM, tags),
@@ -198,8 +200,8 @@ def check_content(prompt: str, nsfw_channel: bool, config: ArcaeConfig) -> None:
         return
     found = blocked_tags_in(prompt, config)
     if found:
-        raise Refused(f"This channel is not age-restricted, so these tags are not allowed here: "
-                      f"{', '.join(found)}. Remove them, or use an age-restricted channel.")
+        raise Refused(_("This channel is not age-restricted, so these tags are not allowed here: %(tags)s. "
+                        "Remove them, or use an age-restricted channel.", tags=", ".join(found)))
 
 
 def with_safety_negative(negative: str | None, rules: ContentRules, config: ArcaeConfig) -> str | None:
@@ -213,13 +215,14 @@ def with_safety_negative(negative: str | None, rules: ContentRules, config: Arca
     combined = f"{base}, {rules.safety_negative}" if base.strip() else rules.safety_negative
     limit = config.generation.max_prompt_chars
     if len(combined) > limit and negative is None:
-        raise InvalidOption("Not started: the configured default negative prompt plus the safety negative are "
-                            f"longer than [generation] max_prompt_chars ({limit}); please tell an admin.")
+        raise InvalidOption(_("Not started: the configured default negative prompt plus the safety negative are "
+                              "longer than [generation] max_prompt_chars (%(limit)s); please tell an admin.",
+                              limit=limit))
     if len(combined) > limit:
         room = max(0, limit - len(rules.safety_negative) - 2)
-        raise InvalidOption(f"Not started: in a channel that is not age-restricted the negative prompt must be at "
-                            f"most {room} characters (it has {len(base)}), because the safety negative "
-                            f"is added to it.")
+        raise InvalidOption(_("Not started: in a channel that is not age-restricted the negative prompt must be at "
+                              "most %(room)s characters (it has %(length)s), because the safety negative "
+                              "is added to it.", room=room, length=len(base)))
     return combined
 
 
@@ -240,4 +243,5 @@ def check_ranges(config: ArcaeConfig, *, prompt: str, steps: int | None, cfg: fl
     ]
     problems = [p for p in checks if p]
     if problems:
-        raise InvalidOption("Not started: " + "; ".join(problems) + ".")
+        # The problems are the engine contract's English sentences; bot.i18n translates their known shapes.
+        raise InvalidOption(_("Not started: %(problems)s.", problems=Problems(problems)))

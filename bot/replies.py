@@ -7,6 +7,7 @@ import logging
 import discord
 
 from bot.errors import UserFacingError
+from bot.i18n import _, interaction_language
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,15 @@ async def reply(interaction: discord.Interaction, content: str, *, ephemeral: bo
 async def report_error(interaction: discord.Interaction, error: BaseException, *, job_id: str | None = None) -> None:
     """User-facing errors become an ephemeral message; anything else is logged with its traceback."""
     original = getattr(error, "original", None) or error
+    language = interaction_language(interaction)
     if isinstance(original, UserFacingError):
-        text = original.message
+        text = original.text_for(language)
     else:
         log.error("unexpected error in interaction %s (job %s)", interaction.id, job_id or "-",
                   exc_info=(type(original), original, original.__traceback__))
-        text = "Something went wrong on our side; it has been logged."
+        text = _("Something went wrong on our side; it has been logged.").render(language)
         if job_id:
-            text += f" Job `{job_id}`."
+            text += _(" Job `%(job_id)s`.", job_id=job_id).render(language)
     try:
         await reply(interaction, text)
     except discord.HTTPException:

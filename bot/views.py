@@ -15,24 +15,26 @@ from typing import Any
 
 import discord
 
+from bot.i18n import N_, Text
+
 log = logging.getLogger(__name__)
 
 ACTIONS: dict[str, tuple[str, discord.ButtonStyle, str]] = {
     # action: (label, style, emoji)
-    "reroll": ("Reroll", discord.ButtonStyle.secondary, "🎲"),
-    "var": ("Vary (Strong)", discord.ButtonStyle.secondary, "🔀"),
-    "vsub": ("Vary (Subtle)", discord.ButtonStyle.secondary, "🌀"),
-    "up": ("Upscale", discord.ButtonStyle.secondary, "🔍"),
-    "share": ("Share to gallery", discord.ButtonStyle.primary, "🖼️"),
-    "del": ("Delete", discord.ButtonStyle.danger, "🗑️"),
-    "cancel": ("Cancel", discord.ButtonStyle.danger, "✖️"),
-    "remix": ("Remix", discord.ButtonStyle.primary, "🎨"),
-    "gdel": ("Remove", discord.ButtonStyle.danger, "🗑️"),
+    "reroll": (N_("Reroll"), discord.ButtonStyle.secondary, "🎲"),
+    "var": (N_("Vary (Strong)"), discord.ButtonStyle.secondary, "🔀"),
+    "vsub": (N_("Vary (Subtle)"), discord.ButtonStyle.secondary, "🌀"),
+    "up": (N_("Upscale"), discord.ButtonStyle.secondary, "🔍"),
+    "share": (N_("Share to gallery"), discord.ButtonStyle.primary, "🖼️"),
+    "del": (N_("Delete"), discord.ButtonStyle.danger, "🗑️"),
+    "cancel": (N_("Cancel"), discord.ButtonStyle.danger, "✖️"),
+    "remix": (N_("Remix"), discord.ButtonStyle.primary, "🎨"),
+    "gdel": (N_("Remove"), discord.ButtonStyle.danger, "🗑️"),
 }
 # Actions on one image of a batch: the custom id names the image (1-based); none means image 1.
 PER_IMAGE = frozenset({"up", "var", "vsub"})
 # Short labels for a batch, as Midjourney shows them (U1, V1), with the subtle variation beside them.
-SHORT_LABELS = {"up": "U{n}", "var": "V{n}", "vsub": "V{n} subtle"}
+SHORT_LABELS = {"up": "U%(n)s", "var": "V%(n)s", "vsub": N_("V%(n)s subtle")}
 BUTTONS_PER_ROW = 5
 MAX_ROWS = 5
 
@@ -41,10 +43,13 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
                 template=r"arcae:(?P<action>[a-z]+)(?P<image>[1-8])?:(?P<job_id>[A-Za-z0-9_\-]{1,64})"):
     """One action on one job (and image); the bot routes the press to ``bot.actions`` (``ArcaeBot.run_job_button``)."""
 
-    def __init__(self, action: str, job_id: str, image: int | None = None, *, row: int | None = None) -> None:
+    def __init__(self, action: str, job_id: str, image: int | None = None, *, row: int | None = None,
+                 language: str | None = None) -> None:
         label, style, emoji = ACTIONS[action]
+        # The label is only shown; the custom id, which routes the press, is the same in every language.
+        label = Text(label).render(language)
         if image is not None:
-            label = SHORT_LABELS[action].format(n=image)
+            label = Text(SHORT_LABELS[action], n=image).render(language)
         super().__init__(discord.ui.Button(label=label, style=style, emoji=emoji, row=row,
                                            custom_id=f"arcae:{action}{image or ''}:{job_id}"))
         self.action = action
@@ -69,10 +74,10 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
             interaction, self.action, self.job_id, self.image or 1)
 
 
-def _view(job_id: str, actions: list[str]) -> discord.ui.View:
+def _view(job_id: str, actions: list[str], language: str | None = None) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in actions:
-        view.add_item(JobButton(action, job_id))
+        view.add_item(JobButton(action, job_id, language=language))
     return view
 
 
@@ -85,12 +90,13 @@ def _per_image_rows(actions: list[str], count: int) -> list[list[tuple[str, int]
     return rows
 
 
-def progress_view(job_id: str) -> discord.ui.View:
+def progress_view(job_id: str, *, language: str | None = None) -> discord.ui.View:
     """While a job waits or runs: Cancel."""
-    return _view(job_id, ["cancel"])
+    return _view(job_id, ["cancel"], language)
 
 
-def result_view(job_id: str, *, share: bool, upscale: bool = True, count: int = 1) -> discord.ui.View:
+def result_view(job_id: str, *, share: bool, upscale: bool = True, count: int = 1,
+                language: str | None = None) -> discord.ui.View:
     """Under every result: Upscale and Vary (Strong / Subtle) per image, Reroll, Share (when manual), Delete.
 
     One image gets worded buttons; a batch gets Midjourney's U1..Un / V1..Vn rows and a row of
@@ -98,7 +104,7 @@ def result_view(job_id: str, *, share: bool, upscale: bool = True, count: int = 
     """
     common = ["reroll"] + (["share"] if share else []) + ["del"]
     if count <= 1:
-        return _view(job_id, (["up"] if upscale else []) + ["var", "vsub"] + common)
+        return _view(job_id, (["up"] if upscale else []) + ["var", "vsub"] + common, language)
     per_image = (["up"] if upscale else []) + ["var", "vsub"]
     rows = _per_image_rows(per_image, count)
     if len(rows) + 1 > MAX_ROWS:
@@ -106,9 +112,9 @@ def result_view(job_id: str, *, share: bool, upscale: bool = True, count: int = 
     view = discord.ui.View(timeout=None)
     for r, row in enumerate(rows):
         for action, n in row:
-            view.add_item(JobButton(action, job_id, n, row=r))
+            view.add_item(JobButton(action, job_id, n, row=r, language=language))
     for action in common:
-        view.add_item(JobButton(action, job_id, row=len(rows)))
+        view.add_item(JobButton(action, job_id, row=len(rows), language=language))
     return view
 
 

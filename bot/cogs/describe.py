@@ -25,6 +25,7 @@ from bot import embeds
 from bot.actions import _parse_number as parse_number
 from bot.actions import params_for_channel, start_job
 from bot.errors import Refused, UserFacingError
+from bot.i18n import _, interaction_language, tr
 from bot.policy import blocked_tags_in, channel_is_nsfw, check_access, check_ranges, content_rules
 from bot.replies import reply, report_error
 from bot.training_flow import flow_for
@@ -80,15 +81,15 @@ async def start_from_values(interaction: discord.Interaction, values: dict[str, 
 class DescribeView(discord.ui.View):
     """"Imagine this" (the tags as a prompt) and, for a PNG with parameters, "Remix with these parameters"."""
 
-    def __init__(self, prompt: str, parameters: dict[str, str] | None) -> None:
+    def __init__(self, prompt: str, parameters: dict[str, str] | None, language: str | None = None) -> None:
         super().__init__(timeout=VIEW_TIMEOUT_S)
         self.prompt = prompt
         self.parameters = parameters
         nonce = secrets.token_hex(6)
         if prompt:
-            self.add_item(self._button("Imagine this", "🎨", f"arcae-describe:imagine:{nonce}", self._imagine))
+            self.add_item(self._button(_("Imagine this").render(language), "🎨", f"arcae-describe:imagine:{nonce}", self._imagine))
         if parameters:
-            self.add_item(self._button("Remix with these parameters", "🔁", f"arcae-describe:remix:{nonce}",
+            self.add_item(self._button(_("Remix with these parameters").render(language), "🔁", f"arcae-describe:remix:{nonce}",
                                        self._remix))
 
     @staticmethod
@@ -136,14 +137,14 @@ class Describe(commands.Cog):
         rules = content_rules(channel_is_nsfw(interaction.channel), config)
         rating = f"{result.rating} ({result.ratings.get(result.rating, 0.0):.2f})"
         if rules.sfw and result.rating in rules.flagged:
-            await reply(interaction, f"The WD tagger rates this picture **{rating}**. This channel is not "
-                                     "age-restricted, so its tags are not shown here; use /describe in an "
-                                     "age-restricted channel.")
+            await reply(interaction, tr(interaction, "The WD tagger rates this picture **%(rating)s**. This channel "
+                                                  "is not age-restricted, so its tags are not shown here; use "
+                                                  "/describe in an age-restricted channel.", rating=rating))
             return
         prompt, hidden = describe_prompt(result, config, sfw=rules.sfw)
         parameters = self._shown_parameters(picture, rules.sfw)
         embed = self._embed(prompt, rating, hidden, picture, parameters)
-        view = DescribeView(prompt, parameters)
+        view = DescribeView(prompt, parameters, interaction_language(interaction))
         await interaction.followup.send(embed=embed, view=view, ephemeral=True, wait=True)
 
     async def _tagger(self) -> Any:
@@ -151,8 +152,8 @@ class Describe(commands.Cog):
             return await flow_for(self.bot).tagger()
         except Exception as exc:  # a missing or broken model: say which, keep the bot up
             log.warning("the WD tagger could not be loaded: %s", exc)
-            raise Refused(f"/describe is unavailable: the WD tagger `{self.bot.config.tagger.model}` could not be "
-                          "loaded. Please tell an admin ([tagger] model in config.toml).") from None
+            raise Refused(_("/describe is unavailable: the WD tagger `%(model)s` could not be loaded. Please tell "
+                            "an admin ([tagger] model in config.toml).", model=self.bot.config.tagger.model)) from None
 
     def _shown_parameters(self, picture: Picture, sfw: bool) -> dict[str, str] | None:
         """The PNG's parameters, unless this channel's rules would refuse its prompt."""

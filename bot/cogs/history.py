@@ -24,6 +24,7 @@ from discord.ext import commands
 
 from bot import embeds
 from bot.db import Job
+from bot.i18n import _, interaction_language, tr
 from bot.policy import ContentRules, channel_is_nsfw, content_rules
 from bot.replies import reply
 from bot.results import ResultLimits, read_result
@@ -75,21 +76,23 @@ def job_embed(job: Job, image_name: str | None, note: str) -> discord.Embed:
 class HistoryView(discord.ui.View):
     """Newer / page / Older, plus each listed job's result buttons; pages are built on demand."""
 
-    def __init__(self, bot: "ArcaeBot", job_ids: list[str], rules: ContentRules) -> None:
+    def __init__(self, bot: "ArcaeBot", job_ids: list[str], rules: ContentRules, language: str | None = None) -> None:
         super().__init__(timeout=VIEW_TIMEOUT_S)
+        self.language = language
         self.bot = bot
         self.job_ids = job_ids
         self.rules = rules
         self.page = 0
         self.pages = max(1, math.ceil(len(job_ids) / PER_PAGE))
         nonce = secrets.token_hex(6)
-        self.newer = discord.ui.Button(label="Newer", emoji="◀️", custom_id=f"arcae-history:{nonce}:newer", row=4)
-        self.older = discord.ui.Button(label="Older", emoji="▶️", custom_id=f"arcae-history:{nonce}:older", row=4)
+        self.newer = discord.ui.Button(label=_("Newer").render(language), emoji="◀️", custom_id=f"arcae-history:{nonce}:newer", row=4)
+        self.older = discord.ui.Button(label=_("Older").render(language), emoji="▶️", custom_id=f"arcae-history:{nonce}:older", row=4)
         self.newer.callback = self._newer  # type: ignore[method-assign]
         self.older.callback = self._older  # type: ignore[method-assign]
 
     def content(self) -> str:
-        return f"Your images on this server, newest first · Page {self.page + 1}/{self.pages}"
+        return _("Your images on this server, newest first · Page %(page)s/%(pages)s", page=self.page + 1,
+                 pages=self.pages).render(self.language)
 
     async def render(self) -> tuple[list[discord.Embed], list[discord.File]]:
         """This page's embeds and thumbnails; the view's items are rebuilt for its jobs."""
@@ -161,9 +164,11 @@ class History(commands.Cog):
     async def history(self, interaction: discord.Interaction) -> None:
         job_ids = await self.bot.db.finished_job_ids(interaction.user.id, interaction.guild_id, limit=MAX_LISTED)
         if not job_ids:
-            await reply(interaction, "You have no finished images on this server yet. Make one with /imagine.")
+            await reply(interaction, tr(interaction, "You have no finished images on this server yet. "
+                                                  "Make one with /imagine."))
             return
-        view = HistoryView(self.bot, job_ids, content_rules(channel_is_nsfw(interaction.channel), self.bot.config))
+        view = HistoryView(self.bot, job_ids, content_rules(channel_is_nsfw(interaction.channel), self.bot.config),
+                           interaction_language(interaction))
         shown, files = await view.render()
         await interaction.response.send_message(view.content(), embeds=shown, files=files, view=view, ephemeral=True)
 

@@ -16,6 +16,7 @@ from discord.ext import commands
 from bot.actions import start_job
 from bot.catalog import AdapterCatalog
 from bot.errors import InvalidOption, UserFacingError
+from bot.i18n import Problems, _
 from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access, check_content, check_ranges,
                         content_rules, with_safety_negative)
 from bot.uploads import read_picture, store_picture
@@ -60,13 +61,14 @@ def split_weighted(text: str | None, option: str) -> list[tuple[str, float | Non
             try:
                 weight = float(raw)
             except ValueError:
-                raise InvalidOption(f"{option}: {item!r} has no valid weight; write NAME or NAME:WEIGHT with a "
-                                    f"weight from -4 to 4, e.g. `{name or 'name'}:0.8`.") from None
+                raise InvalidOption(_("%(option)s: %(item)s has no valid weight; write NAME or NAME:WEIGHT with a "
+                                      "weight from -4 to 4, e.g. `%(example)s:0.8`.",
+                                      option=option, item=repr(item), example=name or "name")) from None
             problem = limits.weight_problem(f"{option}: the weight of {name}", weight)
             if problem:
-                raise InvalidOption(f"Not started: {problem}.")
+                raise InvalidOption(_("Not started: %(problems)s.", problems=Problems([problem])))
         if any(n == name for n, _ in items):
-            raise InvalidOption(f"{option}: {name} is listed twice; give each adapter once.")
+            raise InvalidOption(_("%(option)s: %(name)s is listed twice; give each adapter once.", option=option, name=name))
         items.append((name, weight))
     return items
 
@@ -103,12 +105,13 @@ def resolve_adapters(catalog: AdapterCatalog, config: ArcaeConfig, items: list[t
         unknown = [n for n in names if catalog.get(n) is None]
         if unknown:
             shown = ", ".join(known[:15]) or "none installed"
-            raise InvalidOption(f"Unknown {kind} adapter(s): {', '.join(unknown)}. Known {kind} adapters: {shown}"
-                                f"{' …' if len(known) > 15 else ''} (see /adapters).")
+            raise InvalidOption(_("Unknown %(kind)s adapter(s): %(unknown)s. Known %(kind)s adapters: %(known)s "
+                                  "(see /adapters).", kind=kind, unknown=", ".join(unknown),
+                                  known=shown + (" …" if len(known) > 15 else "")))
     try:
         return [protocol.AdapterWeight(name=n, weight=weight if w is None else w) for n, w in items]
     except pydantic.ValidationError:
-        raise InvalidOption("Adapter names are letters, digits, '.', '_' and '-' (see /adapters).") from None
+        raise InvalidOption(_("Adapter names are letters, digits, '.', '_' and '-' (see /adapters).")) from None
 
 
 SIZE_TEXT = re.compile(r"\s*(\d{1,5})\s*[x×*]\s*(\d{1,5})\s*", re.IGNORECASE)
@@ -118,11 +121,11 @@ def parse_size(text: str, config: ArcaeConfig) -> tuple[int, int]:
     """'832x1216' -> (832, 1216) within the configured limits; else a message saying what is allowed."""
     match = SIZE_TEXT.fullmatch(text)
     if not match:
-        raise InvalidOption(f"size must be WIDTHxHEIGHT, e.g. 832x1216 (got {text[:40]!r}).")
+        raise InvalidOption(_("size must be WIDTHxHEIGHT, e.g. 832x1216 (got %(got)s).", got=repr(text[:40])))
     width, height = int(match.group(1)), int(match.group(2))
     problem = limits.size_problem(config.generation, width, height)
     if problem:
-        raise InvalidOption(f"Not started: {problem}.")
+        raise InvalidOption(_("Not started: %(problems)s.", problems=Problems([problem])))
     return width, height
 
 
@@ -139,7 +142,8 @@ def check_sampler(name: str) -> str:
     except InvalidRequest:
         canonical = ""
     if canonical not in allowed:
-        raise InvalidOption(f"sampler {name[:40]!r} is not available; choose one of: {', '.join(allowed)}.")
+        raise InvalidOption(_("sampler %(name)s is not available; choose one of: %(allowed)s.",
+                              name=repr(name[:40]), allowed=", ".join(allowed)))
     return canonical
 
 
@@ -184,7 +188,7 @@ def fast_fields(choice: str | None, saved: bool | None, weight: float | None) ->
     else:
         on, mode = choice != "off", (None if choice in ("off", "best") else choice)
     if weight is not None and not on:
-        raise InvalidOption("fast_weight applies only in fast mode; choose a fast mode too.")
+        raise InvalidOption(_("fast_weight applies only in fast mode; choose a fast mode too."))
     return {"fast": on, "fast_mode": mode, "fast_weight": weight}
 
 
@@ -192,7 +196,7 @@ def chosen_size(aspect: str | None, size: str | None, saved_aspect: str | None,
                 config: ArcaeConfig) -> tuple[int | None, int | None]:
     """``size:`` (exact), else ``aspect:``, else the saved aspect, else the engine's default (None, None)."""
     if size and aspect:
-        raise InvalidOption("Choose either aspect or size, not both.")
+        raise InvalidOption(_("Choose either aspect or size, not both."))
     if size:
         return parse_size(size, config)
     if aspect or saved_aspect:
@@ -261,7 +265,7 @@ class Imagine(commands.Cog):
                       strength: Optional[app_commands.Range[float, 0.05, 1.0]] = None) -> None:
         config = self.bot.config
         if strength is not None and image is None:
-            raise InvalidOption("strength applies only to a picture: attach one with the `image` option.")
+            raise InvalidOption(_("strength applies only to a picture: attach one with the `image` option."))
         settings = await self.bot.db.settings(interaction.user.id)
         check_access(interaction, config)
         check_ranges(config, prompt=prompt, steps=steps, cfg=cfg, count=count, seed=seed, negative=negative,
@@ -275,7 +279,8 @@ class Imagine(commands.Cog):
         tagged = prompt_lora_names(catalog, prompt, negative)
         chosen = {a.name for a in adapters} | set(tagged)
         if len(chosen) > config.adapters.max_active:
-            raise InvalidOption(f"At most {config.adapters.max_active} adapters per image (you chose {len(chosen)}).")
+            raise InvalidOption(_("At most %(limit)s adapters per image (you chose %(chosen)s).",
+                                  limit=config.adapters.max_active, chosen=len(chosen)))
         if config.discord.add_character_triggers:
             prompt = add_triggers(prompt, characters, catalog)
         nsfw = channel_is_nsfw(interaction.channel)

@@ -16,6 +16,7 @@ from bot import embeds
 from bot.actions import load_job, require_owner_or_admin
 from bot.db import Job
 from bot.errors import JobNotFound, Refused
+from bot.i18n import _, interaction_language, tr
 from bot.policy import is_admin
 from bot.replies import reply
 
@@ -38,8 +39,8 @@ class Jobs(commands.Cog):
         for job in mine:
             lines.append(f"`{job.job_id}` · {self.bot.jobs.describe_state(job)} · "
                          f"{embeds.truncate(job.params.prompt, 60)}")
-        head = f"**{total}** job(s) waiting or running on this server."
-        body = "\n".join(lines) if lines else "You have no jobs waiting or running."
+        head = tr(interaction, "**%(total)s** job(s) waiting or running on this server.", total=total)
+        body = "\n".join(lines) if lines else tr(interaction, "You have no jobs waiting or running.")
         await reply(interaction, f"{head}\n{body}")
 
     @app_commands.command(name="cancel", description="Cancel your job (admins: any job)")
@@ -49,7 +50,7 @@ class Jobs(commands.Cog):
         if job_id is None:
             mine = await self.bot.db.user_jobs(interaction.user.id, guild_id=interaction.guild_id)
             if not mine:
-                raise Refused("You have no job waiting or running.")
+                raise Refused(_("You have no job waiting or running."))
             job = mine[-1]
         else:
             job = await load_job(self.bot, job_id.strip())
@@ -57,11 +58,11 @@ class Jobs(commands.Cog):
         # Canceling is a round trip to the engine (or Redis), which may be slow to answer: acknowledge first.
         await interaction.response.defer(ephemeral=True, thinking=True)
         if not await self.bot.jobs.cancel(job.job_id):
-            raise Refused(f"Job `{job.job_id}` has already finished ({job.status}).")
+            raise Refused(_("Job `%(job_id)s` has already finished (%(status)s).", job_id=job.job_id, status=job.status))
         if interaction.user.id != job.user_id:
             await self.bot.db.audit(user_id=interaction.user.id, guild_id=interaction.guild_id, action="cancel_job",
                                     target=job.job_id, detail={"owner": job.user_id})
-        await reply(interaction, f"Canceling job `{job.job_id}`…")
+        await reply(interaction, tr(interaction, "Canceling job `%(job_id)s`…", job_id=job.job_id))
 
     @app_commands.command(name="info", description="The full parameters of a job (by job id or seed)")
     @app_commands.guild_only()
@@ -71,10 +72,12 @@ class Jobs(commands.Cog):
         job = await self._visible_job(interaction, query)
         if job is None:
             # The same answer whether the job does not exist or is someone else's: ids and seeds reveal nothing.
-            raise JobNotFound(f"No job of yours with id or seed `{embeds.truncate(query, 80)}`.")
-        embed = embeds.params_embed(job, title=f"Job {job.job_id} · {job.status}")
+            raise JobNotFound(_("No job of yours with id or seed `%(query)s`.", query=embeds.truncate(query, 80)))
+        language = interaction_language(interaction)
+        embed = embeds.params_embed(job, title=tr(interaction, "Job %(job_id)s · %(status)s", job_id=job.job_id,
+                                                   status=job.status), language=language)
         if job.error:
-            embed.add_field(name="Error", value=embeds.truncate(job.error, embeds.FIELD_LIMIT), inline=False)
+            embed.add_field(name=tr(interaction, "Error"), value=embeds.truncate(job.error, embeds.FIELD_LIMIT), inline=False)
         await reply(interaction, "", embed=embed)
 
     async def _visible_job(self, interaction: discord.Interaction, query: str) -> Job | None:

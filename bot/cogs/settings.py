@@ -12,6 +12,7 @@ from bot import embeds
 from bot.cogs.imagine import ASPECT_CHOICES, list_autocomplete
 from bot.db import UserSettings
 from bot.errors import InvalidOption
+from bot.i18n import _, interaction_language, localize
 from engine.contract.limits import has_visible_text
 from bot.replies import reply
 
@@ -45,12 +46,13 @@ class Settings(commands.Cog):
         db = self.bot.db
         current = UserSettings() if reset else await db.settings(interaction.user.id)
         if negative is not None and len(negative) > self.bot.config.generation.max_prompt_chars:
-            raise InvalidOption(f"negative must be at most {self.bot.config.generation.max_prompt_chars} characters.")
+            raise InvalidOption(_("negative must be at most %(limit)s characters.",
+                                  limit=self.bot.config.generation.max_prompt_chars))
         if negative is not None and not has_visible_text(negative):
-            raise InvalidOption("negative must contain visible text (it is only spaces or invisible characters); "
-                                "use '-' to clear it.")
+            raise InvalidOption(_("negative must contain visible text (it is only spaces or invisible characters); "
+                                  "use '-' to clear it."))
         if style not in (None, "-") and self.bot.catalog.all() and self.bot.catalog.get(style.strip()) is None:
-            raise InvalidOption(f"Unknown style adapter {style!r} (see /adapters).")
+            raise InvalidOption(_("Unknown style adapter %(style)s (see /adapters).", style=repr(style)))
         updated = UserSettings(
             fast=current.fast if fast is None else fast,
             aspect=current.aspect if aspect is None else aspect,
@@ -60,7 +62,8 @@ class Settings(commands.Cog):
         changed = reset or any(v is not None for v in (fast, aspect, negative, style))
         if changed:
             await db.save_settings(interaction.user.id, updated)
-        await reply(interaction, ("Saved. " if changed else "") + "Your defaults:\n" + settings_text(updated))
+        head = _("Saved. Your defaults:") if changed else _("Your defaults:")
+        await reply(interaction, localize(head, interaction_language(interaction)) + "\n" + settings_text(updated))
 
     @settings.autocomplete("style")
     async def style_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

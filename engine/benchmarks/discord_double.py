@@ -253,7 +253,9 @@ class DiscordDouble(DiscordRestRoutes):
         gid = channel["guild_id"]
         payload = {"id": iid, "application_id": self.app_id, "type": kind, "token": token, "version": 1,
                    "guild_id": gid, "channel_id": channel["id"], "channel": channel,
-                   "member": self._member(user, gid), "locale": "en-US", "guild_locale": "en-US",
+                   "member": self._member(user, gid), "guild_locale": "en-US",
+                   # The user's Discord language: a test user may carry one ({**d.alice, "locale": "ja"}).
+                   "locale": user.get("locale", "en-US"),
                    "app_permissions": ADMIN_PERMISSIONS, "entitlements": [],
                    "authorizing_integration_owners": {"0": gid}, "context": 0,
                    "attachment_size_limit": self.attachment_size_limit}
