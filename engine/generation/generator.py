@@ -18,24 +18,22 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
-import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from engine.generation import imaging, infotext
+from engine.generation.img2img import Img2ImgMixin
+from engine.generation.run_items import BatchItem, OnStep, ShouldCancel, check_job_id
 from engine.generation.postprocess import GenerationOutput, Rater, PendingImage, PendingOutput, finish_outputs
 from engine.contract.config import ArcaeConfig, Secrets
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled, OutOfMemory, UnknownAdapter
 from engine.generation.models import LoadedModel, load_base_pipeline
 from engine.generation.params import SIZE_PRESETS, fast_lcm_missing_message, resolve_params
 from engine.generation.prompts import pipe_encoder, tokenize_chunks
-from engine.contract.protocol import JOB_ID_PATTERN, GenerationParams, ResolvedParams
-from engine.generation.samplers import get_sampler, make_scheduler, sampler_supports_zero_snr
+from engine.contract.protocol import GenerationParams, ResolvedParams
+from engine.generation.samplers import get_sampler, sampler_supports_zero_snr
 from engine.generation.fast_modes import (
-    RECIPES, check_weight, choose_mode, configured_modes, distilled_choice, find_distilled, sampling_for, stored_fast_request,
+    RECIPES, check_weight, choose_mode, configured_modes, distilled_choice, find_distilled, sampling_for,
     wants_distilled,
 )
 from engine.contract.prompt_syntax import prompt_schedule
@@ -44,24 +42,7 @@ __all__ = ["GenerationOutput", "Generator", "PendingOutput", "SIZE_PRESETS"]
 
 log = logging.getLogger(__name__)
 
-# on_step(step, total, preview PIL image or None). A callback with a ``wants_preview(step, total)``
-# attribute gets a preview only at the steps where it returns True (previews cost a GPU sync).
-OnStep = Callable[[int, int, Any], None]
-ShouldCancel = Callable[[], bool]
-_JOB_ID = re.compile(JOB_ID_PATTERN)
-
-
-@dataclass
-class _BatchItem:
-    """One job inside a pipeline call: its id, what runs, its warnings and progress callback."""
-
-    job_id: str
-    resolved: ResolvedParams
-    warnings: list[str]
-    on_step: OnStep | None = None
-
-
-def _offsets(items: list[_BatchItem]) -> list[int]:
+def _offsets(items: list[BatchItem]) -> list[int]:
     """The batch row of each job's first image."""
     offsets, row = [], 0
     for item in items:
@@ -70,11 +51,11 @@ def _offsets(items: list[_BatchItem]) -> list[int]:
     return offsets
 
 
-def _batch_name(items: list[_BatchItem]) -> str:
+def _batch_name(items: list[BatchItem]) -> str:
     return items[0].job_id if len(items) == 1 else "batch " + ", ".join(item.job_id for item in items)
 
 
-class Generator:
+class Generator(Img2ImgMixin):
     """Text-to-image, variations and upscales on one loaded pipeline (see the module docstring)."""
 
     def __init__(self, config: ArcaeConfig, model: LoadedModel, registry: Any, *, rater: Rater | None = None) -> None:
@@ -202,9 +183,9 @@ class Generator:
         ``deferred``: return a one-item list of ``PendingOutput`` (decoded, not written) for
         ``finish`` to complete on another thread, instead of the ``GenerationOutput``.
         """
-        _check_job_id(job_id)
+        check_job_id(job_id)
         resolved, warnings = self._resolve(params, "txt2img", extra_negative=extra_negative)
-        item = _BatchItem(job_id, resolved, warnings, on_step)
+        item = BatchItem(job_id, resolved, warnings, on_step)
         return self._outputs(self._run(self.pipe, [item], should_cancel=should_cancel), deferred, single=True)
 
     def finish(self, pending: Sequence[PendingOutput]) -> list[GenerationOutput]:
@@ -239,9 +220,9 @@ class Generator:
             raise InvalidRequest(f"{len(jobs)} jobs but {len(steps)} progress callbacks")
         items = []
         for (job_id, params), on_step in zip(jobs, steps):
-            _check_job_id(job_id)
+            check_job_id(job_id)
             resolved, warnings = self._resolve(params, "txt2img")
-            items.append(_BatchItem(job_id, resolved, warnings, on_step))
+            items.append(BatchItem(job_id, resolved, warnings, on_step))
         if len({item.job_id for item in items}) != len(items):
             raise InvalidRequest("each job of a batch needs its own job id")
         if len({self._batch_key(item.resolved) for item in items}) > 1:
@@ -266,98 +247,6 @@ class Generator:
         r = resolved
         return (r.width, r.height, r.steps, r.cfg, r.sampler, r.fast, r.fast_mode, r.eta, mix, chunks)
 
-    def img2img(
-        self,
-        source: str | Path,
-        mode: Literal["variation", "upscale", "image"],
-        params: GenerationParams | None = None,
-        *,
-        job_id: str,
-        strength: float | None = None,
-        on_step: OnStep | None = None,
-        should_cancel: ShouldCancel | None = None,
-        extra_negative: str = "",
-        deferred: bool = False,
-    ) -> Any:
-        """A variation (same request, new seed) or an upscale (hires fix) of an Arcae PNG, or
-        ``image``: img2img from any picture (a user's upload) with ``params`` as the whole request.
-
-        For a variation or an upscale the request embedded in ``source`` is the starting point;
-        fields set explicitly in ``params`` override it. ``source`` is a path or a file name in
-        the outputs directory.
-        """
-        from PIL import Image
-
-        _check_job_id(job_id)
-        if mode not in ("variation", "upscale", "image"):
-            raise InvalidRequest(f"img2img mode must be 'variation', 'upscale' or 'image', not {mode!r}")
-        if mode == "image":
-            pending = self._from_picture(source, params, job_id=job_id, strength=strength, on_step=on_step,
-                                         should_cancel=should_cancel, extra_negative=extra_negative)
-            return self._outputs(pending, deferred, single=True)
-        path, base = self._source_request(source)
-        gen = self.config.generation
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        # Only values that differ from "use the default" override the stored request: a client
-        # that serialises every field (None, count 1, no adapters) must not erase the source's.
-        overrides = params.model_dump(exclude_defaults=True) if params is not None else {}
-        if "prompt" in overrides and overrides["prompt"] != base.get("prompt"):
-            base.pop("add_quality_tags", None)  # a new prompt gets the configured quality tags
-        if mode == "variation":
-            strength = gen.variation_strength if strength is None else strength
-            width, height = image.size
-            # A variation is the same request with a new seed (a client echoing the source's
-            # seed back still gets a new one; only a different explicit seed is kept).
-            if overrides.get("seed") == base.pop("seed", None):
-                overrides.pop("seed", None)
-        else:
-            strength = gen.upscale_strength if strength is None else strength
-            width = max(8, round(image.width * gen.upscale_factor / 8) * 8)
-            height = max(8, round(image.height * gen.upscale_factor / 8) * 8)
-        merged = {**base, **overrides, "width": width, "height": height}
-        merged.setdefault("count", 1)
-        request = GenerationParams.model_validate(merged)
-        resolved, warnings = self._resolve(
-            request, mode, extra_negative=extra_negative, strength=strength, source_image=path.name
-        )
-        init = image.resize((width, height), Image.LANCZOS) if image.size != (width, height) else image
-        item = _BatchItem(job_id, resolved, warnings, on_step)
-        pending = self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)
-        return self._outputs(pending, deferred, single=True)
-
-    def _from_picture(self, source: str | Path, params: GenerationParams | None, *, job_id: str,
-                      strength: float | None, on_step: OnStep | None, should_cancel: ShouldCancel | None,
-                      extra_negative: str) -> list[PendingOutput]:
-        """img2img from a picture that carries no Arcae request: its pixels, the request's everything else."""
-        from PIL import Image
-
-        if params is None:
-            raise InvalidRequest("img2img from a picture needs the request's parameters (at least a prompt)")
-        path = Path(source)
-        if not path.is_absolute():
-            path = self.outputs_dir / path
-        if not path.is_file():
-            raise InvalidRequest(f"source image {Path(source).name} not found in the outputs directory")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError:
-            raise InvalidRequest(f"source image {path.name} is not a readable image") from None
-        strength = strength if strength is not None else params.strength
-        strength = self.config.generation.variation_strength if strength is None else strength
-        width, height = params.width, params.height
-        if width is None or height is None:
-            gen = self.config.generation
-            width, height = picture_size(image.size, gen.size, min_side=gen.min_side, max_side=gen.max_side)
-        request = params.model_copy(update={"width": width, "height": height})
-        resolved, warnings = self._resolve(
-            request, "image", extra_negative=extra_negative, strength=strength, source_image=path.name
-        )
-        init = image.resize((resolved.width, resolved.height), Image.LANCZOS)
-        item = _BatchItem(job_id, resolved, warnings, on_step)
-        return self._run(self._img2img(), [item], should_cancel=should_cancel, image=init)
-
     def describe(self) -> dict[str, Any]:
         """Model, device, dtype, adapters and VRAM use, for status requests."""
         import torch
@@ -379,40 +268,8 @@ class Generator:
 
     # ------------------------------------------------------------------ internals
 
-    def _img2img(self) -> Any:
-        """The img2img pipeline over the same components (built once; no second copy of the model)."""
-        if self._img2img_pipe is None:
-            from diffusers import StableDiffusionXLImg2ImgPipeline
-
-            # from_pipe casts the shared modules to its dtype (fp32 by default): pass ours.
-            self._img2img_pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe, dtype=self.model.dtype)
-            self._img2img_pipe.set_progress_bar_config(disable=True)
-        return self._img2img_pipe
-
-    def _source_request(self, source: str | Path) -> tuple[Path, dict[str, Any]]:
-        """The source PNG's path and the GenerationParams fields of its embedded request."""
-        path = Path(source)
-        if not path.is_absolute():
-            path = self.outputs_dir / path
-        if not path.is_file():
-            raise InvalidRequest(f"source image {Path(source).name} not found in the outputs directory")
-        try:
-            _, request = infotext.read_png_metadata(path)
-        except OSError:
-            raise InvalidRequest(f"source image {path.name} is not a readable PNG") from None
-        if not request or not isinstance(request.get("params"), dict):
-            raise InvalidRequest(f"source image {path.name} has no Arcae request metadata (not made by Arcae?)")
-        p = request["params"]
-        keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "adapters", "fast", "fast_mode")
-        base = {k: p[k] for k in keys if k in p}
-        base["add_quality_tags"] = False  # the stored prompt already has them
-        if base.get("fast"):
-            distilled = [distilled_choice(e.name) for e in self._distilled_entries()]
-            base = stored_fast_request(base, configured_modes(self.config.adapters, self.config.generation) + distilled)
-        return path, base
-
     def _run(
-        self, pipe: Any, items: list[_BatchItem], *, should_cancel: ShouldCancel | None, image: Any = None
+        self, pipe: Any, items: list[BatchItem], *, should_cancel: ShouldCancel | None, image: Any = None
     ) -> list[PendingOutput]:
         import torch
 
@@ -434,7 +291,7 @@ class Generator:
             pipe.scheduler = previous
 
     def _run_inner(
-        self, pipe: Any, items: list[_BatchItem], should_cancel: ShouldCancel | None, image: Any
+        self, pipe: Any, items: list[BatchItem], should_cancel: ShouldCancel | None, image: Any
     ) -> list[PendingOutput]:
         """One pipeline call for every image of ``items`` (which share everything but prompts,
         seeds and counts): row r of the batch is image i of its job, seeded ``seed + i``."""
@@ -490,7 +347,7 @@ class Generator:
         return [self._finish(item, latents[off : off + item.resolved.count], shared, t3 - t0)
                 for item, off in zip(items, _offsets(items))]
 
-    def _finish(self, item: _BatchItem, latents: Any, shared: dict[str, float], elapsed: float) -> PendingOutput:
+    def _finish(self, item: BatchItem, latents: Any, shared: dict[str, float], elapsed: float) -> PendingOutput:
         """Decode one job's images (GPU); its timings are the shared call's plus its own. The
         files are written by ``finish`` (``engine.generation.postprocess``)."""
         t0 = time.perf_counter()
@@ -502,7 +359,7 @@ class Generator:
         return PendingOutput(images=images, params=item.resolved, timings=timings, warnings=item.warnings)
 
     def _step_callback(
-        self, items: list[_BatchItem], should_cancel: ShouldCancel | None, scheduled: Any, rows: list[int]
+        self, items: list[BatchItem], should_cancel: ShouldCancel | None, scheduled: Any, rows: list[int]
     ) -> Callable:
         previews = self.config.engine.previews
         offsets = _offsets(items)
@@ -583,23 +440,3 @@ def _wants_preview(on_step: OnStep, step: int, total: int) -> bool:
     """Whether ``on_step`` would use a preview at this step (its optional ``wants_preview(step, total)``)."""
     wants = getattr(on_step, "wants_preview", None)
     return wants is None or bool(wants(step, total))
-
-
-def _check_job_id(job_id: str) -> None:
-    # The job id becomes a file name: keep it to the protocol's safe characters.
-    if not _JOB_ID.fullmatch(job_id or ""):
-        raise InvalidRequest(f"job id {job_id!r} must be 1-64 letters, digits, '_' or '-'")
-
-
-def picture_size(size: tuple[int, int], default: tuple[int, int], *, min_side: int = 8,
-                 max_side: int = 8192) -> tuple[int, int]:
-    """A picture's aspect ratio at the configured default size's area, in multiples of 8, sides within limits.
-
-    An upload of any size (a 4000x3000 photo, a 300 px sketch) is drawn at the area the model
-    was made for, so it neither runs out of memory nor comes out as mush; a very long strip is
-    squeezed into the allowed sides rather than refused.
-    """
-    w, h = max(1, size[0]), max(1, size[1])
-    scale = math.sqrt(default[0] * default[1] / (w * h))
-    low, high = -(-max(8, min_side) // 8) * 8, max(8, max_side // 8 * 8)
-    return (min(high, max(low, round(w * scale / 8) * 8)), min(high, max(low, round(h * scale / 8) * 8)))

@@ -22,7 +22,7 @@ def env(tmp_path_factory, tiny_model_dir):
 
 
 def test_picture_size_keeps_the_aspect_at_the_default_area():
-    from engine.generation.generator import picture_size
+    from engine.generation.img2img import picture_size
 
     assert picture_size((4000, 3000), (1024, 1024)) == (1184, 888)
     assert picture_size((300, 300), (1024, 1024)) == (1024, 1024)
