@@ -24,15 +24,11 @@ Not thread-safe for GPU work: only the engine's GPU worker calls ``apply_mix``/`
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
-import re
 import threading
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,121 +36,14 @@ from engine.contract.errors import IncompatibleAdapter, InvalidRequest, UnknownA
 from engine.generation.pipe_state import pipe_state
 from engine.generation.lora_files import AdapterEntry, HashCache, LoraFileError, adapter_name_problem, read_header, scan_directory
 from engine.contract.protocol import AdapterInfo
+from engine.generation.adapter_layers import (
+    LayerIndex, LoadedAdapter, is_out_of_memory, quiet_loading, read_alphas, adapter_signature,
+    describe_load_error,
+)
 
 log = logging.getLogger(__name__)
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAX_NAMES_IN_ERROR = 40
-
-
-@dataclass
-class _Loaded:
-    """An adapter loaded into the pipeline, and the file state it was loaded from."""
-
-    sha256: str
-    shapes: dict[str, tuple[int, ...]]
-    metadata: dict[str, str]
-    has_text_encoder: bool
-    alphas: dict[str, float]  # kohya ``.alpha`` values (a hotswap keeps the old scale)
-
-
-def _read_alphas(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
-    keys = [k for k in shapes if k.endswith(".alpha")]
-    if not keys:
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: float(f.get_tensor(k)) for k in keys}
-
-
-class _LayerIndex:
-    """Every LoRA layer of the pipeline and, per adapter name, the layers that carry it."""
-
-    def __init__(self, pipe: Any) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        self.signature = adapter_signature(pipe)
-        self.layers: list[Any] = []
-        self.by_name: dict[str, list[Any]] = {}
-        for component in LORA_COMPONENTS:
-            model = getattr(pipe, component, None)
-            if model is None:
-                continue
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    self.layers.append(module)
-                    for name in getattr(module, "scaling", {}):
-                        self.by_name.setdefault(name, []).append(module)
-
-
-def adapter_signature(pipe: Any) -> tuple[tuple[str, ...], ...]:
-    """The adapter names per LoRA-capable component: cheap, changes whenever one is added or deleted."""
-    return tuple(tuple(getattr(getattr(pipe, c, None), "peft_config", None) or ()) for c in LORA_COMPONENTS)
-
-
-@contextlib.contextmanager
-def _quiet_loading(captured: list[str]) -> Iterator[None]:
-    """Silence the per-load noise of transformers/peft/diffusers; keep their warnings in ``captured``.
-
-    (transformers prints a progress bar and a "LOAD REPORT" of every other adapter's keys as
-    "missing" for each text-encoder load; peft warns that a model already has adapters.)
-    """
-    import transformers
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING and "LOAD REPORT" not in record.getMessage():
-                captured.append(record.getMessage().strip().splitlines()[0][:300])
-
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    # These libraries log through their own handlers: swap those out for the collector.
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-    handler = _Collect()
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    for lg in loggers:
-        lg.handlers = [handler]
-        lg.propagate = False
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, (handlers, level, propagate) in zip(loggers, saved):
-            lg.handlers = handlers
-            lg.setLevel(level)
-            lg.propagate = propagate
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-
-
-_SIZE_MISMATCH = re.compile(
-    r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
-    r"the shape in current model is torch\.Size\((\[[^\]]*\])\)"
-)
-
-
-def describe_load_error(exc: BaseException) -> str:
-    """A one-line reason for a failed ``load_lora_weights``."""
-    text = str(exc)
-    m = _SIZE_MISMATCH.search(text)
-    if m:
-        module = re.sub(r"\.lora_[AB]\.[^.]+\.weight$", "", m[1])
-        count = len(_SIZE_MISMATCH.findall(text))
-        return (
-            f"its layers have the wrong shapes for this base model ({count} mismatched, e.g. {module}: "
-            f"file {m[2]}, model {m[3]}); is it a LoRA for another architecture, such as SD 1.5?"
-        )
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    if isinstance(exc, OSError) or "SafetensorError" in type(exc).__name__ or "deserializ" in text.lower():
-        return f"the file cannot be read as safetensors ({first[:200]})"
-    return f"{type(exc).__name__}: {first[:300]}"
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
 
 
 class AdapterRegistry:
@@ -184,8 +73,8 @@ class AdapterRegistry:
         self._hashes = HashCache()
         self._lock = threading.Lock()  # guards _entries for list()/get() from other threads
         self._entries: dict[str, AdapterEntry] = {}
-        self._loaded: dict[str, _Loaded] = {}
-        self._index: _LayerIndex | None = None
+        self._loaded: dict[str, LoadedAdapter] = {}
+        self._index: LayerIndex | None = None
         self._mix: list[tuple[str, float]] = []  # the mix the pipeline has now
         self._extra: dict[str, AdapterEntry] = {}  # files outside the directory (add_file), kept by rescans
         # "fused": the mix runs as base weights (engine.generation.lora_fusion); bumped whenever an
@@ -384,10 +273,10 @@ class AdapterRegistry:
         if self._fusion is not None:
             self._fusion.restore()
 
-    def _current_index(self) -> _LayerIndex:
+    def _current_index(self) -> LayerIndex:
         # Rebuilt only when adapters were added or deleted (by us or by a training run).
         if self._index is None or self._index.signature != adapter_signature(self.pipe):
-            self._index = _LayerIndex(self.pipe)
+            self._index = LayerIndex(self.pipe)
         return self._index
 
     def _restore_mix(self) -> None:
@@ -418,11 +307,11 @@ class AdapterRegistry:
         started = time.perf_counter()
         self._weights_changing()
         try:
-            with _quiet_loading(captured):
+            with quiet_loading(captured):
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as exc:
             self._discard(name)
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 raise
             raise IncompatibleAdapter(
                 f"adapter {name!r} ({path.name}) does not fit the base model: {describe_load_error(exc)}"
@@ -434,8 +323,8 @@ class AdapterRegistry:
                 f"adapter {name!r} ({path.name}) does not fit the base model: none of its layers exist in it"
             )
         has_te = any(name in names for names in adapter_signature(self.pipe)[1:])
-        alphas = _read_alphas(path, header.shapes)
-        self._loaded[name] = _Loaded(entry.sha256, dict(header.shapes), dict(header.metadata), has_te, alphas)
+        alphas = read_alphas(path, header.shapes)
+        self._loaded[name] = LoadedAdapter(entry.sha256, dict(header.shapes), dict(header.metadata), has_te, alphas)
         self._restore_mix()
         for message in captured:
             # Keys of the file that matched no layer matter; the rest is per-load chatter.
@@ -473,7 +362,7 @@ class AdapterRegistry:
         """Remove every trace of ``name`` from the pipeline (a failed or partial load) and restore the mix."""
         self._weights_changing()
         if any(name in names for names in adapter_signature(self.pipe)):
-            with _quiet_loading([]):
+            with quiet_loading([]):
                 self.pipe.delete_adapters([name])
         self._loaded.pop(name, None)
         self._restore_mix()
@@ -512,7 +401,7 @@ class AdapterRegistry:
             log.info("adapters reloaded: added %s, removed %s, changed %s", added, removed, changed)
         return {"added": added, "removed": removed, "changed": sorted(changed)}
 
-    def _hotswap(self, entry: AdapterEntry, loaded: _Loaded) -> bool:
+    def _hotswap(self, entry: AdapterEntry, loaded: LoadedAdapter) -> bool:
         """Replace a loaded adapter's weights in place; False when it cannot be done safely."""
         try:
             header = read_header(entry.path)
@@ -523,18 +412,18 @@ class AdapterRegistry:
             return False
         if header.metadata.get("lora_adapter_metadata") != loaded.metadata.get("lora_adapter_metadata"):
             return False
-        alphas = _read_alphas(entry.path, header.shapes)
+        alphas = read_alphas(entry.path, header.shapes)
         if alphas != loaded.alphas:
             return False
         started = time.perf_counter()
         self._weights_changing()
         try:
-            with _quiet_loading([]):
+            with quiet_loading([]):
                 self.pipe.load_lora_weights(str(entry.path), adapter_name=entry.name, hotswap=True)
         except Exception as exc:
             log.info("hotswap of adapter %s failed (%s); it will be loaded again on next use", entry.name, exc)
             return False
-        self._loaded[entry.name] = _Loaded(entry.sha256, dict(header.shapes), dict(header.metadata), False, alphas)
+        self._loaded[entry.name] = LoadedAdapter(entry.sha256, dict(header.shapes), dict(header.metadata), False, alphas)
         self._restore_mix()
         log.info("hot-swapped adapter %s in %.2f s", entry.name, time.perf_counter() - started)
         return True
