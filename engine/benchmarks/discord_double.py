@@ -299,20 +299,31 @@ class DiscordDouble(DiscordRestRoutes):
 
     async def invoke_slash(self, user: dict, channel: dict, command: str, options: dict[str, Any] | None = None,
                            *, focused: str | None = None, attachment_size_limit: int | None = None,
-                           anywhere: bool = False) -> Interaction:
-        """Run ``/command`` (``"gallery top"`` for a subcommand); ``focused`` makes it an autocomplete."""
+                           anywhere: bool = False, files: dict[str, tuple[str, bytes]] | None = None) -> Interaction:
+        """Run ``/command`` (``"gallery top"`` for a subcommand); ``focused`` makes it an autocomplete.
+
+        ``files`` maps attachment options to (filename, bytes): they go to the double's CDN and
+        into the payload's ``resolved`` attachments, as Discord sends them.
+        """
         root, _, sub = command.partition(" ")
         cmd, registered_to = self._resolve_command(root, channel["guild_id"], anywhere=anywhere)
         record, payload = self._interaction_base(user, channel, 4 if focused else 2)
         if attachment_size_limit is not None:
             payload["attachment_size_limit"] = record.attachment_size_limit = attachment_size_limit
+        values, resolved = dict(options or {}), {}
+        for option, (filename, data) in (files or {}).items():
+            attachment = self.attach(filename, data)
+            resolved[attachment["id"]] = attachment
+            values[option] = attachment["id"]
         spec = cmd.get("options", [])
         if sub:
             sub_spec = next(o for o in spec if o["name"] == sub)
-            opts = [{"name": sub, "type": 1, "options": self._options(sub_spec.get("options", []), options or {}, focused)}]
+            opts = [{"name": sub, "type": 1, "options": self._options(sub_spec.get("options", []), values, focused)}]
         else:
-            opts = self._options(spec, options or {}, focused)
+            opts = self._options(spec, values, focused)
         payload["data"] = {"id": cmd["id"], "name": root, "type": 1, "options": opts}
+        if resolved:
+            payload["data"]["resolved"] = {"attachments": resolved}
         if registered_to is not None:  # Discord names the guild of a guild command, none for a global one
             payload["data"]["guild_id"] = registered_to
         await self.dispatch("INTERACTION_CREATE", payload)

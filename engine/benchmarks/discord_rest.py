@@ -135,16 +135,22 @@ class DiscordRestRoutes:
         if "attachments" in body or files:
             keep_ids = {str(a.get("id")) for a in body.get("attachments") or []}
             kept = [a for a in msg["attachments"] if a["id"] in keep_ids]
-            for name, data in files:
-                aid = self.snowflake()
-                self.attachments[int(aid)] = data
-                url = f"http://127.0.0.1:{self.port}/attachments/{aid}/{name}"
-                kept.append({"id": aid, "filename": name, "size": len(data), "url": url, "proxy_url": url,
-                             "content_type": "image/png" if name.endswith(".png") else "application/octet-stream"})
+            kept += [self.attach(name, data) for name, data in files]
             msg["attachments"] = kept
         msg["_edits"] = msg.get("_edits", -1) + 1
         if msg["_edits"]:
             msg["edited_timestamp"] = "2024-01-01T00:00:01+00:00"
+
+    def attach(self, filename: str, data: bytes) -> dict:
+        """Put ``data`` on the double's CDN; the attachment object Discord would send for it."""
+        aid = self.snowflake()
+        self.attachments[int(aid)] = data
+        url = f"http://127.0.0.1:{self.port}/attachments/{aid}/{filename}"
+        suffix = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+        content_type = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp",
+                        "txt": "text/plain", "zip": "application/zip"}.get(suffix, "application/octet-stream")
+        return {"id": aid, "filename": filename, "size": len(data), "url": url, "proxy_url": url,
+                "content_type": content_type}
 
     def public(self, msg: dict) -> dict:
         """A message payload without the double's private bookkeeping keys."""

@@ -59,23 +59,8 @@ def picture(colour: tuple[int, int, int], *, parameters: str | None = None, size
 
 async def invoke(d: DiscordDouble, user: dict, command: str, options: dict | None = None,
                  files: dict[str, tuple[str, bytes]] | None = None, channel: dict | None = None):
-    """``/command`` with attachment options: the files go to the double's CDN and into ``resolved``."""
-    cmd = d._command(command)
-    record, payload = d._interaction_base(user, channel or d.channel, 2)
-    values = dict(options or {})
-    resolved = {}
-    for option, (filename, data) in (files or {}).items():
-        aid = d.snowflake()
-        d.attachments[int(aid)] = data
-        url = f"http://127.0.0.1:{d.port}/attachments/{aid}/{filename}"
-        resolved[aid] = {"id": aid, "filename": filename, "size": len(data), "url": url, "proxy_url": url,
-                         "content_type": "image/png" if filename.endswith(".png") else "text/plain"}
-        values[option] = aid
-    payload["data"] = {"id": cmd["id"], "name": command, "type": 1, "guild_id": d.guild_id,
-                       "options": d._options(cmd.get("options", []), values, None),
-                       "resolved": {"attachments": resolved}}
-    await d.dispatch("INTERACTION_CREATE", payload)
-    return record
+    """``/command`` with attachment options (see ``DiscordDouble.invoke_slash``)."""
+    return await d.invoke_slash(user, channel or d.channel, command, options, files=files)
 
 
 def buttons(message: dict) -> list[dict]:

@@ -74,26 +74,8 @@ def png(colour: tuple[int, int, int], stripe: int) -> bytes:
 
 async def invoke(d: DiscordDouble, user: dict, command: str, options: dict | None = None,
                  files: dict[str, tuple[str, bytes]] | None = None, channel: dict | None = None):
-    """``/group sub`` with attachment options: the files go to the double's CDN and into ``resolved``."""
-    root, _, sub = command.partition(" ")
-    cmd = d._command(root)
-    record, payload = d._interaction_base(user, channel or d.channel, 2)
-    values = dict(options or {})
-    resolved = {}
-    for option, (filename, data) in (files or {}).items():
-        aid = d.snowflake()
-        d.attachments[int(aid)] = data
-        url = f"http://127.0.0.1:{d.port}/attachments/{aid}/{filename}"
-        resolved[aid] = {"id": aid, "filename": filename, "size": len(data), "url": url, "proxy_url": url,
-                         "content_type": "image/png" if filename.endswith(".png") else "application/octet-stream"}
-        values[option] = aid
-    sub_spec = next(o for o in cmd.get("options", []) if o["name"] == sub)
-    payload["data"] = {"id": cmd["id"], "name": root, "type": 1, "guild_id": d.guild_id,
-                       "options": [{"name": sub, "type": 1, "options": d._options(sub_spec.get("options", []),
-                                                                                  values, None)}],
-                       "resolved": {"attachments": resolved}}
-    await d.dispatch("INTERACTION_CREATE", payload)
-    return record
+    """``/group sub`` with attachment options (see ``DiscordDouble.invoke_slash``)."""
+    return await d.invoke_slash(user, channel or d.channel, command, options, files=files)
 
 
 def answers(d: DiscordDouble, inter) -> list[dict]:
