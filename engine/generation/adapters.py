@@ -236,6 +236,8 @@ class AdapterRegistry:
         if self._fusion is not None:
             key = (tuple(mix), index.signature, self._weights_generation)
             self._fusion.fuse(index.layers, index.by_name, mix, key)
+            if self._fusion.fused_layers:  # whatever trains next must get the exact base back first
+                state.fused(self.restore_base)
         if changed:  # the prompt encoder's cache keys on this: a same-mix job keeps its hits
             state.bump()
 

@@ -9,7 +9,11 @@ adapters are loaded, so the code that changes things says so instead:
 - ``holder``/``release``: a training run that activated its adapter leaves it active between
   steps and registers how to put the inference state back; the next generation calls
   ``claim_for_inference`` (through ``AdapterRegistry.apply_mix``), which runs that once. So a
-  training run switches adapters only when a generation ran since its last step.
+  training run switches adapters only when a generation ran since its last step;
+- ``fused``/``claim_for_training``: the other direction. An inference mix folded into the base
+  weights (``lora_execution = "fused"``) registers how to restore the exact base; whatever trains
+  next (a training step, or the GPU worker before any steppable run) calls
+  ``claim_for_training``, which runs that once. Training never sees a fused weight.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class PipeState:
         self.weights_version = 0
         self.holder: object | None = None  # the training switch whose adapter is active now
         self._release: Callable[[], None] | None = None
+        self._unfuse: Callable[[], None] | None = None
 
     def bump(self) -> None:
         """Say that the outputs may differ from before (mix, adapter weights or adapters changed)."""
@@ -43,6 +48,19 @@ class PipeState:
             return False
         release()
         self.bump()
+        return True
+
+
+    def fused(self, unfuse: Callable[[], None]) -> None:
+        """The inference side folded its mix into the base weights; ``unfuse`` restores them exactly."""
+        self._unfuse = unfuse
+
+    def claim_for_training(self) -> bool:
+        """Restore the exact base weights if an inference mix is fused into them (once); True when it was."""
+        unfuse, self._unfuse = self._unfuse, None
+        if unfuse is None:
+            return False
+        unfuse()
         return True
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.contract import protocol
 from engine.contract.errors import EngineError, InvalidRequest, JobCanceled
+from engine.generation.pipe_state import pipe_state
 from engine.service.gpu_jobs import JobRecord, ShuttingDown, SteppableRun
 
 PROGRESS_INTERVAL_S = 0.2  # at most ~5 progress events a second per job
@@ -64,10 +65,11 @@ class TrainingSlotMixin:
                 if record.run is not None:
                     record.run.cancel()
                 raise JobCanceled("training canceled")
-            # Training shares the base weights: a fused LoRA mix must be undone, bit-identical, first.
-            restore_base = getattr(getattr(self.generator, "registry", None), "restore_base", None)
-            if restore_base is not None:
-                restore_base()
+            # Training shares the base weights: a fused LoRA mix must be undone, bit-identical, first
+            # (for any steppable run; the trainer's own adapter switch claims the same way).
+            pipe = getattr(self.generator, "pipe", None)
+            if pipe is not None:
+                pipe_state(pipe).claim_for_training()
             if record.run is None:
                 record.run = self._factory_for(record.request)(record.request)  # type: ignore[misc]
             if not record.started:

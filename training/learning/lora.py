@@ -155,6 +155,7 @@ class AdapterSwitch:
             self._held = (name, train)
             return True
         state.claim_for_inference()  # someone else's hold, or our own gone stale: undo it first
+        state.claim_for_training()  # an inference mix fused into the base weights: restore the exact base
         self.activate(name, train=train, frozen=frozen)
         saved, self._saved, self._prev_held = self._saved, [], None
 
