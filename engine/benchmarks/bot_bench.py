@@ -68,9 +68,9 @@ class AckTimes:
         p95_single = p95(self.single)
         return [
             Ratio("ack", f"ack latency median, {n} simultaneous / 1 alone", med_burst, med_single,
-                  med_burst / med_single, share),
+                  med_burst / med_single, share, id="ack_median_50_vs_1"),
             Ratio("ack", f"ack latency p95, {n} simultaneous / 1 alone", p95_burst, p95_single,
-                  p95_burst / p95_single, f"1 alone: p95 over {len(self.single)} trial(s)"),
+                  p95_burst / p95_single, f"1 alone: p95 over {len(self.single)} trial(s)", id="ack_p95_50_vs_1"),
         ]
 
 

@@ -62,7 +62,7 @@ def bench_fast(env: _Env, trials: int) -> list[Ratio]:
     std = lambda: env.generate(prompt="1girl, solo", seed=1, steps=28, cfg=6.0)  # noqa: E731
     fast = lambda: env.generate(prompt="1girl, solo", seed=1, steps=4, fast=True)  # noqa: E731
     t_std, t_fast = alternate(std, fast, trials)
-    return [Ratio("fast", "standard 28 steps CFG / fast LCM 4 steps (speed-up)", t_std, t_fast, t_std / t_fast, "ideal: 14x (56 vs 4 UNet evals)")]
+    return [Ratio("fast", "standard 28 steps CFG / fast LCM 4 steps (speed-up)", t_std, t_fast, t_std / t_fast, "ideal: 14x (56 vs 4 UNet evals)", id="standard_vs_fast")]
 
 
 def bench_batching(env: _Env, trials: int) -> list[Ratio]:
@@ -85,8 +85,8 @@ def bench_batching(env: _Env, trials: int) -> list[Ratio]:
     merged = lambda: env.generator.generate_batch([(env.job_id(), params) for params in jobs])  # noqa: E731
     t4j, t1j = alternate(four_jobs, merged, trials)
     return [
-        Ratio("batching", "4 jobs as four calls / as one batched call", t4, t1, t4 / t1, ">1 means batching pays"),
-        Ratio("batching", "4 queued jobs (own prompts) alone / merged by generate_batch", t4j, t1j, t4j / t1j, "what [engine] max_batch_jobs does"),
+        Ratio("batching", "4 jobs as four calls / as one batched call", t4, t1, t4 / t1, ">1 means batching pays", id="batching_4_calls_vs_1"),
+        Ratio("batching", "4 queued jobs (own prompts) alone / merged by generate_batch", t4j, t1j, t4j / t1j, "what [engine] max_batch_jobs does", id="batching_queued_jobs"),
     ]
 
 
@@ -96,10 +96,10 @@ def bench_mix(trials: int) -> list[Ratio]:
     small = measure_mix_change(2, repeats=max(3, trials))
     large = measure_mix_change(50, repeats=max(3, trials))
     return [
-        Ratio("mix", "Arcae mix change, 50 loaded / 2 loaded", large["apply_mix_s"], small["apply_mix_s"], large["apply_mix_s"] / small["apply_mix_s"], "flat = 1"),
-        Ratio("mix", "diffusers set_adapters, 50 loaded / 2 loaded", large["set_adapters_s"], small["set_adapters_s"], large["set_adapters_s"] / small["set_adapters_s"], "diffusers issue 11816"),
-        Ratio("mix", "diffusers set_adapters / Arcae mix change (50 loaded)", large["set_adapters_s"], large["apply_mix_s"], large["set_adapters_s"] / large["apply_mix_s"]),
-        Ratio("mix", "load adapter from disk / Arcae mix change (50 loaded)", large["load_s_mean"], large["apply_mix_s"], large["load_s_mean"] / large["apply_mix_s"], "why adapters stay loaded"),
+        Ratio("mix", "Arcae mix change, 50 loaded / 2 loaded", large["apply_mix_s"], small["apply_mix_s"], large["apply_mix_s"] / small["apply_mix_s"], "flat = 1", id="mix_change_50_vs_2"),
+        Ratio("mix", "diffusers set_adapters, 50 loaded / 2 loaded", large["set_adapters_s"], small["set_adapters_s"], large["set_adapters_s"] / small["set_adapters_s"], "diffusers issue 11816", id="diffusers_set_adapters_50_vs_2"),
+        Ratio("mix", "diffusers set_adapters / Arcae mix change (50 loaded)", large["set_adapters_s"], large["apply_mix_s"], large["set_adapters_s"] / large["apply_mix_s"], id="diffusers_vs_arcae_mix_change"),
+        Ratio("mix", "load adapter from disk / Arcae mix change (50 loaded)", large["load_s_mean"], large["apply_mix_s"], large["load_s_mean"] / large["apply_mix_s"], "why adapters stay loaded", id="load_vs_mix_change"),
     ]
 
 
@@ -185,7 +185,7 @@ def bench_service(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]:
     direct = lambda: env.generate(**params)  # noqa: E731
     through = lambda: client.generate(**params)  # noqa: E731
     t_engine, t_direct = alternate(through, direct, trials)
-    return [Ratio("service", "job through the engine process / library call", t_engine, t_direct, t_engine / t_direct, f"overhead {1000 * (t_engine - t_direct):.0f} ms")]
+    return [Ratio("service", "job through the engine process / library call", t_engine, t_direct, t_engine / t_direct, f"overhead {1000 * (t_engine - t_direct):.0f} ms", id="service_overhead")]
 
 
 def _tiny_dataset(root: Path, n: int = 6) -> Path:
@@ -203,7 +203,9 @@ def bench_training(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]
     params = dict(prompt="1girl, solo", seed=5, steps=8)
     idle = [client.generate(**params) for _ in range(trials + 1)][1:]
     dataset = _tiny_dataset(env.root)
-    options = {"dataset": str(dataset), "kind": "character", "trigger": "benchchar", "steps": 100_000, "rank": 4, "resolution": 64, "save_every": 100_000, "sample_every": 100_000}
+    # A run long enough to outlast the measurement, within the engine's [training] caps (max_steps).
+    options = {"dataset": str(dataset), "kind": "character", "trigger": "benchchar", "steps": 10_000, "rank": 4,
+               "resolution": 64, "save_every": 10_000, "sample_every": 10_000}
     fut = client.submit_training(options)
     train_id = next(k for k, v in client.done.items() if v is fut)
     time.sleep(1.0)
@@ -216,7 +218,7 @@ def bench_training(env: _Env, client: _EngineClient, trials: int) -> list[Ratio]
     else:
         client.call(client.link.cancel(train_id))
     t_busy, t_idle = statistics.median(busy), statistics.median(idle)
-    return [Ratio("training", "generation latency while a LoRA trains / idle", t_busy, t_idle, t_busy / t_idle, note)]
+    return [Ratio("training", "generation latency while a LoRA trains / idle", t_busy, t_idle, t_busy / t_idle, note, id="generation_while_training")]
 
 
 def run_cpu_bench(*, trials: int = 5, only: list[str] | None = None, out: Path | None = None) -> list[Ratio]:

@@ -70,7 +70,7 @@ def bench_distill(trials: int) -> list[Ratio]:
     note = (f"<1 = closer to the teacher; {int(r['steps'])} steps from scratch, {r['s_per_step']:.2f} s/step "
             f"on CPU ({torch.get_num_threads()} threads, tiny model)")
     return [Ratio("distill_gain", "4-step student vs teacher latents: distance after / before",
-                  r["after"], r["before"], r["after"] / r["before"], note)]
+                  r["after"], r["before"], r["after"] / r["before"], note, id="distill_gain")]
 
 
 if __name__ == "__main__":  # python -m engine.benchmarks.distill_bench

@@ -8,7 +8,7 @@ Rows (each ``Ratio.case`` is the row's stable id):
 - ``scheduler_1000_vs_10``: one queue operation (push, which answers the position, a
   position query, pop) with 1,000 jobs queued / with 10, ten owners in both; bound 5.
 - ``sqlite_undelivered_1m``: ``undelivered()`` at 1,000,000 finished jobs, the query as it ran
-  before migration 0012 (the ``jobs_status`` index) / as it runs now (the partial index).
+  before migration 0013 (the ``jobs_status`` index) / as it runs now (the partial index).
 - ``sqlite_count_active_guild_1m``: ``count_active_in(guild)`` on the same database, through
   ``jobs_status`` / through the partial ``jobs_active_guild``. (``count_active(user)`` already
   reads the covering ``jobs_user_status`` index of migration 0011.)
@@ -59,7 +59,7 @@ def bench_fused_vs_unfused(env: Any, trials: int) -> Ratio:
     diff = int(np.abs(images["fused"] - images["unfused"]).max())
     t_unfused, t_fused = statistics.median(times["unfused"]), statistics.median(times["fused"])
     return Ratio("fused_vs_unfused", "fast job, 2 LoRAs: unfused / fused (same mix as the last job)", t_unfused,
-                 t_fused, t_unfused / t_fused, f"max pixel diff {diff}/255; a fused mix change {change_ms:.1f} ms")
+                 t_fused, t_unfused / t_fused, f"max pixel diff {diff}/255; a fused mix change {change_ms:.1f} ms", id="fused_vs_unfused")
 
 
 def _queue_op_seconds(size: int, owners: int = 10, ops: int = 300) -> float:
@@ -82,7 +82,7 @@ def bench_scheduler() -> Ratio:
     t10 = statistics.median(_queue_op_seconds(10) for _ in range(3))
     t1000 = statistics.median(_queue_op_seconds(1000) for _ in range(3))
     return Ratio("scheduler_1000_vs_10", "queue op (push + position + pop): 1,000 queued / 10", t1000, t10,
-                 t1000 / t10, "bound: 5; was 48 ms per position at 1,000")
+                 t1000 / t10, "bound: 5; was 48 ms per position at 1,000", id="scheduler_1000_vs_10")
 
 
 def _build_jobs_db(path: Path, rows: int) -> None:
@@ -133,8 +133,8 @@ def bench_sqlite(rows: int = 1_000_000, timer: Callable[..., float] = _median_qu
         finally:
             con.close()
     return [
-        Ratio("sqlite_undelivered_1m", f"undelivered() at {rows:,} jobs: before 0012 / with its index", u_before,
-              u_after, u_before / u_after, "issue 15 measured 129 ms at 1M jobs"),
-        Ratio("sqlite_count_active_guild_1m", f"count_active_in(guild) at {rows:,} jobs: before 0012 / with it",
-              a_before, a_after, a_before / a_after, "20 active jobs in the guild"),
+        Ratio("sqlite_undelivered_1m", f"undelivered() at {rows:,} jobs: before 0013 / with its index", u_before,
+              u_after, u_before / u_after, "issue 15 measured 129 ms at 1M jobs", id="sqlite_undelivered_1m"),
+        Ratio("sqlite_count_active_guild_1m", f"count_active_in(guild) at {rows:,} jobs: before 0013 / with it",
+              a_before, a_after, a_before / a_after, "20 active jobs in the guild", id="sqlite_count_active_guild_1m"),
     ]
