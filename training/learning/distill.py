@@ -37,12 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.contract.distilled_mix import HEADER_KEY, SIDECAR_KEY, mix_key
-from engine.contract.training_errors import ResumeMismatch, TrainingCanceled, TrainingDiverged, TrainingError
+from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
 from training.data import checkpoints as ckpt
 from training.data.distill_setup import RESUMABLE, DistillOptions, DistillReport
 from training.data.run_record import atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_json_atomic
 from training.learning import consistency as lcd
 from training.learning.lora import add_training_adapter, remove_adapter, save_adapter_file, unet_targets
+from training.learning.run_lifecycle import RunLifecycle, check_same_options, existing_run_options
 from training.learning.safe_state import load_state, save_state
 from training.learning.trainer import StepResult
 
@@ -54,7 +55,7 @@ def _seed(seed: int, *parts: Any) -> int:
     return random.Random(f"arcae-distill-{seed}-" + "-".join(map(str, parts))).getrandbits(63)
 
 
-class DistillRun:
+class DistillRun(RunLifecycle):
     """One distillation run on ``pipe`` (see the module docstring). Not thread-safe."""
 
     def __init__(self, pipe: Any, options: DistillOptions, run_dir: Path, *, mixer: Any = None,
@@ -92,16 +93,9 @@ class DistillRun:
 
     # ------------------------------------------------------------------ setup
     def _check_run_dir(self, resume: bool) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / "run.json").exists():
-            return
-        if not resume:
-            raise TrainingError(f"{self.run_dir} already holds a run; pass --resume or choose another --out")
-        old = read_run(self.run_dir).get("options", {})
-        new = self.options.to_json()
-        changed = sorted(k for k in new if k not in RESUMABLE and old.get(k) != new[k])
-        if changed:
-            raise ResumeMismatch(f"cannot resume {self.run_dir}: option(s) {', '.join(changed)} differ from the saved run")
+        saved = existing_run_options(self.run_dir, resume, "run")
+        if saved is not None:
+            check_same_options(self.run_dir, saved, self.options.to_json(), RESUMABLE)
 
     def _add_student(self) -> None:
         import torch
@@ -213,14 +207,6 @@ class DistillRun:
 
     # ------------------------------------------------------------------ public API (as TrainingRun)
     @property
-    def done(self) -> bool:
-        return self.status in ("completed", "failed", "canceled")
-
-    @property
-    def total_steps(self) -> int:
-        return self.options.steps
-
-    @property
     def result(self) -> dict[str, Any]:
         """What the engine reports when the run ends."""
         return {
@@ -259,13 +245,6 @@ class DistillRun:
         except BaseException as exc:
             self._fail(exc)
             raise
-
-    def cancel(self) -> None:
-        """Stop now (status canceled); the student leaves the pipeline, nothing live changes."""
-        if self.done:
-            return
-        self._write_record(status="canceled")
-        self.release()
 
     def release(self) -> None:
         """Remove the student adapter from the pipeline (idempotent)."""
@@ -415,13 +394,6 @@ class DistillRun:
         if self.status != "completed":
             raise TrainingError(f"distillation run {self.run_dir.name} is {self.status}, not completed")
         return install_adapter(self.run_dir / "adapter.safetensors", Path(adapters_dir), self.options)
-
-    def _fail(self, exc: BaseException) -> None:
-        message = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
-        try:
-            self._write_record(status="failed", error=message)
-        finally:
-            self.release()
 
     def _write_record(self, **fields: Any) -> None:
         if "status" in fields:

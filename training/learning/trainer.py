@@ -39,14 +39,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from training.data import checkpoints as ckpt
-from engine.contract.training_errors import ResumeMismatch, TrainingCanceled, TrainingDiverged, TrainingError
+from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
 from engine.generation.pipe_state import pipe_state
 from training.learning.lora import (
     AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, text_encoder_targets, unet_targets,
 )
 from training.data.run_record import (
-    atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run,
+    atomic_dir, checkpoint_dir, list_checkpoints, update_run,
 )
+from training.learning.run_lifecycle import RunLifecycle, check_same_options, existing_run_options
 from training.learning.safe_state import load_state, save_state
 from engine.contract.training_options import DEFAULT_TARGET_PRESET, TrainOptions
 from training.data.training_set import TrainingDataset
@@ -85,7 +86,7 @@ class StepResult(_StepTuple):
         return self
 
 
-class TrainingRun:
+class TrainingRun(RunLifecycle):
     """One LoRA training run on ``pipe`` (a ``StableDiffusionXLPipeline``), stepped by its owner.
 
     Call ``step()`` until ``done``; ``cancel()`` stops it (status canceled). Terminal states
@@ -126,19 +127,15 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ setup
     def _check_run_dir(self, resume: bool) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.run_dir / "run.json").exists():
+        saved = existing_run_options(self.run_dir, resume, "training run")
+        if saved is None:
             return
-        if not resume:
-            raise TrainingError(f"{self.run_dir} already holds a training run; pass --resume or choose another --out")
-        old = {**_LEGACY_OPTIONS, **read_run(self.run_dir).get("options", {})}
+        old = {**_LEGACY_OPTIONS, **saved}
         new = self.options.model_dump(mode="json")
         # The preset is compared as trained (None = the default preset of its time).
         old["target_preset"] = old["target_preset"] or DEFAULT_TARGET_PRESET
         new["target_preset"] = self.options.effective_target_preset
-        changed = sorted(k for k in new if k not in _RESUMABLE_CHANGES and old.get(k) != new[k])
-        if changed:
-            raise ResumeMismatch(f"cannot resume {self.run_dir}: option(s) {', '.join(changed)} differ from the saved run")
+        check_same_options(self.run_dir, old, new, _RESUMABLE_CHANGES)
 
     def _add_adapter(self) -> None:
         import torch
@@ -169,14 +166,6 @@ class TrainingRun:
         self._frozen = [m for m in (self.pipe.text_encoder, self.pipe.text_encoder_2) if m not in self.text_encoders.values()]
 
     # ------------------------------------------------------------------ public API
-    @property
-    def done(self) -> bool:
-        return self.status in ("completed", "failed", "canceled")
-
-    @property
-    def total_steps(self) -> int:
-        return self.options.steps
-
     @property
     def result(self) -> dict[str, Any]:
         """What the engine reports in its ``Completed`` event."""
@@ -214,14 +203,6 @@ class TrainingRun:
         except BaseException as exc:
             self._fail(exc)
             raise
-
-    def cancel(self) -> None:
-        """Stop now: status canceled, the adapter leaves the pipeline; nothing live changes."""
-        if self.done:
-            return
-        self.status = "canceled"
-        self._write_record(status="canceled")
-        self.release()
 
     def release(self) -> None:
         """Remove the training adapter from the pipeline (idempotent)."""
@@ -393,14 +374,6 @@ class TrainingRun:
         else:
             meta["ss_network_args"] = json.dumps({"preset": preset})
         return meta
-
-    def _fail(self, exc: BaseException) -> None:
-        self.status = "failed"
-        message = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
-        try:
-            self._write_record(status="failed", error=message)
-        finally:
-            self.release()
 
     def dataset_hash(self) -> str:
         """sha256 over the dataset's image and caption bytes, in path order."""
