@@ -49,6 +49,17 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
     so a bot killed right after the ack finds the job on restart and answers it; a refusal is
     an immediate ephemeral reply, with no "thinking…" placeholder to clean up.
     """
+    job = await store_and_acknowledge(interaction, params=params, kind=kind, source_image=source_image,
+                                      parent_job_id=parent_job_id, strength=strength)
+    await bot_of(interaction).jobs.submit(job)
+    return job
+
+
+async def store_and_acknowledge(interaction: discord.Interaction, *, params: protocol.GenerationParams,
+                                kind: str = "txt2img", source_image: str | None = None,
+                                parent_job_id: str | None = None, strength: float | None = None,
+                                source_url: str | None = None) -> Job:
+    """``start_job`` without the submit: the stored, acknowledged job (its picture may still be to fetch)."""
     bot = bot_of(interaction)
     admin = is_admin(interaction.user, interaction.guild, bot.config)
     job_id = new_job_id()
@@ -58,7 +69,7 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
         nsfw_channel=channel_is_nsfw(interaction.channel), source_image=source_image, parent_job_id=parent_job_id,
         strength=strength, interaction_id=interaction.id, interaction_token=interaction.token, application_id=interaction.application_id,
         attachment_limit=interaction.filesize_limit, locale=interaction_language(interaction),
-        admit=lambda: check_limits(bot.db, interaction.user.id, admin, bot.config))
+        admit=lambda: check_limits(bot.db, interaction.user.id, admin, bot.config), source_url=source_url)
     log.info("job %s (%s) from user %s persisted", job_id, kind, interaction.user.id)
     message_id = None
     try:
@@ -78,7 +89,6 @@ async def start_job(interaction: discord.Interaction, *, params: protocol.Genera
             log.warning("job %s: storing its message id failed (%s)", job_id, exc)
     job = await bot.db.get_job(job_id)
     assert job is not None
-    await bot.jobs.submit(job)
     return job
 
 

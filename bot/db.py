@@ -55,6 +55,7 @@ class Job:
     elapsed_s: float | None
     strength: float | None = None  # img2img: None = the engine's strength for the mode
     locale: str | None = None  # the requester's catalog (bot.i18n), None: English
+    source_url: str | None = None  # a user's picture not fetched yet: its attachment's address
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -201,7 +202,7 @@ class Database:
                          interaction_token: str | None = None, application_id: int | None = None,
                          attachment_limit: int | None = None, message_id: int | None = None,
                          admit: Callable[[], Awaitable[None]] | None = None, strength: float | None = None,
-                         locale: str | None = None) -> None:
+                         locale: str | None = None, source_url: str | None = None) -> None:
         """Insert a pending job; ``admit`` (the limits check) runs in the same transaction.
 
         Checking and inserting in one BEGIN IMMEDIATE..COMMIT means simultaneous requests see
@@ -216,6 +217,13 @@ class Database:
                                        attachment_limit, message_id, strength)
             if locale is not None:
                 await self._write("UPDATE jobs SET locale = ? WHERE job_id = ?", (locale, job_id))
+            if source_url is not None:
+                await self._write("UPDATE jobs SET source_url = ? WHERE job_id = ?", (source_url, job_id))
+
+    async def forget_job(self, job_id: str) -> None:
+        """Remove a job that never reached the engine (its picture was refused): as if never asked."""
+        await self._write("DELETE FROM jobs WHERE job_id = ? AND status = 'pending'"
+                          " AND NOT EXISTS (SELECT 1 FROM images WHERE images.job_id = jobs.job_id)", (job_id,))
 
     async def _insert_job_row(self, job_id: str, user_id: int, guild_id: int | None, channel_id: int, kind: str,
                               params: protocol.GenerationParams, nsfw_channel: bool, source_image: str | None,

@@ -21,6 +21,7 @@ from bot.db import Job
 from bot.db_retry import until_stored
 from bot.delivery import Delivery, delivery_file
 from bot.errors import Refused
+from bot.picture_jobs import pending_fetch
 from bot.results import ResultLimits, ResultRejected, accept_completed, accept_preview
 from bot.uploads import is_upload
 from bot.views import progress_view
@@ -79,6 +80,8 @@ class JobManager:
         self._listeners: list[Callable[[Any], Awaitable[None]]] = []
         self._connect_listeners: list[Callable[[], Awaitable[None]]] = []
         self._delivering: set[str] = set()
+        # Jobs whose user's picture is being fetched (bot.picture_jobs): submitted when it is stored.
+        self.fetching: set[str] = set()
 
     # ------------------------------------------------------------------ submitting
 
@@ -108,8 +111,13 @@ class JobManager:
     def _live_for(self, job: Job) -> LiveJob:
         live = self._live.get(job.job_id)
         if live is None or live.attempt < job.attempt:
-            live = LiveJob(attempt=job.attempt, last_seq=job.last_seq, language=job.locale)
-            self._live[job.job_id] = live
+            new = LiveJob(attempt=job.attempt, last_seq=job.last_seq, language=job.locale)
+            if live is not None:
+                # A new attempt edits the same message: same pace, and the old attempt's pending
+                # edit (a stale "step 17/60") must not land after the new attempt's status.
+                live.final = True
+                new.shown, new.last_edit, new.edit_lock = live.shown, live.last_edit, live.edit_lock
+            live = self._live[job.job_id] = new
         return live
 
     async def submit(self, job: Job) -> None:
@@ -152,6 +160,12 @@ class JobManager:
     async def resubmit_unfinished(self) -> None:
         """On (re)connect: pending jobs again, running ones as a new attempt (at most ``MAX_ATTEMPTS``)."""
         for job in await self.db.jobs_with_status("pending", "running"):
+            if job.job_id in self.fetching:
+                continue  # submitted once its picture is stored
+            refetch = pending_fetch(self, job)
+            if refetch is not None:  # the bot stopped while fetching the user's picture: fetch it again
+                self._spawn(refetch)
+                continue
             if job.status == "running":
                 if job.attempt >= MAX_ATTEMPTS:
                     await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: the engine stopped twice while "
@@ -268,7 +282,12 @@ class JobManager:
     async def _apply_new(self, job: Job, live: LiveJob, event: Any) -> None:
         completed = isinstance(event, protocol.Completed)
         if isinstance(event, protocol.Queued):
-            if live.state in ("queued", "unavailable", "restarting"):
+            if event.restarted:
+                # Its worker stopped (Redis scale-out) and it runs again: the notice a restarting
+                # engine gives, shown until the job starts again (one edit, whatever the retries).
+                live.state, live.position = "restarting", None
+                self._schedule(job.job_id)
+            elif live.state in ("queued", "unavailable", "restarting"):
                 live.state, live.position = "queued", event.position
                 self._schedule(job.job_id)
         elif isinstance(event, protocol.Started):
@@ -318,6 +337,10 @@ class JobManager:
             return
         await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: {event.message}",
                          error=f"{event.error}: {event.message}")
+
+    async def fail(self, job_id: str, text: str, *, error: str) -> None:
+        """End a waiting job as failed and tell its user ``text`` on the job's message."""
+        await self._fail(job_id, text, error=error)
 
     async def _fail(self, job_id: str, text: str, *, error: str) -> None:
         if await self.db.finish(job_id, "failed", error=error):

@@ -60,11 +60,16 @@ def allowed_text(config: ArcaeConfig) -> str:
 
 async def read_picture(attachment: "discord.Attachment", config: ArcaeConfig) -> Picture:
     """Download and check an attachment (off the event loop); ``InvalidOption`` says what is allowed."""
-    name = attachment.filename[:100]
-    if attachment.size > config.intake.max_upload_bytes:
-        raise InvalidOption(f"`{name}` is {attachment.size / 2**20:.1f} MiB; allowed: {allowed_text(config)}.")
+    check_declared_size(attachment, config)
     data = await attachment.read()
-    return await asyncio.to_thread(check_picture, data, name, config)
+    return await asyncio.to_thread(check_picture, data, attachment.filename[:100], config)
+
+
+def check_declared_size(attachment: "discord.Attachment", config: ArcaeConfig) -> None:
+    """Refuse an attachment whose size Discord declares is over the limit, before anything is downloaded."""
+    if attachment.size > config.intake.max_upload_bytes:
+        raise InvalidOption(f"`{attachment.filename[:100]}` is {attachment.size / 2**20:.1f} MiB; "
+                            f"allowed: {allowed_text(config)}.")
 
 
 def check_picture(data: bytes, name: str, config: ArcaeConfig) -> Picture:
@@ -111,11 +116,18 @@ def _from_request(raw: Any) -> dict[str, str] | None:
     return {k: str(v) for k, v in out.items() if v not in (None, "")}
 
 
-def store_picture(picture: Picture, config: ArcaeConfig) -> str:
-    """Write the picture as ``upload-<random>.png`` into the outputs folder; return the file name."""
+def upload_name() -> str:
+    """A fresh ``upload-<random>.png`` file name for a user's picture."""
+    return f"{UPLOAD_PREFIX}{secrets.token_hex(8)}.png"
+
+
+def store_picture(picture: Picture, config: ArcaeConfig, *, name: str | None = None) -> str:
+    """Write the picture as ``name`` (default a fresh ``upload_name()``) into the outputs folder; return it."""
     buf = io.BytesIO()
     picture.image.save(buf, format="PNG")
-    name = f"{UPLOAD_PREFIX}{secrets.token_hex(8)}.png"
+    name = name or upload_name()
+    if not is_upload(name) or Path(name).name != name:
+        raise ValueError(f"not an upload file name: {name!r}")
     outputs = Path(config.path(config.storage.outputs_dir))
     outputs.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(outputs / name, buf.getvalue())

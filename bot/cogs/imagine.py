@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import difflib
+import logging
 import re
 from typing import TYPE_CHECKING, Optional
 
@@ -13,13 +13,14 @@ import pydantic
 from discord import app_commands
 from discord.ext import commands
 
-from bot.actions import start_job
+from bot.actions import start_job, store_and_acknowledge
 from bot.catalog import AdapterCatalog
 from bot.errors import InvalidOption, UserFacingError
 from bot.i18n import Problems, _
 from bot.policy import (SDXL_PRESETS, aspect_size, channel_is_nsfw, check_access, check_content, check_ranges,
                         content_rules, with_safety_negative)
-from bot.uploads import read_picture, store_picture
+from bot.picture_jobs import fetch_picture, submit_if_waiting
+from bot.uploads import check_declared_size, read_picture, upload_name
 from engine.contract import limits, protocol
 from engine.contract.config import ArcaeConfig
 from engine.contract.errors import InvalidRequest
@@ -28,6 +29,8 @@ from engine.contract.samplers import FAST_SAMPLER, available_samplers, get_sampl
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
+
+log = logging.getLogger(__name__)
 
 ASPECT_CHOICES = [app_commands.Choice(name=f"{label} ({w}×{h} on SDXL)", value=label)
                   for label, (w, h) in SDXL_PRESETS.items()]
@@ -206,24 +209,37 @@ def chosen_size(aspect: str | None, size: str | None, saved_aspect: str | None,
 
 async def start_from_picture(interaction: discord.Interaction, attachment: discord.Attachment,
                              params: protocol.GenerationParams) -> None:
-    """img2img from a user's picture: acknowledge, check and store it (training intake's checks), start the job.
+    """img2img from a user's picture: store the job, acknowledge, then fetch and check the picture, then submit.
 
-    Downloading and checking a large picture can take longer than Discord's 3 s, so this
-    acknowledges first; a refusal then removes the "thinking…" message and answers privately.
+    The job row (with the attachment's address) is committed before the acknowledgement, as for
+    every job, so a bot stopped while downloading fetches the picture again on restart
+    (``bot.picture_jobs``). Downloading and checking a large picture can take longer than
+    Discord's 3 s, so it comes after the acknowledgement; a refused picture removes the job
+    again, deletes the "thinking…" message and answers privately.
     """
-    config: ArcaeConfig = interaction.client.config  # type: ignore[attr-defined]
-    await interaction.response.defer(thinking=True)
-    source = None
+    bot: "ArcaeBot" = interaction.client  # type: ignore[assignment]
+    config = bot.config
+    check_declared_size(attachment, config)  # refused before anything is stored
+    job = await store_and_acknowledge(interaction, params=params, kind="variation", source_image=upload_name(),
+                                      source_url=attachment.url)
+    bot.jobs.fetching.add(job.job_id)
     try:
-        picture = await read_picture(attachment, config)
-        source = await asyncio.to_thread(store_picture, picture, config)
-        await start_job(interaction, params=params, kind="variation", source_image=source)
+        await fetch_picture(config, job, lambda: read_picture(attachment, config))
     except UserFacingError:
-        if source is not None:  # refused by a limit: the job was never stored, so neither is its picture
-            (config.path(config.storage.outputs_dir) / source).unlink(missing_ok=True)
+        await bot.db.forget_job(job.job_id)
         with contextlib.suppress(discord.HTTPException):
             await interaction.delete_original_response()
         raise
+    except Exception:
+        # The job is stored and acknowledged: it ends with a message on it, never in silence.
+        log.exception("job %s: fetching the user's picture failed", job.job_id)
+        await bot.jobs.fail(job.job_id, _("❌ Job `%(job_id)s` failed: your picture could not be downloaded. "
+                                          "Please try again.", job_id=job.job_id).render(job.locale),
+                            error="picture download failed")
+        return
+    finally:
+        bot.jobs.fetching.discard(job.job_id)
+    await submit_if_waiting(bot.jobs, job.job_id)
 
 
 class Imagine(commands.Cog):

@@ -81,6 +81,8 @@ class DiscordDouble(DiscordRestRoutes):
         self.commands: dict[str, dict[str, Any]] = {}
         self.attachments: dict[int, bytes] = {}
         self.cdn_fetches: list[int] = []  # attachment ids the bot downloaded, in order
+        # When set, attachment downloads wait for it (a large picture on a slow link).
+        self.cdn_gate: asyncio.Event | None = None
         self.identifies = 0
         # Seconds before each REST answer: real Discord takes tens to hundreds of milliseconds, and
         # races between concurrent requests (check-then-insert after a defer) only show with it.

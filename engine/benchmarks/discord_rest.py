@@ -237,6 +237,8 @@ class DiscordRestRoutes:
 
     async def _cdn(self, request: web.Request) -> web.Response:
         self.cdn_fetches.append(int(request.match_info["aid"]))
+        if self.cdn_gate is not None:
+            await self.cdn_gate.wait()
         data = self.attachments.get(int(request.match_info["aid"]))
         if data is None:
             return web.Response(status=404)

@@ -249,6 +249,22 @@ def _collect_steps(node: Node, steps: int, out: set[int]) -> None:
         _collect_steps(child, steps, out)
 
 
+def _variable_nodes(node: Node, switches: list[int], cycles: list[int]) -> None:
+    """The resolved step of every ``[a:b:when]`` and the option count of every ``[a|b]`` (all depths)."""
+    if isinstance(node, Scheduled):
+        switches.append(node.step)
+        children: list[Node] = [node.before, node.after]
+    elif isinstance(node, Alternate):
+        cycles.append(len(node.options))
+        children = list(node.options)
+    elif isinstance(node, Group):
+        children = node.parts
+    else:
+        return
+    for child in children:
+        _variable_nodes(child, switches, cycles)
+
+
 def _text_at(node: Node, step: int) -> str:
     if isinstance(node, str):
         return node
@@ -265,15 +281,31 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     >>> prompt_schedule("a [cat:dog:0.5]", 10)
     [(5, 'a cat'), (10, 'a dog')]
     """
+    if "[" not in prompt:
+        return [(steps, prompt)]  # only [a:b:when] and [a|b] schedule; without "[" the text is as written
+    return _full_schedule(prompt, steps)
+
+
+def _full_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+    """``prompt_schedule`` by the grammar (the tests check its shortcut against this)."""
     try:
         tree = _Parser(prompt).parse()
     except _NoSchedule:
         return [(steps, prompt)]
     ends: set[int] = {steps}
     _collect_steps(tree, steps, ends)
+    switches: list[int] = []
+    cycles: list[int] = []
+    _variable_nodes(tree, switches, cycles)
+    # The text at a step depends only on which side of each [a:b:when] the step is and which option
+    # of each [a|b] it takes: built once per such state, not once per step ([a|b] changes every step).
+    texts: dict[tuple[tuple[bool, ...], tuple[int, ...]], str] = {}
     schedule: list[tuple[int, str]] = []
     for end in sorted(ends):
-        text = _text_at(tree, end)
+        state = (tuple(end <= s for s in switches), tuple((end - 1) % n for n in cycles))
+        text = texts.get(state)
+        if text is None:
+            text = texts[state] = _text_at(tree, end)
         if schedule and schedule[-1][1] == text:
             schedule[-1] = (end, text)  # same text: one longer entry, nothing to re-encode
         else:

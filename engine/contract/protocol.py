@@ -261,6 +261,9 @@ class Queued(_JobEvent):
     type: Literal["queued"] = "queued"
     rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
     position: int = Field(ge=0)
+    # Queued again because the worker running it stopped (Redis scale-out reclaimed its lease):
+    # the bot shows the same "engine restarting" notice as when its one engine restarts.
+    restarted: bool = False
 
 
 class Started(_JobEvent):

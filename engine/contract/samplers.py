@@ -10,6 +10,7 @@ DPM++ SDE needs torchsde) are offered only when that package is installed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ _SPECS = (
 )
 
 
+@functools.lru_cache(maxsize=None)  # a filesystem search each time; every request's check asks
 def _installed(package: str) -> bool:
     return not package or importlib.util.find_spec(package) is not None
 

@@ -196,7 +196,8 @@ def resolve_params(
     prompt, lora_tags = _prompt(gen, params)
     for text in (prompt, negative):
         # Every text a step will encode: a malformed weight fails here, not halfway into the queue.
-        for _, step_text in prompt_schedule(text, steps):
+        # Each distinct text once ([a|b] repeats the same few texts across all the steps).
+        for step_text in dict.fromkeys(t for _, t in prompt_schedule(text, steps)):
             parse_prompt_attention(step_text)
     adapters = _adapters(
         params, lora_tags, warnings, max_active=max_active, default_weight=default_weight, fast_adapter=fast_adapter if fast else None

@@ -141,7 +141,7 @@ class LeaseKeeper:
                 d.missing_since = now
             elif now - d.missing_since > self.lease_ms / 1000 and self._inflight.get(d.request.job_id) is d:
                 log.warning("job %s: its entry on %s vanished from Redis", d.request.job_id, d.worker)
-                await self._retry(d, "its job entry vanished from Redis (restarted without appendonly?)")
+                await self._retry(d, "its job entry vanished from Redis (restarted without appendonly?)", lost=True)
 
     async def _take_undelivered(self, name: str) -> None:
         """Entries a gone worker never read: take them back (same attempt), forget the worker."""
@@ -179,7 +179,7 @@ class LeaseKeeper:
                                           payload=PendingJob(request, time.monotonic(), worker, d.reasons)))
             return
         log.warning("worker %s lost the lease of job %s attempt %d", worker, request.job_id, d.attempt)
-        await self._retry(d, f"worker {worker} stopped responding (lease expired)")
+        await self._retry(d, f"worker {worker} stopped responding (lease expired)", lost=True)
 
     async def _load_inflight(self) -> None:
         """Rebuild the jobs-on-workers table after a restart of the bot."""

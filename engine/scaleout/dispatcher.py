@@ -335,8 +335,11 @@ class Dispatcher(DispatcherQueries, LeaseKeeper):
             await pipe.execute()
         self._wake.set()
 
-    async def _retry(self, d: DispatchedJob, reason: str) -> None:
-        """Dispatch again with attempt + 1, or dead-letter after ``max_attempts``."""
+    async def _retry(self, d: DispatchedJob, reason: str, *, lost: bool = False) -> None:
+        """Dispatch again with attempt + 1, or dead-letter after ``max_attempts``.
+
+        ``lost``: the worker stopped under the job (not a failure it reported), which the bot tells its user.
+        """
         job_id = d.request.job_id
         attempt = max(d.attempt, d.shown_attempt)  # as the bot counts
         reasons = (d.reasons + "; " if d.reasons else "") + f"attempt {attempt}: {reason}"
@@ -362,7 +365,8 @@ class Dispatcher(DispatcherQueries, LeaseKeeper):
             self._queue.limit += 1
             self._queue.push(job)
             self._queue.limit -= 1
-        await self._emit(protocol.Queued(job_id=job_id, attempt=request.attempt, position=self._queue.position(job_id) or 0))
+        await self._emit(protocol.Queued(job_id=job_id, attempt=request.attempt, position=self._queue.position(job_id) or 0,
+                                         restarted=lost))
 
     # ------------------------------------------------------------------ jobs out
 
