@@ -146,6 +146,13 @@ def _steps_and_cfg(gen: GenerationConfig, params: GenerationParams, mode: FastCh
     return steps, cfg
 
 
+def check_prompt_texts(text: str, steps: int) -> None:
+    """Parse every text a step will encode: a malformed weight fails here, not halfway into the queue."""
+    # Each distinct text once: [a|b] repeats the same few texts across all the steps.
+    for step_text in dict.fromkeys(t for _, t in prompt_schedule(text, steps)):
+        parse_prompt_attention(step_text)
+
+
 def resolve_params(
     gen: GenerationConfig,
     params: GenerationParams,
@@ -195,10 +202,7 @@ def resolve_params(
             warnings.append(f"steps raised to {steps} so that one denoising step runs at strength {strength:g}")
     prompt, lora_tags = _prompt(gen, params)
     for text in (prompt, negative):
-        # Every text a step will encode: a malformed weight fails here, not halfway into the queue.
-        # Each distinct text once ([a|b] repeats the same few texts across all the steps).
-        for step_text in dict.fromkeys(t for _, t in prompt_schedule(text, steps)):
-            parse_prompt_attention(step_text)
+        check_prompt_texts(text, steps)
     adapters = _adapters(
         params, lora_tags, warnings, max_active=max_active, default_weight=default_weight, fast_adapter=fast_adapter if fast else None
     )
