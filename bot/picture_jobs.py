@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import discord
+
 from bot.db import Job
 from bot.errors import UserFacingError
 from bot.i18n import _
@@ -47,31 +49,20 @@ async def submit_if_waiting(jobs: "JobManager", job_id: str) -> None:
         await jobs.submit(job)
 
 
+# Waits between tries of a download that failed for a passing reason (Discord's CDN unreachable).
+REFETCH_BACKOFF_S = (2.0, 10.0)
+
+
 async def refetch_and_submit(jobs: "JobManager", job: Job) -> None:
     """After a restart: fetch a stored job's picture again from its address, then submit the job.
 
-    A picture that cannot be had any more (its address expired, it is now refused) fails the
-    job with a message saying so, instead of leaving the acknowledged job waiting forever.
+    A picture that cannot be had any more (its address expired, it is now refused, the CDN
+    stays unreachable) fails the job with a message saying so, instead of leaving the
+    acknowledged job waiting forever.
     """
-    config = jobs.config
-
-    async def read() -> Picture:
-        data = await jobs.bot.http.get_from_cdn(job.source_url or "")
-        return await asyncio.to_thread(check_picture, data, "your picture", config)
-
     jobs.fetching.add(job.job_id)
     try:
-        reason = None
-        if not job.source_url:
-            reason = _("its address was not stored").render(job.locale)
-        else:
-            try:
-                await fetch_picture(config, job, read)
-            except UserFacingError as exc:
-                reason = exc.text_for(job.locale)
-            except Exception as exc:  # Discord's CDN refused or was unreachable: say so, do not wait forever
-                log.warning("job %s: fetching its picture again failed: %s", job.job_id, exc)
-                reason = _("it could not be downloaded again").render(job.locale)
+        reason = await _refetch(jobs, job)
         if reason is not None:
             text = _("❌ Job `%(job_id)s` failed: the bot restarted before your picture was stored, and %(reason)s. "
                      "Please send it again.", job_id=job.job_id, reason=reason).render(job.locale)
@@ -81,6 +72,30 @@ async def refetch_and_submit(jobs: "JobManager", job: Job) -> None:
         await submit_if_waiting(jobs, job.job_id)
     finally:
         jobs.fetching.discard(job.job_id)
+
+
+async def _refetch(jobs: "JobManager", job: Job) -> str | None:
+    """Store the job's picture from its address; None when stored, else why not (in the user's language)."""
+    config = jobs.config
+    if not job.source_url:
+        return _("its address was not stored").render(job.locale)
+
+    async def read() -> Picture:
+        data = await jobs.bot.http.get_from_cdn(job.source_url or "")
+        return await asyncio.to_thread(check_picture, data, "your picture", config)
+
+    for wait in (*REFETCH_BACKOFF_S, None):
+        try:
+            await fetch_picture(config, job, read)
+            return None
+        except UserFacingError as exc:  # refused by the checks: trying again changes nothing
+            return exc.text_for(job.locale)
+        except Exception as exc:
+            log.warning("job %s: fetching its picture again failed: %s", job.job_id, exc)
+            if wait is None or isinstance(exc, (discord.NotFound, discord.Forbidden)):  # gone, or expired
+                return _("it could not be downloaded again").render(job.locale)
+            await asyncio.sleep(wait)
+    return None  # not reached: the last try returns
 
 
 def pending_fetch(jobs: "JobManager", job: Job) -> Any:

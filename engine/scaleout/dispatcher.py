@@ -365,8 +365,8 @@ class Dispatcher(DispatcherQueries, LeaseKeeper):
             self._queue.limit += 1
             self._queue.push(job)
             self._queue.limit -= 1
-        await self._emit(protocol.Queued(job_id=job_id, attempt=request.attempt, position=self._queue.position(job_id) or 0,
-                                         restarted=lost))
+        position = self._queue.position(job_id) or 0
+        await self._emit(protocol.Queued(job_id=job_id, attempt=request.attempt, position=position, restarted=lost))
 
     # ------------------------------------------------------------------ jobs out
 
