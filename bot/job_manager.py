@@ -284,7 +284,7 @@ class JobManager:
         if isinstance(event, protocol.Queued):
             if event.restarted:
                 # Its worker stopped (Redis scale-out) and it runs again: the notice a restarting
-                # engine gives, shown until the job starts again (one edit, whatever the retries).
+                # engine gives, shown until the job starts again (an edit of its message, not a new one).
                 live.state, live.position = "restarting", None
                 self._schedule(job.job_id)
             elif live.state in ("queued", "unavailable", "restarting"):
