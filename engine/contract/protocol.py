@@ -215,6 +215,46 @@ class DriftRequest(_Msg):
     options: DriftOptions = Field(default_factory=DriftOptions)
 
 
+class DistillSettings(_Msg):
+    """A few-step distillation run's settings (``training.data.distill_setup.DistillOptions`` names them;
+    None: that module's default, or ``[training] resolution`` for ``resolution``)."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)  # the distilled adapter's name
+    mix: list[AdapterWeight] = Field(default_factory=list, max_length=MAX_ADAPTERS_PER_REQUEST)
+    # Captions the teacher samples: a dataset NAME in the engine's [storage] datasets_dir (never a path),
+    # or the captions themselves; neither: the datasets named after the mix's adapters.
+    dataset: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN)
+    captions: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default_factory=list, max_length=256)
+    steps: int | None = Field(None, ge=1, le=100_000)
+    teacher_cfg: float | None = Field(None, ge=1.0, le=30.0)
+    teacher_steps: int | None = Field(None, ge=1, le=150)
+    student_steps: int | None = Field(None, ge=1, le=8)
+    lr: float | None = Field(None, ge=1e-7, le=1e-1)
+    rank: int | None = Field(None, ge=1, le=256)
+    resolution: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    save_every: int | None = Field(None, ge=1, le=100_000)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    init: Literal["auto", "scratch"] | None = None
+    # Install the result into the adapters directory (live at once): only when the run's judge
+    # recommends it (the default), always (an admin's override), or never (kept in the run folder).
+    install: Literal["recommended", "always", "never"] = "recommended"
+
+
+class DistillRequest(_Msg):
+    """Distil a few-step (``lcm``) adapter for an adapter mix on the engine's GPU worker.
+
+    Runs in the training slot like a ``TrainRequest`` (preemptible steps, checkpoints, resume on a
+    later attempt); ``Completed.result`` carries the judge's numbers and whether it was installed.
+    """
+
+    type: Literal["distill"] = "distill"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    owner: str = Field(min_length=1, max_length=64)
+    attempt: int = Field(1, ge=1, le=100)
+    options: DistillSettings
+
+
 Request = Annotated[
     Union[
         Hello,
@@ -227,6 +267,7 @@ Request = Annotated[
         StatusRequest,
         TrainRequest,
         DriftRequest,
+        DistillRequest,
     ],
     Field(discriminator="type"),
 ]
