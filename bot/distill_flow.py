@@ -27,6 +27,7 @@ from engine.contract import protocol
 
 if TYPE_CHECKING:
     from bot.app import ArcaeBot
+    from bot.training_flow import TrainingFlow
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def check_targets(settings: protocol.DistillSettings, config: Any, catalog: Any,
     """Refuse a name that would replace another adapter, and captions the engine could not find."""
     existing = catalog.get(settings.name)
     if settings.name == config.adapters.lcm_adapter or (existing is not None and existing.kind != "lcm"):
-        what = "the stock few-step adapter" if existing is None or existing.kind == "lcm" else f"a {existing.kind} adapter"
+        stock = existing is None or existing.kind == "lcm"
+        what = "the stock few-step adapter" if stock else f"a {existing.kind} adapter"
         raise InvalidOption(_("Not started: `%(name)s` is already %(what)s; choose another name for the distilled "
                               "adapter.", name=settings.name, what=what))
     wanted = [settings.dataset] if settings.dataset else [a.name for a in settings.mix]
@@ -154,7 +156,8 @@ def live_message(run: RunRow, run_dir: Path, eta: str) -> tuple[str | None, disc
                     inline=False)
     embed.add_field(name=t(_("Status")), value=run.status)
     total = run.progress_total or int(run.options.get("steps") or 0)
-    embed.add_field(name=t(_("Progress")), value=f"step {run.progress_step}/{total}\n`{_bar(run.progress_step, total)}`")
+    bar = _bar(run.progress_step, total)
+    embed.add_field(name=t(_("Progress")), value=f"step {run.progress_step}/{total}\n`{bar}`")
     embed.add_field(name=t(_("Loss")), value=f"{run.loss:.4f}" if run.loss is not None else "—")
     embed.add_field(name="ETA", value=eta)
     if run.error:
@@ -177,13 +180,13 @@ def live_message(run: RunRow, run_dir: Path, eta: str) -> tuple[str | None, disc
     return content, embed, files
 
 
-async def start(bot: "ArcaeBot", interaction: discord.Interaction, settings: protocol.DistillSettings) -> None:
+async def start(bot: "ArcaeBot", flow: "TrainingFlow", interaction: discord.Interaction,
+                settings: protocol.DistillSettings) -> None:
     """Record the run, post its live message, send it to the engine, and tell the admin (deferred here)."""
     from bot.job_manager import new_job_id
-    from bot.training_flow import flow_for
     from engine.contract.transport import EngineRejected, EngineUnavailable
 
-    flow, cog = flow_for(bot), bot.get_cog("Training")
+    cog = bot.get_cog("Training")
     active = await flow.store.active()
     if active:
         raise Refused(_("Run `%(run_id)s` (**%(name)s**) is still being trained; one run at a time. Wait for it, "

@@ -258,8 +258,9 @@ class AdapterAdmin(commands.Cog):
             teacher_steps=teacher_steps, student_steps=student_steps, lr=lr, rank=rank, resolution=resolution,
             init=init, install=install)
         await self.bot.catalog.refresh()
-        distill_flow.check_targets(settings, self.bot.config, self.bot.catalog, await asyncio.to_thread(self.flow.datasets))
-        await distill_flow.start(self.bot, interaction, settings)
+        datasets = await asyncio.to_thread(self.flow.datasets)
+        distill_flow.check_targets(settings, self.bot.config, self.bot.catalog, datasets)
+        await distill_flow.start(self.bot, self.flow, interaction, settings)
 
     # ------------------------------------------------------------------ autocomplete
 
