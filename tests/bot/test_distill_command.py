@@ -8,6 +8,7 @@ mix runs it. Members and other servers are refused; bad options get a message sa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -61,15 +62,21 @@ def steps_shown(d, msg: dict) -> list[int]:
     return out
 
 
+def distill_runs(stack) -> set[str]:
+    runs = stack.tmp / "data" / "runs"
+    return {p.name for p in runs.iterdir() if p.name.startswith("distill-")} if runs.is_dir() else set()
+
+
 async def test_members_and_other_servers_are_refused(stack):
     d = stack.double
+    before = distill_runs(stack)
     inter = await invoke(d, d.alice, "adapter distill-fast", {"name": "sneaky", "mix": "ink-style:0.8"})
     assert "admins only" in (await answer(d, inter, 15))["content"]
     inter = await d.invoke_slash(d.stranger, d.other_channel, "adapter distill-fast", {"name": "sneaky"},
                                  anywhere=True)
     assert "home server" in (await answer(d, inter, 15))["content"]
-    runs = stack.tmp / "data" / "runs"
-    assert not (runs.is_dir() and any(p.name.startswith("distill-") for p in runs.iterdir()))
+    await asyncio.sleep(1)
+    assert distill_runs(stack) == before, "a refused distillation must not run"
 
 
 @pytest.mark.parametrize("options, message", [
@@ -127,3 +134,18 @@ async def test_admin_distils_a_mix_and_fast_mode_then_uses_it(stack):
     image = await d.wait_for(lambda: finished(d, imagine), timeout=120)
     assert f"Fast adapter: {NAME} (distilled for this mix)" in png_parameters(d, image)
     assert NAME in field(image, "Adapters") and "fast" in field(image, "Mode")
+
+
+async def test_cancel_button_stops_a_distillation_for_an_admin_only(stack):
+    d = stack.double
+    options = {"name": "long-fast", "mix": "ink-style:0.8", "steps": 5000, "teacher_steps": 2, "install": "always"}
+    started = (await answer(d, await invoke(d, d.admin, "adapter distill-fast", options), 60))["content"]
+    run_id = started.split("`")[1]
+    msg = await d.wait_for(lambda: status_message(d, run_id), timeout=10)
+    refused = await d.click(d.alice, msg, f"arcae-run:cancel:{run_id}")
+    assert "admins only" in (await answer(d, refused, timeout=10))["content"]
+    await d.click(d.admin, msg, f"arcae-run:cancel:{run_id}")
+    ended = await d.wait_for(lambda: (m := d.messages[int(msg["id"])]) and "canceled" in (m.get("content") or "")
+                             and m, timeout=60)
+    assert "fast mode is unchanged" in ended["content"] and not buttons(ended)
+    assert not (stack.tmp / "adapters" / "long-fast.safetensors").exists()
