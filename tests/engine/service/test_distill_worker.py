@@ -90,3 +90,19 @@ def test_bad_requests_fail_saying_why(worker, options, message):
     worker.submit(_request(job_id, **options))
     event = _final(worker, job_id)
     assert isinstance(event, protocol.Failed) and message in event.message, event
+
+
+def test_a_stopped_run_resumes_from_its_newest_checkpoint(worker):
+    """What a restarted engine does with the bot's resubmission (attempt 2) of a run it lost."""
+    request = dict(name="resumed-fast", steps=6, save_every=1, install="never")
+    worker.submit(_request("distill-c", **request))
+    _wait(worker, lambda ev: [e for e in ev if e.job_id == "distill-c" and isinstance(e, protocol.Progress)
+                              and e.step >= 2])
+    worker.cancel("distill-c")
+    assert isinstance(_final(worker, "distill-c"), protocol.Canceled)
+    job = worker.distill_factory(_request("distill-c", attempt=2, **request))  # the worker is idle now
+    try:
+        assert job.run.step_index >= 2, "attempt 2 starts again from step 0 instead of the newest checkpoint"
+        assert not job.done and job.attempt == 2
+    finally:
+        job.release()
