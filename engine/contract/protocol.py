@@ -92,6 +92,7 @@ class ResolvedParams(_Msg):
     fast: bool
     mode: Literal["txt2img", "variation", "upscale", "image"] = "txt2img"
     fast_mode: str | None = None  # the few-step recipe that ran ("lcm", "dmd2", ...)
+    fast_distilled: str | None = None  # the few-step adapter distilled for this very mix that ran, if one did
     eta: float | None = None  # the recipe's eta (TCD's gamma), when it has one
     cfg_rescale: float = 0.0  # guidance_rescale applied (v-prediction bases with CFG)
     strength: float | None = None

@@ -133,7 +133,8 @@ async def test_admin_distils_a_mix_and_fast_mode_then_uses_it(stack):
                                                                    "style": "ink-style:0.8", "fast": "best"})
     image = await d.wait_for(lambda: finished(d, imagine), timeout=120)
     assert f"Fast adapter: {NAME} (distilled for this mix)" in png_parameters(d, image)
-    assert NAME in field(image, "Adapters") and "fast" in field(image, "Mode")
+    assert NAME in field(image, "Adapters")
+    assert f"fast (lcm, {NAME} distilled for this mix)" in field(image, "Mode"), "the reply says which adapter ran"
 
 
 async def test_cancel_button_stops_a_distillation_for_an_admin_only(stack):
