@@ -174,6 +174,9 @@ def live_message(run: RunRow, run_dir: Path, eta: str) -> tuple[str | None, disc
     content = None
     if run.status == "completed":
         content = t(verdict(run))
+        if run.promoted_as:
+            content += "\n" + t(_("✅ Installed by an admin as **%(name)s**: /imagine fast: with this mix now uses "
+                                   "it.", name=run.promoted_as))
     elif run.status in ("failed", "canceled"):
         content = t(_("Distillation run `%(run_id)s` %(status)s; fast mode is unchanged.", run_id=run.run_id,
                       status=run.status))

@@ -70,7 +70,10 @@ def run_view(run: RunRow) -> discord.ui.View | None:
     view = discord.ui.View(timeout=None)
     if run.active:
         view.add_item(RunButton("cancel", run.run_id))
-    elif run.status == "completed" and not run.promoted_as and run.kind != DISTILL_KIND:
+    elif run.kind == DISTILL_KIND:  # a distillation the engine did not install: an admin may install it anyway
+        if run.status == "completed" and not run.promoted_as and not run.result.get("installed"):
+            view.add_item(RunButton("promote", run.run_id, label="Install anyway"))
+    elif run.status == "completed" and not run.promoted_as:
         step = promote_step(run)
         view.add_item(RunButton("promote", run.run_id,
                                 label=f"Promote step {step}" if step is not None else "Promote final adapter"))

@@ -150,3 +150,24 @@ async def test_cancel_button_stops_a_distillation_for_an_admin_only(stack):
                              and m, timeout=60)
     assert "fast mode is unchanged" in ended["content"] and not buttons(ended)
     assert not (stack.tmp / "adapters" / "long-fast.safetensors").exists()
+
+
+async def test_an_admin_can_install_a_run_the_engine_did_not(stack):
+    """install: never (as for a run its judge did not recommend): the message offers Install anyway."""
+    d = stack.double
+    options = {"name": "kept-fast", "mix": "hero-a:0.6", "dataset": "ink-style", "steps": 2, "teacher_steps": 2,
+               "install": "never"}
+    run_id = (await answer(d, await invoke(d, d.admin, "adapter distill-fast", options), 60))["content"].split("`")[1]
+    msg = await d.wait_for(lambda: status_message(d, run_id), timeout=10)
+    custom_id = f"arcae-run:promote:{run_id}"
+    done = await d.wait_for(lambda: (m := d.messages[int(msg["id"])]) and custom_id in buttons(m) and m, timeout=300)
+    assert "Not installed (install: never)" in done["content"]
+    assert not (stack.tmp / "adapters" / "kept-fast.safetensors").exists()
+    refused = await d.click(d.alice, done, custom_id)
+    assert "admins only" in (await answer(d, refused, timeout=10))["content"]
+    installed = await d.click(d.admin, done, custom_id)
+    text = (await answer(d, installed, timeout=60))["content"]
+    assert "**kept-fast** v1 is live" in text and "hero-a:0.6" in text, text
+    assert json.loads((stack.tmp / "adapters" / "kept-fast.json").read_text())["kind"] == "lcm"
+    final = await d.wait_for(lambda: (m := d.messages[int(msg["id"])]) and not buttons(m) and m, timeout=15)
+    assert "Installed by an admin as **kept-fast**" in final["content"]
