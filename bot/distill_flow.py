@@ -21,7 +21,7 @@ import discord
 
 from bot import embeds
 from bot.errors import InvalidOption, Refused
-from bot.i18n import Text, _, interaction_language, localize
+from bot.i18n import Text, _, interaction_language, localize, tr
 from bot.training_store import RunRow
 from engine.contract import protocol
 
@@ -225,3 +225,38 @@ async def start(bot: "ArcaeBot", flow: "TrainingFlow", interaction: discord.Inte
     language = interaction_language(interaction)
     await interaction.followup.send(embeds.truncate("\n".join(localize(x, language) for x in lines), 2000),
                                     ephemeral=True)
+
+
+async def install_anyway(flow: "TrainingFlow", interaction: discord.Interaction, row: RunRow, audit: Any,
+                         go_live: Any) -> None:
+    """Make a completed distillation's adapter live although its run did not install it (not recommended,
+    or install: never): versioned like any promotion (``training.data.lifecycle``), so /adapter rollback
+    undoes it; the file's header keeps the mix binding."""
+    import asyncio
+
+    from engine.contract.training_errors import TrainingError
+    from training.data import lifecycle
+
+    if row.status != "completed":
+        raise Refused(_("Distillation run `%(run_id)s` is %(status)s; only a completed one can be installed.",
+                        run_id=row.run_id, status=row.status))
+    if row.result.get("installed") or row.promoted_as:
+        raise Refused(_("The adapter of distillation run `%(run_id)s` is already live as **%(name)s**.",
+                        run_id=row.run_id, name=row.result.get("installed") or row.promoted_as))
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    mix = mix_text(row.result.get("mix") or row.options.get("mix"))
+    try:
+        result = await asyncio.to_thread(
+            lifecycle.promote, flow.run_dir(row), None, row.adapter_name, flow.adapters_dir, kind="lcm", triggers=[],
+            default_weight=1.0, description=f"few-step adapter distilled for the mix {mix}")
+    except TrainingError as exc:
+        raise InvalidOption(exc.message) from None
+    await flow.store.set_promoted(row.run_id, row.adapter_name)
+    flow.changed(row.run_id)  # the run's status message drops its button
+    await audit(interaction, "adapter.promote", row.adapter_name, run=row.run_id, version=result.version,
+                previous=result.previous, distilled=True)
+    warning = await go_live(interaction)
+    text = tr(interaction, "✅ **%(name)s** v%(version)s is live: /imagine fast: with the mix %(mix)s now uses it "
+              "(installed by an admin; the run did not install it).", name=row.adapter_name,
+              version=result.version, mix=mix)
+    await interaction.followup.send(text + warning, ephemeral=True)

@@ -325,6 +325,8 @@ class TrainingFlow:
         """Score the run's checkpoints (tagger in a thread); store and return the recommended step."""
         from training.data import checkpoints
 
+        if run.kind == DISTILL_KIND:  # judged on the engine by its own distance measure, not by tags
+            return None
         run_dir = self.run_dir(run)
         try:
             tag_fn = checkpoints.tagger_tag_fn(await self.tagger())

@@ -21,7 +21,6 @@ from discord.ext import commands
 from bot import embeds
 from bot.distill_flow import DISTILL_KIND
 from bot.errors import InvalidOption, Refused
-from bot.i18n import _, tr
 from bot.policy import is_admin, require_admin
 from bot.training_flow import TrainingFlow, flow_for
 from bot.training_store import RunRow
@@ -99,8 +98,10 @@ class AdapterAdmin(commands.Cog):
         """Promote a run of this server (the command, and the Promote button of its status message)."""
         from training.data import lifecycle
 
-        if row.kind == DISTILL_KIND:
-            await self._install_distilled(interaction, row)
+        if row.kind == DISTILL_KIND:  # a distillation the engine did not install: "Install anyway"
+            from bot.distill_flow import install_anyway
+
+            await install_anyway(self.flow, interaction, row, self._audit, self._go_live)
             return
         if row.active:
             raise Refused(f"Training run `{row.run_id}` is still {row.status}; promote it once it has completed "
@@ -123,33 +124,6 @@ class AdapterAdmin(commands.Cog):
         await interaction.followup.send(
             f"✅ **{target}** v{result.version} is live: {row.kind}, trigger `{row.trigger}`, weight {weight:g}, "
             f"from run `{row.run_id}` ({which}). Use it with /imagine {row.kind}:{target}.{warning}", ephemeral=True)
-
-    async def _install_distilled(self, interaction: discord.Interaction, row: RunRow) -> None:
-        """Make a completed distillation's adapter live although its run did not install it (not recommended,
-        or install: never): versioned like any promotion, so /adapter rollback undoes it."""
-        from bot.distill_flow import mix_text
-        from training.data import lifecycle
-
-        if row.status != "completed":
-            raise Refused(_("Distillation run `%(run_id)s` is %(status)s; only a completed one can be installed.",
-                            run_id=row.run_id, status=row.status))
-        if row.result.get("installed") or row.promoted_as:
-            raise Refused(_("The adapter of distillation run `%(run_id)s` is already live as **%(name)s**.",
-                            run_id=row.run_id, name=row.result.get("installed") or row.promoted_as))
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        mix = mix_text(row.result.get("mix") or row.options.get("mix"))
-        result = await asyncio.to_thread(
-            lifecycle_call, lifecycle.promote, self.flow.run_dir(row), None, row.adapter_name, self.flow.adapters_dir,
-            kind="lcm", triggers=[], default_weight=1.0, description=f"few-step adapter distilled for the mix {mix}")
-        await self.flow.store.set_promoted(row.run_id, row.adapter_name)
-        self.flow.changed(row.run_id)  # the run's status message drops its button
-        await self._audit(interaction, "adapter.promote", row.adapter_name, run=row.run_id, version=result.version,
-                          previous=result.previous, distilled=True)
-        warning = await self._go_live(interaction)
-        text = tr(interaction, "✅ **%(name)s** v%(version)s is live: /imagine fast: with the mix %(mix)s now uses it "
-                  "(installed by an admin; the run did not install it).", name=row.adapter_name,
-                  version=result.version, mix=mix)
-        await interaction.followup.send(text + warning, ephemeral=True)
 
     # ------------------------------------------------------------------ rollback / delete
 

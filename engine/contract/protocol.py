@@ -217,13 +217,11 @@ class DriftRequest(_Msg):
 
 
 class DistillSettings(_Msg):
-    """A few-step distillation run's settings (``training.data.distill_setup.DistillOptions`` names them;
-    None: that module's default, or ``[training] resolution`` for ``resolution``)."""
+    """A distillation run's settings, named as ``training.data.distill_setup.DistillOptions`` (None: its default)."""
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)  # the distilled adapter's name
     mix: list[AdapterWeight] = Field(default_factory=list, max_length=MAX_ADAPTERS_PER_REQUEST)
-    # Captions the teacher samples: a dataset NAME in the engine's [storage] datasets_dir (never a path),
-    # or the captions themselves; neither: the datasets named after the mix's adapters.
+    # The teacher's captions: a dataset NAME in [storage] datasets_dir (never a path), or the captions.
     dataset: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN)
     captions: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default_factory=list, max_length=256)
     steps: int | None = Field(None, ge=1, le=100_000)
@@ -236,17 +234,13 @@ class DistillSettings(_Msg):
     save_every: int | None = Field(None, ge=1, le=100_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     init: Literal["auto", "scratch"] | None = None
-    # Install the result into the adapters directory (live at once): only when the run's judge
-    # recommends it (the default), always (an admin's override), or never (kept in the run folder).
+    # Make the result live: only when the run's judge recommends it, always, or never (run folder only).
     install: Literal["recommended", "always", "never"] = "recommended"
 
 
 class DistillRequest(_Msg):
-    """Distil a few-step (``lcm``) adapter for an adapter mix on the engine's GPU worker.
-
-    Runs in the training slot like a ``TrainRequest`` (preemptible steps, checkpoints, resume on a
-    later attempt); ``Completed.result`` carries the judge's numbers and whether it was installed.
-    """
+    """Distil a few-step (``lcm``) adapter for a mix in the GPU worker's training slot, like a ``TrainRequest``;
+    ``Completed.result`` carries the judge's numbers and whether it was installed."""
 
     type: Literal["distill"] = "distill"
     rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
