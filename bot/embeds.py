@@ -45,6 +45,8 @@ def _mode(job: Job, resolved: protocol.ResolvedParams | None) -> str:
     mode = (resolved.mode if resolved else job.kind) + _source_text(job, resolved)
     fast = resolved.fast if resolved else job.params.fast
     recipe = (resolved.fast_mode if resolved else job.params.fast_mode) or ("LCM" if resolved else "")
+    if resolved is not None and resolved.fast_distilled:  # the mix's own distilled adapter ran
+        recipe = f"{recipe}, {resolved.fast_distilled} distilled for this mix"
     return f"{mode}{f' · fast ({recipe})' if recipe else ' · fast'}" if fast else mode
 
 

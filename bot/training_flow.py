@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from bot.db_retry import until_stored
+from bot.distill_flow import DISTILL_KIND, request_for
 from bot.errors import InvalidOption, Refused
 from bot.training_store import RunRow, TrainingStore
 from engine.contract import protocol
@@ -185,6 +186,9 @@ class TrainingFlow:
         if engine is None:
             raise EngineUnavailable("the engine is not connected yet")
         log.info("training run %s (%s) sent to the engine, attempt %d", run.run_id, run.adapter_name, run.attempt)
+        if run.kind == DISTILL_KIND:  # a distillation run (/adapter distill-fast) shares this lifecycle
+            await engine.submit(request_for(run))
+            return
         await engine.submit(protocol.TrainRequest(job_id=run.run_id, owner=str(run.created_by),
                                                   attempt=run.attempt, options=run.options))
 
@@ -304,6 +308,13 @@ class TrainingFlow:
             return
         steps = int(result.get("steps") or run.progress_total)
         await self.store.set_final_progress(run.run_id, steps, max(steps, run.progress_total), result.get("loss"))
+        if run.kind == DISTILL_KIND:  # it judged itself on the engine and is installed there when recommended
+            await self._finished(run.run_id, "completed", result=result)
+            try:
+                await self.bot.catalog.refresh()
+            except Exception as exc:  # the catalog catches up on its next refresh
+                log.warning("adapter catalog not refreshed after %s: %s", run.run_id, exc)
+            return
         recommended = await self.score(run)
         result["recommended_checkpoint"] = recommended
         await self._finished(run.run_id, "completed", result=result)
@@ -314,6 +325,8 @@ class TrainingFlow:
         """Score the run's checkpoints (tagger in a thread); store and return the recommended step."""
         from training.data import checkpoints
 
+        if run.kind == DISTILL_KIND:  # judged on the engine by its own distance measure, not by tags
+            return None
         run_dir = self.run_dir(run)
         try:
             tag_fn = checkpoints.tagger_tag_fn(await self.tagger())

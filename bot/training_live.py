@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.distill_flow import DISTILL_KIND
 from bot.training_store import RunRow
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ def run_view(run: RunRow) -> discord.ui.View | None:
     view = discord.ui.View(timeout=None)
     if run.active:
         view.add_item(RunButton("cancel", run.run_id))
+    elif run.kind == DISTILL_KIND:  # a distillation the engine did not install: an admin may install it anyway
+        if run.status == "completed" and not run.promoted_as and not run.result.get("installed"):
+            view.add_item(RunButton("promote", run.run_id, label="Install anyway"))
     elif run.status == "completed" and not run.promoted_as:
         step = promote_step(run)
         view.add_item(RunButton("promote", run.run_id,
@@ -92,6 +96,11 @@ def render(run: RunRow, run_dir: Path) -> tuple[str | None, discord.Embed, list[
     from bot.training_views import checkpoint_page, status_embed
 
     key = _attachments_key(run_dir)
+    if run.kind == DISTILL_KIND:  # a distillation run: its own embed and verdict, the same message life
+        from bot.distill_flow import live_message
+
+        content, embed, files = live_message(run, run_dir, eta_text(run))
+        return content, embed, files, key
     embed, files = status_embed(run, run_dir, eta_text(run))
     content = None
     if run.status == "completed":

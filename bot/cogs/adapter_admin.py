@@ -19,6 +19,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import embeds
+from bot.distill_flow import DISTILL_KIND
 from bot.errors import InvalidOption, Refused
 from bot.policy import is_admin, require_admin
 from bot.training_flow import TrainingFlow, flow_for
@@ -97,6 +98,11 @@ class AdapterAdmin(commands.Cog):
         """Promote a run of this server (the command, and the Promote button of its status message)."""
         from training.data import lifecycle
 
+        if row.kind == DISTILL_KIND:  # a distillation the engine did not install: "Install anyway"
+            from bot.distill_flow import install_anyway
+
+            await install_anyway(self.flow, interaction, row, self._audit, self._go_live)
+            return
         if row.active:
             raise Refused(f"Training run `{row.run_id}` is still {row.status}; promote it once it has completed "
                           "(or cancel it and promote one of its checkpoints).")
@@ -219,6 +225,43 @@ class AdapterAdmin(commands.Cog):
         await self._audit(interaction, "adapter.drift", request.job_id, options=request.options.model_dump())
         await interaction.followup.send(**await drift_answer(self.bot, request), ephemeral=True)
 
+    # ------------------------------------------------------------------ distill-fast
+
+    @adapter.command(name="distill-fast", description="Distil a few-step adapter that keeps a mix's style (admins)")
+    @app_commands.describe(name="Name of the distilled adapter: letters, digits, _ . -",
+                           mix="The mix it is for, e.g. `mystyle:0.8, hero-a` (default: the base alone)",
+                           dataset="Dataset whose captions the teacher draws (default: the mix's own)",
+                           steps="Optimizer steps (default 1000, capped by config)",
+                           teacher_cfg="The teacher's CFG, baked into the adapter (1-30, default 6)",
+                           teacher_steps="The teacher's sampling steps (1-150, default 25)",
+                           student_steps="Steps fast mode runs and is judged at (1-8, default 4)",
+                           lr="Learning rate, e.g. 0.0001", rank="LoRA rank from scratch (1-256, default 64)",
+                           resolution="Square side in px (default: [training] resolution)",
+                           init="Start from the stock few-step adapter or from scratch",
+                           install="When to make it live (default: only when recommended)")
+    @app_commands.choices(init=[app_commands.Choice(name="stock adapter when installed", value="auto"),
+                                app_commands.Choice(name="from scratch", value="scratch")],
+                          install=[app_commands.Choice(name="only when recommended", value="recommended"),
+                                   app_commands.Choice(name="always", value="always"),
+                                   app_commands.Choice(name="never (keep it in the run folder)", value="never")])
+    async def distill_fast(self, interaction: discord.Interaction, name: str, mix: Optional[str] = None,
+                           dataset: Optional[str] = None, steps: Optional[int] = None,
+                           teacher_cfg: Optional[float] = None, teacher_steps: Optional[int] = None,
+                           student_steps: Optional[int] = None, lr: Optional[float] = None,
+                           rank: Optional[int] = None, resolution: Optional[int] = None,
+                           init: Optional[str] = None, install: Optional[str] = None) -> None:
+        require_admin(interaction, self.bot.config)
+        from bot import distill_flow
+
+        settings = distill_flow.settings_from(
+            self.bot.config, name=name, mix=mix, dataset=dataset, steps=steps, teacher_cfg=teacher_cfg,
+            teacher_steps=teacher_steps, student_steps=student_steps, lr=lr, rank=rank, resolution=resolution,
+            init=init, install=install)
+        await self.bot.catalog.refresh()
+        datasets = await asyncio.to_thread(self.flow.datasets)
+        distill_flow.check_targets(settings, self.bot.config, self.bot.catalog, datasets)
+        await distill_flow.start(self.bot, self.flow, interaction, settings)
+
     # ------------------------------------------------------------------ autocomplete
 
     async def _autocomplete_adapters(self, interaction: discord.Interaction,
@@ -241,9 +284,29 @@ class AdapterAdmin(commands.Cog):
         runs: list[RunRow] = [r for r in await self.flow.store.recent(guild_id=interaction.guild_id) if not r.active]
         return run_choices(runs, current)
 
+    async def _autocomplete_mix(self, interaction: discord.Interaction,
+                                current: str) -> list[app_commands.Choice[str]]:
+        """The mix typed so far with its last entry completed to a live adapter's name."""
+        if not is_admin(interaction.user, interaction.guild, self.bot.config):
+            return []
+        self.bot.catalog.refresh_soon()
+        head, _sep, last = current.rpartition(",")
+        prefix = f"{head.strip()}, " if head.strip() else ""
+        names = [a.name for a in self.bot.catalog.all() if a.kind != "lcm" and last.strip().lower() in a.name.lower()]
+        return [app_commands.Choice(name=(prefix + n)[:100], value=(prefix + n)[:100]) for n in names][:25]
+
+    async def _autocomplete_datasets(self, interaction: discord.Interaction,
+                                     current: str) -> list[app_commands.Choice[str]]:
+        if not is_admin(interaction.user, interaction.guild, self.bot.config):
+            return []
+        names = await asyncio.to_thread(self.flow.datasets)
+        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+
     for _command in (rollback, delete, info, set_weight):
         _command.autocomplete("name")(_autocomplete_adapters)
     promote.autocomplete("run")(_autocomplete_runs)
+    distill_fast.autocomplete("mix")(_autocomplete_mix)
+    distill_fast.autocomplete("dataset")(_autocomplete_datasets)
     del _command
 
 

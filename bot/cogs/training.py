@@ -25,7 +25,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import embeds
+from bot.distill_flow import DISTILL_KIND, notice_text
 from bot.errors import InvalidOption, Refused
+from bot.i18n import interaction_language, localize
 from bot.job_manager import new_job_id
 from bot.policy import is_admin, require_admin
 from bot.replies import report_error
@@ -185,9 +187,16 @@ class Training(commands.Cog):
         await self.flow.store.audit(user_id=interaction.user.id, guild_id=interaction.guild_id, action=action,
                                     target=target, detail=detail)
 
+    def notify_when_done(self, run_id: str, interaction: discord.Interaction) -> None:
+        """Tell the admin of ``interaction`` when run ``run_id`` ends (a follow-up while it is valid)."""
+        self._interactions[run_id] = interaction
+
     async def _notice(self, run: RunRow, status: str) -> None:
         """Tell the admin who started a run that it ended (ephemeral follow-up, else the channel)."""
-        if status == "completed":
+        text: Any
+        if run.kind == DISTILL_KIND:
+            text = notice_text(run, status)  # a Text: rendered in the admin's language below
+        elif status == "completed":
             rec = f"recommended checkpoint: step {run.recommended_step}" if run.recommended_step else "no scores"
             loss = f", loss {run.loss:.4f}" if run.loss is not None else ""
             text = (f"✅ Training run `{run.run_id}` (**{run.adapter_name}**) completed: {run.progress_step} steps"
@@ -201,7 +210,8 @@ class Training(commands.Cog):
         interaction = self._interactions.pop(run.run_id, None)
         if interaction is not None:
             try:
-                await interaction.followup.send(text[:2000], ephemeral=True)
+                await interaction.followup.send(localize(text, interaction_language(interaction))[:2000],
+                                                ephemeral=True)
                 return
             except discord.HTTPException:
                 pass  # the interaction expired (15 minutes): say it in the channel instead

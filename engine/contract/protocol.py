@@ -92,6 +92,7 @@ class ResolvedParams(_Msg):
     fast: bool
     mode: Literal["txt2img", "variation", "upscale", "image"] = "txt2img"
     fast_mode: str | None = None  # the few-step recipe that ran ("lcm", "dmd2", ...)
+    fast_distilled: str | None = None  # the few-step adapter distilled for this very mix that ran, if one did
     eta: float | None = None  # the recipe's eta (TCD's gamma), when it has one
     cfg_rescale: float = 0.0  # guidance_rescale applied (v-prediction bases with CFG)
     strength: float | None = None
@@ -215,6 +216,40 @@ class DriftRequest(_Msg):
     options: DriftOptions = Field(default_factory=DriftOptions)
 
 
+class DistillSettings(_Msg):
+    """A distillation run's settings, named as ``training.data.distill_setup.DistillOptions`` (None: its default)."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)  # the distilled adapter's name
+    mix: list[AdapterWeight] = Field(default_factory=list, max_length=MAX_ADAPTERS_PER_REQUEST)
+    # The teacher's captions: a dataset NAME in [storage] datasets_dir (never a path), or the captions.
+    dataset: str | None = Field(None, pattern=ADAPTER_NAME_PATTERN)
+    captions: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(default_factory=list, max_length=256)
+    steps: int | None = Field(None, ge=1, le=100_000)
+    teacher_cfg: float | None = Field(None, ge=1.0, le=30.0)
+    teacher_steps: int | None = Field(None, ge=1, le=150)
+    student_steps: int | None = Field(None, ge=1, le=8)
+    lr: float | None = Field(None, ge=1e-7, le=1e-1)
+    rank: int | None = Field(None, ge=1, le=256)
+    resolution: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    save_every: int | None = Field(None, ge=1, le=100_000)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    init: Literal["auto", "scratch"] | None = None
+    # Make the result live: only when the run's judge recommends it, always, or never (run folder only).
+    install: Literal["recommended", "always", "never"] = "recommended"
+
+
+class DistillRequest(_Msg):
+    """Distil a few-step (``lcm``) adapter for a mix in the GPU worker's training slot, like a ``TrainRequest``;
+    ``Completed.result`` carries the judge's numbers and whether it was installed."""
+
+    type: Literal["distill"] = "distill"
+    rid: str | None = Field(None, max_length=64)  # request id, echoed by the reply
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    owner: str = Field(min_length=1, max_length=64)
+    attempt: int = Field(1, ge=1, le=100)
+    options: DistillSettings
+
+
 Request = Annotated[
     Union[
         Hello,
@@ -227,6 +262,7 @@ Request = Annotated[
         StatusRequest,
         TrainRequest,
         DriftRequest,
+        DistillRequest,
     ],
     Field(discriminator="type"),
 ]

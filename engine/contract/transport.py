@@ -16,7 +16,8 @@ from engine.contract import protocol
 
 EventCallback = Callable[[Any], Awaitable[None]]
 ConnectCallback = Callable[[], Awaitable[None]]
-JobRequest = protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.TrainRequest | protocol.DriftRequest
+JobRequest = (protocol.GenerateRequest | protocol.Img2ImgRequest | protocol.TrainRequest | protocol.DriftRequest
+              | protocol.DistillRequest)
 
 
 class TransportError(Exception):

@@ -133,6 +133,7 @@ class Generator(Img2ImgMixin):
                 fast_mode = distilled_choice(entry.name, self.model.prediction)
                 fast_adapter = (entry.name, check_weight(fast_mode, params.fast_weight))
                 resolved, warnings = self._resolve_with(params, mode, fast_adapter, fast_mode, **kwargs)
+                resolved = resolved.model_copy(update={"fast_distilled": entry.name})  # the reply says so
                 warnings.append(f"fast mode uses {entry.name}, the few-step adapter distilled for this adapter mix")
             elif missing is not None:
                 raise missing

@@ -162,6 +162,10 @@ class Dispatcher(DispatcherQueries, LeaseKeeper):
         if isinstance(request, protocol.DriftRequest):  # Redis workers accept generate, img2img and train only
             raise EngineRejected("bad_request", "drift measurements run on one engine (local or remote mode), not "
                                  "through Redis scale-out; run `python -m training drift` on a GPU host instead")
+        if isinstance(request, protocol.DistillRequest):  # its result must be installed on every worker's disk
+            raise EngineRejected("bad_request", "distillation runs on one engine (local or remote mode), not "
+                                 "through Redis scale-out; run `python -m training distill-fast` on a GPU host "
+                                 "instead and copy the adapter to every worker's adapters folder")
         job_id = request.job_id
         if job_id in self._inflight:
             d = self._inflight[job_id]

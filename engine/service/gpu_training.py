@@ -33,16 +33,20 @@ class TrainingSlotMixin:
             self._wake.notify()
 
     def _factory_for(self, request: Any) -> Callable[[Any], SteppableRun] | None:
-        return self.drift_factory if isinstance(request, protocol.DriftRequest) else self.train_factory
+        if isinstance(request, protocol.DriftRequest):
+            return self.drift_factory
+        if isinstance(request, protocol.DistillRequest):
+            return self.distill_factory
+        return self.train_factory
 
-    def _submit_training(self, request: protocol.TrainRequest) -> protocol.Queued:
+    def _submit_training(self, request: Any) -> protocol.Queued:
         """Accept a training run; it is built on the worker thread (it changes the pipeline).
 
         Options the factory refuses arrive as a ``Failed`` event (code bad_request).
         """
         if self._factory_for(request) is None:
-            raise InvalidRequest("this engine does not accept " + ("drift measurements" if isinstance(
-                request, protocol.DriftRequest) else "training runs"))
+            what = {protocol.DriftRequest: "drift measurements", protocol.DistillRequest: "distillation runs"}
+            raise InvalidRequest(f"this engine does not accept {what.get(type(request), 'training runs')}")
         with self._lock:
             known = self._known_state(request)
             if known is not None:

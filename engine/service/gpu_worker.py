@@ -71,6 +71,8 @@ class GpuWorker(TrainingSlotMixin, BatchingMixin, PostProcessingMixin):
         self.train_factory = train_factory
         # DriftRequest -> a steppable drift measurement (engine.service.drift_hook); runs in the training slot.
         self.drift_factory: Callable[[protocol.DriftRequest], SteppableRun] | None = None
+        # DistillRequest -> a steppable distillation run (engine.service.distill_hook); same slot.
+        self.distill_factory: Callable[[protocol.DistillRequest], SteppableRun] | None = None
         self.scheduler = FairScheduler(config.engine.queue_limit)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -103,7 +105,7 @@ class GpuWorker(TrainingSlotMixin, BatchingMixin, PostProcessingMixin):
         ``SourceNotFound``, ``ShuttingDown``). Idempotent: a job id the worker already holds is
         not queued twice; the answer describes the job as it is (position 0 when running).
         """
-        if isinstance(request, (protocol.TrainRequest, protocol.DriftRequest)):
+        if isinstance(request, (protocol.TrainRequest, protocol.DriftRequest, protocol.DistillRequest)):
             return self._submit_training(request)
         if not isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest)):
             raise InvalidRequest(f"cannot queue a {type(request).__name__}; send generate, img2img or train")

@@ -263,7 +263,7 @@ class EngineServer:
             if isinstance(request, (protocol.Hello, protocol.HelloProof)):
                 return protocol.ErrorResponse(code="bad_request", message="already authenticated", rid=rid)
             if isinstance(request, (protocol.GenerateRequest, protocol.Img2ImgRequest, protocol.TrainRequest,
-                                    protocol.DriftRequest)):
+                                    protocol.DriftRequest, protocol.DistillRequest)):
                 return self.worker.submit(request).model_copy(update={"rid": rid})
             if isinstance(request, protocol.CancelRequest):
                 if self.worker.cancel(request.job_id):
@@ -406,6 +406,10 @@ def build_worker(config: ArcaeConfig, secrets: Secrets) -> GpuWorker:
 
     worker = GpuWorker(generator, config, train_factory=train_factory)
     worker.drift_factory = drift_factory(config, generator)  # DriftRequests: fast modes measured
+    if config.engine.accepts_training:  # DistillRequests: few-step adapters distilled for a mix
+        from engine.service.distill_hook import distill_factory
+
+        worker.distill_factory = distill_factory(config, generator)
     return worker
 
 

@@ -50,6 +50,9 @@ REQUESTS = [
     p.DriftRequest(job_id="drift-1", owner="admin", options={"adapters": [{"name": "ink", "weight": 0.8}],
                                                              "lcm_weights": [0.5, 1.0], "steps": [4, 6],
                                                              "checkpoint_run": "run-1"}),
+    p.DistillRequest(job_id="distill-1", owner="admin", attempt=2,
+                     options={"name": "ink-fast", "mix": [{"name": "ink", "weight": 0.8}], "dataset": "ink",
+                              "steps": 4, "teacher_cfg": 6.0, "student_steps": 4, "install": "always"}),
 ]
 EVENTS = [
     p.Challenge(nonce="12" * 32, proof="ef" * 32, rid="hello"),
@@ -131,3 +134,13 @@ def test_pickle_is_not_a_wire_format():
 
     with pytest.raises(p.ProtocolError):
         p.decode_request(pickle.dumps(p.StatusRequest()))
+
+
+@pytest.mark.parametrize("options", [
+    {"name": "../escape"}, {"name": "ok", "dataset": "/etc/passwd"}, {"name": "ok", "student_steps": 9},
+    {"name": "ok", "resolution": 100}, {"name": "ok", "install": "sometimes"}, {"name": "ok", "teacher_cfg": 0.5},
+])
+def test_a_distill_request_is_bounded(options):
+    """A dataset is a name the engine knows, never a path; every number has bounds."""
+    with pytest.raises(p.ProtocolError):
+        p.decode_request({"type": "distill", "job_id": "d-1", "owner": "admin", "options": options})

@@ -369,3 +369,15 @@ async def test_a_drift_measurement_is_refused_with_the_way_to_run_it(cluster):
         await d.submit(protocol.DriftRequest(job_id="drift-1", owner="admin"))
     assert "not through Redis scale-out" in err.value.message and "python -m training drift" in err.value.message
     assert len(d._queue) == 0
+
+
+async def test_a_distillation_run_is_refused_with_the_way_to_run_it(cluster):
+    from engine.contract.transport import EngineRejected
+
+    d = cluster.new_dispatcher()
+    request = protocol.DistillRequest(job_id="distill-1", owner="admin",
+                                      options=protocol.DistillSettings(name="style-fast"))
+    with pytest.raises(EngineRejected) as err:
+        await d.submit(request)
+    assert "not through Redis scale-out" in err.value.message and "python -m training distill-fast" in err.value.message
+    assert len(d._queue) == 0
