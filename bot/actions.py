@@ -148,17 +148,17 @@ async def _share(interaction: discord.Interaction, job: Job) -> None:
     bot = bot_of(interaction)
     require_owner_or_admin(interaction, job, "share it")
     if not bot.config.gallery.channel_id or bot.config.gallery.post == "off":
-        raise Refused("No gallery channel is configured on this server.")
+        raise Refused(_("No gallery channel is configured on this server."))
     await interaction.response.defer(ephemeral=True, thinking=True)
     message_id = await bot.jobs.post_to_gallery(job.job_id)
     if message_id is None:
-        raise Refused("Nothing to share: none of this job's images could be posted to the gallery channel.")
-    await reply(interaction, f"Shared to <#{bot.config.gallery.channel_id}>.")
+        raise Refused(_("Nothing to share: none of this job's images could be posted to the gallery channel."))
+    await reply(interaction, _("Shared to %(channel)s.", channel=f"<#{bot.config.gallery.channel_id}>"))
 
 
 async def _delete(interaction: discord.Interaction, job: Job) -> None:
     require_owner_or_admin(interaction, job, "delete it")
-    await interaction.response.send_message("Deleted.", ephemeral=True)
+    await interaction.response.send_message(_("Deleted.").render(interaction_language(interaction)), ephemeral=True)
     if interaction.message is not None:
         await interaction.message.delete()
     await _audit_if_other(interaction, job, "delete_result")
@@ -169,8 +169,8 @@ async def _cancel(interaction: discord.Interaction, job: Job) -> None:
     # Canceling is a round trip to the engine (or Redis), which may be slow to answer: acknowledge first.
     await interaction.response.defer(ephemeral=True, thinking=True)
     if not await bot_of(interaction).jobs.cancel(job.job_id):
-        raise Refused(f"Job `{job.job_id}` has already finished.")
-    await reply(interaction, f"Canceling job `{job.job_id}`…")
+        raise Refused(_("Job `%(job_id)s` has already finished.", job_id=job.job_id))
+    await reply(interaction, _("Canceling job `%(job_id)s`…", job_id=job.job_id))
     await _audit_if_other(interaction, job, "cancel_job")
 
 
@@ -184,7 +184,8 @@ async def _remix(interaction: discord.Interaction, job: Job) -> None:
 async def _gallery_delete(interaction: discord.Interaction, job: Job) -> None:
     # The gallery post's server decides (the job may come from another home server).
     require_owner_or_admin(interaction, job, "remove it from the gallery", where=interaction.guild_id)
-    await interaction.response.send_message("Removed from the gallery.", ephemeral=True)
+    await interaction.response.send_message(_("Removed from the gallery.").render(interaction_language(interaction)),
+                                            ephemeral=True)
     if interaction.message is not None:
         await interaction.message.delete()
     await bot_of(interaction).db.set_gallery_message(job.job_id, None, None)

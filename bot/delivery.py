@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from bot import embeds
 from bot.db import Image, Job
 from bot.errors import Refused
-from bot.i18n import _
+from bot.i18n import _, guild_language, localize
 from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
 from bot.results import ResultLimits, ResultRejected, read_result, result_suffix
 from bot.views import gallery_view, result_view
@@ -222,8 +222,9 @@ class Delivery:
             await channel.send(files=[f.file() for f in group])
         return first.id
 
-    async def deliver_failure(self, job: Job, text: str) -> int | None:
-        """Tell the user a job failed or was canceled, on its message or in the channel."""
+    async def deliver_failure(self, job: Job, text: object) -> int | None:
+        """Tell the user a job failed or was canceled, on its message or in the channel (in their language)."""
+        text = localize(text, job.locale)
         # attachments=[]: a step preview shown while the job ran goes with it.
         if await self.edit_status(job, embeds.truncate(text, 2000), None, attachments=[]):
             return job.message_id  # None after an "@original" edit: mark_delivered keeps the stored id
@@ -257,7 +258,7 @@ class Delivery:
         if gallery_guild is None or gallery_guild != job.guild_id:
             # The gallery is one channel of one server: results made in another server (or in a
             # gallery whose server cannot be learnt) never go there, shared or posted automatically.
-            raise Refused("The gallery channel is on another server; results made here cannot be shared to it.")
+            raise Refused(_("The gallery channel is on another server; results made here cannot be shared to it."))
         gallery_nsfw = channel_is_nsfw(gallery)
         refusal = gallery_refusal(job, images, gallery_nsfw, self.config)
         if refusal:
@@ -265,10 +266,12 @@ class Delivery:
         rules = content_rules(gallery_nsfw, self.config)
         target = gallery if isinstance(gallery, discord.abc.Messageable) else self.bot.get_partial_messageable(channel_id)
         shown = [i for i in images if not rules.withheld(i.rating)]
-        files, _ = await asyncio.to_thread(self.prepare, job, shown, rules, DEFAULT_UPLOAD_LIMIT)
+        files, _notes = await asyncio.to_thread(self.prepare, job, shown, rules, DEFAULT_UPLOAD_LIMIT)
         if not files:
             return None
-        embed = embeds.params_embed(job, title="Gallery", author=author)
+        # The gallery is read by the whole server: its post speaks the server's language, not the requester's.
+        language = guild_language(getattr(gallery, "guild", None))
+        embed = embeds.params_embed(job, title=_("Gallery").render(language), author=author, language=language)
         msg = await target.send(embed=embed, files=[f.file() for f in files[:MAX_FILES_PER_MESSAGE]],
-                                view=gallery_view(job.job_id))
+                                view=gallery_view(job.job_id, language))
         return msg.id
