@@ -72,13 +72,17 @@ def check_caption_uploads(attachments: list[discord.Attachment]) -> None:
 
     bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() != CAPTION_SUFFIX]
     if bad:
-        raise InvalidOption(_("No captions changed: not a %(suffix)s file: %(files)s. Upload NAME.txt files "
-                              "(UTF-8 text) to replace the captions of NAME.png.",
-                              suffix=CAPTION_SUFFIX, files=", ".join(bad)))
+        raise InvalidOption(ngettext(
+            "No captions changed: %(files)s is not a %(suffix)s file; upload NAME.txt files (UTF-8 text) to replace "
+            "the captions of NAME.png.", "No captions changed: %(files)s are not %(suffix)s files; upload NAME.txt "
+            "files (UTF-8 text) to replace the captions of NAME.png.", len(bad), suffix=CAPTION_SUFFIX,
+            files=", ".join(bad)))
     big = [a.filename for a in attachments if a.size > MAX_CAPTION_BYTES]
     if big:
-        raise InvalidOption(_("No captions changed: over %(limit)s KiB: %(files)s. A caption file may be at most "
-                              "%(limit)s KiB.", limit=MAX_CAPTION_BYTES // 1024, files=", ".join(big)))
+        raise InvalidOption(ngettext(
+            "No captions changed: %(files)s is over %(limit)s KiB; a caption file may be at most %(limit)s KiB.",
+            "No captions changed: %(files)s are over %(limit)s KiB; a caption file may be at most %(limit)s KiB.",
+            len(big), limit=MAX_CAPTION_BYTES // 1024, files=", ".join(big)))
 
 
 async def download(attachments: list[discord.Attachment]) -> list[tuple[str, bytes]]:
