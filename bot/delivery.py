@@ -151,13 +151,14 @@ class Delivery:
 
     def prepare(self, job: Job, images: list[Image], rules: ContentRules, limit: int) -> tuple[list[Prepared], list[str]]:
         """Files to upload, and notes for the user (withheld, missing, re-encoded)."""
-        files, notes = [], []
+        files, notes, language = [], [], job.locale  # the notes are for the requester
         withheld = [img for img in images if rules.withheld(img.rating)]
         if withheld:
-            ratings = ", ".join(sorted({f"rated {img.rating}" if img.rating else "not rated (the content rater is off)"
+            ratings = ", ".join(sorted({_("rated %(rating)s", rating=img.rating).render(language) if img.rating
+                                        else _("not rated (the content rater is off)").render(language)
                                         for img in withheld}))
-            notes.append(f"🔞 {len(withheld)} image(s) withheld: {ratings}, and this channel is not "
-                         "age-restricted. Run it in an age-restricted channel to see it.")
+            notes.append(_("🔞 %(n)s image(s) withheld: %(ratings)s, and this channel is not age-restricted. Run it "
+                           "in an age-restricted channel to see it.", n=len(withheld), ratings=ratings).render(language))
         for img in images:
             if img in withheld:
                 continue
@@ -166,7 +167,8 @@ class Delivery:
             except (OSError, ResultRejected) as exc:
                 log.warning("job %s image %d not shown: %s", job.job_id, img.idx + 1,
                             exc if isinstance(exc, ResultRejected) else type(exc).__name__)
-                notes.append(f"⚠️ Image {img.idx + 1} is missing on the server (seed {img.seed}).")
+                notes.append(_("⚠️ Image %(n)s is missing on the server (seed %(seed)s).", n=img.idx + 1,
+                               seed=img.seed).render(language))
                 continue
             name = f"arcae_{job.job_id}_{img.idx + 1}{result_suffix(img.path)}"
             prepared = Prepared(name, data, spoiler=rules.spoilered(img.rating))
@@ -174,8 +176,8 @@ class Delivery:
                 prepared = Prepared(name[:-4] + ".jpg", fit_to_limit(data, limit), prepared.spoiler, True)
             files.append(prepared)
         if any(f.reencoded for f in files):
-            notes.append(f"ℹ️ Some images were re-encoded as JPEG to fit the upload limit; the PNG with its "
-                         f"parameters is kept on the server (`/info {job.job_id}`).")
+            notes.append(_("ℹ️ Some images were re-encoded as JPEG to fit the upload limit; the PNG with its "
+                           "parameters is kept on the server (`/info %(job_id)s`).", job_id=job.job_id).render(language))
         return files, notes
 
     def _result_view(self, job: Job, count: int) -> discord.ui.View:
