@@ -52,14 +52,24 @@ async def test_a_japanese_admin_gets_adapter_replies_in_japanese(stack):
 
 
 async def test_a_japanese_admin_follows_a_training_run_in_japanese(stack):
+    """The admin's replies are in the admin's language; the run's live message in the channel, in the server's."""
     d = stack.double
     admin = speaking(d.admin, "ja")
     files = {f"image{i}": (f"p{i}.png", png((200, 40 * i, 90), 4 + 2 * i)) for i in range(1, 4)}
-    started = await answer(d, await invoke(d, admin, "train start", {"name": "nihongo", "kind": "style",
-                                                                    "trigger": "nihongo style"}, files=files),
-                           timeout=120)
+    before = {m["id"] for m in d.channel_messages(d.channel)}
+    await d.set_guild_locale("zh-CN")
+    try:
+        started = await answer(d, await invoke(d, admin, "train start", {"name": "nihongo", "kind": "style",
+                                                                        "trigger": "nihongo style"}, files=files),
+                               timeout=120)
+    finally:
+        await d.set_guild_locale("en-US")
     assert "学習ラン" in started["content"] and "を開始しました" in started["content"], started["content"]
     assert "3 枚の画像にキャプションを付けて" in started["content"], started["content"]
+    live = [m for m in d.channel_messages(d.channel) if m["id"] not in before and m.get("embeds")]
+    assert live and live[0]["embeds"][0]["title"].startswith("训练任务 run-"), live
+    labels = {c.get("label") for row in live[0]["components"] for c in row["components"]}
+    assert "取消训练" in labels, labels
     status = await answer(d, await invoke(d, admin, "train status"), timeout=60)
     embed = status["embeds"][0]
     assert embed["title"].startswith("学習ラン run-"), embed["title"]
