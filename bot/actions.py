@@ -130,10 +130,10 @@ async def _img2img(interaction: discord.Interaction, job: Job, mode: str, image:
     check_access(interaction, bot.config)
     images = await bot.db.images(job.job_id)
     if job.status != "completed" or not images:
-        raise Refused("This job has no finished image to start from yet.")
+        raise Refused(_("This job has no finished image to start from yet."))
     source = next((i for i in images if i.idx == image - 1), None)
     if source is None:
-        raise Refused(f"This job has {len(images)} image(s); there is no image {image}.")
+        raise Refused(_("This job has %(n)s image(s); there is no image %(image)s.", n=len(images), image=image))
     # An upscale keeps the image's own seed (each image of a batch has its own); a variation draws a new one.
     seed = None if mode == "variation" else source.seed
     params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1,
@@ -245,8 +245,8 @@ async def check_message_shows(interaction: discord.Interaction, action: str, job
     if message_id is None or message_id not in shown:
         log.warning("button %s:%s pressed by user %s on message %s, which is not that job's", action, job.job_id,
                     interaction.user.id, message_id)
-        raise Refused(f"This button does not belong to job `{job.job_id}`; use the buttons under that job's "
-                      "own message.")
+        raise Refused(_("This button does not belong to job `%(job_id)s`; use the buttons under that job's own "
+                        "message.", job_id=job.job_id))
 
 
 async def handle_button(interaction: discord.Interaction, action: str, job_id: str, image: int = 1) -> None:
@@ -269,7 +269,9 @@ def _parse_number(text: str, name: str, kind: type) -> int | float | None:
     try:
         return kind(text)
     except ValueError:
-        raise InvalidOption(f"{name} must be a {'whole ' if kind is int else ''}number (got {text!r}).") from None
+        if kind is int:
+            raise InvalidOption(_("%(name)s must be a whole number (got %(text)s).", name=name, text=repr(text))) from None
+        raise InvalidOption(_("%(name)s must be a number (got %(text)s).", name=name, text=repr(text))) from None
 
 
 async def handle_remix_submit(interaction: discord.Interaction, job_id: str, values: dict[str, str]) -> None:
