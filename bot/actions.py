@@ -140,10 +140,10 @@ async def _img2img(interaction: discord.Interaction, job: Job, mode: str, image:
     check_access(interaction, bot.config)
     images = await bot.db.images(job.job_id)
     if job.status != "completed" or not images:
-        raise Refused("This job has no finished image to start from yet.")
+        raise Refused(_("This job has no finished image to start from yet."))
     source = next((i for i in images if i.idx == image - 1), None)
     if source is None:
-        raise Refused(f"This job has {len(images)} image(s); there is no image {image}.")
+        raise Refused(_("This job has %(n)s image(s); there is no image %(image)s.", n=len(images), image=image))
     # An upscale keeps the image's own seed (each image of a batch has its own); a variation draws a new one.
     seed = None if mode == "variation" else source.seed
     params = params_for_channel(interaction, job.params.model_copy(update={"seed": seed, "count": 1,
@@ -158,17 +158,17 @@ async def _share(interaction: discord.Interaction, job: Job) -> None:
     bot = bot_of(interaction)
     require_owner_or_admin(interaction, job, "share it")
     if not bot.config.gallery.channel_id or bot.config.gallery.post == "off":
-        raise Refused("No gallery channel is configured on this server.")
+        raise Refused(_("No gallery channel is configured on this server."))
     await interaction.response.defer(ephemeral=True, thinking=True)
     message_id = await bot.jobs.post_to_gallery(job.job_id)
     if message_id is None:
-        raise Refused("Nothing to share: none of this job's images could be posted to the gallery channel.")
-    await reply(interaction, f"Shared to <#{bot.config.gallery.channel_id}>.")
+        raise Refused(_("Nothing to share: none of this job's images could be posted to the gallery channel."))
+    await reply(interaction, _("Shared to %(channel)s.", channel=f"<#{bot.config.gallery.channel_id}>"))
 
 
 async def _delete(interaction: discord.Interaction, job: Job) -> None:
     require_owner_or_admin(interaction, job, "delete it")
-    await interaction.response.send_message("Deleted.", ephemeral=True)
+    await interaction.response.send_message(_("Deleted.").render(interaction_language(interaction)), ephemeral=True)
     if interaction.message is not None:
         await interaction.message.delete()
     await _audit_if_other(interaction, job, "delete_result")
@@ -179,8 +179,8 @@ async def _cancel(interaction: discord.Interaction, job: Job) -> None:
     # Canceling is a round trip to the engine (or Redis), which may be slow to answer: acknowledge first.
     await interaction.response.defer(ephemeral=True, thinking=True)
     if not await bot_of(interaction).jobs.cancel(job.job_id):
-        raise Refused(f"Job `{job.job_id}` has already finished.")
-    await reply(interaction, f"Canceling job `{job.job_id}`…")
+        raise Refused(_("Job `%(job_id)s` has already finished.", job_id=job.job_id))
+    await reply(interaction, _("Canceling job `%(job_id)s`…", job_id=job.job_id))
     await _audit_if_other(interaction, job, "cancel_job")
 
 
@@ -194,7 +194,8 @@ async def _remix(interaction: discord.Interaction, job: Job) -> None:
 async def _gallery_delete(interaction: discord.Interaction, job: Job) -> None:
     # The gallery post's server decides (the job may come from another home server).
     require_owner_or_admin(interaction, job, "remove it from the gallery", where=interaction.guild_id)
-    await interaction.response.send_message("Removed from the gallery.", ephemeral=True)
+    await interaction.response.send_message(_("Removed from the gallery.").render(interaction_language(interaction)),
+                                            ephemeral=True)
     if interaction.message is not None:
         await interaction.message.delete()
     await bot_of(interaction).db.set_gallery_message(job.job_id, None, None)
@@ -254,8 +255,8 @@ async def check_message_shows(interaction: discord.Interaction, action: str, job
     if message_id is None or message_id not in shown:
         log.warning("button %s:%s pressed by user %s on message %s, which is not that job's", action, job.job_id,
                     interaction.user.id, message_id)
-        raise Refused(f"This button does not belong to job `{job.job_id}`; use the buttons under that job's "
-                      "own message.")
+        raise Refused(_("This button does not belong to job `%(job_id)s`; use the buttons under that job's own "
+                        "message.", job_id=job.job_id))
 
 
 async def handle_button(interaction: discord.Interaction, action: str, job_id: str, image: int = 1) -> None:
@@ -278,7 +279,9 @@ def _parse_number(text: str, name: str, kind: type) -> int | float | None:
     try:
         return kind(text)
     except ValueError:
-        raise InvalidOption(f"{name} must be a {'whole ' if kind is int else ''}number (got {text!r}).") from None
+        if kind is int:
+            raise InvalidOption(_("%(name)s must be a whole number (got %(text)s).", name=name, text=repr(text))) from None
+        raise InvalidOption(_("%(name)s must be a number (got %(text)s).", name=name, text=repr(text))) from None
 
 
 async def handle_remix_submit(interaction: discord.Interaction, job_id: str, values: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from bot import embeds
 from bot.db import Image, Job
 from bot.errors import Refused
-from bot.i18n import _
+from bot.i18n import _, guild_language, localize
 from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
 from bot.results import ResultLimits, ResultRejected, read_result, result_suffix
 from bot.views import gallery_view, result_view
@@ -151,13 +151,14 @@ class Delivery:
 
     def prepare(self, job: Job, images: list[Image], rules: ContentRules, limit: int) -> tuple[list[Prepared], list[str]]:
         """Files to upload, and notes for the user (withheld, missing, re-encoded)."""
-        files, notes = [], []
+        files, notes, language = [], [], job.locale  # the notes are for the requester
         withheld = [img for img in images if rules.withheld(img.rating)]
         if withheld:
-            ratings = ", ".join(sorted({f"rated {img.rating}" if img.rating else "not rated (the content rater is off)"
+            ratings = ", ".join(sorted({_("rated %(rating)s", rating=img.rating).render(language) if img.rating
+                                        else _("not rated (the content rater is off)").render(language)
                                         for img in withheld}))
-            notes.append(f"🔞 {len(withheld)} image(s) withheld: {ratings}, and this channel is not "
-                         "age-restricted. Run it in an age-restricted channel to see it.")
+            notes.append(_("🔞 %(n)s image(s) withheld: %(ratings)s, and this channel is not age-restricted. Run it "
+                           "in an age-restricted channel to see it.", n=len(withheld), ratings=ratings).render(language))
         for img in images:
             if img in withheld:
                 continue
@@ -166,7 +167,8 @@ class Delivery:
             except (OSError, ResultRejected) as exc:
                 log.warning("job %s image %d not shown: %s", job.job_id, img.idx + 1,
                             exc if isinstance(exc, ResultRejected) else type(exc).__name__)
-                notes.append(f"⚠️ Image {img.idx + 1} is missing on the server (seed {img.seed}).")
+                notes.append(_("⚠️ Image %(n)s is missing on the server (seed %(seed)s).", n=img.idx + 1,
+                               seed=img.seed).render(language))
                 continue
             name = f"arcae_{job.job_id}_{img.idx + 1}{result_suffix(img.path)}"
             prepared = Prepared(name, data, spoiler=rules.spoilered(img.rating))
@@ -174,8 +176,8 @@ class Delivery:
                 prepared = Prepared(name[:-4] + ".jpg", fit_to_limit(data, limit), prepared.spoiler, True)
             files.append(prepared)
         if any(f.reencoded for f in files):
-            notes.append(f"ℹ️ Some images were re-encoded as JPEG to fit the upload limit; the PNG with its "
-                         f"parameters is kept on the server (`/info {job.job_id}`).")
+            notes.append(_("ℹ️ Some images were re-encoded as JPEG to fit the upload limit; the PNG with its "
+                           "parameters is kept on the server (`/info %(job_id)s`).", job_id=job.job_id).render(language))
         return files, notes
 
     def _result_view(self, job: Job, count: int) -> discord.ui.View:
@@ -222,8 +224,9 @@ class Delivery:
             await channel.send(files=[f.file() for f in group])
         return first.id
 
-    async def deliver_failure(self, job: Job, text: str) -> int | None:
-        """Tell the user a job failed or was canceled, on its message or in the channel."""
+    async def deliver_failure(self, job: Job, text: object) -> int | None:
+        """Tell the user a job failed or was canceled, on its message or in the channel (in their language)."""
+        text = localize(text, job.locale)
         # attachments=[]: a step preview shown while the job ran goes with it.
         if await self.edit_status(job, embeds.truncate(text, 2000), None, attachments=[]):
             return job.message_id  # None after an "@original" edit: mark_delivered keeps the stored id
@@ -257,7 +260,7 @@ class Delivery:
         if gallery_guild is None or gallery_guild != job.guild_id:
             # The gallery is one channel of one server: results made in another server (or in a
             # gallery whose server cannot be learnt) never go there, shared or posted automatically.
-            raise Refused("The gallery channel is on another server; results made here cannot be shared to it.")
+            raise Refused(_("The gallery channel is on another server; results made here cannot be shared to it."))
         gallery_nsfw = channel_is_nsfw(gallery)
         refusal = gallery_refusal(job, images, gallery_nsfw, self.config)
         if refusal:
@@ -265,10 +268,12 @@ class Delivery:
         rules = content_rules(gallery_nsfw, self.config)
         target = gallery if isinstance(gallery, discord.abc.Messageable) else self.bot.get_partial_messageable(channel_id)
         shown = [i for i in images if not rules.withheld(i.rating)]
-        files, _ = await asyncio.to_thread(self.prepare, job, shown, rules, DEFAULT_UPLOAD_LIMIT)
+        files, _notes = await asyncio.to_thread(self.prepare, job, shown, rules, DEFAULT_UPLOAD_LIMIT)
         if not files:
             return None
-        embed = embeds.params_embed(job, title="Gallery", author=author)
+        # The gallery is read by the whole server: its post speaks the server's language, not the requester's.
+        language = guild_language(getattr(gallery, "guild", None))
+        embed = embeds.params_embed(job, title=_("Gallery").render(language), author=author, language=language)
         msg = await target.send(embed=embed, files=[f.file() for f in files[:MAX_FILES_PER_MESSAGE]],
-                                view=gallery_view(job.job_id))
+                                view=gallery_view(job.job_id, language))
         return msg.id

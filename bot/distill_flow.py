@@ -141,11 +141,12 @@ def notice_text(run: RunRow, status: str) -> Text:
              run_id=run.run_id, name=run.adapter_name, error=run.error or "unknown error")
 
 
-def live_message(run: RunRow, run_dir: Path, eta: str) -> tuple[str | None, discord.Embed, list[discord.File]]:
-    """Content, embed and files of the run's live status message (reads the run folder: call in a thread)."""
-    from bot.training_views import _bar, _file, latest_grid
+def live_message(run: RunRow, run_dir: Path, eta: str, language: str | None = None
+                 ) -> tuple[str | None, discord.Embed, list[discord.File]]:
+    """Content, embed and files of the run's live status message (reads the run folder: call in a thread).
 
-    language = run.options.get(LANGUAGE_KEY)
+    The message is the channel's: ``language`` is the server's (as for training runs)."""
+    from bot.training_views import _bar, _file, latest_grid
 
     def t(message: Text) -> str:
         return localize(message, language)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.errors import InvalidOption
+from bot.i18n import _
 from engine.contract import protocol
 
 MAX_CHART_BYTES = 4 << 20
@@ -34,8 +35,8 @@ def parse_mix(text: str | None) -> list[protocol.AdapterWeight]:
         m = _ADAPTER.fullmatch(part)
         weight = float(m["weight"]) if m and m["weight"] else None
         if not m or (weight is not None and not -4.0 <= weight <= 4.0):
-            raise InvalidOption(f"adapters: `{part[:80]}` is not NAME or NAME:WEIGHT (weight -4 to 4), "
-                                "e.g. `mystyle:0.8, hero-a`.")
+            raise InvalidOption(_("adapters: `%(part)s` is not NAME or NAME:WEIGHT (weight -4 to 4), e.g. "
+                                  "`mystyle:0.8, hero-a`.", part=part[:80]))
         mix.append(protocol.AdapterWeight(name=m["name"], weight=weight))
     return mix
 
@@ -65,10 +66,11 @@ def build_request(job_id: str, owner: str, *, adapters: str | None = None, promp
         if isinstance(exc, ValidationError):
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err.get("loc", ()))
-            raise InvalidOption(f"{where}: {err.get('msg')} (allowed: a prompt up to 2000 characters, at most "
-                                f"4 seeds 0-{2**32 - 1}, 8 modes, 8 weights, 8 step counts).") from None
+            raise InvalidOption(_("%(where)s: %(error)s (allowed: a prompt up to 2000 characters, at most 4 seeds "
+                                  "0-%(max_seed)s, 8 modes, 8 weights, 8 step counts).", where=where,
+                                  error=err.get("msg"), max_seed=2**32 - 1)) from None
         if "invalid literal" in str(exc):
-            raise InvalidOption(f"seeds: `{seeds}` must be whole numbers, e.g. `1,2`.") from None
+            raise InvalidOption(_("seeds: `%(seeds)s` must be whole numbers, e.g. `1,2`.", seeds=seeds)) from None
         raise InvalidOption(str(exc) + ".") from None
 
 
@@ -77,7 +79,7 @@ class DriftOutcome:
     """What the engine answered: ``ok`` with the result, or the reason it did not finish."""
 
     ok: bool
-    message: str
+    message: object  # a str from the engine, or a bot.i18n.Text
     result: dict[str, Any]
 
 
@@ -96,14 +98,14 @@ async def run_on_engine(bot: Any, request: protocol.DriftRequest, timeout: float
         try:
             event = await asyncio.wait_for(asyncio.shield(done), timeout)
         except asyncio.TimeoutError:
-            return DriftOutcome(False, "still measuring; the report will be in the engine's "
-                                       f"runs folder under drift/{request.job_id}", {})
+            return DriftOutcome(False, _("still measuring; the report will be in the engine's runs folder under "
+                                         "drift/%(job_id)s", job_id=request.job_id), {})
     finally:
         bot.jobs.remove_listener(listener)
     if isinstance(event, protocol.Completed):
         return DriftOutcome(True, str(event.result.get("summary", "")), dict(event.result))
     if isinstance(event, protocol.Canceled):
-        return DriftOutcome(False, "the measurement was canceled", {})
+        return DriftOutcome(False, _("the measurement was canceled"), {})
     return DriftOutcome(False, event.message, {})
 
 

@@ -56,6 +56,11 @@ def language_of(locale: object) -> str | None:
     return LANGUAGES.get(str(value)) if value else None
 
 
+def guild_language(guild: object) -> str | None:
+    """The catalog for a server's language (``guild.preferred_locale``): for posts everyone there reads."""
+    return language_of(getattr(guild, "preferred_locale", None)) if guild is not None else None
+
+
 def interaction_language(interaction: discord.Interaction | None) -> str | None:
     """The catalog for the user of ``interaction`` (their Discord client's language)."""
     return language_of(getattr(interaction, "locale", None)) if interaction is not None else None

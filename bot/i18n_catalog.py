@@ -1,6 +1,6 @@
 """Extract every translatable string of bot/ into bot/locale/arcae.pot (``python -m bot.i18n_catalog``).
 
-Two kinds of strings: messages marked ``_()``, ``ngettext()`` or ``N_()`` (Babel's Python extractor),
+Two kinds of strings: messages marked ``_()``, ``ngettext()``, ``N_()`` or a local ``t()`` (Babel's Python extractor),
 and the command texts discord.py sends to Discord — ``description=`` of commands and groups,
 ``app_commands.describe(...)`` option descriptions and ``Choice(name=...)`` labels — which are
 plain literals in the cogs, found here with ``ast``. Then ``pybabel update`` merges the template
@@ -20,7 +20,8 @@ from babel.messages.pofile import write_po
 
 BOT_DIR = Path(__file__).parent
 TEMPLATE = BOT_DIR / "locale" / "arcae.pot"
-KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2), "tr": (2,)}
+# ``t`` is the local shorthand some views define for ``_(msgid, **params).render(language)``.
+KEYWORDS = {"_": None, "N_": None, "ngettext": (1, 2), "tr": (2,), "t": None}
 COMMAND_CALLS = {"command", "Group"}  # calls whose ``description=`` Discord shows
 
 

@@ -20,7 +20,9 @@ from bot import embeds
 from bot.db import Job
 from bot.db_retry import until_stored
 from bot.delivery import Delivery, delivery_file
+from bot.engine_failures import job_failed, not_started, stored_failure
 from bot.errors import Refused
+from bot.i18n import _
 from bot.picture_jobs import pending_fetch
 from bot.results import ResultLimits, ResultRejected, accept_completed, accept_preview
 from bot.uploads import is_upload
@@ -135,7 +137,7 @@ class JobManager:
             self._schedule(job.job_id)
             return
         except EngineRejected as exc:
-            await self._fail(job.job_id, f"❌ Not started: {exc.message}", error=f"{exc.code}: {exc.message}")
+            await self._fail(job.job_id, not_started(exc.code, exc.message), error=f"{exc.code}: {exc.message}")
             return
         if live.state in ("queued", "unavailable", "restarting"):
             live.state = "queued"
@@ -168,8 +170,9 @@ class JobManager:
                 continue
             if job.status == "running":
                 if job.attempt >= MAX_ATTEMPTS:
-                    await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: the engine stopped twice while "
-                                     "making it. Please try again.", error="engine stopped during the job twice")
+                    await self._fail(job.job_id, _("❌ Job `%(job_id)s` failed: the engine stopped twice while making "
+                                                   "it. Please try again.", job_id=job.job_id),
+                                     error="engine stopped during the job twice")
                     continue
                 await self.db.set_attempt(job.job_id, job.attempt + 1)
                 job = await self.db.get_job(job.job_id) or job
@@ -184,7 +187,7 @@ class JobManager:
                 if job.status == "completed":
                     await self._deliver(job.job_id)
                 else:
-                    await self._deliver_failure(job.job_id, f"❌ Job `{job.job_id}` failed: {job.error}")
+                    await self._deliver_failure(job.job_id, stored_failure(job.job_id, job.error))
             except Exception:
                 log.exception("delivery of job %s failed again; will retry on next start", job.job_id)
 
@@ -322,8 +325,8 @@ class JobManager:
                                             ResultLimits.from_config(self.config))
         except ResultRejected as exc:
             log.warning("job %s: refused the engine's result: %s", job.job_id, exc)
-            await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: the engine sent a result that is not a "
-                             "valid image. Please try again.", error=f"result refused: {exc}")
+            await self._fail(job.job_id, _("❌ Job `%(job_id)s` failed: the engine sent a result that is not a valid "
+                                           "image. Please try again.", job_id=job.job_id), error=f"result refused: {exc}")
             return
         if await self.db.record_completion(job.job_id, event):
             self._spawn(self._deliver(job.job_id))
@@ -335,20 +338,20 @@ class JobManager:
             if retry is not None:
                 self._spawn(self.submit(retry))
             return
-        await self._fail(job.job_id, f"❌ Job `{job.job_id}` failed: {event.message}",
+        await self._fail(job.job_id, job_failed(job.job_id, event.error, event.message),
                          error=f"{event.error}: {event.message}")
 
-    async def fail(self, job_id: str, text: str, *, error: str) -> None:
+    async def fail(self, job_id: str, text: object, *, error: str) -> None:
         """End a waiting job as failed and tell its user ``text`` on the job's message."""
         await self._fail(job_id, text, error=error)
 
-    async def _fail(self, job_id: str, text: str, *, error: str) -> None:
+    async def _fail(self, job_id: str, text: object, *, error: str) -> None:
         if await self.db.finish(job_id, "failed", error=error):
             self._spawn(self._deliver_failure(job_id, text))
 
     async def _canceled(self, job_id: str) -> None:
         if await self.db.finish(job_id, "canceled"):
-            self._spawn(self._deliver_failure(job_id, f"✖️ Job `{job_id}` was canceled."))
+            self._spawn(self._deliver_failure(job_id, _("✖️ Job `%(job_id)s` was canceled.", job_id=job_id)))
 
     # ------------------------------------------------------------------ showing
 
@@ -424,7 +427,7 @@ class JobManager:
             except Refused as exc:  # the gallery's content rules keep this job out: nothing to tell anyone
                 log.info("job %s not posted to the gallery: %s", job_id, exc.message)
 
-    async def _deliver_failure(self, job_id: str, text: str) -> None:
+    async def _deliver_failure(self, job_id: str, text: object) -> None:
         if job_id in self._delivering:
             return
         self._delivering.add(job_id)
@@ -433,7 +436,7 @@ class JobManager:
         finally:
             self._delivering.discard(job_id)
 
-    async def _deliver_failure_once(self, job_id: str, text: str) -> None:
+    async def _deliver_failure_once(self, job_id: str, text: object) -> None:
         await self._finalize_live(job_id)
         job = await self.db.get_job(job_id)
         if job is None or job.delivered_at is not None:

@@ -17,7 +17,7 @@ import discord
 
 from bot.db import Database, Image, Job
 from bot.errors import InvalidOption, NotAllowed, Refused
-from bot.i18n import Problems, _
+from bot.i18n import Problems, Text, _
 from engine.contract import limits
 from engine.contract.config import ArcaeConfig
 from engine.contract.sizes import SIZES_BY_ASPECT
@@ -174,23 +174,23 @@ def rating_status(rates_outputs: bool | None, config: ArcaeConfig) -> str:
             f"([content] unrated_action = \"{action}\")")
 
 
-def gallery_refusal(job: Job, images: list[Image], gallery_nsfw: bool, config: ArcaeConfig) -> str | None:
-    """Why a job may not be posted to the gallery channel, or None when it may."""
+def gallery_refusal(job: Job, images: list[Image], gallery_nsfw: bool, config: ArcaeConfig) -> Text | None:
+    """Why a job may not be posted to the gallery channel (told to the one who shares it), or None when it may."""
     if gallery_nsfw:
         return None
     if job.nsfw_channel:
-        return ("This image was made in an age-restricted channel, and the gallery channel is not "
-                "age-restricted, so it cannot be shared there.")
+        return _("This image was made in an age-restricted channel, and the gallery channel is not age-restricted, "
+                 "so it cannot be shared there.")
     prompts = [job.params.prompt] + ([job.resolved.prompt] if job.resolved else [])
     found = sorted({t for p in prompts for t in blocked_tags_in(p, config)})
     if found:
-        return (f"The prompt has tags that are not allowed in the gallery channel (it is not age-restricted): "
-                f"{', '.join(found)}.")
+        return _("The prompt has tags that are not allowed in the gallery channel (it is not age-restricted): "
+                 "%(tags)s.", tags=", ".join(found))
     rules = content_rules(False, config)
     if images and all(rules.withheld(i.rating) for i in images):
         ratings = ", ".join(sorted({i.rating or "not rated" for i in images}))
-        return (f"The gallery channel is not age-restricted, and its content rules withhold this image "
-                f"({ratings}).")
+        return _("The gallery channel is not age-restricted, and its content rules withhold this image "
+                 "(%(ratings)s).", ratings=ratings)
     return None
 
 

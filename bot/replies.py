@@ -7,15 +7,18 @@ import logging
 import discord
 
 from bot.errors import UserFacingError
-from bot.i18n import _, interaction_language
+from bot.i18n import _, interaction_language, localize
 
 log = logging.getLogger(__name__)
 
 
-async def reply(interaction: discord.Interaction, content: str, *, ephemeral: bool = True,
+async def reply(interaction: discord.Interaction, content: object, *, ephemeral: bool = True,
                 embed: discord.Embed | None = None) -> None:
-    """Answer the interaction, or follow up when it was already answered (deferred)."""
-    kwargs = {"content": content[:2000], "ephemeral": ephemeral}
+    """Answer the interaction, or follow up when it was already answered (deferred).
+
+    ``content`` may be a ``bot.i18n.Text``: it is rendered in the language of the interaction's user.
+    """
+    kwargs = {"content": localize(content, interaction_language(interaction))[:2000], "ephemeral": ephemeral}
     if embed is not None:
         kwargs["embed"] = embed
     if interaction.response.is_done():

@@ -21,6 +21,7 @@ import discord
 
 from bot import embeds
 from bot.db import Image
+from bot.i18n import _, guild_language
 from bot.policy import ContentRules, channel_is_nsfw, content_rules, gallery_refusal
 
 if TYPE_CHECKING:
@@ -148,7 +149,9 @@ class Starboard:
             post = await gallery.fetch_message(message_id)
         except discord.NotFound:
             return None  # the post is gone: nothing to promote
-        embed = embeds.params_embed(job, title="Gallery highlight")
+        # A channel post read by the whole server: in the server's language.
+        language = guild_language(self.bot.get_guild(job.guild_id) if job.guild_id else None)
+        embed = embeds.params_embed(job, title=_("Gallery highlight").render(language), language=language)
         url = _shown_image(post, images, content_rules(nsfw, self.bot.config))
         if url:
             embed.set_image(url=url)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from bot.db_retry import until_stored
 from bot.distill_flow import DISTILL_KIND, request_for
 from bot.errors import InvalidOption, Refused
+from bot.i18n import _
 from bot.training_store import RunRow, TrainingStore
 from engine.contract import protocol
 
@@ -120,8 +121,9 @@ class TrainingFlow:
             return await self.tagger()
         except Exception as exc:  # a missing or broken model: say which, keep the bot up
             log.warning("the WD tagger could not be loaded: %s", exc)
-            raise Refused(f"Captioning is unavailable: the WD tagger `{self.config.tagger.model}` could not be "
-                          f"loaded ({str(exc)[:300]}). Check [tagger] model in config.toml.") from None
+            raise Refused(_("Captioning is unavailable: the WD tagger `%(model)s` could not be loaded (%(error)s). "
+                            "Check [tagger] model in config.toml.", model=self.config.tagger.model,
+                            error=str(exc)[:300])) from None
 
     async def import_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]],
                             *, replace: bool = False) -> Any:
@@ -134,7 +136,7 @@ class TrainingFlow:
             return await asyncio.to_thread(import_with_config, self.config, files, name=name, kind=kind,
                                            trigger=trigger, tagger=tagger, replace=replace)
         except IntakeRefused as exc:
-            raise Refused(f"No images imported: {exc.reason}") from None
+            raise Refused(_("No images imported: %(reason)s", reason=exc.reason)) from None
 
     async def add_images(self, name: str, kind: str, trigger: str, files: list[tuple[str, bytes]]) -> Any:
         """Append new images to dataset ``name``: only they pass intake and count against the caps;
@@ -150,7 +152,7 @@ class TrainingFlow:
                 recipe=CaptionRecipe.from_config(self.config.tagger, kind, trigger=trigger),
                 limits=IntakeLimits.from_config(self.config.intake))
         except IntakeRefused as exc:
-            raise Refused(f"No images added: {exc.reason}") from None
+            raise Refused(_("No images added: %(reason)s", reason=exc.reason)) from None
 
     def datasets(self) -> list[str]:
         from training.data.dataset_folder import list_datasets
@@ -169,7 +171,7 @@ class TrainingFlow:
         try:
             from_config(self.config.training, **options)
         except TrainingError as exc:
-            raise InvalidOption("Not started: " + discord_wording(exc.message) + ".") from None
+            raise InvalidOption(_("Not started: %(reason)s.", reason=discord_wording(exc.message))) from None
         return options
 
     # ------------------------------------------------------------------ engine

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.distill_flow import DISTILL_KIND
+from bot.i18n import N_, _, guild_language
 from bot.training_store import RunRow
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUTTONS: dict[str, tuple[str, discord.ButtonStyle, str]] = {
-    "cancel": ("Cancel run", discord.ButtonStyle.danger, "✖️"),
-    "promote": ("Promote", discord.ButtonStyle.success, "🚀"),
+    "cancel": (N_("Cancel run"), discord.ButtonStyle.danger, "✖️"),
+    "promote": (N_("Promote"), discord.ButtonStyle.success, "🚀"),
 }
 
 
@@ -65,18 +66,18 @@ def promote_step(run: RunRow) -> int | None:
     return run.chosen_step or run.recommended_step
 
 
-def run_view(run: RunRow) -> discord.ui.View | None:
+def run_view(run: RunRow, language: str | None = None) -> discord.ui.View | None:
     """Cancel while the run is active; Promote once it completed (until it is promoted)."""
     view = discord.ui.View(timeout=None)
     if run.active:
-        view.add_item(RunButton("cancel", run.run_id))
+        view.add_item(RunButton("cancel", run.run_id, label=_(BUTTONS["cancel"][0]).render(language)))
     elif run.kind == DISTILL_KIND:  # a distillation the engine did not install: an admin may install it anyway
         if run.status == "completed" and not run.promoted_as and not run.result.get("installed"):
-            view.add_item(RunButton("promote", run.run_id, label="Install anyway"))
+            view.add_item(RunButton("promote", run.run_id, label=_("Install anyway").render(language)))
     elif run.status == "completed" and not run.promoted_as:
         step = promote_step(run)
-        view.add_item(RunButton("promote", run.run_id,
-                                label=f"Promote step {step}" if step is not None else "Promote final adapter"))
+        label = _("Promote step %(step)s", step=step) if step is not None else _("Promote final adapter")
+        view.add_item(RunButton("promote", run.run_id, label=label.render(language)))
     return view if view.children else None
 
 
@@ -90,7 +91,8 @@ def _attachments_key(run_dir: Path) -> tuple[Any, ...]:
     return (loss_stat and (loss_stat.st_mtime_ns, loss_stat.st_size), grid and grid[0])
 
 
-def render(run: RunRow, run_dir: Path) -> tuple[str | None, discord.Embed, list[discord.File], tuple[Any, ...]]:
+def render(run: RunRow, run_dir: Path, language: str | None = None
+           ) -> tuple[str | None, discord.Embed, list[discord.File], tuple[Any, ...]]:
     """Content, embed, files and their key for the run's message (reads the run folder: call in a thread)."""
     from bot.cogs.training import eta_text
     from bot.training_views import checkpoint_page, status_embed
@@ -99,9 +101,9 @@ def render(run: RunRow, run_dir: Path) -> tuple[str | None, discord.Embed, list[
     if run.kind == DISTILL_KIND:  # a distillation run: its own embed and verdict, the same message life
         from bot.distill_flow import live_message
 
-        content, embed, files = live_message(run, run_dir, eta_text(run))
+        content, embed, files = live_message(run, run_dir, eta_text(run, language=language), language)
         return content, embed, files, key
-    embed, files = status_embed(run, run_dir, eta_text(run))
+    embed, files = status_embed(run, run_dir, eta_text(run, language=language), language)
     content = None
     if run.status == "completed":
         from training.data.run_record import read_run
@@ -110,13 +112,15 @@ def render(run: RunRow, run_dir: Path) -> tuple[str | None, discord.Embed, list[
             record = read_run(run_dir)
         except Exception:  # unreadable record: the table falls back to the step list
             record = {}
-        content, extra = checkpoint_page(run, run_dir, record, 0)
+        content, extra = checkpoint_page(run, run_dir, record, 0, language)
         files += extra  # scores.txt when the table is too long for the message
         key += (len(extra),)
     elif run.status in ("failed", "canceled"):
-        content = f"Training run `{run.run_id}` {run.status}; live adapters are unchanged."
+        content = _("Training run `%(run_id)s`: %(status)s; live adapters are unchanged.", run_id=run.run_id,
+                    status=_(run.status)).render(language)
     if run.promoted_as:
-        content = f"{content or ''}\n✅ Promoted as **{run.promoted_as}** (see /adapter info).".strip()
+        promoted = _("✅ Promoted as **%(name)s** (see /adapter info).", name=run.promoted_as).render(language)
+        content = f"{content or ''}\n{promoted}".strip()
     return content, embed, files, key
 
 
@@ -141,13 +145,17 @@ class LiveStatus:
         for task in list(self._tasks.values()):
             task.cancel()
 
+    def _language(self, run: RunRow) -> str | None:
+        """The message is the channel's, read by the server's admins: it speaks the server's language."""
+        return guild_language(self.bot.get_guild(run.guild_id) if run.guild_id else None)
+
     async def post(self, run: RunRow, channel_id: int) -> discord.Message | None:
         """Post the run's message in ``channel_id``; None (logged) when the bot may not post there."""
-        run_dir = self.flow.run_dir(run)
-        content, embed, files, key = await asyncio.to_thread(render, run, run_dir)
+        run_dir, language = self.flow.run_dir(run), self._language(run)
+        content, embed, files, key = await asyncio.to_thread(render, run, run_dir, language)
         channel = self.bot.get_partial_messageable(channel_id, guild_id=run.guild_id)
         try:
-            message = await channel.send(content=content, embed=embed, files=files, view=run_view(run),
+            message = await channel.send(content=content, embed=embed, files=files, view=run_view(run, language),
                                          allowed_mentions=discord.AllowedMentions.none())
         except discord.HTTPException as exc:
             log.warning("training run %s: no live status message in channel %s (%s)", run.run_id, channel_id, exc)
@@ -183,8 +191,9 @@ class LiveStatus:
         run = await self.flow.store.get(run_id)
         if run is None or run.status_message_id is None or run.status_channel_id is None:
             return
-        content, embed, files, key = await asyncio.to_thread(render, run, self.flow.run_dir(run))
-        kwargs: dict[str, Any] = {"content": content, "embed": embed, "view": run_view(run)}
+        language = self._language(run)
+        content, embed, files, key = await asyncio.to_thread(render, run, self.flow.run_dir(run), language)
+        kwargs: dict[str, Any] = {"content": content, "embed": embed, "view": run_view(run, language)}
         if key != self._attached.get(run_id):  # unchanged pictures are not uploaded again
             kwargs["attachments"] = files
         channel = self.bot.get_partial_messageable(run.status_channel_id, guild_id=run.guild_id)

@@ -118,9 +118,9 @@ def result_view(job_id: str, *, share: bool, upscale: bool = True, count: int = 
     return view
 
 
-def gallery_view(job_id: str) -> discord.ui.View:
+def gallery_view(job_id: str, language: str | None = None) -> discord.ui.View:
     """Under a gallery post: Remix (a modal pre-filled with the parameters) and Remove."""
-    return _view(job_id, ["remix", "gdel"])
+    return _view(job_id, ["remix", "gdel"], language)
 
 
 RemixSubmit = Callable[[discord.Interaction, str, dict[str, str]], Awaitable[None]]

@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot import embeds
 from bot.distill_flow import DISTILL_KIND
 from bot.errors import InvalidOption, Refused
+from bot.i18n import _, interaction_language
 from bot.policy import is_admin, require_admin
 from bot.training_flow import TrainingFlow, flow_for
 from bot.training_store import RunRow
@@ -73,7 +74,8 @@ class AdapterAdmin(commands.Cog):
             return ""
         except (EngineUnavailable, EngineRejected) as exc:
             log.warning("adapter reload not done: %s", exc)
-            return "\n⚠️ The engine could not reload its adapters now; it picks the change up when it restarts."
+            return "\n" + _("⚠️ The engine could not reload its adapters now; it picks the change up when it "
+                            "restarts.").render(interaction_language(interaction))
 
     # ------------------------------------------------------------------ promote
 
@@ -90,7 +92,8 @@ class AdapterAdmin(commands.Cog):
         if row is not None and row.guild_id != interaction.guild_id:
             row = None  # another server's run is not shown, even by id
         if row is None:
-            raise InvalidOption(f"No training run `{run}`." if run else "No completed training run to promote.")
+            raise InvalidOption(_("No training run `%(run_id)s`.", run_id=run) if run
+                                else _("No completed training run to promote."))
         await self.promote_run(interaction, row, checkpoint=checkpoint, name=name, weight=weight)
 
     async def promote_run(self, interaction: discord.Interaction, row: RunRow, *, checkpoint: Optional[int] = None,
@@ -104,11 +107,11 @@ class AdapterAdmin(commands.Cog):
             await install_anyway(self.flow, interaction, row, self._audit, self._go_live)
             return
         if row.active:
-            raise Refused(f"Training run `{row.run_id}` is still {row.status}; promote it once it has completed "
-                          "(or cancel it and promote one of its checkpoints).")
+            raise Refused(_("Training run `%(run_id)s` is still %(status)s; promote it once it has completed (or "
+                            "cancel it and promote one of its checkpoints).", run_id=row.run_id, status=_(row.status)))
         weight = self.bot.config.adapters.default_weight if weight is None else weight
         if not -4.0 <= weight <= 4.0:
-            raise InvalidOption(f"weight must be between -4 and 4 (got {weight:g}).")
+            raise InvalidOption(_("weight must be between -4 and 4 (got %(weight)s).", weight=f"{weight:g}"))
         step = checkpoint if checkpoint is not None else (row.chosen_step or row.recommended_step)
         target = name or row.adapter_name
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -120,10 +123,12 @@ class AdapterAdmin(commands.Cog):
         await self._audit(interaction, "adapter.promote", target, run=row.run_id, step=step,
                           version=result.version, previous=result.previous, weight=weight)
         warning = await self._go_live(interaction)
-        which = f"checkpoint step {step}" if step is not None else "the final adapter"
-        await interaction.followup.send(
-            f"✅ **{target}** v{result.version} is live: {row.kind}, trigger `{row.trigger}`, weight {weight:g}, "
-            f"from run `{row.run_id}` ({which}). Use it with /imagine {row.kind}:{target}.{warning}", ephemeral=True)
+        which = _("checkpoint step %(step)s", step=step) if step is not None else _("the final adapter")
+        await interaction.followup.send(_(
+            "✅ **%(name)s** v%(version)s is live: %(kind)s, trigger `%(trigger)s`, weight %(weight)s, from run "
+            "`%(run_id)s` (%(which)s). Use it with /imagine %(option)s:%(name)s.", name=target, version=result.version,
+            kind=_(row.kind), trigger=row.trigger, weight=f"{weight:g}", run_id=row.run_id, which=which,
+            option=row.kind).render(interaction_language(interaction)) + warning, ephemeral=True)
 
     # ------------------------------------------------------------------ rollback / delete
 
@@ -137,10 +142,10 @@ class AdapterAdmin(commands.Cog):
         result = await asyncio.to_thread(lifecycle_call, lifecycle.rollback, name, self.flow.adapters_dir)
         await self._audit(interaction, "adapter.rollback", name, version=result.version, replaced=result.previous)
         warning = await self._go_live(interaction)
-        replaced = f"v{result.previous}" if result.previous is not None else "nothing (it was deleted)"
-        await interaction.followup.send(f"↩️ **{name}** is back at v{result.version} (replacing {replaced})."
-                                        f"{warning}",
-                                        ephemeral=True)
+        replaced = f"v{result.previous}" if result.previous is not None else _("nothing (it was deleted)")
+        await interaction.followup.send(_("↩️ **%(name)s** is back at v%(version)s (replacing %(replaced)s).",
+                                          name=name, version=result.version, replaced=replaced)
+                                        .render(interaction_language(interaction)) + warning, ephemeral=True)
 
     @adapter.command(name="delete", description="Take an adapter off the live list; rollback undoes it (admins)")
     @app_commands.describe(name="Adapter name")
@@ -152,8 +157,9 @@ class AdapterAdmin(commands.Cog):
         result = await asyncio.to_thread(lifecycle_call, lifecycle.delete, name, self.flow.adapters_dir)
         await self._audit(interaction, "adapter.delete", name, version=result.previous)
         warning = await self._go_live(interaction)
-        await interaction.followup.send(f"🗑️ **{name}** is no longer live (v{result.previous} is kept: "
-                                        f"/adapter rollback brings it back).{warning}", ephemeral=True)
+        await interaction.followup.send(_("🗑️ **%(name)s** is no longer live (v%(version)s is kept: /adapter "
+                                          "rollback brings it back).", name=name, version=result.previous)
+                                        .render(interaction_language(interaction)) + warning, ephemeral=True)
 
     # ------------------------------------------------------------------ info / set-weight
 
@@ -168,24 +174,31 @@ class AdapterAdmin(commands.Cog):
         live = self.bot.catalog.get(name)
         versions = await asyncio.to_thread(lifecycle_call, lifecycle.versions, name, self.flow.adapters_dir)
         if live is None and not versions:
-            known = ", ".join(a.name for a in self.bot.catalog.all()[:20]) or "none"
-            raise InvalidOption(f"No adapter `{name}`. Live adapters: {known}.")
-        embed = discord.Embed(title=f"Adapter {name}", colour=embeds.COLOR)
+            known = ", ".join(a.name for a in self.bot.catalog.all()[:20]) or _("none")
+            raise InvalidOption(_("No adapter `%(name)s`. Live adapters: %(known)s.", name=name, known=known))
+        language = interaction_language(interaction)
+
+        def t(msgid: str, **params: Any) -> str:
+            return _(msgid, **params).render(language)
+
+        embed = discord.Embed(title=t("Adapter %(name)s", name=name), colour=embeds.COLOR)
         if live is not None:
-            embed.add_field(name="Kind", value=live.kind)
-            embed.add_field(name="Default weight", value=f"{live.default_weight:g}")
-            embed.add_field(name="Triggers", value=", ".join(live.triggers) or "none")
+            embed.add_field(name=t("Kind"), value=t(live.kind))
+            embed.add_field(name=t("Default weight"), value=f"{live.default_weight:g}")
+            embed.add_field(name=t("Triggers"), value=", ".join(live.triggers) or t("none"))
             embed.add_field(name="sha256", value=f"`{live.sha256[:12]}`" if live.sha256 else "—")
             if live.description:
-                embed.add_field(name="Description", value=embeds.truncate(live.description, 1024), inline=False)
+                embed.add_field(name=t("Description"), value=embeds.truncate(live.description, 1024), inline=False)
         else:
-            embed.description = "Not live (deleted); /adapter rollback brings the last version back."
+            embed.description = t("Not live (deleted); /adapter rollback brings the last version back.")
         lines = []
         for v in versions[-10:]:
             source = v.source.get("run_dir", "")
-            origin = f"run `{Path(source).name}` step {v.source.get('step')}" if source else "added by hand"
-            lines.append(f"v{v.version}{' (live)' if v.live else ''}: {origin}, <t:{int(v.promoted_at)}:R>")
-        embed.add_field(name="Versions", value=embeds.truncate("\n".join(lines) or "none recorded", 1024),
+            origin = t("run `%(run)s` step %(step)s", run=Path(source).name, step=v.source.get("step")) if source \
+                else t("added by hand")
+            live_mark = t(" (live)") if v.live else ""
+            lines.append(f"v{v.version}{live_mark}: {origin}, <t:{int(v.promoted_at)}:R>")
+        embed.add_field(name=t("Versions"), value=embeds.truncate("\n".join(lines) or t("none recorded"), 1024),
                         inline=False)
         await interaction.followup.send(embed=embed, ephemeral=True)
 
@@ -194,14 +207,15 @@ class AdapterAdmin(commands.Cog):
     async def set_weight(self, interaction: discord.Interaction, name: str, weight: float) -> None:
         require_admin(interaction, self.bot.config)
         if not -4.0 <= weight <= 4.0:
-            raise InvalidOption(f"weight must be between -4 and 4 (got {weight:g}).")
+            raise InvalidOption(_("weight must be between -4 and 4 (got %(weight)s).", weight=f"{weight:g}"))
         await interaction.response.defer(ephemeral=True, thinking=True)
         old = self.bot.catalog.get(name)
         await asyncio.to_thread(set_default_weight, self.flow.adapters_dir, name, weight)
         await self._audit(interaction, "adapter.set_weight", name, weight=weight,
                           old=old.default_weight if old else None)
         warning = await self._go_live(interaction)
-        await interaction.followup.send(f"⚖️ **{name}** now has default weight {weight:g}.{warning}",
+        await interaction.followup.send(_("⚖️ **%(name)s** now has default weight %(weight)s.", name=name,
+                                          weight=f"{weight:g}").render(interaction_language(interaction)) + warning,
                                         ephemeral=True)
 
     # ------------------------------------------------------------------ drift
@@ -223,7 +237,8 @@ class AdapterAdmin(commands.Cog):
                                 prompt=prompt, seeds=seeds, modes=modes, lcm_weights=lcm_weights, steps=steps)
         await interaction.response.defer(ephemeral=True, thinking=True)
         await self._audit(interaction, "adapter.drift", request.job_id, options=request.options.model_dump())
-        await interaction.followup.send(**await drift_answer(self.bot, request), ephemeral=True)
+        await interaction.followup.send(**await drift_answer(self.bot, request, interaction_language(interaction)),
+                                        ephemeral=True)
 
     # ------------------------------------------------------------------ distill-fast
 
@@ -313,7 +328,7 @@ class AdapterAdmin(commands.Cog):
 DRIFT_WAIT_S = 14 * 60  # an interaction's follow-ups expire after 15 minutes
 
 
-async def drift_answer(bot: "ArcaeBot", request: Any) -> dict[str, Any]:
+async def drift_answer(bot: "ArcaeBot", request: Any, language: str | None = None) -> dict[str, Any]:
     """The follow-up for a drift measurement: the recommendation, the table and the chart, or why not."""
     import io
     import json
@@ -321,24 +336,29 @@ async def drift_answer(bot: "ArcaeBot", request: Any) -> dict[str, Any]:
     from bot.drift_flow import chart_bytes, run_on_engine
     from engine.contract.transport import EngineRejected, EngineUnavailable
 
+    def t(msgid: str, **params: Any) -> str:
+        return _(msgid, **params).render(language)
+
     try:
         outcome = await run_on_engine(bot, request, DRIFT_WAIT_S)
     except EngineUnavailable as exc:
-        return {"content": f"⚠️ The engine is not reachable now ({exc}); try again shortly."}
+        return {"content": t("⚠️ The engine is not reachable now (%(error)s); try again shortly.", error=exc)}
     except EngineRejected as exc:
-        return {"content": f"❌ Drift measurement refused: {exc.message}"}
+        return {"content": t("❌ Drift measurement refused: %(reason)s", reason=exc.message)}
     if not outcome.ok:
-        return {"content": f"❌ Drift measurement `{request.job_id}`: {outcome.message}"[:2000]}
+        return {"content": t("❌ Drift measurement `%(job_id)s`: %(reason)s", job_id=request.job_id,
+                             reason=outcome.message)[:2000]}
     result = outcome.result
     files = [discord.File(io.BytesIO(json.dumps(result.get("report", {}), indent=2).encode()), filename="drift.json")]
     chart = chart_bytes(result)
     if chart is not None:
         files.insert(0, discord.File(io.BytesIO(chart), filename="drift.png"))
     table = str(result.get("table", ""))
-    text = f"📏 **Drift report** ({result.get('images', 0)} images): {outcome.message}\n```\n{table}\n```"
+    head = t("📏 **Drift report** (%(n)s images): %(summary)s", n=result.get("images", 0), summary=outcome.message)
+    text = f"{head}\n```\n{table}\n```"
     if len(text) > 2000:  # Discord's message limit: the table travels as a file
         files.append(discord.File(io.BytesIO(table.encode()), filename="drift.txt"))
-        text = f"📏 **Drift report** ({result.get('images', 0)} images): {outcome.message}\n(the table is in drift.txt)"
+        text = f"{head}\n" + t("(the table is in drift.txt)")
     return {"content": text[:2000], "files": files}
 
 

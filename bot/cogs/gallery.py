@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import embeds
+from bot.i18n import _, interaction_language
 from bot.policy import blocked_tags_in, channel_is_nsfw
 from bot.replies import reply
 from bot.starboard import Starboard
@@ -64,7 +65,7 @@ class Gallery(commands.Cog):
         rows = [r for r in await self.bot.db.top_gallery(count * 4, interaction.guild_id)
                 if await self._listable(r, channel_is_nsfw(interaction.channel))][:count]
         if not rows:
-            await reply(interaction, "The gallery is empty so far.")
+            await reply(interaction, _("The gallery is empty so far."))
             return
         lines = []
         for rank, row in enumerate(rows, 1):
@@ -72,7 +73,8 @@ class Gallery(commands.Cog):
             link = f"https://discord.com/channels/{row['guild_id']}/{row['gallery_channel_id']}/{row['gallery_message_id']}"
             lines.append(f"**{rank}.** {self.bot.config.gallery.star_emoji} {row['stars']} · <@{row['user_id']}> · "
                          f"[{embeds.truncate(prompt, 60)}]({link})")
-        embed = discord.Embed(title="Gallery: most starred", colour=embeds.COLOR,
+        embed = discord.Embed(title=_("Gallery: most starred").render(interaction_language(interaction)),
+                              colour=embeds.COLOR,
                               description=embeds.truncate("\n".join(lines), embeds.DESCRIPTION_LIMIT))
         await reply(interaction, "", embed=embed)
 

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
     from bot.app import ArcaeBot
 
 
-def settings_text(s: UserSettings) -> str:
+def settings_text(s: UserSettings, language: str | None = None) -> str:
+    # The option names stay as typed in the command (like command names); unset values are translated.
     def show(v: object) -> str:
-        return "default" if v is None else str(v)
+        return _("default").render(language) if v is None else str(v)
 
     return (f"fast: **{show(s.fast)}** · aspect: **{show(s.aspect)}** · style: **{show(s.style)}**\n"
             f"negative: {embeds.truncate(show(s.negative), 1500)}")
@@ -63,7 +64,8 @@ class Settings(commands.Cog):
         if changed:
             await db.save_settings(interaction.user.id, updated)
         head = _("Saved. Your defaults:") if changed else _("Your defaults:")
-        await reply(interaction, localize(head, interaction_language(interaction)) + "\n" + settings_text(updated))
+        language = interaction_language(interaction)
+        await reply(interaction, localize(head, language) + "\n" + settings_text(updated, language))
 
     @settings.autocomplete("style")
     async def style_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

@@ -27,7 +27,7 @@ from discord.ext import commands
 from bot import embeds
 from bot.distill_flow import DISTILL_KIND, notice_text
 from bot.errors import InvalidOption, Refused
-from bot.i18n import interaction_language, localize
+from bot.i18n import _, guild_language, interaction_language, localize, ngettext
 from bot.job_manager import new_job_id
 from bot.policy import is_admin, require_admin
 from bot.replies import report_error
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = [app_commands.Choice(name=k, value=k) for k in ("character", "style")]
-IMAGE_HELP = "attach PNG, JPEG, WebP, GIF or BMP images (image1..image10) or a .zip of them (optional .txt captions)"
+IMAGE_HELP = _("attach PNG, JPEG, WebP, GIF or BMP images (image1..image10) or a .zip of them (optional .txt "
+               "captions)")
 MAX_GRIDS = 8
 
 
@@ -57,12 +58,13 @@ def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, capt
     allowed = set(IMAGE_SUFFIXES) | {".zip"} | ({CAPTION_SUFFIX} if captions_ok else set())
     bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() not in allowed]
     if bad:
-        raise InvalidOption(f"Not started: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not an image or a "
-                            f".zip; {IMAGE_HELP}.")
+        raise InvalidOption(ngettext("Not started: %(files)s is not an image or a .zip; %(help)s.",
+                                     "Not started: %(files)s are not images or .zip files; %(help)s.", len(bad),
+                                     files=", ".join(bad), help=IMAGE_HELP))
     total = sum(a.size for a in attachments)
     if total > max_bytes:
-        raise InvalidOption(f"Not started: the upload is {total / 2**20:.1f} MiB; at most "
-                            f"{max_bytes / 2**20:.0f} MiB in all.")
+        raise InvalidOption(_("Not started: the upload is %(size)s MiB; at most %(limit)s MiB in all.",
+                              size=f"{total / 2**20:.1f}", limit=f"{max_bytes / 2**20:.0f}"))
 
 
 def check_caption_uploads(attachments: list[discord.Attachment]) -> None:
@@ -71,14 +73,17 @@ def check_caption_uploads(attachments: list[discord.Attachment]) -> None:
 
     bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() != CAPTION_SUFFIX]
     if bad:
-        raise InvalidOption(f"No captions changed: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a "
-                            f"{CAPTION_SUFFIX} file; upload NAME.txt files (UTF-8 text) to replace the captions "
-                            "of NAME.png.")
+        raise InvalidOption(ngettext(
+            "No captions changed: %(files)s is not a %(suffix)s file; upload NAME.txt files (UTF-8 text) to replace "
+            "the captions of NAME.png.", "No captions changed: %(files)s are not %(suffix)s files; upload NAME.txt "
+            "files (UTF-8 text) to replace the captions of NAME.png.", len(bad), suffix=CAPTION_SUFFIX,
+            files=", ".join(bad)))
     big = [a.filename for a in attachments if a.size > MAX_CAPTION_BYTES]
     if big:
-        raise InvalidOption(f"No captions changed: {', '.join(big)} {'is' if len(big) == 1 else 'are'} over "
-                            f"{MAX_CAPTION_BYTES // 1024} KiB; a caption file may be at most "
-                            f"{MAX_CAPTION_BYTES // 1024} KiB.")
+        raise InvalidOption(ngettext(
+            "No captions changed: %(files)s is over %(limit)s KiB; a caption file may be at most %(limit)s KiB.",
+            "No captions changed: %(files)s are over %(limit)s KiB; a caption file may be at most %(limit)s KiB.",
+            len(big), limit=MAX_CAPTION_BYTES // 1024, files=", ".join(big)))
 
 
 async def download(attachments: list[discord.Attachment]) -> list[tuple[str, bytes]]:
@@ -88,7 +93,8 @@ async def download(attachments: list[discord.Attachment]) -> list[tuple[str, byt
         try:
             files.append((a.filename, await a.read()))
         except (discord.HTTPException, discord.NotFound) as exc:
-            raise Refused(f"Could not download `{a.filename}` from Discord ({exc}); please try again.") from None
+            raise Refused(_("Could not download `%(file)s` from Discord (%(error)s); please try again.",
+                            file=a.filename, error=exc)) from None
     return files
 
 
@@ -99,23 +105,25 @@ def check_adapter_name(name: str) -> str:
     try:
         return check_name(name)
     except LifecycleError as exc:
-        raise InvalidOption(f"Not started: {exc.message}.") from None
+        raise InvalidOption(_("Not started: %(reason)s.", reason=exc.message)) from None
 
 
-def refused_summary(refused: list[Any], limit: int = 8) -> str:
+def refused_summary(refused: list[Any], language: str | None = None, limit: int = 8) -> str:
     lines = [f"• `{r.name}`: {r.reason}" for r in refused[:limit]]
     if len(refused) > limit:
-        lines.append(f"• … and {len(refused) - limit} more")
+        lines.append(_("• … and %(n)s more", n=len(refused) - limit).render(language))
     return "\n".join(lines)
 
 
-def eta_text(run: RunRow, now: float | None = None) -> str:
+def eta_text(run: RunRow, now: float | None = None, language: str | None = None) -> str:
     """Remaining time from the pace so far (steps done since the run started)."""
     if run.status != "running" or not run.started_at or run.progress_step <= 0:
         return "—"
     elapsed = (now or time.time()) - run.started_at
     left = elapsed / run.progress_step * max(0, run.progress_total - run.progress_step)
-    return f"~{int(left // 60)} min {int(left % 60)} s" if left >= 60 else f"~{int(left)} s"
+    if left >= 60:
+        return _("~%(min)s min %(s)s s", min=int(left // 60), s=int(left % 60)).render(language)
+    return _("~%(s)s s", s=int(left)).render(language)
 
 
 def run_choices(runs: list[RunRow], current: str) -> list[app_commands.Choice[str]]:
@@ -160,14 +168,14 @@ class Training(commands.Cog):
 
     async def _run(self, interaction: discord.Interaction, run_id: Optional[str], *,
                    statuses: tuple[str, ...] | None = None,
-                   none: str = "No training run yet; start one with /train start.") -> RunRow:
+                   none: object = _("No training run yet; start one with /train start.")) -> RunRow:
         """A run of this server (another server's runs are not shown, even by id)."""
         store = self.flow.store
         run = await store.get(run_id) if run_id else await store.latest(statuses, guild_id=interaction.guild_id)
         if run is not None and run.guild_id != interaction.guild_id:
             run = None
         if run is None:
-            raise InvalidOption(f"No training run `{run_id}` (see /train status)." if run_id else none)
+            raise InvalidOption(_("No training run `%(run_id)s` (see /train status).", run_id=run_id) if run_id else none)
         return run
 
     async def _autocomplete_runs(self, interaction: discord.Interaction,
@@ -193,20 +201,20 @@ class Training(commands.Cog):
 
     async def _notice(self, run: RunRow, status: str) -> None:
         """Tell the admin who started a run that it ended (ephemeral follow-up, else the channel)."""
-        text: Any
+        names = {"run_id": run.run_id, "name": run.adapter_name}
         if run.kind == DISTILL_KIND:
             text = notice_text(run, status)  # a Text: rendered in the admin's language below
         elif status == "completed":
-            rec = f"recommended checkpoint: step {run.recommended_step}" if run.recommended_step else "no scores"
-            loss = f", loss {run.loss:.4f}" if run.loss is not None else ""
-            text = (f"✅ Training run `{run.run_id}` (**{run.adapter_name}**) completed: {run.progress_step} steps"
-                    f"{loss}; {rec}. See /train checkpoints, then /adapter promote.")
+            rec = _("recommended checkpoint: step %(step)s", step=run.recommended_step) if run.recommended_step \
+                else _("no scores")
+            loss = _(", loss %(loss)s", loss=f"{run.loss:.4f}") if run.loss is not None else ""
+            text = _("✅ Training run `%(run_id)s` (**%(name)s**) completed: %(steps)s steps%(loss)s; %(rec)s. See "
+                     "/train checkpoints, then /adapter promote.", steps=run.progress_step, loss=loss, rec=rec, **names)
         elif status == "canceled":
-            text = (f"✖️ Training run `{run.run_id}` (**{run.adapter_name}**) was canceled; live adapters are "
-                    "unchanged.")
+            text = _("✖️ Training run `%(run_id)s` (**%(name)s**) was canceled; live adapters are unchanged.", **names)
         else:
-            text = (f"❌ Training run `{run.run_id}` (**{run.adapter_name}**) failed: {run.error or 'unknown error'}. "
-                    "Live adapters are unchanged.")
+            text = _("❌ Training run `%(run_id)s` (**%(name)s**) failed: %(error)s. Live adapters are unchanged.",
+                     error=run.error or _("unknown error"), **names)
         interaction = self._interactions.pop(run.run_id, None)
         if interaction is not None:
             try:
@@ -217,7 +225,8 @@ class Training(commands.Cog):
                 pass  # the interaction expired (15 minutes): say it in the channel instead
         channel = self.bot.get_channel(run.channel_id) if run.channel_id else None
         if channel is not None:
-            await channel.send(f"<@{run.created_by}> {text}"[:2000],
+            language = guild_language(getattr(channel, "guild", None))
+            await channel.send(f"<@{run.created_by}> {text.render(language)}"[:2000],
                                allowed_mentions=discord.AllowedMentions(users=True))
 
     # ------------------------------------------------------------------ start
@@ -250,16 +259,17 @@ class Training(commands.Cog):
                                      sample_steps=sample_steps)
         exists = (dataset / "manifest.json").is_file()
         if not attachments and not exists:
-            raise InvalidOption(f"Not started: no images and no dataset `{name}` yet; {IMAGE_HELP}.")
+            raise InvalidOption(_("Not started: no images and no dataset `%(name)s` yet; %(help)s.", name=name,
+                                  help=IMAGE_HELP))
         if attachments and exists:
-            raise Refused(f"A dataset named `{name}` already exists. Run /train start without images to train on it "
-                          "again, or add images with /train add-images.")
+            raise Refused(_("A dataset named `%(name)s` already exists. Run /train start without images to train on "
+                            "it again, or add images with /train add-images.", name=name))
         check_uploads(attachments, config.intake.max_upload_bytes)
         active = await flow.store.active()
         if active or self._starting.locked():
-            busy = f"`{active[0].run_id}` (**{active[0].adapter_name}**)" if active else "another one"
-            raise Refused(f"Training run {busy} is still being prepared or trained; one run at a time. "
-                          "Wait for it, or stop it with /train cancel.")
+            busy = f"`{active[0].run_id}` (**{active[0].adapter_name}**)" if active else _("another one")
+            raise Refused(_("Training run %(busy)s is still being prepared or trained; one run at a time. Wait for "
+                            "it, or stop it with /train cancel.", busy=busy))
         async with self._starting:
             await interaction.response.defer(ephemeral=True, thinking=True)
             await self._start_run(interaction, name, kind, trigger, attachments, options)
@@ -268,17 +278,19 @@ class Training(commands.Cog):
                          attachments: list[discord.Attachment], options: dict[str, Any]) -> None:
         from engine.contract.transport import EngineRejected, EngineUnavailable
 
-        flow = self.flow
+        flow, language = self.flow, interaction_language(interaction)
         report_lines = []
         if attachments:
             files = await download(attachments)
             result = await flow.import_images(name, kind, trigger, files)
             report = result.report
-            report_lines.append(f"{len(report.images)} image(s) captioned into dataset `{name}`.")
+            report_lines.append(_("%(n)s image(s) captioned into dataset `%(name)s`.", n=len(report.images),
+                                  name=name).render(language))
             if report.refused:
-                report_lines.append(f"Refused {len(report.refused)} file(s):\n{refused_summary(report.refused)}")
+                report_lines.append(_("Refused %(n)s file(s):", n=len(report.refused)).render(language) + "\n"
+                                    + refused_summary(report.refused, language))
         else:
-            report_lines.append(f"Training again on dataset `{name}`.")
+            report_lines.append(_("Training again on dataset `%(name)s`.", name=name).render(language))
         run_id = f"run-{new_job_id()}"
         await flow.store.insert(run_id=run_id, adapter_name=name, kind=kind, trigger=trigger, dataset=name,
                                 run_dir=str(flow.runs_dir / run_id), options=options,
@@ -291,24 +303,27 @@ class Training(commands.Cog):
         self._interactions[run_id] = interaction
         status = await self.live.post(run, interaction.channel_id) if interaction.channel_id else None
         if status is not None:
-            report_lines.append(f"Live status: {status.jump_url}")
+            report_lines.append(_("Live status: %(url)s", url=status.jump_url).render(language))
         try:
             await flow.submit(run)
         except EngineRejected as exc:
             self._interactions.pop(run_id, None)
             await flow.store.finish(run_id, "failed", error=exc.message)
             flow.changed(run_id)
-            await interaction.followup.send(f"❌ The engine refused training run `{run_id}`: "
-                                            f"{exc.message}", ephemeral=True)
+            await interaction.followup.send(_("❌ The engine refused training run `%(run_id)s`: %(reason)s",
+                                              run_id=run_id, reason=exc.message).render(language), ephemeral=True)
             return
         except EngineUnavailable:
-            report_lines.append("The engine is not reachable right now; the run starts when it is back.")
-        report_lines.append(f"Steps {options.get('steps', self.bot.config.training.steps)}, rank "
-                            f"{options.get('rank', self.bot.config.training.rank)}. Follow it with /train status"
-                            f"{' or the live status message' if status is not None else ''}.")
-        await interaction.followup.send(
-            embeds.truncate(f"🏋️ Training run `{run_id}` for **{name}** ({kind}, trigger `{trigger}`) started.\n"
-                            + "\n".join(report_lines), 2000), ephemeral=True)
+            report_lines.append(_("The engine is not reachable right now; the run starts when it is back.")
+                                .render(language))
+        follow = _("Follow it with /train status or the live status message.") if status is not None else \
+            _("Follow it with /train status.")
+        report_lines.append(_("Steps %(steps)s, rank %(rank)s. %(follow)s",
+                              steps=options.get("steps", self.bot.config.training.steps),
+                              rank=options.get("rank", self.bot.config.training.rank), follow=follow).render(language))
+        head = _("🏋️ Training run `%(run_id)s` for **%(name)s** (%(kind)s, trigger `%(trigger)s`) started.",
+                 run_id=run_id, name=name, kind=_(kind), trigger=trigger).render(language)
+        await interaction.followup.send(embeds.truncate(head + "\n" + "\n".join(report_lines), 2000), ephemeral=True)
 
     # ------------------------------------------------------------------ datasets
 
@@ -328,7 +343,8 @@ class Training(commands.Cog):
         manifest = self._manifest(dataset, read_manifest)
         check_uploads(attachments, self.bot.config.intake.max_upload_bytes)
         if any(r.dataset == dataset for r in await self.flow.store.active()):
-            raise Refused(f"Dataset `{dataset}` is being trained on; add images once the run has ended.")
+            raise Refused(_("Dataset `%(dataset)s` is being trained on; add images once the run has ended.",
+                            dataset=dataset))
         await interaction.response.defer(ephemeral=True, thinking=True)
         new = await download(attachments)
         result = await self.flow.add_images(dataset, manifest.get("kind", "character"),
@@ -336,21 +352,25 @@ class Training(commands.Cog):
         added = len(result.report.images)
         await self._audit(interaction, "train.add_images", dataset, files=[a.filename for a in attachments],
                           added=added)
-        text = f"Added {added} image(s) to dataset `{dataset}` (now {len(result.manifest['images'])})."
+        language = interaction_language(interaction)
+        text = _("Added %(n)s image(s) to dataset `%(dataset)s` (now %(total)s).", n=added, dataset=dataset,
+                 total=len(result.manifest["images"])).render(language)
         refused = result.report.refused
         if refused:
-            text += f"\nRefused {len(refused)} file(s):\n{refused_summary(refused)}"
+            text += "\n" + _("Refused %(n)s file(s):", n=len(refused)).render(language) + "\n" + \
+                refused_summary(refused, language)
         await interaction.followup.send(embeds.truncate(text, 2000), ephemeral=True)
 
     def _manifest(self, dataset: str, read_manifest: Any) -> dict[str, Any]:
         folder = self.flow.datasets_dir / dataset
         if not re.fullmatch(protocol.ADAPTER_NAME_PATTERN[1:-1], dataset) or not folder.is_dir():
-            known = ", ".join(self.flow.datasets()[:20]) or "none yet"
-            raise InvalidOption(f"No dataset `{dataset}`. Datasets: {known}.")
+            known = ", ".join(self.flow.datasets()[:20]) or _("none yet")
+            raise InvalidOption(_("No dataset `%(dataset)s`. Datasets: %(known)s.", dataset=dataset, known=known))
         try:
             return read_manifest(folder)
         except ValueError as exc:
-            raise InvalidOption(f"Dataset `{dataset}` is unreadable: {exc}") from None
+            raise InvalidOption(_("Dataset `%(dataset)s` is unreadable: %(error)s", dataset=dataset,
+                                  error=exc)) from None
 
     @train.command(name="captions", description="Per-image captions and the tag chart; upload .txt files to edit")
     @app_commands.describe(dataset="Dataset name", image="Show one image's tags and scores",
@@ -371,7 +391,8 @@ class Training(commands.Cog):
             return
         from bot.training_views import caption_page
 
-        text, files = await asyncio.to_thread(caption_page, self.flow.datasets_dir / dataset, manifest, image)
+        text, files = await asyncio.to_thread(caption_page, self.flow.datasets_dir / dataset, manifest, image,
+                                              interaction_language(interaction))
         await interaction.followup.send(embeds.truncate(text, 2000), files=files, ephemeral=True)
 
     async def _edit_captions(self, interaction: discord.Interaction, dataset: str, manifest: dict[str, Any],
@@ -382,8 +403,10 @@ class Training(commands.Cog):
         updated, refused = await asyncio.to_thread(write_captions, self.flow.datasets_dir / dataset, manifest, files)
         await self._audit(interaction, "train.captions", dataset, updated=updated,
                           refused=[f"{n}: {r}" for n, r in refused])
-        lines = [f"Updated {len(updated)} caption(s) in `{dataset}`" + (f": {', '.join(updated)}" if updated else ".")]
-        lines += [f"• `{n}`: {r}" for n, r in refused]
+        head = _("Updated %(n)s caption(s) in `%(dataset)s`: %(files)s", n=len(updated), dataset=dataset,
+                 files=", ".join(updated)) if updated else _("Updated no captions in `%(dataset)s`.", dataset=dataset)
+        lines = [head.render(interaction_language(interaction))]
+        lines += [f"• `{n}`: {r.render(interaction_language(interaction))}" for n, r in refused]
         await interaction.followup.send(embeds.truncate("\n".join(lines), 2000), ephemeral=True)
 
     # ------------------------------------------------------------------ following a run
@@ -396,7 +419,9 @@ class Training(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         from bot.training_views import status_embed
 
-        embed, files = await asyncio.to_thread(status_embed, row, self.flow.run_dir(row), eta_text(row))
+        language = interaction_language(interaction)
+        embed, files = await asyncio.to_thread(status_embed, row, self.flow.run_dir(row),
+                                               eta_text(row, language=language), language)
         await interaction.followup.send(embed=embed, files=files, ephemeral=True)
 
     @train.command(name="cancel", description="Stop a training run; live adapters stay as they are (admins)")
@@ -404,19 +429,21 @@ class Training(commands.Cog):
     async def cancel(self, interaction: discord.Interaction, run: Optional[str] = None) -> None:
         require_admin(interaction, self.bot.config)
         row = await self._run(interaction, run, statuses=("pending", "running"),
-                              none="No training run is being trained now.")
+                              none=_("No training run is being trained now."))
         await self.cancel_run(interaction, row)
 
     async def cancel_run(self, interaction: discord.Interaction, row: RunRow) -> None:
         """Stop an active run (the /train cancel command and the Cancel button)."""
         if not row.active:
-            raise Refused(f"Training run `{row.run_id}` has already ended ({row.status}).")
+            raise Refused(_("Training run `%(run_id)s` has already ended (%(status)s).", run_id=row.run_id,
+                            status=_(row.status)))
         await interaction.response.defer(ephemeral=True, thinking=True)
         self._interactions.pop(row.run_id, None)  # this reply says it; no separate notice
         held = await self.flow.cancel(row)
         await self._audit(interaction, "train.cancel", row.run_id, adapter=row.adapter_name, held=held)
-        await interaction.followup.send(f"✖️ Canceling training run `{row.run_id}` (**{row.adapter_name}**). "
-                                        "Live adapters are unchanged.", ephemeral=True)
+        await interaction.followup.send(_("✖️ Canceling training run `%(run_id)s` (**%(name)s**). Live adapters "
+                                          "are unchanged.", run_id=row.run_id, name=row.adapter_name)
+                                        .render(interaction_language(interaction)), ephemeral=True)
 
     @train.command(name="checkpoints", description="Checkpoint scores and sample grids; choose one (admins)")
     @app_commands.describe(run="Run id (default: the newest run)", choose="Make this checkpoint step the one to "
@@ -441,9 +468,11 @@ class Training(commands.Cog):
         if row.status == "completed" and not record.get("scores"):
             await self.flow.score(row)
             record = await asyncio.to_thread(read_run, run_dir)
-        text, files = await asyncio.to_thread(checkpoint_page, row, run_dir, record, MAX_GRIDS)
+        language = interaction_language(interaction)
+        text, files = await asyncio.to_thread(checkpoint_page, row, run_dir, record, MAX_GRIDS, language)
         if choose is not None:
-            text = f"Chose checkpoint step {choose} of `{row.run_id}`; /adapter promote uses it.\n" + text
+            text = _("Chose checkpoint step %(step)s of `%(run_id)s`; /adapter promote uses it.", step=choose,
+                     run_id=row.run_id).render(language) + "\n" + text
         await interaction.followup.send(embeds.truncate(text, 2000), files=files, ephemeral=True)
 
     async def run_button(self, interaction: discord.Interaction, action: str, run_id: str) -> None:
@@ -452,14 +481,14 @@ class Training(commands.Cog):
             require_admin(interaction, self.bot.config)
             row = await self._run(interaction, run_id)
             if interaction.message is None or interaction.message.id != row.status_message_id:
-                raise Refused(f"This button does not belong to training run `{run_id}`; use the buttons on that "
-                              "run's own status message.")
+                raise Refused(_("This button does not belong to training run `%(run_id)s`; use the buttons on "
+                                "that run's own status message.", run_id=run_id))
             if action == "cancel":
                 await self.cancel_run(interaction, row)
                 return
             if row.promoted_as:
-                raise Refused(f"Training run `{row.run_id}` was already promoted as **{row.promoted_as}**; promote "
-                              "another checkpoint with /adapter promote.")
+                raise Refused(_("Training run `%(run_id)s` was already promoted as **%(name)s**; promote another "
+                                "checkpoint with /adapter promote.", run_id=row.run_id, name=row.promoted_as))
             await self.bot.get_cog("AdapterAdmin").promote_run(interaction, row)  # type: ignore[union-attr]
         except Exception as exc:
             await report_error(interaction, exc)

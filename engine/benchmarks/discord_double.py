@@ -53,6 +53,7 @@ class DiscordDouble(DiscordRestRoutes):
         self.app_id = self.snowflake()
         self.bot_user = self._user("arcae", bot=True, uid=self.app_id)
         self.guild_id = self.snowflake()
+        self.guild_locale = "en-US"  # the home server's language (Server Settings > Community > Overview)
         self.admin_role = self.snowflake()
         self.artist_role = self.snowflake()
         self.owner = self._user("owner")
@@ -214,7 +215,7 @@ class DiscordDouble(DiscordRestRoutes):
                 "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
                 "icon": None, "splash": None, "mfa_level": 0, "verification_level": 0,
                 "explicit_content_filter": 0, "default_message_notifications": 0,
-                "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0,
+                "premium_tier": 0, "preferred_locale": self.guild_locale, "nsfw_level": 0,
                 "joined_at": "2024-01-01T00:00:00+00:00", "system_channel_id": None}
 
     def _other_guild_payload(self) -> dict[str, Any]:
@@ -255,7 +256,8 @@ class DiscordDouble(DiscordRestRoutes):
         gid = channel["guild_id"]
         payload = {"id": iid, "application_id": self.app_id, "type": kind, "token": token, "version": 1,
                    "guild_id": gid, "channel_id": channel["id"], "channel": channel,
-                   "member": self._member(user, gid), "guild_locale": "en-US",
+                   "member": self._member(user, gid),
+                   "guild_locale": self.guild_locale if gid == self.guild_id else "en-US",
                    # The user's Discord language: a test user may carry one ({**d.alice, "locale": "ja"}).
                    "locale": user.get("locale", "en-US"),
                    "app_permissions": ADMIN_PERMISSIONS, "entitlements": [],
@@ -363,6 +365,11 @@ class DiscordDouble(DiscordRestRoutes):
         await self.dispatch("MESSAGE_REACTION_REMOVE_ALL", {
             "channel_id": str(message["channel_id"]), "message_id": message["id"],
             "guild_id": self.channels[str(message["channel_id"])]["guild_id"]})
+
+    async def set_guild_locale(self, locale: str) -> None:
+        """An admin changes the home server's language: Discord sends GUILD_UPDATE with it."""
+        self.guild_locale = locale
+        await self.dispatch("GUILD_UPDATE", self._guild_payload())
 
     def expire(self, interaction: Interaction) -> None:
         """Make the interaction's token invalid, as Discord does after 15 minutes."""
