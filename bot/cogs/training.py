@@ -17,7 +17,6 @@ import asyncio
 import logging
 import re
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import discord
@@ -27,12 +26,14 @@ from discord.ext import commands
 from bot import embeds
 from bot.distill_flow import DISTILL_KIND, notice_text
 from bot.errors import InvalidOption, Refused
-from bot.i18n import _, guild_language, interaction_language, localize, ngettext
+from bot.i18n import _, guild_language, interaction_language, localize
 from bot.job_manager import new_job_id
 from bot.policy import is_admin, require_admin
 from bot.replies import report_error
 from bot.training_live import LiveStatus, RunButton
 from bot.training_flow import TrainingFlow, flow_for
+from bot.training_intake import (IMAGE_HELP, attachment_list, check_adapter_name, check_caption_uploads,
+                                 check_uploads, download, refused_summary)
 from bot.training_store import RunRow
 from engine.contract import protocol
 
@@ -42,77 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = [app_commands.Choice(name=k, value=k) for k in ("character", "style")]
-IMAGE_HELP = _("attach PNG, JPEG, WebP, GIF or BMP images (image1..image10) or a .zip of them (optional .txt "
-               "captions)")
 MAX_GRIDS = 8
-
-
-def attachment_list(*items: Optional[discord.Attachment]) -> list[discord.Attachment]:
-    return [a for a in items if a is not None]
-
-
-def check_uploads(attachments: list[discord.Attachment], max_bytes: int, *, captions_ok: bool = True) -> None:
-    """Refuse, before downloading, files that cannot be training images and uploads over the cap."""
-    from training.data.intake import CAPTION_SUFFIX, IMAGE_SUFFIXES
-
-    allowed = set(IMAGE_SUFFIXES) | {".zip"} | ({CAPTION_SUFFIX} if captions_ok else set())
-    bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() not in allowed]
-    if bad:
-        raise InvalidOption(ngettext("Not started: %(files)s is not an image or a .zip; %(help)s.",
-                                     "Not started: %(files)s are not images or .zip files; %(help)s.", len(bad),
-                                     files=", ".join(bad), help=IMAGE_HELP))
-    total = sum(a.size for a in attachments)
-    if total > max_bytes:
-        raise InvalidOption(_("Not started: the upload is %(size)s MiB; at most %(limit)s MiB in all.",
-                              size=f"{total / 2**20:.1f}", limit=f"{max_bytes / 2**20:.0f}"))
-
-
-def check_caption_uploads(attachments: list[discord.Attachment]) -> None:
-    """Refuse, before downloading, caption uploads that are not ``.txt`` files or are over the caption cap."""
-    from training.data.intake import CAPTION_SUFFIX, MAX_CAPTION_BYTES
-
-    bad = [a.filename for a in attachments if Path(a.filename).suffix.lower() != CAPTION_SUFFIX]
-    if bad:
-        raise InvalidOption(ngettext(
-            "No captions changed: %(files)s is not a %(suffix)s file; upload NAME.txt files (UTF-8 text) to replace "
-            "the captions of NAME.png.", "No captions changed: %(files)s are not %(suffix)s files; upload NAME.txt "
-            "files (UTF-8 text) to replace the captions of NAME.png.", len(bad), suffix=CAPTION_SUFFIX,
-            files=", ".join(bad)))
-    big = [a.filename for a in attachments if a.size > MAX_CAPTION_BYTES]
-    if big:
-        raise InvalidOption(ngettext(
-            "No captions changed: %(files)s is over %(limit)s KiB; a caption file may be at most %(limit)s KiB.",
-            "No captions changed: %(files)s are over %(limit)s KiB; a caption file may be at most %(limit)s KiB.",
-            len(big), limit=MAX_CAPTION_BYTES // 1024, files=", ".join(big)))
-
-
-async def download(attachments: list[discord.Attachment]) -> list[tuple[str, bytes]]:
-    """The attachments' bytes as (file name, bytes); a failed download is a message, not a crash."""
-    files = []
-    for a in attachments:
-        try:
-            files.append((a.filename, await a.read()))
-        except (discord.HTTPException, discord.NotFound) as exc:
-            raise Refused(_("Could not download `%(file)s` from Discord (%(error)s); please try again.",
-                            file=a.filename, error=exc)) from None
-    return files
-
-
-def check_adapter_name(name: str) -> str:
-    from engine.contract.training_errors import LifecycleError
-    from training.data.lifecycle import check_name
-
-    try:
-        return check_name(name)
-    except LifecycleError as exc:
-        raise InvalidOption(_("Not started: %(reason)s.", reason=exc.message)) from None
-
-
-def refused_summary(refused: list[Any], language: str | None = None, limit: int = 8) -> str:
-    lines = [f"• `{r.name}`: {r.reason}" for r in refused[:limit]]
-    if len(refused) > limit:
-        lines.append(_("• … and %(n)s more", n=len(refused) - limit).render(language))
-    return "\n".join(lines)
 
 
 def eta_text(run: RunRow, now: float | None = None, language: str | None = None) -> str:
