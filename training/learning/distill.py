@@ -42,14 +42,13 @@ from training.data import checkpoints as ckpt
 from training.data.distill_setup import RESUMABLE, DistillOptions, DistillReport
 from training.data.run_record import atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_json_atomic
 from training.learning import consistency as lcd
-from training.learning.distill_judge import STOCK, DistillJudging, _stack
+from training.learning.distill_judge import STOCK, STUDENT, DistillJudging, _stack
 from training.learning.lora import add_training_adapter, remove_adapter, save_adapter_file, unet_targets
 from training.learning.run_lifecycle import RunLifecycle, check_same_options, existing_run_options
 from training.learning.safe_state import load_state, save_state
 from training.learning.trainer import StepResult
 
 log = logging.getLogger(__name__)
-STUDENT = "arcae_distill"  # not "train"/"eval": those collide with nn.Module methods
 
 
 def _seed(seed: int, *parts: Any) -> int:

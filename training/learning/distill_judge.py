@@ -19,6 +19,7 @@ from typing import Any
 
 from training.learning import consistency as lcd
 
+STUDENT = "arcae_distill"  # the adapter being trained; not "train"/"eval": those collide with nn.Module methods
 STOCK = "arcae_distill_stock"  # the stock adapter's name while it is measured (never trained)
 GRID_CAPTIONS = 2  # captions (columns per seed) the distance and the grid use
 
@@ -80,8 +81,6 @@ class DistillJudging:
     def distance(self) -> float:
         """RMS distance, on held-out seeds, of the student's ``student_steps`` latents to the teacher's
         ``teacher_steps`` DDIM latents with CFG from the same starting noise: what distillation drives down."""
-        from training.learning.distill import STUDENT
-
         return self._distance_of(self._fast_latents(STUDENT))
 
     # ------------------------------------------------------------------ the stock adapter
@@ -110,7 +109,6 @@ class DistillJudging:
         """``dest``: rows teacher / stock fast mode (when there is one) / distilled student, columns the
         eval seeds x first captions, each image labelled."""
         from training.data.checkpoints import make_grid
-        from training.learning.distill import STUDENT
 
         o = self.options
         if getattr(self, "_fixed_rows", None) is None:  # teacher and stock do not change: decode once

@@ -3,9 +3,9 @@ the student gets closer to its teacher, the adapter reloads in plain diffusers b
 resumed run has the losses of an uninterrupted one. Single thread, fixed seeds.
 
 The gain is asserted for a one-step student (one solver interval: the consistency target is the
-guided teacher's own jump to the data): on the tiny model's random UNet, 4-step distillation moves
-the distance by well under 1 % in a test-sized run (measured: 0.3564 -> 0.3544 after 14 steps at
-lr 1e-4, and worse at higher rates), too little to assert without flaking. ``distill_gain`` in the
+guided teacher's own jump to the data): on the tiny model's random UNet, 4-step distillation does not
+get closer in a test-sized run (0.3564 -> 0.3544 after 14 steps at lr 1e-4, farther at any higher
+rate; why is measured in engine.benchmarks.distill_bench's docstring). ``distill_gain`` in the
 benchmark reports the 4-step number.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from engine.benchmarks.distill_bench import tiny_distill_run
 
-STEPS = 30
+STEPS = 20  # one-step gain: 0.2397 -> 0.2169 (0.905) at 20 steps, 0.2137 (0.89) at 30
 LR = 1e-3
 ONE_STEP = dict(solver_steps=1, teacher_steps=1, student_steps=1, batch_size=4)
 # Where only the bookkeeping is tested: one latent per step, one teacher sample per caption, short teacher.
