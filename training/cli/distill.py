@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="folder whose captions the teacher samples (default: [storage] datasets_dir/ADAPTER for the mix's adapters)")
     p.add_argument("--out", help="run directory (default: [storage] runs_dir/distill-NAME)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    p.add_argument("--stock", help="few-step adapter to start from (default: [adapters] lcm_adapter when installed)")
+    p.add_argument("--stock", help="few-step adapter to start from and to judge against (default: [adapters] lcm_adapter when installed)")
     p.add_argument("--no-install", action="store_true", help="leave the result in the run directory only")
     g = p.add_argument_group("distillation")
     g.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
