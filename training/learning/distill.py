@@ -12,8 +12,10 @@ uninterrupted one.
 
 Data-free: the clean latents are the teacher's own DDIM samples of the captions (one per
 caption, cached), so no training images are needed. With ``stock`` (e.g. LCM-LoRA's file) the
-student starts from that adapter; otherwise from scratch (LoRA B = 0: the student starts as the
-mix alone). The result, ``adapter.safetensors``, is a diffusers LoRA of kind ``lcm`` whose header
+student starts from that adapter (``init`` "auto"); otherwise from scratch (LoRA B = 0: the student
+starts as the mix alone). Either way a given stock adapter is what the run is judged against
+(``training.learning.distill_judge``: distances before / stock / after, ``report.recommended``, and
+the teacher / stock / distilled ``grid.png`` of each checkpoint). The result, ``adapter.safetensors``, is a diffusers LoRA of kind ``lcm`` whose header
 binds it to the mix (``arcae.distilled_for``); ``install`` copies it into an adapters directory
 with a sidecar.
 
