@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="folder whose captions the teacher samples (default: [storage] datasets_dir/ADAPTER for the mix's adapters)")
     p.add_argument("--out", help="run directory (default: [storage] runs_dir/distill-NAME)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    p.add_argument("--stock", help="few-step adapter to start from (default: [adapters] lcm_adapter when installed)")
+    p.add_argument("--stock", help="few-step adapter to start from and to judge against (default: [adapters] lcm_adapter when installed)")
     p.add_argument("--no-install", action="store_true", help="leave the result in the run directory only")
     g = p.add_argument_group("distillation")
     g.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
@@ -133,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     r = distill.report
     print(f"done: {run_dir / 'adapter.safetensors'} (started from {'the stock adapter ' + str(stock) if distill.stock else 'scratch'})")
-    print(f"distance to the teacher at {options.student_steps} steps: before {r.before:.4f}, after {r.after:.4f}, "
-          f"distill_gain {r.gain:.3f} ({'recommended' if r.gain < 1 else 'NOT recommended: no closer than before'})")
+    print(judge_line(r, options.student_steps))
     if not args.no_install:
         print(f"installed: {distill.install(adapters_dir)}")
     return 0
@@ -150,3 +149,16 @@ def _loop(distill: Any) -> None:
             bar.set_postfix(loss=f"{result.loss:.4f}")
             if result.checkpoint is not None:
                 bar.write(f"checkpoint {result.checkpoint}")
+
+
+def judge_line(r: Any, steps: int) -> str:
+    """The judge's numbers: distances to the teacher before / with the stock adapter / after, and the verdict."""
+    stock = f", stock adapter {r.stock:.4f}" if r.stock is not None else ""
+    if r.recommended:
+        verdict = "recommended"
+    elif r.gain is not None and r.gain >= 1:
+        verdict = "NOT recommended: no closer than before"
+    else:
+        verdict = "NOT recommended: the stock adapter keeps more of the standard output"
+    return (f"distance to the teacher at {steps} steps: before {r.before:.4f}{stock}, after {r.after:.4f}, "
+            f"distill_gain {r.gain:.3f} ({verdict})")

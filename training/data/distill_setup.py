@@ -124,7 +124,7 @@ class DistillReport:
 
     before: float | None = None
     after: float | None = None
-    stock: float | None = None  # the stock few-step adapter alone, when one was used
+    stock: float | None = None  # the stock few-step adapter (with the mix), when one was given
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -133,3 +133,18 @@ class DistillReport:
         if self.before is None or self.after is None or self.before <= 0:
             return None
         return self.after / self.before
+
+    @property
+    def recommended(self) -> bool | None:
+        """Closer to the teacher than before and, when a stock few-step adapter was measured, than it
+        (the judge of the issue: keep more of the standard output than the stock adapter at the same steps)."""
+        if self.gain is None:
+            return None
+        return self.gain < 1.0 and (self.stock is None or self.after < self.stock)
+
+    @property
+    def stock_ratio(self) -> float | None:
+        """distance after / the stock adapter's distance (below 1: the distilled adapter keeps more of the style)."""
+        if self.after is None or not self.stock:
+            return None
+        return self.after / self.stock

@@ -12,8 +12,10 @@ uninterrupted one.
 
 Data-free: the clean latents are the teacher's own DDIM samples of the captions (one per
 caption, cached), so no training images are needed. With ``stock`` (e.g. LCM-LoRA's file) the
-student starts from that adapter; otherwise from scratch (LoRA B = 0: the student starts as the
-mix alone). The result, ``adapter.safetensors``, is a diffusers LoRA of kind ``lcm`` whose header
+student starts from that adapter (``init`` "auto"); otherwise from scratch (LoRA B = 0: the student
+starts as the mix alone). Either way a given stock adapter is what the run is judged against
+(``training.learning.distill_judge``: distances before / stock / after, ``report.recommended``, and
+the teacher / stock / distilled ``grid.png`` of each checkpoint). The result, ``adapter.safetensors``, is a diffusers LoRA of kind ``lcm`` whose header
 binds it to the mix (``arcae.distilled_for``); ``install`` copies it into an adapters directory
 with a sidecar.
 
@@ -42,20 +44,20 @@ from training.data import checkpoints as ckpt
 from training.data.distill_setup import RESUMABLE, DistillOptions, DistillReport
 from training.data.run_record import atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_json_atomic
 from training.learning import consistency as lcd
+from training.learning.distill_judge import STOCK, STUDENT, DistillJudging, _stack
 from training.learning.lora import add_training_adapter, remove_adapter, save_adapter_file, unet_targets
 from training.learning.run_lifecycle import RunLifecycle, check_same_options, existing_run_options
 from training.learning.safe_state import load_state, save_state
 from training.learning.trainer import StepResult
 
 log = logging.getLogger(__name__)
-STUDENT = "arcae_distill"  # not "train"/"eval": those collide with nn.Module methods
 
 
 def _seed(seed: int, *parts: Any) -> int:
     return random.Random(f"arcae-distill-{seed}-" + "-".join(map(str, parts))).getrandbits(63)
 
 
-class DistillRun(RunLifecycle):
+class DistillRun(DistillJudging, RunLifecycle):
     """One distillation run on ``pipe`` (see the module docstring). Not thread-safe."""
 
     def __init__(self, pipe: Any, options: DistillOptions, run_dir: Path, *, mixer: Any = None,
@@ -66,7 +68,11 @@ class DistillRun(RunLifecycle):
             raise TrainingError("distill-fast: a mix needs the adapter registry to set it (mixer)")
         self.pipe, self.options, self.run_dir, self.mixer = pipe, options, Path(run_dir), mixer
         self.base_model, self.job_id = base_model, job_id
-        self.stock = Path(stock) if stock is not None and options.init == "auto" else None
+        # The stock few-step adapter: the judge's reference whenever given, the start only with init "auto".
+        self.stock_file = Path(stock) if stock is not None else None
+        if self.stock_file is not None and not self.stock_file.is_file():
+            raise TrainingError(f"distill-fast: the stock few-step adapter {self.stock_file} does not exist")
+        self.stock = self.stock_file if options.init == "auto" else None
         self.step_index, self.status, self.last_loss = 0, "pending", None
         self._released = False
         self._check_run_dir(resume)
@@ -126,17 +132,19 @@ class DistillRun(RunLifecycle):
     def _student_layers(self) -> list[Any]:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        return [m for m in self.pipe.unet.modules() if isinstance(m, BaseTunerLayer) and STUDENT in m.scaling]
+        return [m for m in self.pipe.unet.modules()
+                if isinstance(m, BaseTunerLayer) and (STUDENT in m.scaling or STOCK in m.scaling)]
 
-    def _set(self, student: bool, train: bool) -> None:
-        """The teacher (mix only) or the student (mix + student adapter); train or eval mode."""
+    def _set(self, student: bool | str, train: bool) -> None:
+        """The teacher (mix only) or the mix plus the student (True) or another few-step adapter (its name)."""
+        name = STUDENT if student is True else (student or None)
         if self.mixer is not None:
             self.mixer.apply_mix(list(self.options.mix))
         else:
             self._all_off()
         for layer in self._student_layers():
-            active = [a for a in layer.active_adapters if a != STUDENT]
-            layer._active_adapter = active + ([STUDENT] if student else [])
+            active = [a for a in layer.active_adapters if a not in (STUDENT, STOCK)]
+            layer._active_adapter = active + ([name] if name in layer.scaling else [])
             layer._disable_adapters = False
         self.pipe.unet.train(train)
 
@@ -153,7 +161,7 @@ class DistillRun(RunLifecycle):
             self.mixer.apply_mix(previous)  # also leaves the student inactive
         else:
             for layer in self._student_layers():
-                layer._active_adapter = [a for a in layer.active_adapters if a != STUDENT]
+                layer._active_adapter = [a for a in layer.active_adapters if a not in (STUDENT, STOCK)]
         self.pipe.unet.eval()
 
     def _previous_mix(self) -> list[tuple[str, float]] | None:
@@ -212,7 +220,8 @@ class DistillRun(RunLifecycle):
         return {
             "run_dir": str(self.run_dir), "status": self.status, "steps": self.step_index, "loss": self.last_loss,
             "adapter": str(self.run_dir / "adapter.safetensors"), "kind": "lcm",
-            "distance_before": self.report.before, "distance_after": self.report.after, "distill_gain": self.report.gain,
+            "distance_before": self.report.before, "distance_stock": self.report.stock,
+            "distance_after": self.report.after, "distill_gain": self.report.gain, "recommended": self.report.recommended,
         }
 
     def step(self) -> StepResult:
@@ -225,6 +234,8 @@ class DistillRun(RunLifecycle):
             if self.status == "pending":
                 if self.report.before is None and self.step_index == 0:
                     self.report.before = self.distance()
+                if self.report.stock is None and self.stock_file is not None:
+                    self.report.stock = self.stock_distance()
                 self._write_record(status="running")
             loss = self._optimizer_step()
             self.step_index += 1
@@ -308,37 +319,6 @@ class DistillRun(RunLifecycle):
         for name, p in self.pipe.unet.named_parameters():
             p.requires_grad_(f".{STUDENT}." in name)
 
-    # ------------------------------------------------------------------ judging
-    def distance(self) -> float:
-        """RMS distance, on held-out seeds, of the student's ``student_steps`` latents (fast mode's LCM
-        timesteps, no CFG, deterministic: ``consistency.consistency_trajectory``) to the teacher's
-        ``teacher_steps`` DDIM latents with CFG from the same starting noise: what distillation drives down."""
-        from diffusers import DDIMScheduler, LCMScheduler
-
-        o = self.options
-        previous = self._previous_mix()
-        evals = list(range(min(2, len(o.captions))))
-        cond = self._on_device(_stack([self._cond(i) for i in evals]))
-        uncond = self._on_device(_stack([self._uncond()] * len(evals)))
-        try:
-            if self._teacher_eval is None:
-                self._set(student=False, train=False)
-                self._teacher_eval = [lcd.sample_latents(self.pipe, DDIMScheduler.from_config(self.pipe.scheduler.config),
-                                                         cond, uncond, steps=o.teacher_steps, cfg=o.teacher_cfg,
-                                                         size=o.resolution, seed=s) for s in o.eval_seeds]
-            self._set(student=True, train=False)
-            scheduler = LCMScheduler.from_config(self.pipe.scheduler.config)
-            scheduler.set_timesteps(o.student_steps)  # fast mode's own timesteps (999/759/499/259 at 4)
-            steps = [int(t) for t in scheduler.timesteps]
-            dists = []
-            for seed, teacher in zip(o.eval_seeds, self._teacher_eval):
-                student = lcd.consistency_trajectory(self.pipe, cond, steps, self.alphas, self.prediction,
-                                                     size=o.resolution, seed=seed)
-                dists.append(lcd.latent_distance(student, teacher))
-            return sum(dists) / len(dists)
-        finally:
-            self._restore(previous)
-
     # ------------------------------------------------------------------ files
     def checkpoint(self) -> Path:
         """Save the student adapter and the optimizer state for the current step."""
@@ -347,6 +327,7 @@ class DistillRun(RunLifecycle):
             save_adapter_file(tmp / "adapter.safetensors", self.pipe.unet, STUDENT)
             save_state({"step": self.step_index, "optimizer": self.optimizer.state_dict(),
                         "params": {k: v.detach().to("cpu").clone() for k, v in self.params.items()}}, tmp)
+            self.write_grid(tmp / "grid.png")  # what the bot's status view shows (bot.training_views)
         ckpt.plot_loss(self.run_dir)
         self._write_record(checkpoints=[{"step": s, "path": str(p.relative_to(self.run_dir))}
                                         for s, p in list_checkpoints(self.run_dir)])
@@ -367,6 +348,7 @@ class DistillRun(RunLifecycle):
                 shutil.rmtree(path, ignore_errors=True)
         recorded = read_run(self.run_dir).get("report", {})
         self.report.before = recorded.get("distance_before")
+        self.report.stock = recorded.get("distance_stock")
         log.info("resumed %s at step %d", self.run_dir, self.step_index)
 
     def metadata(self) -> dict[str, str]:
@@ -403,9 +385,10 @@ class DistillRun(RunLifecycle):
             self.run_dir, kind="distill-fast", options=self.options.to_json(), step=self.step_index,
             total_steps=self.options.steps, base_model=self.base_model, loss=self.last_loss,
             elapsed_s=round(time.monotonic() - self._started, 3) if hasattr(self, "_started") else 0.0,
-            report={"distance_before": r.before, "distance_after": r.after, "distill_gain": r.gain,
-                    "init": "stock" if self.stock else "scratch",
-                    "recommended": None if r.gain is None else r.gain < 1.0}, **fields,
+            report={"distance_before": r.before, "distance_stock": r.stock, "distance_after": r.after,
+                    "distill_gain": r.gain, "stock_ratio": r.stock_ratio, "init": "stock" if self.stock else "scratch",
+                    "stock_adapter": self.stock_file.name if self.stock_file else None,
+                    "recommended": r.recommended}, **fields,
         )
 
 
@@ -422,9 +405,3 @@ def install_adapter(source: Path, adapters_dir: Path, options: DistillOptions) -
     tmp.replace(dest)
     return dest
 
-
-def _stack(conds: list[lcd.Conditioning]) -> lcd.Conditioning:
-    import torch
-
-    return lcd.Conditioning(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]),
-                            torch.cat([c.time_ids for c in conds]))
