@@ -115,8 +115,7 @@ def verdict(run: RunRow) -> Text:
                 steps=run.options.get("student_steps") or 4, before=_number(report.get("distance_before")),
                 stock=_number(stock), after=_number(report.get("distance_after")),
                 gain=_number(report.get("distill_gain")))
-    recommended = (_("Recommended: it keeps the mix's look closer than before.") if result.get("recommended")
-                   else _("Not recommended: it is no closer to the teacher than before."))
+    recommended = _why(result.get("recommended"), report.get("distance_before"), report.get("distance_after"), stock)
     mix = mix_text(result.get("mix") or run.options.get("mix"))
     if result.get("installed"):
         after = _("Installed: /imagine fast: with the mix %(mix)s now uses **%(name)s**.", mix=mix,
@@ -127,6 +126,18 @@ def verdict(run: RunRow) -> Text:
         after = _("Not installed, so fast mode keeps the stock adapter for %(mix)s; run it again with install: "
                   "always to use it anyway.", mix=mix)
     return _("%(numbers)s\n%(recommended)s\n%(after)s", numbers=numbers, recommended=recommended, after=after)
+
+
+def _why(recommended: Any, before: Any, after: Any, stock: Any) -> Text:
+    """The judge's verdict in words: closer than before and, when there is one, than the stock adapter."""
+    if recommended:
+        if isinstance(stock, (int, float)):
+            return _("Recommended: it keeps the mix's look closer than before and than the stock adapter.")
+        return _("Recommended: it keeps the mix's look closer than before.")
+    numbers = all(isinstance(v, (int, float)) for v in (before, after, stock))
+    if numbers and after < before and after >= stock:
+        return _("Not recommended: it is closer to the teacher than before, but not closer than the stock adapter.")
+    return _("Not recommended: it is no closer to the teacher than before.")
 
 
 def notice_text(run: RunRow, status: str) -> Text:
