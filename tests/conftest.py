@@ -23,10 +23,21 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny SDXL pipeline on disk (diffusers format), seed 0."""
+    """A tiny SDXL pipeline on disk (diffusers format), seed 0; tests only read it."""
     from engine.generation.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sdxl", seed=0)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-sdxl", seed=0)
+    # Under pytest-xdist the workers share one copy in the run's common temp dir: the first to
+    # need it builds it, the others wait on the lock instead of building their own.
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    dest = shared / "tiny-model" / "tiny-sdxl"
+    with FileLock(str(shared / "tiny-model.lock")):
+        if not (dest / "model_index.json").exists():
+            make_tiny_model(dest, seed=0)
+    return dest
 
 
 def write_config(tmp_path: Path, model_dir: Path | str, extra: str = "") -> Path:
@@ -65,3 +76,27 @@ runs_dir = "data/runs"
     path = tmp_path / "config.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# The slowest test files (setup + calls, measured with --durations=0 on 2 cores), slowest first.
+# They are collected first so that pytest-xdist (addopts: --dist loadfile --no-loadscope-reorder)
+# starts them early instead of leaving one running alone at the end; the order is otherwise kept.
+SLOW_FILES_FIRST = (
+    "tests/engine/benchmarks/test_worker_bench.py",
+    "tests/training/learning/test_distill.py",
+    "tests/engine/scaleout/test_redis_scaleout.py",
+    "tests/engine/benchmarks/test_bench.py",
+    "tests/engine/service/test_engine_process.py",
+    "tests/engine/generation/test_compile.py",
+    "tests/bot/test_hostile_limits.py",
+    "tests/training/learning/test_training_trust.py",
+    "tests/training/learning/test_trainer.py",
+    "tests/engine/generation/test_vpred.py",
+    "tests/engine/generation/test_lora_formats.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {path: i for i, path in enumerate(SLOW_FILES_FIRST)}
+    # A stable sort on the file alone: each file's tests stay together and in their order.
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))

@@ -176,7 +176,9 @@ async def running_stack(tmp: Path, model_dir: Path, *, extra: str = "", rate_out
         await s.engine.stop()
         await double.close()
         # Kept outside pytest's rotating tmp dirs so a failure can be read afterwards.
-        keep = Path(os.environ.get("ARCAE_TEST_LOGS", "/tmp/arcae-test-logs")) / tmp.name
+        # The xdist worker's name keeps two workers' "bot-stack0" apart.
+        keep = Path(os.environ.get("ARCAE_TEST_LOGS", "/tmp/arcae-test-logs")) / os.environ.get(
+            "PYTEST_XDIST_WORKER", "") / tmp.name
         keep.mkdir(parents=True, exist_ok=True)
         for name in ("bot.log", "engine.log"):
             if (tmp / name).exists():
