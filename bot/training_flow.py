@@ -159,6 +159,13 @@ class TrainingFlow:
 
         return list_datasets(self.datasets_dir)
 
+    async def dataset_choices(self, current: str) -> list[Any]:
+        """Autocomplete choices: the datasets whose names contain ``current`` (at most Discord's 25)."""
+        from discord import app_commands
+
+        names = await asyncio.to_thread(self.datasets)
+        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+
     # ------------------------------------------------------------------ options
 
     def build_options(self, *, dataset: Path, kind: str, trigger: str, **overrides: Any) -> dict[str, Any]:

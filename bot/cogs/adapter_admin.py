@@ -314,8 +314,7 @@ class AdapterAdmin(commands.Cog):
                                      current: str) -> list[app_commands.Choice[str]]:
         if not is_admin(interaction.user, interaction.guild, self.bot.config):
             return []
-        names = await asyncio.to_thread(self.flow.datasets)
-        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+        return await self.flow.dataset_choices(current)
 
     for _command in (rollback, delete, info, set_weight):
         _command.autocomplete("name")(_autocomplete_adapters)

@@ -119,8 +119,7 @@ class Training(commands.Cog):
                                      current: str) -> list[app_commands.Choice[str]]:
         if not is_admin(interaction.user, interaction.guild, self.bot.config):
             return []
-        names = await asyncio.to_thread(self.flow.datasets)
-        return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+        return await self.flow.dataset_choices(current)
 
     async def _audit(self, interaction: discord.Interaction, action: str, target: str, **detail: Any) -> None:
         await self.flow.store.audit(user_id=interaction.user.id, guild_id=interaction.guild_id, action=action,

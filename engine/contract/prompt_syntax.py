@@ -229,6 +229,14 @@ def _when(group: Group) -> str:
     return text.strip()
 
 
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, Scheduled):
+        return [node.before, node.after]
+    if isinstance(node, Alternate):
+        return list(node.options)
+    return list(node.parts) if isinstance(node, Group) else []
+
+
 def _collect_steps(node: Node, steps: int, out: set[int]) -> None:
     """A1111's collect_steps: the steps where the text may change; resolves each ``when``."""
     if isinstance(node, Scheduled):
@@ -237,15 +245,9 @@ def _collect_steps(node: Node, steps: int, out: set[int]) -> None:
         node.step = min(steps, int(value * steps if "." in node.when else value))
         if node.step >= 1:
             out.add(node.step)
-        children: list[Node] = [node.before, node.after]
     elif isinstance(node, Alternate):
         out.update(range(1, steps + 1))
-        children = list(node.options)
-    elif isinstance(node, Group):
-        children = node.parts
-    else:
-        return
-    for child in children:
+    for child in _children(node):
         _collect_steps(child, steps, out)
 
 
@@ -253,15 +255,9 @@ def _variable_nodes(node: Node, switches: list[int], cycles: list[int]) -> None:
     """The resolved step of every ``[a:b:when]`` and the option count of every ``[a|b]`` (all depths)."""
     if isinstance(node, Scheduled):
         switches.append(node.step)
-        children: list[Node] = [node.before, node.after]
     elif isinstance(node, Alternate):
         cycles.append(len(node.options))
-        children = list(node.options)
-    elif isinstance(node, Group):
-        children = node.parts
-    else:
-        return
-    for child in children:
+    for child in _children(node):
         _variable_nodes(child, switches, cycles)
 
 

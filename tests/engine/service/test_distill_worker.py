@@ -4,12 +4,12 @@ bad requests fail with a message saying what is wrong."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from engine.contract import protocol
 from tests.conftest import write_config
+from tests.engine.service.worker_events import final_event, start_recording, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -27,29 +27,18 @@ def worker(tmp_path_factory, tiny_model_dir):
     generator.registry.reload()
     gpu = GpuWorker(generator, config, name="distill-gpu")
     gpu.distill_factory = distill_factory(config, generator)
-    events: list = []
-    arrived = threading.Condition()
-
-    def emit(event):
-        with arrived:
-            events.append(event)
-            arrived.notify_all()
-
-    gpu.start(emit)
-    gpu.events, gpu.arrived, gpu.root = events, arrived, root
+    start_recording(gpu)
+    gpu.root = root
     yield gpu
     gpu.stop()
 
 
 def _wait(gpu, test, timeout: float = 180):
-    with gpu.arrived:
-        assert gpu.arrived.wait_for(lambda: test(gpu.events), timeout), "no such event in time"
-    return test(gpu.events)
+    return wait_for(gpu, test, timeout)
 
 
 def _final(gpu, job_id: str, attempt: int = 1):
-    return _wait(gpu, lambda ev: [e for e in ev if e.job_id == job_id and e.attempt == attempt
-                                  and isinstance(e, protocol.TERMINAL_EVENT_TYPES)])[0]
+    return final_event(gpu, job_id, attempt)
 
 
 def _request(job_id: str, attempt: int = 1, **options) -> protocol.DistillRequest:

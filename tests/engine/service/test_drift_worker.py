@@ -5,12 +5,12 @@ run.json gets the summary and the checkpoint leaves the adapter list afterwards.
 from __future__ import annotations
 
 import base64
-import threading
 
 import pytest
 
 from engine.contract import protocol
 from tests.conftest import write_config
+from tests.engine.service.worker_events import final_event, start_recording
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +30,14 @@ def worker(tmp_path_factory, tiny_model_dir):
     generator.registry.reload()
     gpu = GpuWorker(generator, config, name="drift-gpu")
     gpu.drift_factory = drift_factory(config, generator)
-    events: list = []
-    arrived = threading.Condition()
-
-    def emit(event):
-        with arrived:
-            events.append(event)
-            arrived.notify_all()
-
-    gpu.start(emit)
-    gpu.events, gpu.arrived, gpu.root = events, arrived, root
+    start_recording(gpu)
+    gpu.root = root
     yield gpu
     gpu.stop()
 
 
 def _final(gpu, job_id: str, timeout: float = 120):
-    def done():
-        return [e for e in gpu.events if e.job_id == job_id and isinstance(e, protocol.TERMINAL_EVENT_TYPES)]
-
-    with gpu.arrived:
-        assert gpu.arrived.wait_for(done, timeout), f"no final event for {job_id}"
-    return done()[0]
+    return final_event(gpu, job_id, timeout=timeout)
 
 
 def test_drift_request_completes_with_table_and_chart(worker):
