@@ -27,7 +27,7 @@ judged on other seeds (2001-2004: 0.1964 -> 0.1882, 0.958) and on a teacher trai
 rises again after ~60 steps (0.1868 at 80, 0.2014 at 100, 1.14 at 120), also with an empty mix
 (0.2131 -> 0.2021 at 60, 1.05 at 120) and with 16 teacher samples per caption (1.15 at 120): the
 student's own target (no EMA) drifts. The bench takes ~2-5 minutes on a loaded 2-core machine
-(the teacher ~90-140 s of it), too long for a test. A small, real 4-step gain of the method on a
+(the teacher 67-142 s of it; two bench runs gave the same 0.95x, 181.3/190.6), too long for a test. A small, real 4-step gain of the method on a
 teacher that denoises; it says nothing of its size on a trained SDXL mix (the run's report does).
 """
 
