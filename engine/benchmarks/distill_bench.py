@@ -25,10 +25,12 @@ So the row uses lr 5e-5 for 60 steps, picked on that curve; checked apart from i
 judged on other seeds (2001-2004: 0.1964 -> 0.1882, 0.958) and on a teacher trained with seed 1
 (0.2828 -> 0.2692, 0.952). It is the bottom of the curve, not a plateau: at lr 5e-5 the distance
 rises again after ~60 steps (0.1868 at 80, 0.2014 at 100, 1.14 at 120), also with an empty mix
-(0.2131 -> 0.2021 at 60, 1.05 at 120) and with 16 teacher samples per caption (1.15 at 120): the
-student's own target (no EMA) drifts. The bench takes ~2-5 minutes on a loaded 2-core machine
-(the teacher 67-142 s of it; two bench runs gave the same 0.95x, 181.3/190.6), too long for a test. A small, real 4-step gain of the method on a
-teacher that denoises; it says nothing of its size on a trained SDXL mix (the run's report does).
+(0.2131 -> 0.2021 at 60, 1.05 at 120) and with 16 teacher samples per caption (1.15 at 120); a
+likely cause (not tested: the product's method has no EMA) is the student's own target drifting.
+The bench takes ~2-5 minutes on a loaded 2-core machine (the teacher 67-142 s of it; two bench
+runs gave the same 0.95x, 181.3/190.6), too long for a test. A small, real 4-step gain of the
+method on a teacher that denoises; it says nothing of its size on a trained SDXL mix (the run's
+report does).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ TINY_OPTIONS: dict[str, Any] = dict(
 
 def tiny_distill_run(root: Path, *, steps: int, lr: float, name: str = "style-fast", resume: bool = False,
                      pipe: Any = None, **overrides: Any) -> Any:
-    """A ``DistillRun`` on ``pipe`` (default: a fresh random tiny v-prediction pipeline) with a random style LoRA as the mix."""
+    """A ``DistillRun`` on ``pipe`` (default: a fresh random tiny v-prediction pipeline), a random style LoRA as the mix."""
     from diffusers import StableDiffusionXLPipeline
 
     from engine.benchmarks.lora_synth import make_lora
