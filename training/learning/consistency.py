@@ -129,8 +129,6 @@ def time_ids(size: int, batch: int, device: Any) -> Any:
 def sample_latents(pipe: Any, scheduler: Any, cond: Conditioning, uncond: Conditioning | None, *, steps: int,
                    cfg: float, size: int, seed: int) -> Any:
     """Final latents of the plain diffusers pipeline with ``scheduler`` (the pipeline's own restored)."""
-    import torch
-
     saved = pipe.scheduler
     pipe.scheduler = scheduler
     try:

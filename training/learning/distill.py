@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.contract.distilled_mix import HEADER_KEY, SIDECAR_KEY, mix_key
-from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
+from engine.contract.training_errors import TrainingDiverged, TrainingError
 from training.data import checkpoints as ckpt
 from training.data.distill_setup import RESUMABLE, DistillOptions, DistillReport
 from training.data.run_record import atomic_dir, checkpoint_dir, list_checkpoints, read_run, update_run, write_json_atomic
@@ -48,7 +48,6 @@ from training.learning.distill_judge import STOCK, STUDENT, DistillJudging, _sta
 from training.learning.lora import add_training_adapter, remove_adapter, save_adapter_file, unet_targets
 from training.learning.run_lifecycle import RunLifecycle, check_same_options, existing_run_options
 from training.learning.safe_state import load_state, save_state
-from training.learning.trainer import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,8 @@ def _seed(seed: int, *parts: Any) -> int:
 
 class DistillRun(DistillJudging, RunLifecycle):
     """One distillation run on ``pipe`` (see the module docstring). Not thread-safe."""
+
+    what = "distillation run"
 
     def __init__(self, pipe: Any, options: DistillOptions, run_dir: Path, *, mixer: Any = None,
                  stock: Path | None = None, resume: bool = False, base_model: str = "", job_id: str = "") -> None:
@@ -224,38 +225,12 @@ class DistillRun(DistillJudging, RunLifecycle):
             "distance_after": self.report.after, "distill_gain": self.report.gain, "recommended": self.report.recommended,
         }
 
-    def step(self) -> StepResult:
-        """One optimizer step of the consistency objective; checkpoint when due."""
-        if self.status == "canceled":
-            raise TrainingCanceled(f"distillation run {self.run_dir.name} was canceled")
-        if self.done:
-            raise TrainingError(f"distillation run {self.run_dir.name} is already {self.status}")
-        try:
-            if self.status == "pending":
-                if self.report.before is None and self.step_index == 0:
-                    self.report.before = self.distance()
-                if self.report.stock is None and self.stock_file is not None:
-                    self.report.stock = self.stock_distance()
-                self._write_record(status="running")
-            loss = self._optimizer_step()
-            self.step_index += 1
-            self.last_loss = loss
-            ckpt.append_loss(self.run_dir, self.step_index, loss, self.options.lr)
-            saved = None
-            finished = self.step_index >= self.options.steps
-            if finished or self.step_index % self.options.save_every == 0:
-                saved = self.checkpoint()
-            if finished:
-                self._finish()
-            return StepResult(self.step_index, self.options.steps, loss, self.options.lr, saved)
-        except TrainingCanceled:
-            raise
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-            raise
+    def _begin(self) -> None:
+        """Before the first step: the distances the judge compares the result with (kept over a resume)."""
+        if self.report.before is None and self.step_index == 0:
+            self.report.before = self.distance()
+        if self.report.stock is None and self.stock_file is not None:
+            self.report.stock = self.stock_distance()
 
     def release(self) -> None:
         """Remove the student adapter from the pipeline (idempotent)."""
@@ -272,7 +247,7 @@ class DistillRun(DistillJudging, RunLifecycle):
         o = self.options
         return [(rng.randrange(len(o.captions)), rng.randrange(o.variants)) for _ in range(o.batch_size)]
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> tuple[float, float]:
         import torch
 
         o = self.options
@@ -308,7 +283,7 @@ class DistillRun(DistillJudging, RunLifecycle):
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), o.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            return float(loss.item())
+            return float(loss.item()), o.lr
         finally:
             self._restore(previous)
 

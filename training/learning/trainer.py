@@ -36,10 +36,10 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from training.data import checkpoints as ckpt
-from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
+from engine.contract.training_errors import TrainingDiverged
 from engine.generation.pipe_state import pipe_state
 from training.learning.lora import (
     AdapterSwitch, add_training_adapter, remove_adapter, save_adapter_file, text_encoder_targets, unet_targets,
@@ -64,28 +64,6 @@ _RESUMABLE_CHANGES = {
 _LEGACY_OPTIONS = {"target_preset": "attention", "prodigy_d_coef": 1.0, "prodigy_safeguard_warmup": True}
 
 
-class _StepTuple(NamedTuple):
-    step: int
-    total: int
-    loss: float
-
-
-class StepResult(_StepTuple):
-    """One optimizer step: steps done, total steps, mean loss; ``lr`` and ``checkpoint`` besides.
-
-    A 3-tuple (step, total, loss), the shape ``engine.service.gpu_worker`` reads progress from.
-    """
-
-    lr: float
-    checkpoint: Path | None
-
-    def __new__(cls, step: int, total: int, loss: float, lr: float = 0.0, checkpoint: Path | None = None):
-        self = super().__new__(cls, step, total, loss)
-        self.lr = lr
-        self.checkpoint = checkpoint
-        return self
-
-
 class TrainingRun(RunLifecycle):
     """One LoRA training run on ``pipe`` (a ``StableDiffusionXLPipeline``), stepped by its owner.
 
@@ -93,6 +71,8 @@ class TrainingRun(RunLifecycle):
     remove the training adapter from the pipeline. Not thread-safe: call from the thread that
     owns the pipeline.
     """
+
+    what = "training run"
 
     def __init__(
         self, pipe: Any, options: TrainOptions, run_dir: Path, *, resume: bool = False,
@@ -174,35 +154,6 @@ class TrainingRun(RunLifecycle):
             "loss": self.last_loss, "adapter": str(self.run_dir / "adapter.safetensors"),
             "checkpoints": [s for s, _ in list_checkpoints(self.run_dir)],
         }
-
-    def step(self) -> StepResult:
-        """Run one optimizer step (``grad_accum`` micro-batches); checkpoint when due."""
-        if self.status == "canceled":
-            raise TrainingCanceled(f"training run {self.run_dir.name} was canceled")
-        if self.done:
-            raise TrainingError(f"training run {self.run_dir.name} is already {self.status}")
-        try:
-            if self.status == "pending":
-                self._write_record(status="running")
-            loss, lr = self._optimizer_step()
-            self.step_index += 1
-            self.last_loss = loss
-            ckpt.append_loss(self.run_dir, self.step_index, loss, lr)
-            saved = None
-            finished = self.step_index >= self.options.steps
-            if finished or self.step_index % self.options.save_every == 0:
-                saved = self.checkpoint()
-            if finished:
-                self._finish()
-            return StepResult(self.step_index, self.options.steps, loss, lr, saved)
-        except TrainingCanceled:
-            raise
-        except KeyboardInterrupt:  # Ctrl-C in the CLI: a cancel, not a failure
-            self.cancel()
-            raise
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def release(self) -> None:
         """Remove the training adapter from the pipeline (idempotent)."""
