@@ -115,16 +115,8 @@ class DistillJob:
         self.run.release()
 
     def _recommended(self) -> bool | None:
-        from training.data.run_record import read_run
-
-        try:  # the judge's verdict as the run recorded it (it may weigh more than the gain)
-            report = read_run(self.run.run_dir).get("report") or {}
-        except Exception:
-            report = {}
-        if report.get("recommended") is not None:
-            return bool(report["recommended"])
-        gain = self.run.report.gain
-        return None if gain is None else gain < 1.0
+        """The run's judge: closer to the teacher than before and than the stock adapter (None: not judged)."""
+        return self.run.report.recommended
 
     def _install(self) -> None:
         recommended = self._recommended()
