@@ -91,11 +91,7 @@ class Img2ImgMixin:
 
         if params is None:
             raise InvalidRequest("img2img from a picture needs the request's parameters (at least a prompt)")
-        path = Path(source)
-        if not path.is_absolute():
-            path = self.outputs_dir / path
-        if not path.is_file():
-            raise InvalidRequest(f"source image {Path(source).name} not found in the outputs directory")
+        path = self._source_path(source)
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
@@ -125,13 +121,18 @@ class Img2ImgMixin:
             self._img2img_pipe.set_progress_bar_config(disable=True)
         return self._img2img_pipe
 
-    def _source_request(self, source: str | Path) -> tuple[Path, dict[str, Any]]:
-        """The source PNG's path and the GenerationParams fields of its embedded request."""
+    def _source_path(self, source: str | Path) -> Path:
+        """The source image's file (a relative name is in the outputs directory); refused when missing."""
         path = Path(source)
         if not path.is_absolute():
             path = self.outputs_dir / path
         if not path.is_file():
             raise InvalidRequest(f"source image {Path(source).name} not found in the outputs directory")
+        return path
+
+    def _source_request(self, source: str | Path) -> tuple[Path, dict[str, Any]]:
+        """The source PNG's path and the GenerationParams fields of its embedded request."""
+        path = self._source_path(source)
         try:
             _, request = infotext.read_png_metadata(path)
         except OSError:

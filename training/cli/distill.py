@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +98,10 @@ def _stock(args: argparse.Namespace, config: Any, adapters_dir: Path) -> Path | 
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
+    from engine.contract.training_errors import TrainingError
     from engine.generation.adapters import AdapterRegistry
     from training.cli import CliError
-    from training.cli.train import _load_pipeline
+    from training.cli.train import _load_pipeline, run_to_end
     from training.learning.distill import DistillRun
 
     from engine.cli import load_cli_config
@@ -122,33 +121,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except Exception as exc:  # UnknownAdapter / InvalidRequest from the registry
         raise CliError(getattr(exc, "message", str(exc))) from None
-    try:
-        _loop(distill)
-    except KeyboardInterrupt:
-        distill.cancel()
-        print(f"canceled at step {distill.step_index}; checkpoints kept in {run_dir}")
-        return 130
-    except (TrainingDiverged, TrainingCanceled) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    code = run_to_end(distill, run_dir)
+    if code is not None:
+        return code
     r = distill.report
     print(f"done: {run_dir / 'adapter.safetensors'} (started from {'the stock adapter ' + str(stock) if distill.stock else 'scratch'})")
     print(judge_line(r, options.student_steps))
     if not args.no_install:
         print(f"installed: {distill.install(adapters_dir)}")
     return 0
-
-
-def _loop(distill: Any) -> None:
-    from tqdm import tqdm
-
-    with tqdm(total=distill.total_steps, initial=distill.step_index, unit="step", dynamic_ncols=True) as bar:
-        while not distill.done:
-            result = distill.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}")
-            if result.checkpoint is not None:
-                bar.write(f"checkpoint {result.checkpoint}")
 
 
 def judge_line(r: Any, steps: int) -> str:

@@ -146,7 +146,7 @@ def _load_pipeline(config: Any, model: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from training.cli import CliError
-    from engine.contract.training_errors import TrainingCanceled, TrainingDiverged, TrainingError
+    from engine.contract.training_errors import TrainingError
     from training.data.training_set import TrainingDataset
 
     config = _load_config(args)
@@ -171,31 +171,38 @@ def run(args: argparse.Namespace) -> int:
         training_run = TrainingRun(loaded.pipe, options, run_dir, resume=resume, base_model=loaded.name)
     except TrainingError as exc:
         raise CliError(str(exc)) from None
-    try:
-        _loop(training_run)
-    except KeyboardInterrupt:
-        training_run.cancel()
-        print(f"canceled at step {training_run.step_index}; checkpoints kept in {run_dir}")
-        return 130
-    except (TrainingDiverged, TrainingCanceled) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    code = run_to_end(training_run, run_dir)
+    if code is not None:
+        return code
     print(f"done: {run_dir / 'adapter.safetensors'} and {run_dir / 'adapter.kohya.safetensors'}")
     if not args.no_score:
         _score(run_dir, args, config)
     return 0
 
 
-def _loop(training_run: Any) -> None:
+def run_to_end(run: Any, run_dir: Path) -> int | None:
+    """Step a training or distillation run to its end with a progress bar: None when it completed, else
+    the exit code (130 after Ctrl-C, which cancels it and keeps its checkpoints; 1 when it diverged)."""
     from tqdm import tqdm
 
-    with tqdm(total=training_run.total_steps, initial=training_run.step_index, unit="step", dynamic_ncols=True) as bar:
-        while not training_run.done:
-            result = training_run.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
-            if result.checkpoint is not None:
-                bar.write(f"checkpoint {result.checkpoint}")
+    from engine.contract.training_errors import TrainingCanceled, TrainingDiverged
+
+    try:
+        with tqdm(total=run.total_steps, initial=run.step_index, unit="step", dynamic_ncols=True) as bar:
+            while not run.done:
+                result = run.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+                if result.checkpoint is not None:
+                    bar.write(f"checkpoint {result.checkpoint}")
+    except KeyboardInterrupt:
+        run.cancel()
+        print(f"canceled at step {run.step_index}; checkpoints kept in {run_dir}")
+        return 130
+    except (TrainingDiverged, TrainingCanceled) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return None
 
 
 def _score(run_dir: Path, args: argparse.Namespace, config: Any) -> None:
